@@ -1,0 +1,35 @@
+# One-command set-up: every target creates or reuses .venv and installs what it needs.
+# GPU users: make test TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.growmem-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -e ".[dev,hf]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m growmem.demo
+
+test: $(STAMP)
+	$(PY) -m ruff check growmem tests benchmarks
+	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check growmem tests benchmarks
+	$(PY) -m ruff format --check growmem tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_linear_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

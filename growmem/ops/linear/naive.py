@@ -1,0 +1,78 @@
+"""Per-token reference of the linear-family memory rules: the tests' ground truth.
+
+A plain loop over tokens that spells out DESIGN.md section 2 one equation per line. The state
+S [B, H, Dv, Dk] is written with token t, then token t reads it: o_t = S_t q_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def linear_memory_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rule: str,
+    g: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    ends: list[int] | None = None,
+    prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one memory rule token by token.
+
+    Args:
+        q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g, beta, lam: [B, T, H] as the rule needs.
+        rule: one of linear, decay, delta, gated_delta, swla.
+        initial_state: [B, H, Dv, Dk] or None (zeros).
+        ends: token counts after which to record the state (e.g. [C, 2C, T]); None records
+            only the final state.
+        prev_kv: swla only: (k [B, H, Dk], v [B, H, Dv]) of the token before q[:, 0].
+
+    Returns:
+        o: [B, T, H, Dv] in q's dtype; states: [B, H, Dv, Dk] (final) when ends is None,
+        else [B, len(ends), H, Dv, Dk]; both in float32 (float64 for float64 inputs).
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    S = q.new_zeros(B, H, Dv, Dk) if initial_state is None else initial_state.to(dtype)
+    if prev_kv is None:
+        k_prev, v_prev = q.new_zeros(B, H, Dk), q.new_zeros(B, H, Dv)
+    else:
+        k_prev, v_prev = prev_kv[0].to(dtype), prev_kv[1].to(dtype)
+    end_set = set(ends) if ends is not None else set()
+    outputs, recorded = [], []
+    for t in range(T):
+        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]  # [B, H, D]
+        write = torch.einsum("bhv,bhk->bhvk", v_t, k_t)
+        a_t = None if g is None else torch.exp(g[:, t].to(dtype))[..., None, None]
+        b_t = None if beta is None else beta[:, t].to(dtype)[..., None, None]
+        if rule == "linear":
+            S = S + write
+        elif rule == "decay":
+            S = a_t * S + write
+        elif rule == "delta":
+            pred = torch.einsum("bhvk,bhk->bhv", S, k_t)
+            S = S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+        elif rule == "gated_delta":
+            pred = torch.einsum("bhvk,bhk->bhv", a_t * S, k_t)
+            S = a_t * S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+        elif rule == "swla":
+            l_t = lam[:, t].to(dtype)[..., None, None]
+            prev_write = torch.einsum("bhv,bhk->bhvk", v_prev, k_prev)
+            S = a_t * S + b_t * prev_write + l_t * write
+            k_prev, v_prev = k_t, v_t
+        else:
+            raise ValueError(f"rule must be one of linear, decay, delta, gated_delta, swla, "
+                             f"got {rule!r}")
+        outputs.append(torch.einsum("bhvk,bhk->bhv", S, q_t))
+        if t + 1 in end_set:
+            recorded.append(S)
+    o = torch.stack(outputs, dim=1)
+    states = S if ends is None else torch.stack(recorded, dim=1)
+    return o, states
