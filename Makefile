@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m growmem.demo
+	$(PY) -m benchmarks.bench_linear_memory --lengths 1024 2048 4096 --repeats 2 --out demo_speed
 
 test: $(STAMP)
 	$(PY) -m ruff check growmem tests benchmarks
@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check growmem tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_linear_memory.py
+	$(PY) -m benchmarks.bench_linear_memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -54,8 +54,9 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
     B, T, H, Dk = q.shape
     check_shape("k", k, (B, T, H, Dk), "[B, T, H, Dk] like q")
     if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v must have shape [B, T, H, Dv] with B, T, H = {(B, T, H)} as q, "
-                         f"got {tuple(v.shape)}")
+        raise ValueError(
+            f"v must have shape [B, T, H, Dv] with B, T, H = {(B, T, H)} as q, got {tuple(v.shape)}"
+        )
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
     if not (q.dtype == k.dtype == v.dtype):
@@ -73,9 +74,16 @@ def check_gates(rule: str, B: int, T: int, H: int, **gates) -> None:
                 raise ValueError(f"{name} is required by rule {rule!r}: a [B, T, H] tensor")
             check_tensor(name, x, 3, "[B, T, H]")
             check_shape(name, x, (B, T, H), "[B, T, H]")
+            # The chunk form takes differences of cumulative log-decays: -inf would give NaN.
+            if name == "g" and not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    "g must be finite (a_t = exp(g_t) > 0); for a hard reset use "
+                    "a large negative value such as -30"
+                )
         elif x is not None:
-            raise ValueError(f"{name} is not used by rule {rule!r} (it reads {list(needed)}); "
-                             f"pass {name}=None")
+            raise ValueError(
+                f"{name} is not used by rule {rule!r} (it reads {list(needed)}); pass {name}=None"
+            )
 
 
 def check_state(name: str, x, expected: tuple[int, ...], layout: str) -> None:

@@ -64,14 +64,17 @@ def linear_memory(
     if prev_kv is not None:
         if rule != "swla":
             raise ValueError(f"prev_kv is only used by rule 'swla', got rule {rule!r}")
+        if not isinstance(prev_kv, (tuple, list)) or len(prev_kv) != 2:
+            raise ValueError("prev_kv must be a pair (k [B, H, Dk], v [B, H, Dv])")
         check_state("prev_kv[0]", prev_kv[0], (B, H, Dk), "[B, H, Dk]")
         check_state("prev_kv[1]", prev_kv[1], (B, H, Dv), "[B, H, Dv]")
     if impl not in ("chunk", "reference"):
         raise ValueError(f"impl must be 'chunk' or 'reference', got {impl!r}")
 
     ends = None if boundary is None else segment_ends(T, boundary)
-    kwargs = dict(rule=rule, g=g, beta=beta, lam=lam, initial_state=initial_state, ends=ends,
-                  prev_kv=prev_kv)
+    kwargs = dict(
+        rule=rule, g=g, beta=beta, lam=lam, initial_state=initial_state, ends=ends, prev_kv=prev_kv
+    )
     # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
     with torch.autocast(q.device.type, enabled=False):
         if impl == "chunk":

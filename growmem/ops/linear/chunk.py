@@ -4,12 +4,13 @@ Tokens are grouped in chunks of C. Inside a chunk, with G_i the cumulative log-d
 token i (G = 0 for rules without decay), Γ_i = exp(G_i) and S_0 the state entering the chunk,
 every rule has the form
 
-    S_i = Γ_i S_0 + Σ_{j<=i} exp(G_i - G_j) u_j k_j^T,       o_i = S_i q_i,
+    S_i = Γ_i S_0 + Σ_j coeff[i, j] u_j k_j^T,       o_i = S_i q_i,
 
-with "pseudo-values" u_j. For linear and decay u_j = v_j. swla writes two outer products
-per token (λ_j v_j k_j^T and β_j v_{j-1} k_{j-1}^T, both decayed from position j), so its
-chunk simply lists 2C (u, k) pairs. For the delta rules the pseudo-values depend on the state
-(UT transform, as in DeltaNet / Gated DeltaNet):
+over the (u, k) pairs the chunk writes. For linear and decay u_j = v_j and
+coeff[i, j] = exp(G_i - G_j) for j <= i. swla writes each token twice (λ_j v_j k_j^T at
+position j, β_{j+1} v_j k_j^T at position j + 1), which folds into one coefficient per pair,
+plus one extra pair for the token before the chunk. For the delta rules the pseudo-values
+depend on the state (UT transform, as in DeltaNet / Gated DeltaNet):
 
     u_i = β_i (v_i - Γ_i S_0 k_i - Σ_{j<i} exp(G_i - G_j) (k_j·k_i) u_j)
     => (I + L) U = β V - (β Γ K) S_0^T,   L_ij = β_i exp(G_i - G_j) k_i·k_j  (j < i)
@@ -17,7 +18,8 @@ chunk simply lists 2C (u, k) pairs. For the delta rules the pseudo-values depend
 
 Everything but the chunk-to-chunk state recurrence is batched over all chunks; only the
 recurrence is a Python loop over chunks (T / C steps). For rules without the delta term that
-loop is a pure elementwise scan; with it, each step is three small matmuls.
+loop is a pure elementwise scan; with it, each step is two small matmuls, in a custom
+autograd function (recurrence.py).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from growmem.ops.linear.recurrence import DeltaRecurrence
 
-def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
-    """[B, H, T, ...] -> [B, H, NC, C, ...], zero-padding T up to NC * C."""
-    pad = n_chunks * chunk - x.shape[2]
+
+def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, ...] -> [NC, B, H, C, ...] in ``dtype``, zero-padding T up to NC * C.
+
+    Chunks come first so that the recurrence over chunks reads contiguous slices.
+    """
+    B, T, H = x.shape[:3]
+    x = x.to(dtype)
+    pad = n_chunks * chunk - T
     if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-    return x.reshape(*x.shape[:2], n_chunks, chunk, *x.shape[3:])
-
-
-def _shift_one(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> x shifted right by one token along T, ``first`` [B, H, D] in front."""
-    return torch.cat([first.unsqueeze(2), x[:, :, :-1]], dim=2)
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
+    x = x.reshape(B, n_chunks, chunk, H, *x.shape[3:])
+    return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
 
 
 def chunk_linear_memory(
@@ -74,86 +79,95 @@ def chunk_linear_memory(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     C = min(chunk_size, T)
     NC = math.ceil(T / C)
-    delta = rule in ("delta", "gated_delta")
 
-    def heads_first(x):  # [B, T, H, ...] -> [B, H, T, ...] in the compute dtype
-        return x.to(dtype).transpose(1, 2)
+    def chunks(x):  # [B, T, H, ...] -> [NC, B, H, C, ...]
+        return _to_chunks(x, NC, C, dtype)
 
-    q, k, v = heads_first(q), heads_first(k), heads_first(v)  # [B, H, T, D]
-    g = heads_first(g) if g is not None else q.new_zeros(B, H, T)  # [B, H, T]
+    Q, K, V = chunks(q), chunks(k), chunks(v)  # [NC, B, H, C, D]
+    if g is not None:
+        G = chunks(g).cumsum(-1)  # [NC, B, H, C] cumulative log-decay inside the chunk
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        # exp(G_i - G_j) on the causal part (j <= i), 0 above it: [NC, B, H, C, C]
+        decay = (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~causal, -math.inf).exp()
+        gamma = G.exp()  # [NC, B, H, C]: decay from the chunk start to token i
+    else:  # no decay: every exp(...) is 1; masks replace the products (linear, delta)
+        decay = gamma = None
 
-    Q, K, V = (_to_chunks(x, NC, C) for x in (q, k, v))  # [B, H, NC, C, D]
-    G = _to_chunks(g, NC, C).cumsum(-1)  # [B, H, NC, C] cumulative log-decay in the chunk
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    pos = torch.arange(C, device=q.device)
+    def causal_part(x, diagonal=0):  # x ⊙ exp(G_i - G_j) on j <= i (- diagonal), zero above
+        return x.tril(diagonal) if decay is None else (x * decay).tril(diagonal)
 
-    # The (u, k) pairs each chunk writes, with their positions in the chunk.
+    # The (u, k) pairs a chunk writes and coeff[i, j], the weight of pair j in the state read
+    # by token i (so also the write weights of the chunk's end state, row C - 1).
     if rule == "swla":
+        # Pair j = token j, written twice: λ_j at position j and β_{j+1} at position j + 1,
+        # so coeff[i, j] = λ_j exp(G_i - G_j) + β_{j+1} exp(G_i - G_{j+1}) [j + 1 <= i]. The
+        # extra first pair is the token before the chunk, written at position 0 with β_0.
         if prev_kv is None:
-            k_first, v_first = q.new_zeros(B, H, Dk), q.new_zeros(B, H, Dv)
+            k_first, v_first = (
+                q.new_zeros(1, B, H, Dk, dtype=dtype),
+                q.new_zeros(1, B, H, Dv, dtype=dtype),
+            )
         else:
-            k_first, v_first = prev_kv[0].to(dtype), prev_kv[1].to(dtype)
-        lam_c = _to_chunks(heads_first(lam), NC, C).unsqueeze(-1)  # [B, H, NC, C, 1]
-        beta_c = _to_chunks(heads_first(beta), NC, C).unsqueeze(-1)
-        K_prev = _to_chunks(_shift_one(k, k_first), NC, C)
-        V_prev = _to_chunks(_shift_one(v, v_first), NC, C)
-        Kw = torch.cat([lam_c * K, beta_c * K_prev], dim=-2)  # [B, H, NC, 2C, Dk]
-        Vw = torch.cat([V, V_prev], dim=-2)  # [B, H, NC, 2C, Dv]
-        Gw = torch.cat([G, G], dim=-1)  # [B, H, NC, 2C]
-        causal_w = torch.cat([causal, causal], dim=-1)  # [C, 2C]
-        pos_w = torch.cat([pos, pos])
+            k_first, v_first = (x.to(dtype).unsqueeze(0) for x in prev_kv)
+        K_last = torch.cat([k_first, K[:-1, :, :, -1]])  # [NC, B, H, Dk]
+        V_last = torch.cat([v_first, V[:-1, :, :, -1]])
+        Kw = torch.cat([K_last.unsqueeze(-2), K], dim=-2)  # [NC, B, H, C + 1, Dk]
+        Vw = torch.cat([V_last.unsqueeze(-2), V], dim=-2)  # [NC, B, H, C + 1, Dv]
+        beta_decay = chunks(beta).unsqueeze(-2) * decay  # β_j exp(G_i - G_j)
+        later = F.pad(beta_decay[..., 1:], (0, 1))  # β_{j+1} exp(G_i - G_{j+1})
+        coeff = torch.cat([beta_decay[..., :1], chunks(lam).unsqueeze(-2) * decay + later], -1)
+        A = (Q @ Kw.transpose(-1, -2)) * coeff  # [NC, B, H, C, C + 1] intra-chunk reads
+        K_dec = Kw * coeff[..., -1, :].unsqueeze(-1)  # write weights of the chunk's end state
     else:
-        Kw, Vw, Gw, causal_w, pos_w = K, V, G, causal, pos
+        Kw, Vw, coeff = K, V, decay
+        A = causal_part(Q @ K.transpose(-1, -2))  # [NC, B, H, C, C]
+        K_dec = K if decay is None else K * decay[..., -1, :].unsqueeze(-1)
+    Q_dec = Q if gamma is None else Q * gamma.unsqueeze(-1)  # queries reading the entry state
+    chunk_decay = q.new_ones(NC, B, H, dtype=dtype) if gamma is None else gamma[..., -1]
 
-    # exp(G_i - G_j) on the causal part, 0 above it: [B, H, NC, C, Cw]
-    decay = (G.unsqueeze(-1) - Gw.unsqueeze(-2)).masked_fill(~causal_w, -math.inf).exp()
-    A = (Q @ Kw.transpose(-1, -2)) * decay  # intra-chunk read weights
-    gamma = G.exp()  # [B, H, NC, C]: decay from the chunk start to token i
-    gamma_end = gamma[..., -1]  # [B, H, NC]
-    Q_dec = Q * gamma.unsqueeze(-1)  # queries reading the entering state
-    K_dec = Kw * (G[..., -1:] - Gw).exp().unsqueeze(-1)  # keys decayed to the chunk end
-
-    S = q.new_zeros(B, H, Dv, Dk) if initial_state is None else initial_state.to(dtype)
-    if delta:
-        beta_c = _to_chunks(heads_first(beta), NC, C).unsqueeze(-1)  # [B, H, NC, C, 1]
-        strict = ((beta_c * K) @ K.transpose(-1, -2) * decay).tril(-1)  # L of the UT transform
-        rhs = torch.cat([beta_c * V, beta_c * gamma.unsqueeze(-1) * K], dim=-1)
-        X = torch.linalg.solve_triangular(strict, rhs, upper=False, unitriangular=True)
-        U0, W = X.split([Dv, Dk], dim=-1)  # [B, H, NC, C, Dv], [B, H, NC, C, Dk]
-        starts, pseudo, outs = [], [], []
-        for Qd_c, A_c, U0_c, W_c, Kd_c, ge_c in zip(
-            Q_dec.unbind(2), A.unbind(2), U0.unbind(2), W.unbind(2), K_dec.unbind(2),
-            gamma_end.unbind(2), strict=True,
-        ):
-            starts.append(S)
-            St = S.transpose(-1, -2)  # [B, H, Dk, Dv]
-            U_c = U0_c - W_c @ St  # [B, H, C, Dv]
-            outs.append(Qd_c @ St + A_c @ U_c)
-            pseudo.append(U_c)
-            S = ge_c[..., None, None] * S + U_c.transpose(-1, -2) @ Kd_c
-        O = torch.stack(outs, dim=2)  # [B, H, NC, C, Dv]
-        Uw = torch.stack(pseudo, dim=2)
-        S_starts = torch.stack(starts, dim=2)  # [B, H, NC, Dv, Dk]
+    S = q.new_zeros(B, H, Dv, Dk, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if rule in ("delta", "gated_delta"):
+        beta_c = chunks(beta).unsqueeze(-1)  # [NC, B, H, C, 1]
+        # I + L of the UT transform. (unitriangular=True is ~10x slower on CPU: add I instead.)
+        eye = torch.eye(C, dtype=dtype, device=q.device)
+        unit_lower = causal_part((beta_c * K) @ K.transpose(-1, -2), diagonal=-1) + eye
+        beta_K = beta_c * (K if gamma is None else gamma.unsqueeze(-1) * K)
+        X = torch.linalg.solve_triangular(
+            unit_lower, torch.cat([beta_c * V, beta_K], -1), upper=False
+        )
+        U0, W = X.split([Dv, Dk], dim=-1)  # [NC, B, H, C, Dv], [NC, B, H, C, Dk]
+        U, S_starts, S = DeltaRecurrence.apply(
+            U0.reshape(NC, B * H, C, Dv),
+            W.reshape(NC, B * H, C, Dk),
+            K_dec.reshape(NC, B * H, C, Dk),
+            chunk_decay.reshape(NC, B * H),
+            S.reshape(B * H, Dv, Dk),
+        )
+        Uw = U.view(NC, B, H, C, Dv)
+        S_starts = S_starts.view(NC, B, H, Dv, Dk)
+        S = S.view(B, H, Dv, Dk)
     else:
         Uw = Vw
-        delta_S = Vw.transpose(-1, -2) @ K_dec  # [B, H, NC, Dv, Dk]: each chunk's own write
+        delta_S = Vw.transpose(-1, -2) @ K_dec  # [NC, B, H, Dv, Dk]: each chunk's own write
         starts = []
-        for dS_c, ge_c in zip(delta_S.unbind(2), gamma_end.unbind(2), strict=True):
+        for dS_c, decay_c in zip(delta_S, chunk_decay, strict=True):
             starts.append(S)
-            S = ge_c[..., None, None] * S + dS_c
-        S_starts = torch.stack(starts, dim=2)
-        O = Q_dec @ S_starts.transpose(-1, -2) + A @ Vw
+            S = S + dS_c if gamma is None else decay_c[..., None, None] * S + dS_c
+        S_starts = torch.stack(starts)  # [NC, B, H, Dv, Dk]
+    O = Q_dec @ S_starts.transpose(-1, -2) + A @ Uw  # [NC, B, H, C, Dv]
 
-    o = O.reshape(B, H, NC * C, Dv)[:, :, :T].transpose(1, 2)  # [B, T, H, Dv]
+    o = O.permute(1, 0, 3, 2, 4).reshape(B, NC * C, H, Dv)[:, :T]  # [B, T, H, Dv]
     if ends is None:
         return o, S
 
     # State after token p (1-based) = the state entering its chunk, decayed to position r,
-    # plus the chunk's writes up to r: S_p = Γ_r S_start + Σ_{j<=r} exp(G_r - G_j) u_j k_j^T.
+    # plus the chunk's writes up to r: S_p = Γ_r S_start + Σ_j coeff[r, j] u_j k_j^T.
     p = torch.as_tensor(ends, device=q.device) - 1
-    c, r = p // C, p % C  # [nb]
-    G_r = G[:, :, c].gather(-1, r.expand(B, H, -1).unsqueeze(-1)).squeeze(-1)  # [B, H, nb]
-    w = (G_r.unsqueeze(-1) - Gw[:, :, c]).masked_fill(pos_w > r.unsqueeze(-1), -math.inf).exp()
-    writes = (Uw[:, :, c] * w.unsqueeze(-1)).transpose(-1, -2) @ Kw[:, :, c]  # [B, H, nb, Dv, Dk]
-    states = G_r.exp()[..., None, None] * S_starts[:, :, c] + writes
-    return o, states.transpose(1, 2)  # [B, nb, H, Dv, Dk]
+    c, r = p // C, p % C  # [nb]: chunk and position in it
+    if coeff is None:  # no decay: the writes of positions j <= r, unweighted
+        w = (torch.arange(C, device=q.device) <= r[:, None]).to(dtype)[:, None, None]
+    else:
+        w = coeff[c, :, :, r]  # [nb, B, H, Cw]
+    writes = (Uw[c] * w.unsqueeze(-1)).transpose(-1, -2) @ Kw[c]  # [nb, B, H, Dv, Dk]
+    entry = S_starts[c] if gamma is None else gamma[c, :, :, r][..., None, None] * S_starts[c]
+    return o, (entry + writes).transpose(0, 1)  # [B, nb, H, Dv, Dk]

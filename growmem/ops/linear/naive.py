@@ -9,6 +9,43 @@ from __future__ import annotations
 import torch
 
 
+def linear_step(
+    rule: str,
+    S: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    k_prev: torch.Tensor,
+    v_prev: torch.Tensor,
+    g: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token's update of the state S [B, H, Dv, Dk] (DESIGN.md section 2).
+
+    Args:
+        k_t: [B, H, Dk], v_t: [B, H, Dv]: this token's key and value.
+        k_prev, v_prev: the previous token's key and value (read by swla only).
+        g, beta, lam: [B, H] this token's gates, as the rule needs.
+    """
+    write = torch.einsum("bhv,bhk->bhvk", v_t, k_t)
+    a_t = None if g is None else torch.exp(g)[..., None, None]
+    b_t = None if beta is None else beta[..., None, None]
+    if rule == "linear":
+        return S + write
+    if rule == "decay":
+        return a_t * S + write
+    if rule == "delta":
+        pred = torch.einsum("bhvk,bhk->bhv", S, k_t)
+        return S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+    if rule == "gated_delta":
+        pred = torch.einsum("bhvk,bhk->bhv", a_t * S, k_t)
+        return a_t * S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+    if rule == "swla":
+        prev_write = torch.einsum("bhv,bhk->bhvk", v_prev, k_prev)
+        return a_t * S + b_t * prev_write + lam[..., None, None] * write
+    raise ValueError(f"rule must be one of linear, decay, delta, gated_delta, swla, got {rule!r}")
+
+
 def linear_memory_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -33,8 +70,8 @@ def linear_memory_reference(
         prev_kv: swla only: (k [B, H, Dk], v [B, H, Dv]) of the token before q[:, 0].
 
     Returns:
-        o: [B, T, H, Dv] in q's dtype; states: [B, H, Dv, Dk] (final) when ends is None,
-        else [B, len(ends), H, Dv, Dk]; both in float32 (float64 for float64 inputs).
+        o: [B, T, H, Dv]; states: [B, H, Dv, Dk] (final) when ends is None,
+        else [B, len(ends), H, Dv, Dk]; both float32 (float64 for float64 inputs).
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -48,29 +85,14 @@ def linear_memory_reference(
     end_set = set(ends) if ends is not None else set()
     outputs, recorded = [], []
     for t in range(T):
-        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]  # [B, H, D]
-        write = torch.einsum("bhv,bhk->bhvk", v_t, k_t)
-        a_t = None if g is None else torch.exp(g[:, t].to(dtype))[..., None, None]
-        b_t = None if beta is None else beta[:, t].to(dtype)[..., None, None]
-        if rule == "linear":
-            S = S + write
-        elif rule == "decay":
-            S = a_t * S + write
-        elif rule == "delta":
-            pred = torch.einsum("bhvk,bhk->bhv", S, k_t)
-            S = S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
-        elif rule == "gated_delta":
-            pred = torch.einsum("bhvk,bhk->bhv", a_t * S, k_t)
-            S = a_t * S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
-        elif rule == "swla":
-            l_t = lam[:, t].to(dtype)[..., None, None]
-            prev_write = torch.einsum("bhv,bhk->bhvk", v_prev, k_prev)
-            S = a_t * S + b_t * prev_write + l_t * write
-            k_prev, v_prev = k_t, v_t
-        else:
-            raise ValueError(f"rule must be one of linear, decay, delta, gated_delta, swla, "
-                             f"got {rule!r}")
-        outputs.append(torch.einsum("bhvk,bhk->bhv", S, q_t))
+        gates_t = {
+            n: x[:, t].to(dtype)
+            for n, x in (("g", g), ("beta", beta), ("lam", lam))
+            if x is not None
+        }
+        S = linear_step(rule, S, k[:, t], v[:, t], k_prev, v_prev, **gates_t)
+        k_prev, v_prev = k[:, t], v[:, t]
+        outputs.append(torch.einsum("bhvk,bhk->bhv", S, q[:, t]))
         if t + 1 in end_set:
             recorded.append(S)
     o = torch.stack(outputs, dim=1)

@@ -1,0 +1,36 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from growmem.utils.timing import fwd_bwd, time_call, time_interleaved
+
+__all__ = ["RESULTS", "fwd_bwd", "machine", "time_call", "time_interleaved", "write_json"]
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write ``payload`` plus the machine description to results/NAME.json atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

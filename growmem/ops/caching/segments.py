@@ -1,0 +1,76 @@
+"""Segmentations of a token stream into Memory Caching segments."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+
+def log_segments(T: int) -> list[int]:
+    """Binary decomposition of T, largest segment first: 37 -> [32, 4, 1]."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    return [1 << i for i in reversed(range(T.bit_length())) if T >> i & 1]
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Where segments start in a stream: every ``size`` tokens, or after each of ``lengths``.
+
+    Constant plans go on forever (the last segment of a sequence may be shorter); an explicit
+    plan covers ``sum(lengths)`` tokens.
+    """
+
+    size: int | None = None
+    lengths: tuple[int, ...] | None = None
+
+    @classmethod
+    def build(cls, T: int, segment_size, segments) -> SegmentPlan:
+        """The plan for ``segment_size`` or ``segments`` (a list of lengths or "log" for T)."""
+        if (segment_size is None) == (segments is None):
+            raise ValueError(
+                "pass exactly one of segment_size (an int) or segments (a list of lengths or 'log')"
+            )
+        if segment_size is not None:
+            if (
+                isinstance(segment_size, bool)
+                or not isinstance(segment_size, int)
+                or segment_size < 1
+            ):
+                raise ValueError(f"segment_size must be a positive int, got {segment_size!r}")
+            return cls(size=segment_size)
+        if isinstance(segments, str):
+            if segments != "log":
+                raise ValueError(f"segments must be a list of lengths or 'log', got {segments!r}")
+            return cls(lengths=tuple(log_segments(T)))
+        lengths = tuple(segments)
+        if not lengths or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths
+        ):
+            raise ValueError(
+                f"segments must be a non-empty list of positive ints, got {segments!r}"
+            )
+        return cls(lengths=lengths)
+
+    @property
+    def covered(self) -> int | None:
+        """Number of tokens the plan covers (None: unbounded)."""
+        return None if self.lengths is None else sum(self.lengths)
+
+    def _starts(self) -> list[int]:
+        return list(itertools.accumulate(self.lengths))[:-1]
+
+    def starts_between(self, t0: int, t1: int) -> list[int]:
+        """Positions p with t0 < p < t1 at which a new segment starts."""
+        if self.size is not None:
+            first = (t0 // self.size + 1) * self.size
+            return list(range(first, t1, self.size))
+        starts = self._starts()
+        return starts[bisect.bisect_right(starts, t0) : bisect.bisect_left(starts, t1)]
+
+    def is_start(self, p: int) -> bool:
+        """Whether token p (0-based) is the first of a segment."""
+        if self.size is not None:
+            return p % self.size == 0
+        return p == 0 or p in set(self._starts())

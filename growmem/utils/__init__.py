@@ -1,0 +1,1 @@
+"""Small helpers shared across growmem (no model or op logic)."""

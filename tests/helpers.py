@@ -1,0 +1,56 @@
+"""Shared test helpers: relative error and random inputs for the linear-family memory rules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from growmem.ops.checks import RULE_GATES
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64; ‖a‖ when b is all zeros."""
+    a, b = a.detach().double(), b.detach().double()
+    nb = b.norm()
+    if nb == 0:
+        return a.norm().item()
+    return ((a - b).norm() / nb).item()
+
+
+def make_inputs(
+    rule: str,
+    B: int,
+    T: int,
+    H: int,
+    Dk: int,
+    Dv: int,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    requires_grad: bool = False,
+):
+    """Random q, k (unit-norm along the last dim), v, the gates ``rule`` reads, initial state.
+
+    Returns (q, k, v, gates, initial_state): q, k [B, T, H, Dk], v [B, T, H, Dv], gates a dict
+    with exactly the names in RULE_GATES[rule] ([B, T, H]: g = log-decay in about [-0.5, 0],
+    beta and lam in (0, 1)), initial_state [B, H, Dv, Dk]. All are leaf tensors.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q = randn(B, T, H, Dk)
+    k = F.normalize(randn(B, T, H, Dk), dim=-1)
+    v = randn(B, T, H, Dv)
+    makers = {
+        "g": lambda: -F.softplus(randn(B, T, H)) * 0.3,
+        "beta": lambda: torch.sigmoid(randn(B, T, H)),
+        "lam": lambda: torch.sigmoid(randn(B, T, H)),
+    }
+    gates = {name: makers[name]() for name in RULE_GATES[rule]}
+    s0 = randn(B, H, Dv, Dk) * 0.5
+
+    def leaf(x):
+        return x.to(dtype).detach().requires_grad_(requires_grad)
+
+    return leaf(q), leaf(k), leaf(v), {n: leaf(x) for n, x in gates.items()}, leaf(s0)
