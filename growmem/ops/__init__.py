@@ -1,5 +1,12 @@
 """Pure tensor functions: the memory rules (reference and chunkwise) and Memory Caching."""
 
+from growmem.ops.caching import MemoryCache, log_segments, memory_caching
 from growmem.ops.linear import linear_memory, linear_memory_reference
 
-__all__ = ["linear_memory", "linear_memory_reference"]
+__all__ = [
+    "MemoryCache",
+    "linear_memory",
+    "linear_memory_reference",
+    "log_segments",
+    "memory_caching",
+]

@@ -1,0 +1,18 @@
+"""Memory Caching: segment caches read by Residual, GRM, Memory Soup, SSC or a uniform mean."""
+
+from growmem.ops.caching.api import AGGREGATIONS, INITS, SUMMARIES, memory_caching
+from growmem.ops.caching.cache import CachingConfig, MemoryCache
+from growmem.ops.caching.naive import memory_caching_reference
+from growmem.ops.caching.segments import SegmentPlan, log_segments
+
+__all__ = [
+    "AGGREGATIONS",
+    "INITS",
+    "SUMMARIES",
+    "CachingConfig",
+    "MemoryCache",
+    "SegmentPlan",
+    "log_segments",
+    "memory_caching",
+    "memory_caching_reference",
+]

@@ -1,0 +1,189 @@
+"""Public entry point of Memory Caching: argument checks, then the parallel/streaming path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from growmem.ops.caching.cache import CachingConfig, MemoryCache
+from growmem.ops.caching.core import empty_cache, memory_caching_forward
+from growmem.ops.caching.naive import memory_caching_reference
+from growmem.ops.caching.segments import SegmentPlan
+from growmem.ops.checks import (
+    check_choice,
+    check_gates,
+    check_positive_int,
+    check_qkv,
+    check_shape,
+    check_state,
+    check_tensor,
+)
+
+AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
+GATED_AGGREGATIONS = ("grm", "soup", "ssc")
+INITS = ("continuous", "independent")
+SUMMARIES = ("mean", "sum")
+
+
+def memory_caching(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor | None = None,
+    *,
+    rule: str,
+    g: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
+    segment_size: int | None = None,
+    segments: list[int] | str | None = None,
+    aggregation: str = "grm",
+    top_k: int = 2,
+    init: str = "continuous",
+    summary: str = "mean",
+    gate_scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_cache: bool = False,
+    cache: MemoryCache | None = None,
+    chunk_size: int = 64,
+    impl: str = "chunk",
+) -> torch.Tensor | tuple[torch.Tensor, MemoryCache]:
+    """A recurrent memory whose checkpoints at segment ends are cached and read later.
+
+    DESIGN.md section 3: the sequence is cut into segments; the memory runs inside each
+    (``init``), each finished segment's final memory M^(i) and key summary c_i are cached, and
+    token t of segment s outputs an ``aggregation`` of its online memory M^(s)_t(q_t) and of
+    the cached M^(i)(q_t), i < s, gated by r_{t,i} = gate_scale <u_t, c_i>.
+
+    Args:
+        q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries (required for
+            grm, soup and ssc; ignored otherwise).
+        rule, g, beta, lam: the memory rule and its gates, as in ``linear_memory``.
+        segment_size: constant segment length (the last segment may be shorter), or
+        segments: explicit lengths summing to T (to at least the stream's length when
+            streaming), or "log" for the binary decomposition of T (37 -> [32, 4, 1]).
+        aggregation: none | residual | grm | soup | ssc | mean (see DESIGN.md). soup equals
+            grm on these matrix memories and shares its kernel.
+        top_k: caches ssc selects per token (all when fewer are visible).
+        init: "continuous" (segment s starts from segment s-1's final memory) or
+            "independent" (each segment starts from ``initial_state``, or zeros).
+        summary: "mean" or "sum" of a segment's keys; the online one is causal.
+        gate_scale: defaults to 1/sqrt(Dk).
+        initial_state: [B, H, Dv, Dk] memory before the first token (new streams only).
+        output_cache: also return the cache to continue from.
+        cache: a MemoryCache from an earlier call: these tokens continue that stream.
+        chunk_size: chunk length of the scans (a compute detail).
+        impl: "chunk" (default) or "reference" (per-token loop; parallel calls only).
+
+    Returns:
+        o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True.
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("init", init, INITS)
+    check_choice("summary", summary, SUMMARIES)
+    check_choice("impl", impl, ("chunk", "reference"))
+    check_positive_int("top_k", top_k)
+    check_positive_int("chunk_size", chunk_size)
+    if aggregation in GATED_AGGREGATIONS:
+        if u is None:
+            raise ValueError(
+                f"u is required by aggregation {aggregation!r}: a [B, T, H, Dk] "
+                "tensor of gate queries"
+            )
+        check_tensor("u", u, 4, "[B, T, H, Dk]")
+        check_shape("u", u, (B, T, H, Dk), "[B, T, H, Dk] like q")
+    if gate_scale is None:
+        gate_scale = 1.0 / math.sqrt(Dk)
+    elif (
+        isinstance(gate_scale, bool)
+        or not isinstance(gate_scale, (int, float))
+        or not math.isfinite(gate_scale)
+        or gate_scale <= 0
+    ):
+        raise ValueError(f"gate_scale must be a positive finite number, got {gate_scale!r}")
+    check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")
+
+    streaming = output_cache or cache is not None
+    seen = 0 if cache is None else cache.seen_tokens
+    plan = cache.config.plan if cache is not None and segments == "log" else None
+    plan = plan or SegmentPlan.build(T, segment_size, segments)
+    if plan.covered is not None:
+        if not streaming and plan.covered != T:
+            raise ValueError(f"segments must sum to T = {T}, got {plan.covered}")
+        if plan.covered < seen + T:
+            raise ValueError(
+                f"segments cover {plan.covered} tokens but the stream reaches "
+                f"{seen + T}; when streaming, pass the whole stream's segment "
+                "lengths (e.g. log_segments(total))"
+            )
+    config = CachingConfig(
+        rule=rule,
+        aggregation=aggregation,
+        init=init,
+        summary=summary,
+        top_k=top_k,
+        gate_scale=float(gate_scale),
+        plan=plan,
+        batch_size=B,
+        num_heads=H,
+        key_dim=Dk,
+        value_dim=Dv,
+    )
+    gates = {n: x for n, x in (("g", g), ("beta", beta), ("lam", lam)) if x is not None}
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    if impl == "reference":
+        if streaming:
+            raise ValueError(
+                "impl='reference' computes whole sequences only: it takes no cache and returns none"
+            )
+        lengths = list(plan.lengths) if plan.lengths else _constant_lengths(T, plan.size)
+        o = memory_caching_reference(
+            q,
+            k,
+            v,
+            u,
+            rule=rule,
+            gates=gates,
+            lengths=lengths,
+            aggregation=aggregation,
+            top_k=top_k,
+            init=init,
+            summary=summary,
+            gate_scale=gate_scale,
+            initial_state=initial_state,
+        )
+        return o.to(q.dtype)
+
+    if cache is None:
+        cache = empty_cache(config, initial_state, dtype, q.device)
+    else:
+        if not isinstance(cache, MemoryCache):
+            raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
+        if initial_state is not None:
+            raise ValueError(
+                "initial_state starts a new stream; a continued stream takes its "
+                "state from cache (pass one or the other)"
+            )
+        cache.config.check_matches(config)
+    # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
+    with torch.autocast(q.device.type, enabled=False):
+        cast = {n: x.to(dtype) for n, x in gates.items()}
+        o, new_cache = memory_caching_forward(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            None if u is None else u.to(dtype),
+            cast,
+            cache,
+            chunk_size=chunk_size,
+        )
+    o = o.to(q.dtype)
+    return (o, new_cache) if output_cache else o
+
+
+def _constant_lengths(T: int, size: int) -> list[int]:
+    return [size] * (T // size) + ([T % size] if T % size else [])

@@ -1,0 +1,237 @@
+"""Memory Caching over linear-family memories: one algorithm for training and streaming.
+
+A call consumes T new tokens that follow ``seen`` earlier ones. The tokens are cut into
+*pieces* at segment starts: the first piece may continue the segment the previous call left
+open, every later piece begins a segment. Then
+
+1. the online memory runs over the pieces (one chunkwise scan for init="continuous"; for
+   "independent" each piece restarts from the initial state, pieces of equal length batched),
+   giving the online outputs M^(s)_t(q_t) and the memory at the end of every piece;
+2. every piece but the last is a finished segment: its final memory and key summary join the
+   cached ones, and a token of piece p sees the n0 + p caches before it;
+3. the aggregation mixes the online output with reads of the visible caches.
+
+A parallel forward is the call with seen = 0; a decode step is a call with T = 1. Python
+loops run over pieces (segments), never over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from growmem.ops.caching.cache import CachingConfig, MemoryCache
+from growmem.ops.caching.reads import mixed_read, sparse_read
+from growmem.ops.linear.chunk import chunk_linear_memory
+
+
+def empty_cache(config: CachingConfig, initial_state, dtype, device) -> MemoryCache:
+    """The cache before the first token: no cached segment, the online state at its start."""
+    B, H, Dk, Dv = config.batch_size, config.num_heads, config.key_dim, config.value_dim
+    online = (
+        torch.zeros(B, H, Dv, Dk, dtype=dtype, device=device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
+    return MemoryCache(
+        config=config,
+        states=torch.zeros(B, 0, H, Dv, Dk, dtype=dtype, device=device),
+        summaries=torch.zeros(B, 0, H, Dk, dtype=dtype, device=device),
+        online_state=online,
+        key_sum=torch.zeros(B, H, Dk, dtype=dtype, device=device),
+        segment_tokens=0,
+        seen_tokens=0,
+        initial_state=None if initial_state is None else initial_state.to(dtype),
+    )
+
+
+def _summarize(key_sum: torch.Tensor, count, summary: str) -> torch.Tensor:
+    return key_sum / count if summary == "mean" else key_sum
+
+
+def _close_open_segment(cache: MemoryCache) -> MemoryCache:
+    """Push the online segment to the cached ones when the next token starts a new segment."""
+    cfg = cache.config
+    if cache.segment_tokens == 0 or not cfg.plan.is_start(cache.seen_tokens):
+        return cache
+    summary = _summarize(cache.key_sum, cache.segment_tokens, cfg.summary)
+    keep_states = cfg.aggregation != "none"  # the plain RNN never reads a cache
+    independent = cfg.init == "independent"
+    online = cache.online_state
+    if independent:
+        online = torch.zeros_like(online) if cache.initial_state is None else cache.initial_state
+    return MemoryCache(
+        config=cfg,
+        states=torch.cat([cache.states, cache.online_state.unsqueeze(1)], 1)
+        if keep_states
+        else cache.states,
+        summaries=torch.cat([cache.summaries, summary.unsqueeze(1)], 1)
+        if keep_states
+        else cache.summaries,
+        online_state=online,
+        key_sum=torch.zeros_like(cache.key_sum),
+        segment_tokens=0,
+        seen_tokens=cache.seen_tokens,
+        prev_kv=None if independent else cache.prev_kv,
+        initial_state=cache.initial_state,
+    )
+
+
+def _online_scan(q, k, v, gates, pieces, cache: MemoryCache, chunk_size: int):
+    """Online outputs [B, T, H, Dv] and the memory after each piece [B, P, H, Dv, Dk]."""
+    rule = cache.config.rule
+    if cache.config.init == "continuous" or len(pieces) == 1:
+        return chunk_linear_memory(
+            q,
+            k,
+            v,
+            rule=rule,
+            **gates,
+            initial_state=cache.online_state,
+            ends=[b for _, b in pieces],
+            prev_kv=cache.prev_kv,
+            chunk_size=chunk_size,
+        )
+    # independent: the first piece continues the open segment, every later one starts afresh
+    # from the initial state; later pieces of one length run as one batch.
+    B, H, Dv, Dk = cache.online_state.shape
+    outs, finals = [None] * len(pieces), [None] * len(pieces)
+    a0, b0 = pieces[0]
+    first = {n: x[:, a0:b0] for n, x in gates.items()}
+    outs[0], finals[0] = chunk_linear_memory(
+        q[:, a0:b0],
+        k[:, a0:b0],
+        v[:, a0:b0],
+        rule=rule,
+        **first,
+        initial_state=cache.online_state,
+        prev_kv=cache.prev_kv,
+        chunk_size=chunk_size,
+    )
+    by_length = defaultdict(list)
+    for p, (a, b) in enumerate(pieces[1:], start=1):
+        by_length[b - a].append(p)
+    for L, ps in by_length.items():
+        n = len(ps)
+
+        def batch(x, ps=ps, L=L, n=n):  # [B, T, ...] -> [B * n, L, ...]
+            parts = torch.stack([x[:, pieces[p][0] : pieces[p][0] + L] for p in ps], dim=1)
+            return parts.reshape(B * n, L, *x.shape[2:])
+
+        init = cache.initial_state
+        init = None if init is None else init.unsqueeze(1).expand(B, n, H, Dv, Dk)
+        o, s = chunk_linear_memory(
+            batch(q),
+            batch(k),
+            batch(v),
+            rule=rule,
+            **{m: batch(x) for m, x in gates.items()},
+            initial_state=None if init is None else init.reshape(B * n, H, Dv, Dk),
+            chunk_size=chunk_size,
+        )
+        o, s = o.view(B, n, L, H, Dv), s.view(B, n, H, Dv, Dk)
+        for j, p in enumerate(ps):
+            outs[p], finals[p] = o[:, j], s[:, j]
+    return torch.cat(outs, dim=1), torch.stack(finals, dim=1)
+
+
+def _key_summaries(k, pieces, cache: MemoryCache):
+    """Causal key sums and counts inside each piece (the first continuing the open segment).
+
+    Returns key_sums [B, T, H, Dk] and counts [T] (tokens of the segment up to t).
+    """
+    sums, counts = [], []
+    for p, k_p in enumerate(k.split([b - a for a, b in pieces], dim=1)):
+        s = k_p.cumsum(1)
+        c = torch.arange(1, k_p.shape[1] + 1, device=k.device, dtype=k.dtype)
+        if p == 0 and cache.segment_tokens:
+            s = s + cache.key_sum.unsqueeze(1)
+            c = c + cache.segment_tokens
+        sums.append(s)
+        counts.append(c)
+    return torch.cat(sums, 1), torch.cat(counts)
+
+
+def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_size: int = 64):
+    """Consume T tokens after ``cache``; returns (o [B, T, H, Dv], the updated cache).
+
+    Args:
+        q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] or None (gate projections);
+        gates: the rule's per-token gates ([B, T, H] each), in the compute dtype.
+        cache: the state after the earlier tokens (``empty_cache`` for a fresh sequence).
+    """
+    cfg = cache.config
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    cache = _close_open_segment(cache)
+    t0 = cache.seen_tokens
+    bounds = [t0, *cfg.plan.starts_between(t0, t0 + T), t0 + T]
+    pieces = [(a - t0, b - t0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    lengths = [b - a for a, b in pieces]
+    P, n0 = len(pieces), cache.num_cached
+
+    o_online, piece_states = _online_scan(q, k, v, gates, pieces, cache, chunk_size)
+    key_sums, counts = _key_summaries(k, pieces, cache)
+    summaries = _summarize(key_sums, counts[None, :, None, None], cfg.summary)  # [B, T, H, Dk]
+    piece_ends = torch.tensor([b - 1 for _, b in pieces], device=q.device)
+    keep_states = cfg.aggregation != "none"
+    states = torch.cat([cache.states, piece_states[:, :-1]], 1) if keep_states else cache.states
+    cached_summaries = (
+        torch.cat([cache.summaries, summaries[:, piece_ends[:-1]]], 1)
+        if keep_states
+        else cache.summaries
+    )
+    N = states.shape[1]
+    visible = [n0 + p for p in range(P)]  # caches a token of piece p reads
+
+    o = o_online
+    if cfg.aggregation in ("residual", "mean") and N:
+        # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: prefix sums of the states make this O(T·Dk·Dv).
+        prefix = [None, *states.cumsum(1).unbind(1)]  # prefix[n] = Σ_{i<n} S_i
+        reads = [
+            torch.zeros_like(o_p) if n == 0 else torch.einsum("blhk,bhvk->blhv", q_p, prefix[n])
+            for q_p, o_p, n in zip(
+                q.split(lengths, 1), o_online.split(lengths, 1), visible, strict=True
+            )
+        ]
+        o = o_online + torch.cat(reads, 1)
+        if cfg.aggregation == "mean":
+            n_tok = torch.tensor(visible, device=q.device, dtype=o.dtype).repeat_interleave(
+                torch.tensor(lengths, device=q.device)
+            )
+            o = o / (n_tok + 1)[None, :, None, None]
+    elif cfg.aggregation in ("grm", "soup", "ssc") and N:
+        us = u * cfg.gate_scale
+        score_online = (us * summaries).sum(-1).transpose(1, 2)  # [B, H, T]
+        scores = torch.einsum("bthd,bnhd->bhtn", us, cached_summaries)  # [B, H, T, N]
+        n_tok = torch.tensor(visible, device=q.device).repeat_interleave(
+            torch.tensor(lengths, device=q.device)
+        )  # [T]
+        hidden = torch.arange(N, device=q.device)[None, :] >= n_tok[:, None]  # [T, N]
+        scores = scores.masked_fill(hidden, -math.inf)
+        Qh = q.transpose(1, 2)  # [B, H, T, Dk]
+        St = states.permute(0, 2, 1, 4, 3).contiguous()  # [B, H, N, Dk, Dv]
+        if cfg.aggregation == "ssc":
+            top, idx = scores.topk(min(cfg.top_k, N), dim=-1)  # [B, H, T, k]
+            gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
+            cached = sparse_read(Qh, St, idx, gamma[..., :-1], torch.isfinite(top))
+        else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
+            gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
+            spans = [(a, b, n) for (a, b), n in zip(pieces, visible, strict=True)]
+            cached = mixed_read(Qh, St, gamma[..., :-1], spans)
+        o = gamma[..., -1:].transpose(1, 2) * o_online + cached.transpose(1, 2)
+
+    new_cache = MemoryCache(
+        config=cfg,
+        states=states,
+        summaries=cached_summaries,
+        online_state=piece_states[:, -1],
+        key_sum=key_sums[:, -1],
+        segment_tokens=lengths[-1] + (cache.segment_tokens if P == 1 else 0),
+        seen_tokens=t0 + T,
+        prev_kv=(k[:, -1], v[:, -1]) if cfg.rule == "swla" else None,
+        initial_state=cache.initial_state,
+    )
+    return o, new_cache
