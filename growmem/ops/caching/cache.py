@@ -72,5 +72,5 @@ class MemoryCache:
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
         tensors = [self.states, self.summaries, self.online_state, self.key_sum]
-        tensors += list(self.prev_kv or ()) + [self.initial_state]
+        tensors += [*(self.prev_kv or ()), self.initial_state]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -17,6 +17,7 @@ loops run over pieces (segments), never over tokens.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 
@@ -163,12 +164,11 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
         cache: the state after the earlier tokens (``empty_cache`` for a fresh sequence).
     """
     cfg = cache.config
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
+    T = q.shape[1]
     cache = _close_open_segment(cache)
     t0 = cache.seen_tokens
     bounds = [t0, *cfg.plan.starts_between(t0, t0 + T), t0 + T]
-    pieces = [(a - t0, b - t0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    pieces = [(a - t0, b - t0) for a, b in itertools.pairwise(bounds)]
     lengths = [b - a for a, b in pieces]
     P, n0 = len(pieces), cache.num_cached
 

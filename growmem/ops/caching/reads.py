@@ -43,7 +43,7 @@ class MixedRead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         Q, St, W = ctx.saved_tensors
-        B, H, T, Dk = Q.shape
+        B, H, _, Dk = Q.shape
         Dv = St.shape[-1]
         dQ, dSt, dW = torch.zeros_like(Q), torch.zeros_like(St), torch.zeros_like(W)
         for a, b, n in ctx.spans:
