@@ -26,6 +26,7 @@ import torch
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.reads import mixed_read, sparse_read
 from growmem.ops.linear.chunk import chunk_linear_memory
+from growmem.ops.linear.naive import linear_step
 
 
 def empty_cache(config: CachingConfig, initial_state, dtype, device) -> MemoryCache:
@@ -38,8 +39,9 @@ def empty_cache(config: CachingConfig, initial_state, dtype, device) -> MemoryCa
     )
     return MemoryCache(
         config=config,
-        states=torch.zeros(B, 0, H, Dv, Dk, dtype=dtype, device=device),
-        summaries=torch.zeros(B, 0, H, Dk, dtype=dtype, device=device),
+        states=torch.zeros(B, H, 0, Dk, Dv, dtype=dtype, device=device),
+        summaries=torch.zeros(B, H, 0, Dk, dtype=dtype, device=device),
+        state_sum=torch.zeros(B, H, Dk, Dv, dtype=dtype, device=device),
         online_state=online,
         key_sum=torch.zeros(B, H, Dk, dtype=dtype, device=device),
         segment_tokens=0,
@@ -52,25 +54,34 @@ def _summarize(key_sum: torch.Tensor, count, summary: str) -> torch.Tensor:
     return key_sum / count if summary == "mean" else key_sum
 
 
+def _with_cached(cache: MemoryCache, states_t, summaries) -> dict:
+    """Cache fields after appending finished segments: states_t [B, H, n, Dk, Dv],
+    summaries [B, H, n, Dk]. The plain RNN (aggregation none) never reads a cache: it keeps
+    none, so its cache stays constant-size."""
+    if cache.config.aggregation == "none" or states_t.shape[2] == 0:
+        return dict(states=cache.states, summaries=cache.summaries, state_sum=cache.state_sum)
+    return dict(
+        states=torch.cat([cache.states, states_t], 2),
+        summaries=torch.cat([cache.summaries, summaries], 2),
+        state_sum=cache.state_sum + states_t.sum(2),
+    )
+
+
 def _close_open_segment(cache: MemoryCache) -> MemoryCache:
     """Push the online segment to the cached ones when the next token starts a new segment."""
     cfg = cache.config
     if cache.segment_tokens == 0 or not cfg.plan.is_start(cache.seen_tokens):
         return cache
     summary = _summarize(cache.key_sum, cache.segment_tokens, cfg.summary)
-    keep_states = cfg.aggregation != "none"  # the plain RNN never reads a cache
     independent = cfg.init == "independent"
     online = cache.online_state
     if independent:
         online = torch.zeros_like(online) if cache.initial_state is None else cache.initial_state
     return MemoryCache(
         config=cfg,
-        states=torch.cat([cache.states, cache.online_state.unsqueeze(1)], 1)
-        if keep_states
-        else cache.states,
-        summaries=torch.cat([cache.summaries, summary.unsqueeze(1)], 1)
-        if keep_states
-        else cache.summaries,
+        **_with_cached(
+            cache, cache.online_state.transpose(-1, -2).unsqueeze(2), summary.unsqueeze(2)
+        ),
         online_state=online,
         key_sum=torch.zeros_like(cache.key_sum),
         segment_tokens=0,
@@ -83,6 +94,18 @@ def _close_open_segment(cache: MemoryCache) -> MemoryCache:
 def _online_scan(q, k, v, gates, pieces, cache: MemoryCache, chunk_size: int):
     """Online outputs [B, T, H, Dv] and the memory after each piece [B, P, H, Dv, Dk]."""
     rule = cache.config.rule
+    if q.shape[1] == 1:  # a decode step: one token, one recurrence step
+        k_prev, v_prev = cache.prev_kv or (torch.zeros_like(k[:, 0]), torch.zeros_like(v[:, 0]))
+        S = linear_step(
+            rule,
+            cache.online_state,
+            k[:, 0],
+            v[:, 0],
+            k_prev,
+            v_prev,
+            **{n: x[:, 0] for n, x in gates.items()},
+        )
+        return (S @ q[:, 0, :, :, None]).squeeze(-1).unsqueeze(1), S.unsqueeze(1)
     if cache.config.init == "continuous" or len(pieces) == 1:
         return chunk_linear_memory(
             q,
@@ -143,6 +166,9 @@ def _key_summaries(k, pieces, cache: MemoryCache):
 
     Returns key_sums [B, T, H, Dk] and counts [T] (tokens of the segment up to t).
     """
+    if len(pieces) == 1:  # one piece, e.g. a decode step: no split, no concatenation
+        counts = torch.arange(1, k.shape[1] + 1, device=k.device, dtype=k.dtype)
+        return k.cumsum(1) + cache.key_sum.unsqueeze(1), counts + cache.segment_tokens
     sums, counts = [], []
     for p, k_p in enumerate(k.split([b - a for a, b in pieces], dim=1)):
         s = k_p.cumsum(1)
@@ -175,58 +201,57 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
     o_online, piece_states = _online_scan(q, k, v, gates, pieces, cache, chunk_size)
     key_sums, counts = _key_summaries(k, pieces, cache)
     summaries = _summarize(key_sums, counts[None, :, None, None], cfg.summary)  # [B, T, H, Dk]
-    piece_ends = torch.tensor([b - 1 for _, b in pieces], device=q.device)
-    keep_states = cfg.aggregation != "none"
-    states = torch.cat([cache.states, piece_states[:, :-1]], 1) if keep_states else cache.states
-    cached_summaries = (
-        torch.cat([cache.summaries, summaries[:, piece_ends[:-1]]], 1)
-        if keep_states
-        else cache.summaries
-    )
-    N = states.shape[1]
+    # Pieces but the last are finished segments: they join the caches, in the read layout.
+    finished = piece_states[:, :-1].permute(0, 2, 1, 4, 3)  # [B, H, P - 1, Dk, Dv]
+    if P > 1:
+        cached = _with_cached(
+            cache, finished, summaries[:, [b - 1 for _, b in pieces[:-1]]].transpose(1, 2)
+        )
+    else:
+        cached = dict(states=cache.states, summaries=cache.summaries, state_sum=cache.state_sum)
+    N = cached["states"].shape[2]
     visible = [n0 + p for p in range(P)]  # caches a token of piece p reads
+    # [T]: caches token t reads (with one piece, all N of them: no mask needed)
+    n_tok = (
+        None
+        if P == 1
+        else torch.tensor(visible, device=q.device).repeat_interleave(
+            torch.tensor(lengths, device=q.device)
+        )
+    )
 
     o = o_online
     if cfg.aggregation in ("residual", "mean") and N:
         # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: prefix sums of the states make this O(T·Dk·Dv).
-        prefix = [None, *states.cumsum(1).unbind(1)]  # prefix[n] = Σ_{i<n} S_i
+        prefix = [cache.state_sum, *(cache.state_sum.unsqueeze(2) + finished.cumsum(2)).unbind(2)]
         reads = [
-            torch.zeros_like(o_p) if n == 0 else torch.einsum("blhk,bhvk->blhv", q_p, prefix[n])
-            for q_p, o_p, n in zip(
-                q.split(lengths, 1), o_online.split(lengths, 1), visible, strict=True
-            )
+            torch.einsum("blhk,bhkv->blhv", q_p, prefix_p)
+            for q_p, prefix_p in zip(q.split(lengths, 1), prefix, strict=True)
         ]
         o = o_online + torch.cat(reads, 1)
         if cfg.aggregation == "mean":
-            n_tok = torch.tensor(visible, device=q.device, dtype=o.dtype).repeat_interleave(
-                torch.tensor(lengths, device=q.device)
-            )
-            o = o / (n_tok + 1)[None, :, None, None]
+            o = o / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[None, :, None, None])
     elif cfg.aggregation in ("grm", "soup", "ssc") and N:
-        us = u * cfg.gate_scale
-        score_online = (us * summaries).sum(-1).transpose(1, 2)  # [B, H, T]
-        scores = torch.einsum("bthd,bnhd->bhtn", us, cached_summaries)  # [B, H, T, N]
-        n_tok = torch.tensor(visible, device=q.device).repeat_interleave(
-            torch.tensor(lengths, device=q.device)
-        )  # [T]
-        hidden = torch.arange(N, device=q.device)[None, :] >= n_tok[:, None]  # [T, N]
-        scores = scores.masked_fill(hidden, -math.inf)
+        us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, Dk]
+        score_online = (us * summaries.transpose(1, 2)).sum(-1)  # [B, H, T]
+        scores = us @ cached["summaries"].transpose(-1, -2)  # [B, H, T, N]
+        if n_tok is not None:
+            hidden = torch.arange(N, device=q.device)[None, :] >= n_tok[:, None]  # [T, N]
+            scores = scores.masked_fill(hidden, -math.inf)
         Qh = q.transpose(1, 2)  # [B, H, T, Dk]
-        St = states.permute(0, 2, 1, 4, 3).contiguous()  # [B, H, N, Dk, Dv]
         if cfg.aggregation == "ssc":
             top, idx = scores.topk(min(cfg.top_k, N), dim=-1)  # [B, H, T, k]
             gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
-            cached = sparse_read(Qh, St, idx, gamma[..., :-1], torch.isfinite(top))
+            read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], torch.isfinite(top))
         else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
             gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
             spans = [(a, b, n) for (a, b), n in zip(pieces, visible, strict=True)]
-            cached = mixed_read(Qh, St, gamma[..., :-1], spans)
-        o = gamma[..., -1:].transpose(1, 2) * o_online + cached.transpose(1, 2)
+            read = mixed_read(Qh, cached["states"], gamma[..., :-1], spans)
+        o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)
 
     new_cache = MemoryCache(
         config=cfg,
-        states=states,
-        summaries=cached_summaries,
+        **cached,
         online_state=piece_states[:, -1],
         key_sum=key_sums[:, -1],
         segment_tokens=lengths[-1] + (cache.segment_tokens if P == 1 else 0),

@@ -118,8 +118,14 @@ def sparse_read(Q, St, idx, w, valid):
     N, Dv = St.shape[2], St.shape[-1]
     k = idx.shape[-1]
     bh = torch.arange(B * H, device=Q.device).view(B, H, 1, 1)
-    token_rows = (bh * T + torch.arange(T, device=Q.device).view(1, 1, T, 1)).expand(B, H, T, k)
     groups = bh * N + idx  # [B, H, T, k] global cache id
+    St2 = St.reshape(B * H * N, Dk, Dv)
+    if T * k <= N:
+        # Few reads (decoding): gathering the selected caches costs less than routing.
+        picked = St2[groups.reshape(-1)].view(B, H, T, k, Dk, Dv)
+        reads = (Q[:, :, :, None, None, :] @ picked).squeeze(-2)  # [B, H, T, k, Dv]
+        return (reads * (w * valid).unsqueeze(-1)).sum(-2)
+    token_rows = (bh * T + torch.arange(T, device=Q.device).view(1, 1, T, 1)).expand(B, H, T, k)
     live = valid.reshape(-1)
     groups, order = groups.reshape(-1)[live].sort(stable=True)
     rows = token_rows.reshape(-1)[live][order]
@@ -127,7 +133,7 @@ def sparse_read(Q, St, idx, w, valid):
     group_ids, counts = torch.unique_consecutive(groups, return_counts=True)
     out = SparseRead.apply(
         Q.reshape(B * H * T, Dk),
-        St.reshape(B * H * N, Dk, Dv),
+        St2,
         weights,
         rows,
         group_ids.tolist(),

@@ -27,7 +27,14 @@ def linear_step(
         k_prev, v_prev: the previous token's key and value (read by swla only).
         g, beta, lam: [B, H] this token's gates, as the rule needs.
     """
-    write = torch.einsum("bhv,bhk->bhvk", v_t, k_t)
+
+    def outer(x, y):  # [B, H, Dv], [B, H, Dk] -> [B, H, Dv, Dk]
+        return x.unsqueeze(-1) * y.unsqueeze(-2)
+
+    def apply(M, x):  # [B, H, Dv, Dk] @ [B, H, Dk] -> [B, H, Dv]
+        return (M @ x.unsqueeze(-1)).squeeze(-1)
+
+    write = outer(v_t, k_t)
     a_t = None if g is None else torch.exp(g)[..., None, None]
     b_t = None if beta is None else beta[..., None, None]
     if rule == "linear":
@@ -35,14 +42,11 @@ def linear_step(
     if rule == "decay":
         return a_t * S + write
     if rule == "delta":
-        pred = torch.einsum("bhvk,bhk->bhv", S, k_t)
-        return S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+        return S + b_t * outer(v_t - apply(S, k_t), k_t)
     if rule == "gated_delta":
-        pred = torch.einsum("bhvk,bhk->bhv", a_t * S, k_t)
-        return a_t * S + b_t * torch.einsum("bhv,bhk->bhvk", v_t - pred, k_t)
+        return a_t * S + b_t * outer(v_t - apply(a_t * S, k_t), k_t)
     if rule == "swla":
-        prev_write = torch.einsum("bhv,bhk->bhvk", v_prev, k_prev)
-        return a_t * S + b_t * prev_write + lam[..., None, None] * write
+        return a_t * S + b_t * outer(v_prev, k_prev) + lam[..., None, None] * write
     raise ValueError(f"rule must be one of linear, decay, delta, gated_delta, swla, got {rule!r}")
 
 

@@ -1,0 +1,40 @@
+"""Short causal depthwise convolution with an exact streaming state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise Conv1d over time followed by SiLU, as in fla's ShortConvolution.
+
+    Args:
+        dim: channels.
+        kernel_size: taps; the state carried between calls is the last kernel_size - 1 inputs.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 4):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, D]; state: [B, K - 1, D] inputs before x (None: zeros).
+
+        Returns (y [B, T, D], the new state [B, K - 1, D]).
+        """
+        B, _, D = x.shape
+        K = self.kernel_size
+        if state is None:
+            state = x.new_zeros(B, K - 1, D)
+        xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K - 1 + T, D]
+        y = F.conv1d(xs.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), groups=D)
+        return F.silu(y.transpose(1, 2)), xs[:, xs.shape[1] - (K - 1) :]

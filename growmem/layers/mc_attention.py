@@ -1,0 +1,314 @@
+"""MemoryCachingAttention: a token mixer whose recurrent memory is cached segment by segment."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growmem.layers.conv import ShortConvolution
+from growmem.layers.norm import GatedRMSNorm
+from growmem.ops.caching import AGGREGATIONS, INITS, SUMMARIES, MemoryCache, memory_caching
+from growmem.ops.caching.api import GATED_AGGREGATIONS
+from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
+
+
+@dataclass
+class RowGroup:
+    """Batch rows that have seen the same number of tokens, and their streaming state.
+
+    A padded batch holds rows of different lengths; their segments start at different
+    positions, so they stream as separate groups (one group when nothing is padded).
+    """
+
+    rows: torch.Tensor  # [g] long: batch rows of the group
+    memory: MemoryCache | None = None  # None before the first token
+    conv: tuple[torch.Tensor, ...] | None = None  # q, k, v conv states [g, K - 1, D]
+
+    def index_select(self, index: torch.Tensor) -> RowGroup:
+        """The group restricted to its members ``index`` (positions within ``rows``)."""
+        return RowGroup(
+            rows=self.rows[index],
+            memory=None if self.memory is None else self.memory.index_select(index),
+            conv=None if self.conv is None else tuple(c.index_select(0, index) for c in self.conv),
+        )
+
+    def nbytes(self) -> int:
+        conv = sum(c.numel() * c.element_size() for c in self.conv or ())
+        return conv + (0 if self.memory is None else self.memory.nbytes())
+
+
+@dataclass
+class MemoryCachingLayerCache:
+    """What one MemoryCachingAttention layer keeps between calls."""
+
+    batch_size: int
+    groups: list[RowGroup]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        return sum(g.nbytes() for g in self.groups)
+
+    def reorder(self, beam_idx: torch.Tensor) -> MemoryCachingLayerCache:
+        """The cache whose row i is this cache's row beam_idx[i] (beam search)."""
+        owner = torch.empty(self.batch_size, dtype=torch.long)
+        slot = torch.empty(self.batch_size, dtype=torch.long)
+        for j, group in enumerate(self.groups):
+            owner[group.rows.cpu()] = j
+            slot[group.rows.cpu()] = torch.arange(len(group.rows))
+        beam_idx = beam_idx.cpu()
+        new_groups = []
+        for j, group in enumerate(self.groups):
+            new_rows = (owner[beam_idx] == j).nonzero().flatten()
+            if len(new_rows):
+                picked = group.index_select(slot[beam_idx[new_rows]].to(group.rows.device))
+                picked.rows = new_rows.to(group.rows.device)
+                new_groups.append(picked)
+        return MemoryCachingLayerCache(self.batch_size, new_groups)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Gates are computed in fp32 (or fp64 for fp64 models), also under autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class MemoryCachingAttention(nn.Module):
+    """Linear-family recurrent memory with Memory Caching, as a drop-in attention layer.
+
+    x -> q, k, v (short causal conv + SiLU; L2-normalised q, k), u (gate queries), per-token
+    gates (decay g via a Mamba2-style A_log/dt parameterisation, β and λ via sigmoid) ->
+    ``memory_caching`` -> per-head RMSNorm with an output gate -> o_proj.
+
+    Args:
+        hidden_size: model width.
+        num_heads: memory heads.
+        rule: linear | decay | delta | gated_delta | swla.
+        aggregation: none | residual | grm | soup | ssc | mean.
+        segment_size: tokens per cached segment.
+        top_k: caches ssc reads per token.
+        init: continuous | independent.
+        summary: mean | sum (segment key summaries).
+        head_dim: per-head key/value size (default hidden_size // num_heads).
+        use_short_conv: causal depthwise conv on q, k, v.
+        conv_size: its kernel size.
+        qk_norm: L2-normalise q and k (needed by the delta rules for stability).
+        norm_eps: epsilon of the output norm.
+        chunk_size: chunk length of the scans.
+        layer_idx: index of the layer in a model (for caches).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        rule: str = "gated_delta",
+        aggregation: str = "grm",
+        segment_size: int = 256,
+        top_k: int = 2,
+        init: str = "continuous",
+        summary: str = "mean",
+        head_dim: int | None = None,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        qk_norm: bool = True,
+        norm_eps: float = 1e-6,
+        chunk_size: int = 64,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_heads", num_heads)
+        check_choice("rule", rule, LINEAR_RULES)
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        check_choice("init", init, INITS)
+        check_choice("summary", summary, SUMMARIES)
+        check_positive_int("segment_size", segment_size)
+        check_positive_int("top_k", top_k)
+        check_positive_int("chunk_size", chunk_size)
+        check_positive_int("conv_size", conv_size)
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                    f"({num_heads}) unless head_dim is given"
+                )
+            head_dim = hidden_size // num_heads
+        check_positive_int("head_dim", head_dim)
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.rule, self.aggregation, self.init, self.summary = rule, aggregation, init, summary
+        self.segment_size, self.top_k, self.chunk_size = segment_size, top_k, chunk_size
+        self.qk_norm, self.layer_idx = qk_norm, layer_idx
+        inner = num_heads * head_dim
+
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        if aggregation in GATED_AGGREGATIONS:  # gate queries u_t = x_t W_u
+            self.u_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv = ShortConvolution(inner, conv_size)
+            self.k_conv = ShortConvolution(inner, conv_size)
+            self.v_conv = ShortConvolution(inner, conv_size)
+        gates = RULE_GATES[rule]
+        if "g" in gates:  # a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), as in Mamba2
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+            dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        if "beta" in gates:
+            self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        if "lam" in gates:
+            self.l_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.g_proj = nn.Linear(hidden_size, inner, bias=False)  # output gate
+        self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"rule={self.rule}, aggregation={self.aggregation}, segment_size="
+            f"{self.segment_size}, top_k={self.top_k}, init={self.init}, "
+            f"heads={self.num_heads}, head_dim={self.head_dim}"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: MemoryCachingLayerCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MemoryCachingLayerCache | None]:
+        """Mix the tokens of ``hidden_states``.
+
+        Args:
+            hidden_states: [B, T, hidden_size].
+            attention_mask: [B, T] with 1 (or True) for real tokens and 0 for padding, or None.
+                Outputs at real tokens equal those of the same rows without the padding;
+                outputs at padding are 0.
+            cache: the cache returned by an earlier call (these tokens continue those rows).
+            use_cache: return the cache to continue from.
+
+        Returns:
+            (o [B, T, hidden_size], the cache or None).
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape [B, T, {self.hidden_size}], got "
+                f"{tuple(hidden_states.shape)}"
+            )
+        B, T, _ = hidden_states.shape
+        if cache is not None:
+            if not isinstance(cache, MemoryCachingLayerCache):
+                raise ValueError(
+                    f"cache must be a MemoryCachingLayerCache, got {type(cache).__name__}"
+                )
+            if cache.batch_size != B:
+                raise ValueError(
+                    f"cache holds batch size {cache.batch_size}, hidden_states has {B}"
+                )
+        groups = (
+            cache.groups
+            if cache is not None
+            else [RowGroup(rows=torch.arange(B, device=hidden_states.device))]
+        )
+        mask = self._check_mask(attention_mask, B, T, hidden_states.device)
+
+        if mask is None and len(groups) == 1:  # every row alike: no gathering
+            o, group = self._forward_rows(hidden_states, groups[0])
+            return o, (MemoryCachingLayerCache(B, [group]) if use_cache else None)
+
+        # Rows with padding, or rows at different positions: gather each row's real tokens
+        # (in order) and run groups of rows that stay aligned together.
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device)
+        counts = mask.sum(1)  # [B]
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first
+        out = hidden_states.new_zeros(B, T, self.hidden_size)
+        new_groups = []
+        for group in groups:
+            group_counts = counts[group.rows]
+            for n in group_counts.unique().tolist():
+                members = (group_counts == n).nonzero().flatten()
+                sub = group if len(members) == len(group.rows) else group.index_select(members)
+                if n:
+                    pos = order[sub.rows, :n]  # [g, n] positions of the real tokens
+                    o, sub = self._forward_rows(hidden_states[sub.rows[:, None], pos], sub)
+                    out = out.index_put((sub.rows[:, None], pos), o)
+                new_groups.append(sub)
+        return out, (MemoryCachingLayerCache(B, new_groups) if use_cache else None)
+
+    @staticmethod
+    def _check_mask(mask, B, T, device):
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {shape}")
+        if mask.dtype != torch.bool:
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
+            mask = mask != 0
+        return None if bool(mask.all()) else mask.to(device)
+
+    def _forward_rows(self, x: torch.Tensor, group: RowGroup) -> tuple[torch.Tensor, RowGroup]:
+        """x: [g, n, hidden] tokens that continue ``group``; returns (o, the updated group)."""
+        g, n, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv = None
+        if self.use_short_conv:
+            states = group.conv or (None, None, None)
+            (q, cq), (k, ck), (v, cv) = (
+                conv_(t, s)
+                for conv_, t, s in zip(
+                    (self.q_conv, self.k_conv, self.v_conv), (q, k, v), states, strict=True
+                )
+            )
+            conv = (cq, ck, cv)
+        q, k, v = (t.view(g, n, H, D) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        gates = {}
+        needed = RULE_GATES[self.rule]
+        if "g" in needed:
+            dt = F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
+            gates["g"] = -self.A_log.exp() * dt  # [g, n, H] log-decay
+        if "beta" in needed:
+            gates["beta"] = torch.sigmoid(_at_least_fp32(self.b_proj(x)))
+        if "lam" in needed:
+            gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
+        u = self.u_proj(x).view(g, n, H, D) if self.aggregation in GATED_AGGREGATIONS else None
+        o, memory = memory_caching(
+            q,
+            k,
+            v,
+            u,
+            rule=self.rule,
+            **gates,
+            segment_size=self.segment_size,
+            aggregation=self.aggregation,
+            top_k=self.top_k,
+            init=self.init,
+            summary=self.summary,
+            cache=group.memory,
+            output_cache=True,
+            chunk_size=self.chunk_size,
+        )
+        o = self.o_norm(o, self.g_proj(x).view(g, n, H, D)).reshape(g, n, H * D)
+        return self.o_proj(o), RowGroup(rows=group.rows, memory=memory, conv=conv)
+
+    def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the layer's cache holds after T tokens of ``batch_size`` aligned rows."""
+        H, D = self.num_heads, self.head_dim
+        cached = 0 if self.aggregation == "none" or T < 1 else (T - 1) // self.segment_size
+        elements = cached * (H * D * D + H * D)  # cached memories and their key summaries
+        elements += 2 * H * D * D + H * D  # sum of cached memories, online memory, key sum
+        if self.rule == "swla":
+            elements += 2 * H * D  # previous key and value
+        if self.use_short_conv:
+            elements += 3 * (self.q_conv.kernel_size - 1) * H * D
+        return batch_size * elements * torch.empty((), dtype=dtype).element_size()
