@@ -54,3 +54,23 @@ def make_inputs(
         return x.to(dtype).detach().requires_grad_(requires_grad)
 
     return leaf(q), leaf(k), leaf(v), {n: leaf(x) for n, x in gates.items()}, leaf(s0)
+
+
+def make_u(
+    B: int,
+    T: int,
+    H: int,
+    Dk: int,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    requires_grad: bool = False,
+    scale: float = 2.0,
+) -> torch.Tensor:
+    """Random gate queries u [B, T, H, Dk] of Memory Caching (grm, soup, ssc): a leaf tensor.
+
+    Drawn from its own stream (seed offset), so ``make_u(..., seed)`` differs from the q of
+    ``make_inputs(..., seed)``; ``scale`` makes the gates far from uniform.
+    """
+    gen = torch.Generator().manual_seed(seed + 7919)
+    u = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64) * scale
+    return u.to(dtype).detach().requires_grad_(requires_grad)

@@ -106,6 +106,8 @@ def memory_caching(
         raise ValueError(f"gate_scale must be a positive finite number, got {gate_scale!r}")
     check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")
 
+    if cache is not None and not isinstance(cache, MemoryCache):
+        raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
     streaming = output_cache or cache is not None
     seen = 0 if cache is None else cache.seen_tokens
     plan = cache.config.plan if cache is not None and segments == "log" else None
@@ -124,7 +126,7 @@ def memory_caching(
         aggregation=aggregation,
         init=init,
         summary=summary,
-        top_k=top_k,
+        top_k=top_k if aggregation == "ssc" else None,  # only ssc reads it
         gate_scale=float(gate_scale),
         plan=plan,
         batch_size=B,
@@ -161,8 +163,6 @@ def memory_caching(
     if cache is None:
         cache = empty_cache(config, initial_state, dtype, q.device)
     else:
-        if not isinstance(cache, MemoryCache):
-            raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
         if initial_state is not None:
             raise ValueError(
                 "initial_state starts a new stream; a continued stream takes its "

@@ -17,7 +17,7 @@ class CachingConfig:
     aggregation: str
     init: str
     summary: str
-    top_k: int
+    top_k: int | None  # None unless aggregation is ssc
     gate_scale: float
     plan: SegmentPlan
     batch_size: int
@@ -98,4 +98,7 @@ class MemoryCache:
         """Bytes held by the cache's tensors."""
         tensors = [self.states, self.summaries, self.state_sum, self.online_state, self.key_sum]
         tensors += [*(self.prev_kv or ()), self.initial_state]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        # a tensor held twice (the online state is the initial state at a segment start)
+        # counts once
+        unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in tensors if t is not None}
+        return sum(numel * size for _, numel, size in unique)

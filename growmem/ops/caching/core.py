@@ -25,6 +25,7 @@ import torch
 
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.reads import mixed_read, sparse_read
+from growmem.ops.caching.select import select_top_k
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_step
 
@@ -240,7 +241,7 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
             scores = scores.masked_fill(hidden, -math.inf)
         Qh = q.transpose(1, 2)  # [B, H, T, Dk]
         if cfg.aggregation == "ssc":
-            top, idx = scores.topk(min(cfg.top_k, N), dim=-1)  # [B, H, T, k]
+            top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
             gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
             read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], torch.isfinite(top))
         else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
@@ -252,11 +253,12 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
     new_cache = MemoryCache(
         config=cfg,
         **cached,
-        online_state=piece_states[:, -1],
-        key_sum=key_sums[:, -1],
+        # clones: views would keep whole-call buffers alive in the cache
+        online_state=piece_states[:, -1].clone(),
+        key_sum=key_sums[:, -1].clone(),
         segment_tokens=lengths[-1] + (cache.segment_tokens if P == 1 else 0),
         seen_tokens=t0 + T,
-        prev_kv=(k[:, -1], v[:, -1]) if cfg.rule == "swla" else None,
+        prev_kv=(k[:, -1].clone(), v[:, -1].clone()) if cfg.rule == "swla" else None,
         initial_state=cache.initial_state,
     )
     return o, new_cache

@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from growmem.ops.caching.select import select_top_k
 from growmem.ops.linear.naive import linear_step
 
 
@@ -84,7 +85,7 @@ def memory_caching_reference(
             r_cached = torch.stack([(u_t * c).sum(-1) for c in cached_summaries], -1)  # [B, H, n]
             reads = torch.stack(reads, -2)  # [B, H, n, Dv]
             if aggregation == "ssc":
-                top, idx = r_cached.topk(min(top_k, len(cached)), dim=-1)
+                top, idx = select_top_k(r_cached, min(top_k, len(cached)))
                 reads = reads.gather(2, idx[..., None].expand(-1, -1, -1, Dv))
                 r_cached = top
             gamma = torch.softmax(torch.cat([r_cached, r_online[..., None]], -1), -1)
