@@ -43,23 +43,29 @@ class RowGroup:
 
 @dataclass
 class MemoryCachingLayerCache:
-    """What one MemoryCachingAttention layer keeps between calls."""
+    """What one MemoryCachingAttention layer keeps between calls.
+
+    ``layer_config`` fingerprints the layer settings that shape the state (the memory's own
+    configuration is checked by the op), so that a cache is never continued by another layer.
+    """
 
     batch_size: int
     groups: list[RowGroup]
+    layer_config: tuple = ()
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
         return sum(g.nbytes() for g in self.groups)
 
-    def reorder(self, beam_idx: torch.Tensor) -> MemoryCachingLayerCache:
-        """The cache whose row i is this cache's row beam_idx[i] (beam search)."""
+    def reorder(self, beam_idx) -> MemoryCachingLayerCache:
+        """The cache whose row i is this cache's row beam_idx[i] (beam search; the batch may
+        grow or shrink, e.g. to expand a prompt into beams)."""
         owner = torch.empty(self.batch_size, dtype=torch.long)
         slot = torch.empty(self.batch_size, dtype=torch.long)
         for j, group in enumerate(self.groups):
             owner[group.rows.cpu()] = j
             slot[group.rows.cpu()] = torch.arange(len(group.rows))
-        beam_idx = beam_idx.cpu()
+        beam_idx = torch.as_tensor(beam_idx, dtype=torch.long).cpu()
         new_groups = []
         for j, group in enumerate(self.groups):
             new_rows = (owner[beam_idx] == j).nonzero().flatten()
@@ -67,7 +73,7 @@ class MemoryCachingLayerCache:
                 picked = group.index_select(slot[beam_idx[new_rows]].to(group.rows.device))
                 picked.rows = new_rows.to(group.rows.device)
                 new_groups.append(picked)
-        return MemoryCachingLayerCache(self.batch_size, new_groups)
+        return MemoryCachingLayerCache(len(beam_idx), new_groups, self.layer_config)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -195,9 +201,13 @@ class MemoryCachingAttention(nn.Module):
         Returns:
             (o [B, T, hidden_size], the cache or None).
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+        if (
+            hidden_states.dim() != 3
+            or hidden_states.shape[-1] != self.hidden_size
+            or hidden_states.shape[1] == 0
+        ):
             raise ValueError(
-                f"hidden_states must have shape [B, T, {self.hidden_size}], got "
+                f"hidden_states must have shape [B, T >= 1, {self.hidden_size}], got "
                 f"{tuple(hidden_states.shape)}"
             )
         B, T, _ = hidden_states.shape
@@ -210,6 +220,11 @@ class MemoryCachingAttention(nn.Module):
                 raise ValueError(
                     f"cache holds batch size {cache.batch_size}, hidden_states has {B}"
                 )
+            if cache.layer_config != self._layer_config():
+                raise ValueError(
+                    "cache was built by a layer of another configuration (hidden, heads, "
+                    f"head_dim, conv): {cache.layer_config} != {self._layer_config()}"
+                )
         groups = (
             cache.groups
             if cache is not None
@@ -219,7 +234,7 @@ class MemoryCachingAttention(nn.Module):
 
         if mask is None and len(groups) == 1:  # every row alike: no gathering
             o, group = self._forward_rows(hidden_states, groups[0])
-            return o, (MemoryCachingLayerCache(B, [group]) if use_cache else None)
+            return o, (self._cache(B, [group]) if use_cache else None)
 
         # Rows with padding, or rows at different positions: gather each row's real tokens
         # (in order) and run groups of rows that stay aligned together.
@@ -227,7 +242,7 @@ class MemoryCachingAttention(nn.Module):
             mask = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device)
         counts = mask.sum(1)  # [B]
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first
-        out = hidden_states.new_zeros(B, T, self.hidden_size)
+        out = None  # created with the first output's dtype (autocast may lower it)
         new_groups = []
         for group in groups:
             group_counts = counts[group.rows]
@@ -237,9 +252,19 @@ class MemoryCachingAttention(nn.Module):
                 if n:
                     pos = order[sub.rows, :n]  # [g, n] positions of the real tokens
                     o, sub = self._forward_rows(hidden_states[sub.rows[:, None], pos], sub)
+                    out = o.new_zeros(B, T, self.hidden_size) if out is None else out
                     out = out.index_put((sub.rows[:, None], pos), o)
                 new_groups.append(sub)
-        return out, (MemoryCachingLayerCache(B, new_groups) if use_cache else None)
+        if out is None:  # every row was padding
+            out = hidden_states.new_zeros(B, T, self.hidden_size)
+        return out, (self._cache(B, new_groups) if use_cache else None)
+
+    def _layer_config(self) -> tuple:
+        conv = self.q_conv.kernel_size if self.use_short_conv else 0
+        return (self.hidden_size, self.num_heads, self.head_dim, conv)
+
+    def _cache(self, batch_size: int, groups: list[RowGroup]) -> MemoryCachingLayerCache:
+        return MemoryCachingLayerCache(batch_size, groups, self._layer_config())
 
     @staticmethod
     def _check_mask(mask, B, T, device):
