@@ -96,7 +96,9 @@ def _online_scan(q, k, v, gates, pieces, cache: MemoryCache, chunk_size: int):
     """Online outputs [B, T, H, Dv] and the memory after each piece [B, P, H, Dv, Dk]."""
     rule = cache.config.rule
     if q.shape[1] == 1:  # a decode step: one token, one recurrence step
-        k_prev, v_prev = cache.prev_kv or (torch.zeros_like(k[:, 0]), torch.zeros_like(v[:, 0]))
+        k_prev, v_prev = cache.prev_kv or (None, None)  # only swla reads them (zeros at first)
+        if rule == "swla" and k_prev is None:
+            k_prev, v_prev = torch.zeros_like(k[:, 0]), torch.zeros_like(v[:, 0])
         S = linear_step(
             rule,
             cache.online_state,
@@ -168,8 +170,9 @@ def _key_summaries(k, pieces, cache: MemoryCache):
     Returns key_sums [B, T, H, Dk] and counts [T] (tokens of the segment up to t).
     """
     if len(pieces) == 1:  # one piece, e.g. a decode step: no split, no concatenation
+        sums = k.cumsum(1) if k.shape[1] > 1 else k
         counts = torch.arange(1, k.shape[1] + 1, device=k.device, dtype=k.dtype)
-        return k.cumsum(1) + cache.key_sum.unsqueeze(1), counts + cache.segment_tokens
+        return sums + cache.key_sum.unsqueeze(1), counts + cache.segment_tokens
     sums, counts = [], []
     for p, k_p in enumerate(k.split([b - a for a, b in pieces], dim=1)):
         s = k_p.cumsum(1)
@@ -243,7 +246,9 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
         if cfg.aggregation == "ssc":
             top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
             gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
-            read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], torch.isfinite(top))
+            # with one piece every token sees all N >= k caches: no empty slot
+            valid = None if n_tok is None else torch.isfinite(top)
+            read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], valid)
         else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
             gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
             spans = [(a, b, n) for (a, b), n in zip(pieces, visible, strict=True)]

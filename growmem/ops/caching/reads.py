@@ -110,7 +110,7 @@ def sparse_read(Q, St, idx, w, valid):
         Q: [B, H, T, Dk]; St: [B, H, N, Dk, Dv] cached states (transposed);
         idx: [B, H, T, k] selected cache per slot; w: [B, H, T, k] weights;
         valid: [B, H, T, k] bool, False for empty slots (a token that sees fewer than k
-            caches), which are not read.
+            caches), which are not read; None when every slot is valid.
 
     Returns: [B, H, T, Dv]. Cost O(B·H·T·k·Dk·Dv): only the selected caches are read.
     """
@@ -123,10 +123,15 @@ def sparse_read(Q, St, idx, w, valid):
     if T * k <= N:
         # Few reads (decoding): gathering the selected caches costs less than routing.
         picked = St2[groups.reshape(-1)].view(B, H, T, k, Dk, Dv)
-        reads = (Q[:, :, :, None, None, :] @ picked).squeeze(-2)  # [B, H, T, k, Dv]
-        return (reads * (w * valid).unsqueeze(-1)).sum(-2)
+        w = w if valid is None else w * valid
+        mixed = (w[..., None, None] * picked).sum(3)  # [B, H, T, Dk, Dv]: Σ_j w_j S_j^T
+        return (Q.unsqueeze(-2) @ mixed).squeeze(-2)
     token_rows = (bh * T + torch.arange(T, device=Q.device).view(1, 1, T, 1)).expand(B, H, T, k)
-    live = valid.reshape(-1)
+    live = (
+        torch.ones(B * H * T * k, dtype=torch.bool, device=Q.device)
+        if valid is None
+        else valid.reshape(-1)
+    )
     groups, order = groups.reshape(-1)[live].sort(stable=True)
     rows = token_rows.reshape(-1)[live][order]
     weights = w.reshape(-1)[live][order]

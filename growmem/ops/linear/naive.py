@@ -14,8 +14,8 @@ def linear_step(
     S: torch.Tensor,
     k_t: torch.Tensor,
     v_t: torch.Tensor,
-    k_prev: torch.Tensor,
-    v_prev: torch.Tensor,
+    k_prev: torch.Tensor | None,
+    v_prev: torch.Tensor | None,
     g: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     lam: torch.Tensor | None = None,
@@ -24,7 +24,8 @@ def linear_step(
 
     Args:
         k_t: [B, H, Dk], v_t: [B, H, Dv]: this token's key and value.
-        k_prev, v_prev: the previous token's key and value (read by swla only).
+        k_prev, v_prev: the previous token's key and value (read by swla only; may be None
+            for the other rules).
         g, beta, lam: [B, H] this token's gates, as the rule needs.
     """
 
