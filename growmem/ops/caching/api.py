@@ -19,6 +19,7 @@ from growmem.ops.checks import (
     check_state,
     check_tensor,
 )
+from growmem.ops.precision import autocast_off, compute_dtype
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
 GATED_AGGREGATIONS = ("grm", "soup", "ssc")
@@ -135,7 +136,7 @@ def memory_caching(
         value_dim=Dv,
     )
     gates = {n: x for n, x in (("g", g), ("beta", beta), ("lam", lam)) if x is not None}
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
 
     if impl == "reference":
         if streaming:
@@ -170,7 +171,7 @@ def memory_caching(
             )
         cache.config.check_matches(config)
     # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         cast = {n: x.to(dtype) for n, x in gates.items()}
         o, new_cache = memory_caching_forward(
             q.to(dtype),

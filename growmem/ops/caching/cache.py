@@ -27,6 +27,8 @@ class CachingConfig:
 
     def check_matches(self, other: CachingConfig) -> None:
         """Raise a ValueError naming every field in which ``other`` differs from self."""
+        if self == other:
+            return
         diffs = [
             f"{f.name}: cache has {getattr(self, f.name)!r}, call has {getattr(other, f.name)!r}"
             for f in fields(self)

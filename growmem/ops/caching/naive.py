@@ -12,6 +12,7 @@ import torch
 
 from growmem.ops.caching.select import select_top_k
 from growmem.ops.linear.naive import linear_step
+from growmem.ops.precision import compute_dtype
 
 
 def memory_caching_reference(
@@ -46,7 +47,7 @@ def memory_caching_reference(
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     u = None if u is None else u.to(dtype)
     gates = {n: x.to(dtype) for n, x in gates.items()}

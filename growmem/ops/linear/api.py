@@ -7,6 +7,7 @@ import torch
 from growmem.ops.checks import check_gates, check_positive_int, check_qkv, check_state
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_memory_reference
+from growmem.ops.precision import autocast_off
 
 
 def segment_ends(T: int, boundary: int) -> list[int]:
@@ -76,7 +77,7 @@ def linear_memory(
         rule=rule, g=g, beta=beta, lam=lam, initial_state=initial_state, ends=ends, prev_kv=prev_kv
     )
     # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if impl == "chunk":
             o, states = chunk_linear_memory(q, k, v, chunk_size=chunk_size, **kwargs)
         else:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from growmem.ops.linear.recurrence import DeltaRecurrence
+from growmem.ops.precision import compute_dtype
 
 
 def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +77,7 @@ def chunk_linear_memory(
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     C = min(chunk_size, T)
     NC = math.ceil(T / C)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from growmem.ops.precision import compute_dtype
+
 
 def linear_step(
     rule: str,
@@ -80,7 +82,7 @@ def linear_memory_reference(
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     S = q.new_zeros(B, H, Dv, Dk) if initial_state is None else initial_state.to(dtype)
     if prev_kv is None:
