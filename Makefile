@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.bench_linear_memory --lengths 1024 2048 4096 --repeats 2 --out demo_speed
+	$(PY) -m benchmarks.bench_linear_memory --lengths 1024 2048 4096 --repeats 2 --no-json
 
 test: $(STAMP)
 	$(PY) -m ruff check growmem tests benchmarks

@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--out", default="linear_memory")
+    parser.add_argument("--out", default="linear_memory", help="results/NAME.json to write")
+    parser.add_argument("--no-json", action="store_true", help="print the table only")
     args = parser.parse_args()
     B, H, D = 1, args.heads, args.dim
     torch.manual_seed(0)
@@ -72,6 +73,8 @@ def main() -> None:
         cells = "  ".join(f"{r}={row['rules'][r]['ratio_vs_sdpa']:.3f}x" for r in args.rules)
         print(f"T={T:6d}  sdpa={t_sdpa * 1e3:8.1f} ms  {cells}", flush=True)
 
+    if args.no_json:
+        return
     path = write_json(
         args.out,
         {
