@@ -44,8 +44,21 @@ def _decay_matrix(logs: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_deep_memory(
-    q, k, v, *, rule, eta, g=None, beta=None, init_weights, initial_state=None,
-    batch_lengths, end_batches=(), norm=True, max_grad_norm=None, eps=1e-5,
+    q,
+    k,
+    v,
+    *,
+    rule,
+    eta,
+    g=None,
+    beta=None,
+    init_weights,
+    initial_state=None,
+    batch_lengths,
+    end_batches=(),
+    norm=True,
+    max_grad_norm=None,
+    eps=1e-5,
 ):
     """Deep memory over mini-batches of the given lengths.
 
@@ -61,10 +74,10 @@ def chunk_deep_memory(
         o [B, T, H, D]; states: DeepState of [B, len(end_batches), H, ...]; the final state
         (leaving the last mini-batch); the state entering the last mini-batch.
     """
-    B, T, H, D = q.shape
+    B, T = q.shape[:2]
     dtype = compute_dtype(q)
     titans = rule == "titans"
-    NB, b = len(batch_lengths), max(batch_lengths)
+    b = max(batch_lengths)
     lengths = torch.tensor(batch_lengths, device=q.device)
     starts = torch.cumsum(lengths, 0) - lengths
     # token index of every padded slot (T: a zero row appended for the padding)
@@ -101,22 +114,29 @@ def chunk_deep_memory(
 
     outs, kept, entry = [], {}, None
     wanted = set(end_batches)
-    for m in range(NB):
+    # Per-mini-batch slices come from one unbind each: indexing [m] inside the loop would
+    # make the backward zero-fill a full-size gradient per mini-batch (O(NB^2) work).
+    per_batch = [x.unbind(0) for x in (Q, K, V, step, QK)]
+    if titans:
+        per_batch += [x.unbind(0) for x in (C, alpha, rho, Bm, beta_cum)]
+    for m, sliced in enumerate(zip(*per_batch, strict=True)):
         entry = DeepState(W1, W2, S1, S2)
-        Qm, Km, Vm, w = Q[m], K[m], V[m], step[m]
+        Qm, Km, Vm, w, QKm = sliced[:5]
+        if titans:
+            Cm, alpha_m, rho_m, Bm_m, beta_cum_m = sliced[5:]
         out_k, cache = mlp_forward(Km, W1, W2, norm, eps)
         d1, h, d2 = inner_gradients(rule, Km, Vm, W1, cache, out_k)
         if max_grad_norm is not None:
             w = w / torch.clamp(gradient_norm(Km, d1, h, d2) / max_grad_norm, min=1.0)
-        Cw = (C[m] if titans else C) * w.unsqueeze(-2)  # [B, H, b, b]: C[t, j] w_j
+        Cw = (Cm if titans else C) * w.unsqueeze(-2)  # [B, H, b, b]: C[t, j] w_j
         z = Qm @ W2.transpose(-1, -2)
         if titans:
-            z = alpha[m].unsqueeze(-1) * z + rho[m].unsqueeze(-1) * (Qm @ S2.transpose(-1, -2))
-        z = z + (Cw * QK[m]) @ d2
+            z = alpha_m.unsqueeze(-1) * z + rho_m.unsqueeze(-1) * (Qm @ S2.transpose(-1, -2))
+        z = z + (Cw * QKm) @ d2
         hq = gelu(z)
         y = hq @ W1.transpose(-1, -2)
         if titans:
-            y = alpha[m].unsqueeze(-1) * y + rho[m].unsqueeze(-1) * (hq @ S1.transpose(-1, -2))
+            y = alpha_m.unsqueeze(-1) * y + rho_m.unsqueeze(-1) * (hq @ S1.transpose(-1, -2))
         y = y + (Cw * (hq @ h.transpose(-1, -2))) @ d1
         outs.append(Qm + (layer_norm(y, eps)[0] if norm else y))
 
@@ -126,10 +146,10 @@ def chunk_deep_memory(
         dW1 = (d1 * c_r).transpose(-1, -2) @ h  # [B, H, Dv, Dh]
         dW2 = (d2 * c_r).transpose(-1, -2) @ Km  # [B, H, Dh, Dk]
         if titans:
-            m_r = (Bm[m][..., r, :] * w).unsqueeze(-1)  # momentum weights of the row
-            a_r, p_r = alpha[m][..., r, None, None], rho[m][..., r, None, None]
+            m_r = (Bm_m[..., r, :] * w).unsqueeze(-1)  # momentum weights of the row
+            a_r, p_r = alpha_m[..., r, None, None], rho_m[..., r, None, None]
             W1, W2 = a_r * W1 + p_r * S1 + dW1, a_r * W2 + p_r * S2 + dW2
-            b_r = beta_cum[m][..., r, None, None]
+            b_r = beta_cum_m[..., r, None, None]
             S1 = b_r * S1 + (d1 * m_r).transpose(-1, -2) @ h
             S2 = b_r * S2 + (d2 * m_r).transpose(-1, -2) @ Km
         else:
@@ -140,7 +160,14 @@ def chunk_deep_memory(
     O = torch.stack(outs)  # [NB, B, H, b, D]
     O = O.permute(1, 0, 3, 2, 4)[:, real]  # [B, T, H, D] (real slots in token order)
     states = [kept[m] for m in end_batches]
-    stacked = DeepState(*(
-        None if parts[0] is None else torch.stack(parts, 1) for parts in zip(*states)
-    )) if states else None
+    stacked = (
+        DeepState(
+            *(
+                None if parts[0] is None else torch.stack(parts, 1)
+                for parts in zip(*states, strict=True)
+            )
+        )
+        if states
+        else None
+    )
     return O, stacked, DeepState(W1, W2, S1, S2), entry

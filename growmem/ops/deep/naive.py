@@ -26,8 +26,21 @@ from growmem.ops.precision import compute_dtype
 
 
 def deep_memory_reference(
-    q, k, v, *, rule, eta, g=None, beta=None, init_weights, initial_state=None,
-    batch_lengths, ends=None, norm=True, max_grad_norm=None, eps=1e-5,
+    q,
+    k,
+    v,
+    *,
+    rule,
+    eta,
+    g=None,
+    beta=None,
+    init_weights,
+    initial_state=None,
+    batch_lengths,
+    ends=None,
+    norm=True,
+    max_grad_norm=None,
+    eps=1e-5,
 ):
     """Deep memory token by token.
 
@@ -45,7 +58,7 @@ def deep_memory_reference(
         (o [B, T, H, D], states): the final DeepState ([B, H, ...]) if ends is None, else a
         DeepState of [B, len(ends), H, ...] tensors.
     """
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     if initial_state is None:
@@ -81,7 +94,9 @@ def deep_memory_reference(
     o = torch.stack(outputs, dim=1)
     if ends is None:
         return o, DeepState(W1, W2, S1, S2)
-    return o, DeepState(*(None if x[0] is None else torch.stack(x, 1) for x in zip(*recorded)))
+    return o, DeepState(
+        *(None if x[0] is None else torch.stack(x, 1) for x in zip(*recorded, strict=True))
+    )
 
 
 def _token_gradient(rule, k_t, v_t, W1, W2, norm, eps):

@@ -1,0 +1,163 @@
+"""Public entry point of the deep memories: argument checks, then the chosen kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from growmem.ops.checks import (
+    check_choice,
+    check_positive_int,
+    check_qkv,
+    check_shape,
+    check_tensor,
+)
+from growmem.ops.deep.chunk import chunk_deep_memory
+from growmem.ops.deep.mlp import DeepState
+from growmem.ops.deep.naive import deep_memory_reference
+from growmem.ops.precision import autocast_off
+
+DEEP_RULES = ("dla", "titans")
+
+
+def mini_batch_lengths(T: int, mini_batch: int) -> list[int]:
+    """Mini-batches of ``mini_batch`` tokens from token 0; the last may be shorter."""
+    return [mini_batch] * (T // mini_batch) + ([T % mini_batch] if T % mini_batch else [])
+
+
+def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm):
+    """Checks shared by deep_memory and memory_caching on deep rules; returns Dh."""
+    check_choice("rule", rule, DEEP_RULES)
+    if Dk != Dv:
+        raise ValueError(
+            f"v must have Dv = Dk for deep memories (M(x) = x + ...), got Dk={Dk}, Dv={Dv}"
+        )
+    if eta is None:
+        raise ValueError(
+            f"eta is required by rule {rule!r}: a [B, T, H] tensor of inner learning rates"
+        )
+    check_tensor("eta", eta, 3, "[B, T, H]")
+    check_shape("eta", eta, (B, T, H), "[B, T, H]")
+    for name, x in (("g", g), ("beta", beta)):
+        if rule == "titans":
+            if x is None:
+                raise ValueError(f"{name} is required by rule 'titans': a [B, T, H] tensor")
+            check_tensor(name, x, 3, "[B, T, H]")
+            check_shape(name, x, (B, T, H), "[B, T, H]")
+        elif x is not None:
+            raise ValueError(f"{name} is not used by rule {rule!r}; pass {name}=None")
+    if g is not None and not bool(torch.isfinite(g).all()):
+        raise ValueError("g must be finite (a_t = exp(g_t) > 0)")
+    if not isinstance(init_weights, (tuple, list)) or len(init_weights) != 2:
+        raise ValueError("init_weights must be a pair (W1 [H, Dv, Dh], W2 [H, Dh, Dk])")
+    W1, W2 = init_weights
+    check_tensor("init_weights[0]", W1, 3, "[H, Dv, Dh]")
+    Dh = W1.shape[-1]
+    check_shape("init_weights[0]", W1, (H, Dv, Dh), "[H, Dv, Dh]")
+    check_tensor("init_weights[1]", W2, 3, "[H, Dh, Dk]")
+    check_shape("init_weights[1]", W2, (H, Dh, Dk), "[H, Dh, Dk]")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
+        or not math.isfinite(max_grad_norm)
+        or max_grad_norm <= 0
+    ):
+        raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+    return Dh
+
+
+def check_deep_state(name, state, rule, B, H, Dk, Dv, Dh):
+    if state is None:
+        return
+    if not isinstance(state, DeepState):
+        raise ValueError(f"{name} must be a DeepState, got {type(state).__name__}")
+    check_shape(f"{name}.W1", state.W1, (B, H, Dv, Dh), "[B, H, Dv, Dh]")
+    check_shape(f"{name}.W2", state.W2, (B, H, Dh, Dk), "[B, H, Dh, Dk]")
+    if (rule == "titans") != (state.S1 is not None and state.S2 is not None):
+        raise ValueError(f"{name} must carry momentum S1, S2 exactly for rule 'titans'")
+
+
+def deep_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rule: str,
+    eta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    init_weights: tuple[torch.Tensor, torch.Tensor],
+    initial_state: DeepState | None = None,
+    mini_batch: int = 64,
+    boundary: int | None = None,
+    norm: bool = True,
+    max_grad_norm: float | None = None,
+    eps: float = 1e-5,
+    impl: str = "chunk",
+) -> tuple[torch.Tensor, DeepState]:
+    """A deep (MLP) memory trained at test time, read at every token (DESIGN.md section 2).
+
+    The memory is M_W(x) = x + N(W1 GELU(W2 x)) per head, N an optional LayerNorm.
+    ``dla``: W_t = W_{t-1} - η_t ∇ℓ, ℓ = -<M(k_t), v_t>. ``titans``: Σ_t = β_t Σ_{t-1} - η_t ∇ℓ,
+    W_t = a_t W_{t-1} + Σ_t, ℓ = ||M(k_t) - v_t||². Within a mini-batch the gradients are
+    taken at the weights the mini-batch starts from; token t reads the weights after its own
+    update (mini_batch=1 is the exact per-token recurrence). See docs/design.md.
+
+    Args:
+        q, k, v: [B, T, H, D] (L2-normalised q, k recommended).
+        eta: [B, T, H] inner learning rates (>= 0).
+        g: [B, T, H] log-decay a_t = exp(g_t), and beta: [B, T, H] momentum (titans only).
+        init_weights: (W1 [H, D, Dh], W2 [H, Dh, D]), the learned initial weights.
+        initial_state: DeepState of [B, H, ...] tensors to start from (None: init_weights and
+            zero momentum).
+        mini_batch: tokens whose gradients share one set of weights.
+        boundary: also return the states after tokens C, 2C, ... and after the last token;
+            must be a multiple of mini_batch.
+        norm: LayerNorm (without affine) on the MLP output.
+        max_grad_norm: soft clamp: each token's step is scaled by min(1, c / ||∇ℓ||).
+        eps: LayerNorm epsilon.
+        impl: "chunk" (mini-batch parallel, default) or "reference" (per-token loop).
+
+    Returns:
+        o [B, T, H, D] in q's dtype; the final DeepState ([B, H, ...]) or, with boundary, a
+        DeepState of [B, ceil(T / boundary), H, ...] tensors (fp32, fp64 for fp64 inputs).
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    Dh = check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm)
+    check_deep_state("initial_state", initial_state, rule, B, H, Dk, Dv, Dh)
+    check_positive_int("mini_batch", mini_batch)
+    check_positive_int("boundary", boundary, allow_none=True)
+    check_choice("impl", impl, ("chunk", "reference"))
+    if boundary is not None and boundary % mini_batch:
+        raise ValueError(
+            f"boundary ({boundary}) must be a multiple of mini_batch "
+            f"({mini_batch}): states are read at mini-batch ends"
+        )
+    lengths = mini_batch_lengths(T, mini_batch)
+    ends = None
+    if boundary is not None:
+        ends = list(range(boundary, T + 1, boundary))
+        if not ends or ends[-1] != T:
+            ends.append(T)
+    kwargs = dict(
+        rule=rule,
+        eta=eta,
+        g=g,
+        beta=beta,
+        init_weights=init_weights,
+        initial_state=initial_state,
+        norm=norm,
+        max_grad_norm=max_grad_norm,
+        eps=eps,
+    )
+    with autocast_off(q.device.type):
+        if impl == "reference":
+            o, states = deep_memory_reference(q, k, v, batch_lengths=lengths, ends=ends, **kwargs)
+        else:
+            end_batches = () if ends is None else [math.ceil(e / mini_batch) - 1 for e in ends]
+            o, stacked, final, _ = chunk_deep_memory(
+                q, k, v, batch_lengths=lengths, end_batches=end_batches, **kwargs
+            )
+            states = final if ends is None else stacked
+    return o.to(q.dtype), states
