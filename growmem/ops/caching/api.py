@@ -8,6 +8,8 @@ import torch
 
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.core import empty_cache, memory_caching_forward
+from growmem.ops.caching.deep_core import deep_memory_caching_forward, empty_deep_cache
+from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
 from growmem.ops.caching.segments import SegmentPlan
 from growmem.ops.checks import (
@@ -19,6 +21,8 @@ from growmem.ops.checks import (
     check_state,
     check_tensor,
 )
+from growmem.ops.deep.api import DEEP_RULES, check_deep_args, check_deep_state
+from growmem.ops.deep.mlp import DeepState
 from growmem.ops.precision import autocast_off, compute_dtype
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
@@ -44,11 +48,17 @@ def memory_caching(
     init: str = "continuous",
     summary: str = "mean",
     gate_scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
+    initial_state: torch.Tensor | DeepState | None = None,
     output_cache: bool = False,
     cache: MemoryCache | None = None,
     chunk_size: int = 64,
     impl: str = "chunk",
+    eta: torch.Tensor | None = None,
+    init_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mini_batch: int = 64,
+    norm: bool = True,
+    max_grad_norm: float | None = None,
+    eps: float = 1e-5,
 ) -> torch.Tensor | tuple[torch.Tensor, MemoryCache]:
     """A recurrent memory whose checkpoints at segment ends are cached and read later.
 
@@ -60,7 +70,8 @@ def memory_caching(
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries (required for
             grm, soup and ssc; ignored otherwise).
-        rule, g, beta, lam: the memory rule and its gates, as in ``linear_memory``.
+        rule, g, beta, lam: the memory rule and its gates, as in ``linear_memory``; or a
+            deep rule (dla, titans) with eta, g, beta, as in ``deep_memory``.
         segment_size: constant segment length (the last segment may be shorter), or
         segments: explicit lengths summing to T (to at least the stream's length when
             streaming), or "log" for the binary decomposition of T (37 -> [32, 4, 1]).
@@ -76,12 +87,28 @@ def memory_caching(
         cache: a MemoryCache from an earlier call: these tokens continue that stream.
         chunk_size: chunk length of the scans (a compute detail).
         impl: "chunk" (default) or "reference" (per-token loop; parallel calls only).
+        eta, init_weights, mini_batch, norm, max_grad_norm, eps: deep rules only, as in
+            ``deep_memory``. The mini-batch grid restarts at every segment start, so the
+            cached memories are the MLP weights at segment ends (any segment length works;
+            with lengths that are multiples of mini_batch the grid is deep_memory's).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
+    deep = rule in DEEP_RULES
+    if deep:
+        if lam is not None:
+            raise ValueError(f"lam is not used by rule {rule!r}; pass lam=None")
+        Dh = check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm)
+        check_positive_int("mini_batch", mini_batch)
+        check_deep_state("initial_state", initial_state, rule, B, H, Dk, Dv, Dh)
+    else:
+        check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
+        for name, x in (("eta", eta), ("init_weights", init_weights)):
+            if x is not None:
+                raise ValueError(f"{name} is only used by the deep rules {list(DEEP_RULES)}")
+        check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("init", init, INITS)
     check_choice("summary", summary, SUMMARIES)
@@ -105,7 +132,6 @@ def memory_caching(
         or gate_scale <= 0
     ):
         raise ValueError(f"gate_scale must be a positive finite number, got {gate_scale!r}")
-    check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")
 
     if cache is not None and not isinstance(cache, MemoryCache):
         raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
@@ -134,8 +160,11 @@ def memory_caching(
         num_heads=H,
         key_dim=Dk,
         value_dim=Dv,
+        deep=(mini_batch, bool(norm), max_grad_norm, float(eps), Dh) if deep else None,
     )
-    gates = {n: x for n, x in (("g", g), ("beta", beta), ("lam", lam)) if x is not None}
+    gates = {
+        n: x for n, x in (("eta", eta), ("g", g), ("beta", beta), ("lam", lam)) if x is not None
+    }
     dtype = compute_dtype(q)
 
     if impl == "reference":
@@ -144,6 +173,30 @@ def memory_caching(
                 "impl='reference' computes whole sequences only: it takes no cache and returns none"
             )
         lengths = list(plan.lengths) if plan.lengths else _constant_lengths(T, plan.size)
+        if deep:
+            o = deep_memory_caching_reference(
+                q,
+                k,
+                v,
+                u,
+                rule=rule,
+                eta=eta,
+                g=g,
+                beta=beta,
+                init_weights=init_weights,
+                lengths=lengths,
+                aggregation=aggregation,
+                top_k=top_k,
+                init=init,
+                summary=summary,
+                gate_scale=gate_scale,
+                mini_batch=mini_batch,
+                norm=norm,
+                max_grad_norm=max_grad_norm,
+                eps=eps,
+                initial_state=initial_state,
+            )
+            return o.to(q.dtype)
         o = memory_caching_reference(
             q,
             k,
@@ -162,7 +215,11 @@ def memory_caching(
         return o.to(q.dtype)
 
     if cache is None:
-        cache = empty_cache(config, initial_state, dtype, q.device)
+        cache = (
+            empty_deep_cache(config, init_weights, initial_state, dtype, q.device)
+            if deep
+            else empty_cache(config, initial_state, dtype, q.device)
+        )
     else:
         if initial_state is not None:
             raise ValueError(
@@ -173,15 +230,18 @@ def memory_caching(
     # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
     with autocast_off(q.device.type):
         cast = {n: x.to(dtype) for n, x in gates.items()}
-        o, new_cache = memory_caching_forward(
+        args = (
             q.to(dtype),
             k.to(dtype),
             v.to(dtype),
             None if u is None else u.to(dtype),
             cast,
             cache,
-            chunk_size=chunk_size,
         )
+        if deep:
+            o, new_cache = deep_memory_caching_forward(*args, init_weights)
+        else:
+            o, new_cache = memory_caching_forward(*args, chunk_size=chunk_size)
     o = o.to(q.dtype)
     return (o, new_cache) if output_cache else o
 

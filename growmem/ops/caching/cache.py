@@ -24,6 +24,8 @@ class CachingConfig:
     num_heads: int
     key_dim: int
     value_dim: int
+    # deep memories only: (mini_batch, norm, max_grad_norm, eps, hidden dim of the MLP)
+    deep: tuple | None = None
 
     def check_matches(self, other: CachingConfig) -> None:
         """Raise a ValueError naming every field in which ``other`` differs from self."""
@@ -75,21 +77,12 @@ class MemoryCache:
     def index_select(self, index: torch.Tensor) -> MemoryCache:
         """The cache of the batch rows ``index`` (a 1-D long tensor), e.g. to split a batch or
         to reorder beams."""
-
-        def pick(x):
-            return None if x is None else x.index_select(0, index)
-
-        return replace(
-            self,
-            config=replace(self.config, batch_size=int(index.numel())),
-            states=pick(self.states),
-            summaries=pick(self.summaries),
-            state_sum=pick(self.state_sum),
-            online_state=pick(self.online_state),
-            key_sum=pick(self.key_sum),
-            prev_kv=None if self.prev_kv is None else tuple(pick(x) for x in self.prev_kv),
-            initial_state=pick(self.initial_state),
-        )
+        changes = {
+            f.name: _map_tensors(getattr(self, f.name), lambda x: x.index_select(0, index))
+            for f in fields(self)
+            if f.name != "config"
+        }
+        return replace(self, config=replace(self.config, batch_size=int(index.numel())), **changes)
 
     @property
     def num_cached(self) -> int:
@@ -97,10 +90,60 @@ class MemoryCache:
         return self.states.shape[2]
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        tensors = [self.states, self.summaries, self.state_sum, self.online_state, self.key_sum]
-        tensors += [*(self.prev_kv or ()), self.initial_state]
-        # a tensor held twice (the online state is the initial state at a segment start)
-        # counts once
-        unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in tensors if t is not None}
+        """Bytes held by the cache's tensors (a tensor held twice counts once: the online
+        state is the initial state at a segment start)."""
+        unique = {
+            (t.data_ptr(), t.numel(), t.element_size())
+            for f in fields(self)
+            for t in _tensors(getattr(self, f.name))
+        }
         return sum(numel * size for _, numel, size in unique)
+
+
+@dataclass
+class DeepMemoryCache(MemoryCache):
+    """MemoryCache of a deep memory (dla, titans).
+
+    ``states`` is a DeepState of the cached weights (W1 [B, H, N, Dv, Dh], W2 [B, H, N, Dh,
+    Dk]); ``state_sum`` is None; ``online_state`` is the DeepState at the last mini-batch
+    boundary, and ``pending`` holds the inputs of the tokens after it (fewer than a
+    mini-batch, whose gradients are all taken at that boundary): a call recomputes them before
+    its own tokens. ``last_state`` is the DeepState after the last token (the memory pushed to
+    the caches when its segment closes).
+    """
+
+    pending: dict[str, torch.Tensor] | None = None
+    last_state: object = None
+
+    @property
+    def num_cached(self) -> int:
+        return self.states.W1.shape[2]
+
+    @property
+    def pending_tokens(self) -> int:
+        return 0 if not self.pending else self.pending["k"].shape[1]
+
+
+def _tensors(value):
+    """The tensors in a cache field (a tensor, a tuple/NamedTuple or dict of them, or None)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for x in value:
+            yield from _tensors(x)
+    elif isinstance(value, dict):
+        for x in value.values():
+            yield from _tensors(x)
+
+
+def _map_tensors(value, fn):
+    """``value`` with ``fn`` applied to each of its tensors (structure kept)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(_map_tensors(x, fn) for x in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(x, fn) for x in value)
+    if isinstance(value, dict):
+        return {n: _map_tensors(x, fn) for n, x in value.items()}
+    return value

@@ -17,7 +17,6 @@ loops run over pieces (segments), never over tokens.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 
@@ -197,8 +196,7 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
     T = q.shape[1]
     cache = _close_open_segment(cache)
     t0 = cache.seen_tokens
-    bounds = [t0, *cfg.plan.starts_between(t0, t0 + T), t0 + T]
-    pieces = [(a - t0, b - t0) for a, b in itertools.pairwise(bounds)]
+    pieces = cfg.plan.pieces(t0, T)
     lengths = [b - a for a, b in pieces]
     P, n0 = len(pieces), cache.num_cached
 

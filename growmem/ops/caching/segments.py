@@ -69,6 +69,11 @@ class SegmentPlan:
         starts = self._starts()
         return starts[bisect.bisect_right(starts, t0) : bisect.bisect_left(starts, t1)]
 
+    def pieces(self, t0: int, T: int) -> list[tuple[int, int]]:
+        """Tokens t0..t0+T-1 cut at segment starts, as (start, end) offsets from t0."""
+        bounds = [t0, *self.starts_between(t0, t0 + T), t0 + T]
+        return [(a - t0, b - t0) for a, b in itertools.pairwise(bounds)]
+
     def is_start(self, p: int) -> bool:
         """Whether token p (0-based) is the first of a segment."""
         if self.size is not None:

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from growmem.ops.caching.reads import mixed_read
 from growmem.ops.deep.mlp import (
     DeepState,
     gelu,
@@ -59,6 +60,7 @@ def chunk_deep_memory(
     norm=True,
     max_grad_norm=None,
     eps=1e-5,
+    soup=None,
 ):
     """Deep memory over mini-batches of the given lengths.
 
@@ -69,6 +71,12 @@ def chunk_deep_memory(
         batch_lengths: mini-batch lengths summing to T (each <= the longest).
         end_batches: indices of mini-batches whose leaving state to return.
         norm, max_grad_norm, eps: see ``deep_memory``.
+        soup: Memory Soup with cached memories, or None. A dict with gamma_online [B, T, H],
+            z_cached [B, T, H, Dh] (Σ_i γ_i W2^(i) q_t), W1_cached_t [B, H, N, Dh, Dv] (the
+            cached W1^(i), transposed), gamma_cached [B, H, T, N] and visible (caches each
+            mini-batch reads). Token t then reads the memory whose weights are the γ-mix of
+            the cached ones and of its own online weights W_t:
+            o_t = q_t + N(W1*_t σ(W2*_t q_t)).
 
     Returns:
         o [B, T, H, D]; states: DeepState of [B, len(end_batches), H, ...]; the final state
@@ -112,6 +120,20 @@ def chunk_deep_memory(
     else:
         W1, W2, S1, S2 = initial_state.map(lambda x: x.to(dtype))
 
+    if soup is not None:
+        gamma_on = batched(soup["gamma_online"]).unsqueeze(-1)  # [NB, B, H, b, 1]
+        z_cached = batched(soup["z_cached"])  # [NB, B, H, b, Dh]
+        gamma_cached = batched(soup["gamma_cached"].permute(0, 2, 1, 3))  # [NB, B, H, b, N]
+        soup_batch = list(
+            zip(
+                gamma_on.unbind(0),
+                z_cached.unbind(0),
+                gamma_cached.unbind(0),
+                soup["visible"],
+                strict=True,
+            )
+        )
+
     outs, kept, entry = [], {}, None
     wanted = set(end_batches)
     # Per-mini-batch slices come from one unbind each: indexing [m] inside the loop would
@@ -133,11 +155,19 @@ def chunk_deep_memory(
         if titans:
             z = alpha_m.unsqueeze(-1) * z + rho_m.unsqueeze(-1) * (Qm @ S2.transpose(-1, -2))
         z = z + (Cw * QKm) @ d2
-        hq = gelu(z)
-        y = hq @ W1.transpose(-1, -2)
+        if soup is None:
+            hq = gelu(z)  # z = W2_t q_t: the online weights read q
+        else:  # Memory Soup: the γ-mix of the cached and the online W2 reads q
+            g_on, z_c, g_c, n = soup_batch[m]
+            hq = gelu(g_on * z + z_c)
+        y = hq @ W1.transpose(-1, -2)  # W1_t applied to hq, by the same dual form
         if titans:
             y = alpha_m.unsqueeze(-1) * y + rho_m.unsqueeze(-1) * (hq @ S1.transpose(-1, -2))
         y = y + (Cw * (hq @ h.transpose(-1, -2))) @ d1
+        if soup is not None:
+            y = g_on * y
+            if n:  # + Σ_i γ_i W1^(i) hq over the visible caches
+                y = y + mixed_read(hq, soup["W1_cached_t"], g_c, [(0, hq.shape[2], n)])
         outs.append(Qm + (layer_norm(y, eps)[0] if norm else y))
 
         # the state leaving the mini-batch: row r of the formulas above

@@ -74,7 +74,7 @@ def deep_memory_reference(
     for t in range(T):
         if t in starts:
             W1m, W2m = W1, W2  # the gradients of this mini-batch are taken here
-        grads = _token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)  # [B, H, ...]
+        grads = token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)  # [B, H, ...]
         step = -eta[:, t].to(dtype)  # [B, H]
         if max_grad_norm is not None:
             gnorm = torch.sqrt(sum(x.pow(2).sum((-1, -2)) for x in grads) + 1e-30)
@@ -99,7 +99,7 @@ def deep_memory_reference(
     )
 
 
-def _token_gradient(rule, k_t, v_t, W1, W2, norm, eps):
+def token_gradient(rule, k_t, v_t, W1, W2, norm, eps):
     """(∇_W1 ℓ, ∇_W2 ℓ) of one token per [B, H], by autograd (differentiable)."""
     with torch.enable_grad():
         differentiable = any(x.requires_grad for x in (W1, W2, k_t, v_t))

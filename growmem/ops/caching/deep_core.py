@@ -1,0 +1,316 @@
+"""Memory Caching over deep memories (dla, titans): training and streaming in one algorithm.
+
+As core.py, a call consumes T tokens after ``seen`` earlier ones, cut into pieces at segment
+starts; the mini-batch grid restarts at every segment start, so segment ends are mini-batch
+ends and the cached memories are the MLP weights there. The pieces run one after another (a
+Python loop over segments): piece p may read the caches finished by the pieces before it,
+which Memory Soup needs inside the scan. Tokens after the last mini-batch boundary are kept in
+the cache (``pending``) and recomputed by the next call, since their gradients are all taken
+at that boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.utils.checkpoint
+
+from growmem.ops.caching.cache import DeepMemoryCache
+from growmem.ops.caching.core import _key_summaries, _summarize
+from growmem.ops.caching.reads import mixed_read
+from growmem.ops.caching.select import select_top_k
+from growmem.ops.deep.api import mini_batch_lengths
+from growmem.ops.deep.chunk import chunk_deep_memory
+from growmem.ops.deep.mlp import DeepState, gelu, layer_norm
+
+GATE_NAMES = ("eta", "g", "beta")
+
+
+def start_state(init_weights, initial_state, rule, B, dtype) -> DeepState:
+    """The state a stream (and, with init="independent", every segment) starts from."""
+    if initial_state is not None:
+        return initial_state.map(lambda x: x.to(dtype))
+    W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
+    if rule == "titans":
+        return DeepState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
+    return DeepState(W1, W2)
+
+
+def empty_deep_cache(config, init_weights, initial_state, dtype, device) -> DeepMemoryCache:
+    B, H, Dk, Dv = config.batch_size, config.num_heads, config.key_dim, config.value_dim
+    Dh = config.deep[-1]
+    start = start_state(init_weights, initial_state, config.rule, B, dtype)
+    return DeepMemoryCache(
+        config=config,
+        states=DeepState(
+            torch.zeros(B, H, 0, Dv, Dh, dtype=dtype, device=device),
+            torch.zeros(B, H, 0, Dh, Dk, dtype=dtype, device=device),
+        ),
+        summaries=torch.zeros(B, H, 0, Dk, dtype=dtype, device=device),
+        state_sum=None,
+        online_state=start,
+        key_sum=torch.zeros(B, H, Dk, dtype=dtype, device=device),
+        segment_tokens=0,
+        seen_tokens=0,
+        initial_state=initial_state,
+        pending=None,
+        last_state=start,
+    )
+
+
+def _close_open_segment(cache: DeepMemoryCache, init_weights) -> DeepMemoryCache:
+    """Push the online segment's final weights when the next token starts a new segment."""
+    cfg = cache.config
+    if cache.segment_tokens == 0 or not cfg.plan.is_start(cache.seen_tokens):
+        return cache
+    states, summaries = cache.states, cache.summaries
+    if cfg.aggregation != "none":
+        last = cache.last_state
+        states = DeepState(
+            torch.cat([states.W1, last.W1.unsqueeze(2)], 2),
+            torch.cat([states.W2, last.W2.unsqueeze(2)], 2),
+        )
+        summary = _summarize(cache.key_sum, cache.segment_tokens, cfg.summary)
+        summaries = torch.cat([summaries, summary.unsqueeze(2)], 2)
+    online = cache.last_state
+    if cfg.init == "independent":
+        online = start_state(
+            init_weights, cache.initial_state, cfg.rule, cfg.batch_size, cache.key_sum.dtype
+        )
+    return replace(
+        cache,
+        states=states,
+        summaries=summaries,
+        online_state=online,
+        last_state=online,
+        pending=None,
+        key_sum=torch.zeros_like(cache.key_sum),
+        segment_tokens=0,
+    )
+
+
+def _cached_mlp_read(q, W1c, W2c, w, norm, eps):
+    """Σ_i w_i M_{W^(i)}(q): q [B, H, L, D]; W1c [B, H, n, Dv, Dh]; W2c [B, H, n, Dh, Dk];
+    w [B, H, L, n] -> [B, H, L, Dv]."""
+    z = q.unsqueeze(2) @ W2c.transpose(-1, -2)  # [B, H, n, L, Dh]
+    y = gelu(z) @ W1c.transpose(-1, -2)  # [B, H, n, L, Dv]
+    if norm:
+        y = layer_norm(y, eps)[0]
+    return w.sum(-1, keepdim=True) * q + torch.einsum("bhnlv,bhln->bhlv", y, w)
+
+
+def _checkpointed(fn, *args):
+    """fn(*args), recomputed in the backward instead of keeping its [L, n, Dh] activations."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args if torch.is_tensor(a)):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
+    """ssc on MLP memories: y[b,h,t] = Σ_j w_j M_{W^(idx_j)}(q_t) over the valid slots, each
+    cache evaluated once on the tokens that selected it (or gathered when there are few)."""
+    B, H, T, D = Qh.shape
+    N, k = states.W1.shape[2], idx.shape[-1]
+    w = w if valid is None else w * valid
+    bh = torch.arange(B * H, device=Qh.device).view(B, H, 1, 1)
+    W1f = states.W1.reshape(B * H * N, *states.W1.shape[3:])
+    W2f = states.W2.reshape(B * H * N, *states.W2.shape[3:])
+    groups = (bh * N + idx).reshape(-1)
+    if T * k <= N:  # decoding: gather the few selected memories
+        w1, w2 = (
+            W1f[groups].view(B, H, T, k, *W1f.shape[1:]),
+            W2f[groups].view(B, H, T, k, *W2f.shape[1:]),
+        )
+        z = Qh[:, :, :, None, None, :] @ w2.transpose(-1, -2)  # [B, H, T, k, 1, Dh]
+        y = gelu(z) @ w1.transpose(-1, -2)  # [B, H, T, k, 1, Dv]
+        y = (layer_norm(y, eps)[0] if norm else y).squeeze(-2)
+        return w.sum(-1, keepdim=True) * Qh + (w.unsqueeze(-1) * y).sum(-2)
+    rows = (bh * T + torch.arange(T, device=Qh.device).view(1, 1, T, 1)).expand(B, H, T, k)
+    live = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.reshape(-1)
+    groups, order = groups[live].sort(stable=True)
+    rows = rows.reshape(-1)[live][order]
+    weights = w.reshape(-1)[live][order]
+    gids, counts = torch.unique_consecutive(groups, return_counts=True)
+    q_sel = Qh.reshape(B * H * T, D).index_select(0, rows)
+    parts = []
+    for q_g, gid in zip(q_sel.split(counts.tolist()), gids.tolist(), strict=True):
+        y = gelu(q_g @ W2f[gid].T) @ W1f[gid].T
+        parts.append(layer_norm(y, eps)[0] if norm else y)
+    reads = (torch.cat(parts) + q_sel) * weights[:, None]
+    out = Qh.new_zeros(B * H * T, D).index_add(0, rows, reads)
+    return out.view(B, H, T, D)
+
+
+def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_weights):
+    """Consume T tokens after ``cache``; returns (o [B, T, H, D], the updated cache).
+
+    Args:
+        q, k, v: [B, T, H, D]; u: [B, T, H, D] or None; gates: eta (and g, beta for titans),
+        [B, T, H] each; cache: the state after the earlier tokens; init_weights: (W1, W2).
+    """
+    cfg = cache.config
+    mini_batch, norm, max_grad_norm, eps, _ = cfg.deep
+    B, T, H, _ = q.shape
+    cache = _close_open_segment(cache, init_weights)
+    t0, n0 = cache.seen_tokens, cache.num_cached
+    pieces = cfg.plan.pieces(t0, T)
+    P = len(pieces)
+    keep = cfg.aggregation != "none"
+
+    key_sums, counts = _key_summaries(k, pieces, cache)
+    summaries = _summarize(key_sums, counts[None, :, None, None], cfg.summary)  # [B, T, H, D]
+    cached_summaries = cache.summaries
+    if keep and P > 1:
+        ends = summaries[:, [b - 1 for _, b in pieces[:-1]]].transpose(1, 2)
+        cached_summaries = torch.cat([cached_summaries, ends], 2)
+    N = n0 + (P - 1 if keep else 0)  # caches after this call
+    gamma = None
+    if cfg.aggregation in ("grm", "soup", "ssc") and N:
+        us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, D]
+        score_online = (us * summaries.transpose(1, 2)).sum(-1)
+        scores = us @ cached_summaries.transpose(-1, -2)  # [B, H, T, N]
+        n_tok = torch.tensor([n0 + p for p in range(P)], device=q.device).repeat_interleave(
+            torch.tensor([b - a for a, b in pieces], device=q.device)
+        )
+        scores = scores.masked_fill(torch.arange(N, device=q.device) >= n_tok[:, None], -math.inf)
+        if cfg.aggregation == "ssc":
+            top, idx = select_top_k(scores, min(cfg.top_k, N))
+            gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
+        else:
+            gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
+
+    W1c, W2c = cache.states.W1, cache.states.W2
+    online_outs, state, entry, last_len = [], cache.online_state, None, 0
+    pending = cache.pending_tokens
+    scan = dict(
+        rule=cfg.rule, init_weights=init_weights, norm=norm, max_grad_norm=max_grad_norm, eps=eps
+    )
+    for p, (a, b) in enumerate(pieces):
+        inputs = {
+            "q": q[:, a:b],
+            "k": k[:, a:b],
+            "v": v[:, a:b],
+            **{n: x[:, a:b] for n, x in gates.items()},
+        }
+        extra = pending if p == 0 else 0
+        if extra:  # the open mini-batch's earlier tokens, recomputed (outputs dropped)
+            inputs = {
+                n: torch.cat(
+                    [cache.pending[n] if n != "q" else torch.zeros_like(cache.pending["k"]), x], 1
+                )
+                for n, x in inputs.items()
+            }
+        if p and cfg.init == "independent":
+            state = start_state(init_weights, cache.initial_state, cfg.rule, B, q.dtype)
+        soup = None
+        n_vis = n0 + p if keep else 0
+        if cfg.aggregation == "soup" and n_vis:
+            g = gamma[:, :, a:b]  # [B, H, L, N + 1]
+            z_cached = mixed_read(
+                q[:, a:b].transpose(1, 2),
+                W2c.transpose(-1, -2).contiguous(),
+                g[..., :-1],
+                [(0, b - a, n_vis)],
+            )  # [B, H, L, Dh]
+            soup = {
+                "gamma_online": g[..., -1].transpose(1, 2),
+                "z_cached": z_cached.transpose(1, 2),
+                "gamma_cached": g[..., :-1],
+                "W1_cached_t": W1c.transpose(-1, -2).contiguous(),
+            }
+            if extra:
+                soup = {
+                    "gamma_online": _pad_front(soup["gamma_online"], extra, 1.0),
+                    "z_cached": _pad_front(soup["z_cached"], extra, 0.0),
+                    "gamma_cached": _pad_front(g[..., :-1].transpose(1, 2), extra, 0.0).transpose(
+                        1, 2
+                    ),
+                    "W1_cached_t": soup["W1_cached_t"],
+                }
+        grid = mini_batch_lengths(b - a + extra, mini_batch)
+        if soup is not None:
+            soup["visible"] = [n_vis] * len(grid)
+        o, _, final, entry = chunk_deep_memory(
+            inputs["q"],
+            inputs["k"],
+            inputs["v"],
+            **{n: inputs.get(n) for n in GATE_NAMES},
+            initial_state=state,
+            batch_lengths=grid,
+            soup=soup,
+            **scan,
+        )
+        online_outs.append(o[:, extra:])
+        last_len = grid[-1]
+        if p < P - 1 and keep:  # a finished segment: its final weights join the caches
+            W1c = torch.cat([W1c, final.W1.unsqueeze(2)], 2)
+            W2c = torch.cat([W2c, final.W2.unsqueeze(2)], 2)
+        state = final
+        last_inputs = inputs
+
+    o_online = torch.cat(online_outs, 1)  # [B, T, H, D]
+    o = o_online
+    if N and cfg.aggregation in ("residual", "mean", "grm"):
+        Qh = q.transpose(1, 2)
+        reads = []
+        for p, (a, b) in enumerate(pieces):
+            n = n0 + p
+            if n == 0:
+                reads.append(torch.zeros_like(Qh[:, :, a:b]))
+                continue
+            if cfg.aggregation == "grm":
+                w = gamma[:, :, a:b, :n]
+            else:
+                w = Qh.new_ones(B, H, b - a, n) / (n + 1 if cfg.aggregation == "mean" else 1)
+            reads.append(
+                _checkpointed(
+                    lambda q_, w1, w2, w_: _cached_mlp_read(q_, w1, w2, w_, norm, eps),
+                    Qh[:, :, a:b],
+                    W1c[:, :, :n],
+                    W2c[:, :, :n],
+                    w,
+                )
+            )
+        read = torch.cat(reads, 2).transpose(1, 2)
+        if cfg.aggregation == "grm":
+            o = gamma[..., -1:].transpose(1, 2) * o_online + read
+        elif cfg.aggregation == "residual":
+            o = o_online + read
+        else:
+            n_tok = torch.tensor([n0 + p for p in range(P)], device=q.device, dtype=o.dtype)
+            n_tok = n_tok.repeat_interleave(
+                torch.tensor([b - a for a, b in pieces], device=q.device)
+            )
+            o = o_online / (n_tok + 1)[None, :, None, None] + read
+    elif N and cfg.aggregation == "ssc":
+        valid = None if P == 1 else torch.isfinite(top)  # one piece: every token sees N >= k
+        read = _routed_mlp_read(
+            q.transpose(1, 2), DeepState(W1c, W2c), idx, gamma[..., :-1], valid, norm, eps
+        )
+        o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)
+    # soup's output is the scan's own (it read the mixed weights)
+
+    partial = last_len < mini_batch
+    new_pending = None
+    if partial:
+        new_pending = {
+            n: x[:, x.shape[1] - last_len :].clone() for n, x in last_inputs.items() if n != "q"
+        }
+    return o, replace(
+        cache,
+        states=DeepState(W1c, W2c),
+        summaries=cached_summaries,
+        online_state=entry if partial else state,
+        last_state=state,
+        pending=new_pending,
+        key_sum=key_sums[:, -1].clone(),
+        segment_tokens=(b - a) + (cache.segment_tokens if P == 1 else 0),
+        seen_tokens=t0 + T,
+    )
+
+
+def _pad_front(x: torch.Tensor, n: int, value: float) -> torch.Tensor:
+    """Prepend n entries of ``value`` along dim 1."""
+    return torch.cat([x.new_full((x.shape[0], n, *x.shape[2:]), value), x], 1)
