@@ -14,6 +14,11 @@ from growmem.layers.norm import GatedRMSNorm
 from growmem.ops.caching import AGGREGATIONS, INITS, SUMMARIES, MemoryCache, memory_caching
 from growmem.ops.caching.api import GATED_AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
+from growmem.ops.deep import DEEP_RULES
+
+# Per-token gates of the deep rules: eta (inner learning rate), g (weight decay), beta
+# (momentum).
+DEEP_GATES = {"dla": ("eta",), "titans": ("eta", "g", "beta")}
 
 
 @dataclass
@@ -85,13 +90,16 @@ class MemoryCachingAttention(nn.Module):
     """Linear-family recurrent memory with Memory Caching, as a drop-in attention layer.
 
     x -> q, k, v (short causal conv + SiLU; L2-normalised q, k), u (gate queries), per-token
-    gates (decay g via a Mamba2-style A_log/dt parameterisation, β and λ via sigmoid) ->
-    ``memory_caching`` -> per-head RMSNorm with an output gate -> o_proj.
+    gates (decay g via a Mamba2-style A_log/dt parameterisation, β and λ via sigmoid; for the
+    deep rules the inner learning rate η = eta_max·sigmoid(x W_η), titans' momentum β by
+    sigmoid) -> ``memory_caching`` -> per-head RMSNorm with an output gate -> o_proj. The deep
+    rules' initial MLP weights are parameters of the layer (per head, shared by the batch).
 
     Args:
         hidden_size: model width.
         num_heads: memory heads.
-        rule: linear | decay | delta | gated_delta | swla.
+        rule: linear | decay | delta | gated_delta | swla (matrix memories) or dla | titans
+            (MLP memories).
         aggregation: none | residual | grm | soup | ssc | mean.
         segment_size: tokens per cached segment.
         top_k: caches ssc reads per token.
@@ -104,6 +112,11 @@ class MemoryCachingAttention(nn.Module):
         norm_eps: epsilon of the output norm.
         chunk_size: chunk length of the scans.
         layer_idx: index of the layer in a model (for caches).
+        expansion: deep rules: hidden size of the MLP memory is expansion * head_dim.
+        mini_batch: deep rules: tokens whose inner gradients share one set of weights.
+        eta_max: deep rules: bound of the inner learning rate.
+        max_grad_norm: deep rules: per-token soft clamp of the inner gradient norm.
+        mlp_norm: deep rules: LayerNorm on the MLP memory's output.
     """
 
     def __init__(
@@ -124,11 +137,16 @@ class MemoryCachingAttention(nn.Module):
         norm_eps: float = 1e-6,
         chunk_size: int = 64,
         layer_idx: int | None = None,
+        expansion: int = 4,
+        mini_batch: int = 64,
+        eta_max: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        mlp_norm: bool = True,
     ):
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_heads", num_heads)
-        check_choice("rule", rule, LINEAR_RULES)
+        check_choice("rule", rule, LINEAR_RULES + DEEP_RULES)
         check_choice("aggregation", aggregation, AGGREGATIONS)
         check_choice("init", init, INITS)
         check_choice("summary", summary, SUMMARIES)
@@ -160,7 +178,24 @@ class MemoryCachingAttention(nn.Module):
             self.q_conv = ShortConvolution(inner, conv_size)
             self.k_conv = ShortConvolution(inner, conv_size)
             self.v_conv = ShortConvolution(inner, conv_size)
-        gates = RULE_GATES[rule]
+        self.deep = rule in DEEP_RULES
+        if self.deep:
+            check_positive_int("expansion", expansion)
+            check_positive_int("mini_batch", mini_batch)
+            if (
+                not isinstance(eta_max, (int, float))
+                or isinstance(eta_max, bool)
+                or not eta_max > 0
+            ):
+                raise ValueError(f"eta_max must be a positive number, got {eta_max!r}")
+            self.mini_batch, self.eta_max = mini_batch, float(eta_max)
+            self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
+            Dh = expansion * head_dim
+            self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
+            # learned initial memory: M(x) = x + N(W1 GELU(W2 x)), per head
+            self.W1_0 = nn.Parameter(torch.randn(num_heads, head_dim, Dh) / math.sqrt(Dh))
+            self.W2_0 = nn.Parameter(torch.randn(num_heads, Dh, head_dim) / math.sqrt(head_dim))
+        gates = DEEP_GATES[rule] if self.deep else RULE_GATES[rule]
         if "g" in gates:  # a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), as in Mamba2
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
             self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
@@ -298,7 +333,9 @@ class MemoryCachingAttention(nn.Module):
         if self.qk_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = {}
-        needed = RULE_GATES[self.rule]
+        needed = DEEP_GATES[self.rule] if self.deep else RULE_GATES[self.rule]
+        if "eta" in needed:
+            gates["eta"] = self.eta_max * torch.sigmoid(_at_least_fp32(self.eta_proj(x)))
         if "g" in needed:
             dt = F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
             gates["g"] = -self.A_log.exp() * dt  # [g, n, H] log-decay
@@ -307,6 +344,14 @@ class MemoryCachingAttention(nn.Module):
         if "lam" in needed:
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
         u = self.u_proj(x).view(g, n, H, D) if self.aggregation in GATED_AGGREGATIONS else None
+        deep = {}
+        if self.deep:
+            deep = dict(
+                init_weights=(self.W1_0, self.W2_0),
+                mini_batch=self.mini_batch,
+                norm=self.mlp_norm,
+                max_grad_norm=self.max_grad_norm,
+            )
         o, memory = memory_caching(
             q,
             k,
@@ -322,6 +367,7 @@ class MemoryCachingAttention(nn.Module):
             cache=group.memory,
             output_cache=True,
             chunk_size=self.chunk_size,
+            **deep,
         )
         o = self.o_norm(o, self.g_proj(x).view(g, n, H, D)).reshape(g, n, H * D)
         return self.o_proj(o), RowGroup(rows=group.rows, memory=memory, conv=conv)
@@ -330,10 +376,22 @@ class MemoryCachingAttention(nn.Module):
         """Bytes the layer's cache holds after T tokens of ``batch_size`` aligned rows."""
         H, D = self.num_heads, self.head_dim
         cached = 0 if self.aggregation == "none" or T < 1 else (T - 1) // self.segment_size
-        elements = cached * (H * D * D + H * D)  # cached memories and their key summaries
-        elements += 2 * H * D * D + H * D  # sum of cached memories, online memory, key sum
-        if self.rule == "swla":
-            elements += 2 * H * D  # previous key and value
+        if self.deep:
+            Dh = self.W1_0.shape[-1]
+            weights = 2 * H * D * Dh  # W1 and W2 of one memory
+            elements = cached * (weights + H * D)  # cached MLP weights and key summaries
+            state = weights * (2 if self.rule == "titans" else 1)  # + momentum
+            in_segment = (T - 1) % self.segment_size + 1 if T else 0
+            pending = in_segment % self.mini_batch
+            # the state after the last token, and when a mini-batch is open also the state
+            # it started from and its tokens' k, v and gates (recomputed by the next call)
+            elements += state * (2 if pending else 1) + H * D  # + key sum
+            elements += pending * H * (2 * D + len(DEEP_GATES[self.rule]))
+        else:
+            elements = cached * (H * D * D + H * D)  # cached memories and their key summaries
+            elements += 2 * H * D * D + H * D  # sum of cached memories, online memory, key sum
+            if self.rule == "swla":
+                elements += 2 * H * D  # previous key and value
         if self.use_short_conv:
             elements += 3 * (self.q_conv.kernel_size - 1) * H * D
         return batch_size * elements * torch.empty((), dtype=dtype).element_size()
