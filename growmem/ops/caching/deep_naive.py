@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from growmem.ops.caching.select import select_top_k
-from growmem.ops.deep.mlp import mlp_forward
+from growmem.ops.deep.mlp import clamp_momentum, mlp_forward
 from growmem.ops.deep.naive import token_gradient
 from growmem.ops.precision import compute_dtype
 
@@ -77,7 +77,7 @@ def deep_memory_caching_reference(
             W1, W2 = W1 + step * grads[0], W2 + step * grads[1]
         else:
             a = torch.exp(g[:, t].to(dtype))[..., None, None]
-            b = beta[:, t].to(dtype)[..., None, None]
+            b = clamp_momentum(beta[:, t].to(dtype))[..., None, None]
             S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
             W1, W2 = a * W1 + S1, a * W2 + S2
         key_sum, count = key_sum + k[:, t], count + 1

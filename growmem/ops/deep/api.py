@@ -47,8 +47,12 @@ def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_
             check_shape(name, x, (B, T, H), "[B, T, H]")
         elif x is not None:
             raise ValueError(f"{name} is not used by rule {rule!r}; pass {name}=None")
+    if not bool((torch.isfinite(eta) & (eta >= 0)).all()):
+        raise ValueError("eta must be finite and >= 0 (inner learning rates)")
     if g is not None and not bool(torch.isfinite(g).all()):
         raise ValueError("g must be finite (a_t = exp(g_t) > 0)")
+    if beta is not None and not bool(((beta >= 0) & (beta <= 1)).all()):
+        raise ValueError("beta must lie in [0, 1] (titans' momentum)")
     if not isinstance(init_weights, (tuple, list)) or len(init_weights) != 2:
         raise ValueError("init_weights must be a pair (W1 [H, Dv, Dh], W2 [H, Dh, Dk])")
     W1, W2 = init_weights
@@ -72,10 +76,19 @@ def check_deep_state(name, state, rule, B, H, Dk, Dv, Dh):
         return
     if not isinstance(state, DeepState):
         raise ValueError(f"{name} must be a DeepState, got {type(state).__name__}")
-    check_shape(f"{name}.W1", state.W1, (B, H, Dv, Dh), "[B, H, Dv, Dh]")
-    check_shape(f"{name}.W2", state.W2, (B, H, Dh, Dk), "[B, H, Dh, Dk]")
     if (rule == "titans") != (state.S1 is not None and state.S2 is not None):
         raise ValueError(f"{name} must carry momentum S1, S2 exactly for rule 'titans'")
+    shapes = {
+        "W1": (B, H, Dv, Dh),
+        "W2": (B, H, Dh, Dk),
+        "S1": (B, H, Dv, Dh),
+        "S2": (B, H, Dh, Dk),
+    }
+    for field, shape in shapes.items():
+        x = getattr(state, field)
+        if x is not None:
+            check_tensor(f"{name}.{field}", x, 4, str(list(shape)))
+            check_shape(f"{name}.{field}", x, shape, "[B, H, ...]")
 
 
 def deep_memory(
@@ -107,7 +120,9 @@ def deep_memory(
     Args:
         q, k, v: [B, T, H, D] (L2-normalised q, k recommended).
         eta: [B, T, H] inner learning rates (>= 0).
-        g: [B, T, H] log-decay a_t = exp(g_t), and beta: [B, T, H] momentum (titans only).
+        g: [B, T, H] log-decay a_t = exp(g_t), and beta: [B, T, H] momentum in [0, 1]
+            (titans only). The fast path forms momentum products in log space: β below
+            1e-30 acts as 1e-30 (and gets no gradient); the reference does the same.
         init_weights: (W1 [H, D, Dh], W2 [H, Dh, D]), the learned initial weights.
         initial_state: DeepState of [B, H, ...] tensors to start from (None: init_weights and
             zero momentum).

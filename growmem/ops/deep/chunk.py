@@ -28,6 +28,7 @@ import torch
 from growmem.ops.caching.reads import mixed_read
 from growmem.ops.deep.mlp import (
     DeepState,
+    clamp_momentum,
     gelu,
     gradient_norm,
     inner_gradients,
@@ -103,7 +104,7 @@ def chunk_deep_memory(
     last = (lengths - 1).tolist()  # row of each mini-batch's last real token
     if titans:
         log_a = batched(g).cumsum(-1)
-        log_b = batched(beta).clamp_min(1e-30).log().cumsum(-1)
+        log_b = clamp_momentum(batched(beta)).log().cumsum(-1)  # pads too
         A, Bm = _decay_matrix(log_a), _decay_matrix(log_b)  # [NB, B, H, b, b]
         alpha, beta_cum = log_a.exp(), log_b.exp()  # [NB, B, H, b]
         C = A @ Bm

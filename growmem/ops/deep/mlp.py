@@ -34,6 +34,12 @@ class DeepState(NamedTuple):
         return DeepState(*(None if x is None else fn(x) for x in self))
 
 
+def clamp_momentum(beta: torch.Tensor) -> torch.Tensor:
+    """β floored at 1e-30: the fast path takes log β (the reference applies the same floor, so
+    both compute one function)."""
+    return beta.clamp_min(1e-30)
+
+
 def gelu(z: torch.Tensor) -> torch.Tensor:
     return F.gelu(z)
 

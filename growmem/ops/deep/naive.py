@@ -21,7 +21,7 @@ import itertools
 
 import torch
 
-from growmem.ops.deep.mlp import DeepState, mlp_forward
+from growmem.ops.deep.mlp import DeepState, clamp_momentum, mlp_forward
 from growmem.ops.precision import compute_dtype
 
 
@@ -84,7 +84,7 @@ def deep_memory_reference(
             W1, W2 = W1 + step * grads[0], W2 + step * grads[1]
         else:
             a = torch.exp(g[:, t].to(dtype))[..., None, None]
-            b = beta[:, t].to(dtype)[..., None, None]
+            b = clamp_momentum(beta[:, t].to(dtype))[..., None, None]
             S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
             W1, W2 = a * W1 + S1, a * W2 + S2
         out, _ = mlp_forward(q[:, t, :, None, :], W1, W2, norm, eps)
