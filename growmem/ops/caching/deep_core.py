@@ -187,13 +187,13 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     scan = dict(
         rule=cfg.rule, init_weights=init_weights, norm=norm, max_grad_norm=max_grad_norm, eps=eps
     )
+    # split once: slicing inside the loop would make the backward zero-fill a full-size
+    # gradient per piece
+    lengths = [b - a for a, b in pieces]
+    per_piece = {n: x.split(lengths, 1) for n, x in {"q": q, "k": k, "v": v, **gates}.items()}
+    gamma_pieces = None if gamma is None else gamma.split(lengths, 2)
     for p, (a, b) in enumerate(pieces):
-        inputs = {
-            "q": q[:, a:b],
-            "k": k[:, a:b],
-            "v": v[:, a:b],
-            **{n: x[:, a:b] for n, x in gates.items()},
-        }
+        inputs = {n: parts[p] for n, parts in per_piece.items()}
         extra = pending if p == 0 else 0
         if extra:  # the open mini-batch's earlier tokens, recomputed (outputs dropped)
             inputs = {
@@ -207,9 +207,9 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         soup = None
         n_vis = n0 + p if keep else 0
         if cfg.aggregation == "soup" and n_vis:
-            g = gamma[:, :, a:b]  # [B, H, L, N + 1]
+            g = gamma_pieces[p]  # [B, H, L, N + 1]
             z_cached = mixed_read(
-                q[:, a:b].transpose(1, 2),
+                per_piece["q"][p].transpose(1, 2),  # this piece's own queries
                 W2c.transpose(-1, -2).contiguous(),
                 g[..., :-1],
                 [(0, b - a, n_vis)],
@@ -253,21 +253,21 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     o_online = torch.cat(online_outs, 1)  # [B, T, H, D]
     o = o_online
     if N and cfg.aggregation in ("residual", "mean", "grm"):
-        Qh = q.transpose(1, 2)
         reads = []
         for p, (a, b) in enumerate(pieces):
             n = n0 + p
+            q_p = per_piece["q"][p].transpose(1, 2)  # [B, H, L, D]
             if n == 0:
-                reads.append(torch.zeros_like(Qh[:, :, a:b]))
+                reads.append(torch.zeros_like(q_p))
                 continue
             if cfg.aggregation == "grm":
-                w = gamma[:, :, a:b, :n]
+                w = gamma_pieces[p][..., :n]
             else:
-                w = Qh.new_ones(B, H, b - a, n) / (n + 1 if cfg.aggregation == "mean" else 1)
+                w = q_p.new_ones(B, H, b - a, n) / (n + 1 if cfg.aggregation == "mean" else 1)
             reads.append(
                 _checkpointed(
                     lambda q_, w1, w2, w_: _cached_mlp_read(q_, w1, w2, w_, norm, eps),
-                    Qh[:, :, a:b],
+                    q_p,
                     W1c[:, :, :n],
                     W2c[:, :, :n],
                     w,
