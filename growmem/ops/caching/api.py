@@ -55,7 +55,7 @@ def memory_caching(
     impl: str = "chunk",
     eta: torch.Tensor | None = None,
     init_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-    mini_batch: int = 64,
+    mini_batch: int | None = None,
     norm: bool = True,
     max_grad_norm: float | None = None,
     eps: float = 1e-5,
@@ -87,8 +87,8 @@ def memory_caching(
         cache: a MemoryCache from an earlier call: these tokens continue that stream.
         chunk_size: chunk length of the scans (a compute detail).
         impl: "chunk" (default) or "reference" (per-token loop; parallel calls only).
-        eta, init_weights, mini_batch, norm, max_grad_norm, eps: deep rules only, as in
-            ``deep_memory``. The mini-batch grid restarts at every segment start, so the
+        eta, init_weights, mini_batch (default 64), norm, max_grad_norm, eps: deep rules
+            only, as in ``deep_memory``. The mini-batch grid restarts at every segment start, so the
             cached memories are the MLP weights at segment ends (any segment length works;
             with lengths that are multiples of mini_batch the grid is deep_memory's).
 
@@ -101,11 +101,18 @@ def memory_caching(
         if lam is not None:
             raise ValueError(f"lam is not used by rule {rule!r}; pass lam=None")
         Dh = check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm)
+        mini_batch = 64 if mini_batch is None else mini_batch
         check_positive_int("mini_batch", mini_batch)
         check_deep_state("initial_state", initial_state, rule, B, H, Dk, Dv, Dh)
     else:
         check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
-        for name, x in (("eta", eta), ("init_weights", init_weights)):
+        deep_only = (
+            ("eta", eta),
+            ("init_weights", init_weights),
+            ("mini_batch", mini_batch),
+            ("max_grad_norm", max_grad_norm),
+        )
+        for name, x in deep_only:
             if x is not None:
                 raise ValueError(f"{name} is only used by the deep rules {list(DEEP_RULES)}")
         check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")

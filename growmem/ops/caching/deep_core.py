@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 
 from growmem.ops.caching.cache import DeepMemoryCache
 from growmem.ops.caching.core import _key_summaries, _summarize
-from growmem.ops.caching.reads import mixed_read
+from growmem.ops.caching.reads import mixed_read_list
 from growmem.ops.caching.select import select_top_k
 from growmem.ops.deep.api import mini_batch_lengths
 from growmem.ops.deep.chunk import chunk_deep_memory
@@ -181,7 +181,12 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         else:
             gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
 
-    W1c, W2c = cache.states.W1, cache.states.W2
+    # the cached weights as lists (stacked once at the end): pieces append to them, and soup
+    # reads them as shared per-segment tensors (transposed once each)
+    W1s, W2s = list(cache.states.W1.unbind(2)), list(cache.states.W2.unbind(2))
+    soup_mode = cfg.aggregation == "soup"
+    W1t = [w.transpose(-1, -2).contiguous() for w in W1s] if soup_mode else None
+    W2t = [w.transpose(-1, -2).contiguous() for w in W2s] if soup_mode else None
     online_outs, state, entry, last_len = [], cache.online_state, None, 0
     pending = cache.pending_tokens
     scan = dict(
@@ -208,17 +213,14 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         n_vis = n0 + p if keep else 0
         if cfg.aggregation == "soup" and n_vis:
             g = gamma_pieces[p]  # [B, H, L, N + 1]
-            z_cached = mixed_read(
-                per_piece["q"][p].transpose(1, 2),  # this piece's own queries
-                W2c.transpose(-1, -2).contiguous(),
-                g[..., :-1],
-                [(0, b - a, n_vis)],
+            z_cached = mixed_read_list(  # Σ_i γ_i W2^(i) q on this piece's own queries
+                per_piece["q"][p].transpose(1, 2), g[..., :-1], W2t[:n_vis]
             )  # [B, H, L, Dh]
             soup = {
                 "gamma_online": g[..., -1].transpose(1, 2),
                 "z_cached": z_cached.transpose(1, 2),
                 "gamma_cached": g[..., :-1],
-                "W1_cached_t": W1c.transpose(-1, -2).contiguous(),
+                "W1_cached_t": W1t[:n_vis],
             }
             if extra:
                 soup = {
@@ -245,12 +247,17 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         online_outs.append(o[:, extra:])
         last_len = grid[-1]
         if p < P - 1 and keep:  # a finished segment: its final weights join the caches
-            W1c = torch.cat([W1c, final.W1.unsqueeze(2)], 2)
-            W2c = torch.cat([W2c, final.W2.unsqueeze(2)], 2)
+            W1s.append(final.W1)
+            W2s.append(final.W2)
+            if soup_mode:
+                W1t.append(final.W1.transpose(-1, -2).contiguous())
+                W2t.append(final.W2.transpose(-1, -2).contiguous())
         state = final
         last_inputs = inputs
 
     o_online = torch.cat(online_outs, 1)  # [B, T, H, D]
+    W1c = torch.stack(W1s, 2) if len(W1s) > n0 else cache.states.W1  # [B, H, N, Dv, Dh]
+    W2c = torch.stack(W2s, 2) if len(W2s) > n0 else cache.states.W2
     o = o_online
     if N and cfg.aggregation in ("residual", "mean", "grm"):
         reads = []

@@ -14,6 +14,39 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def _mixed_forward(Q, St, W, spans):
+    """Σ_{i<n} W[t, i] St_i^T q_t per span (a, b, n): Q [B, H, T, Dk], St [B, H, N, Dk, Dv],
+    W [B, H, T, N] -> [B, H, T, Dv]."""
+    B, H, T, Dk = Q.shape
+    Dv = St.shape[-1]
+    out = Q.new_zeros(B, H, T, Dv)
+    for a, b, n in spans:
+        if n == 0:
+            continue
+        Qw = (W[:, :, a:b, :n, None] * Q[:, :, a:b, None, :]).reshape(B, H, b - a, n * Dk)
+        out[:, :, a:b] = Qw @ St[:, :, :n].reshape(B, H, n * Dk, Dv)
+    return out
+
+
+def _mixed_backward(Q, St, W, spans, dout):
+    """(dQ, dSt, dW) of _mixed_forward, rebuilding w ⊗ q span by span."""
+    B, H, _, Dk = Q.shape
+    Dv = St.shape[-1]
+    dQ, dSt, dW = torch.zeros_like(Q), torch.zeros_like(St), torch.zeros_like(W)
+    for a, b, n in spans:
+        if n == 0:
+            continue
+        L = b - a
+        St_n = St[:, :, :n].reshape(B, H, n * Dk, Dv)
+        dQw = (dout[:, :, a:b] @ St_n.transpose(-1, -2)).view(B, H, L, n, Dk)
+        q_span, w_span = Q[:, :, a:b], W[:, :, a:b, :n]
+        dQ[:, :, a:b] = (dQw * w_span[..., None]).sum(-2)
+        dW[:, :, a:b, :n] = (dQw * q_span[:, :, :, None, :]).sum(-1)
+        Qw = (w_span[..., None] * q_span[:, :, :, None, :]).reshape(B, H, L, n * Dk)
+        dSt[:, :, :n] += (Qw.transpose(-1, -2) @ dout[:, :, a:b]).view(B, H, n, Dk, Dv)
+    return dQ, dSt, dW
+
+
 class MixedRead(torch.autograd.Function):
     """y_t = Σ_{i < n(t)} w_{t,i} S_i q_t, one query span at a time.
 
@@ -27,42 +60,48 @@ class MixedRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q, St, W, spans):
-        B, H, T, Dk = Q.shape
-        Dv = St.shape[-1]
-        out = Q.new_zeros(B, H, T, Dv)
-        for a, b, n in spans:
-            if n == 0:
-                continue
-            Qw = (W[:, :, a:b, :n, None] * Q[:, :, a:b, None, :]).reshape(B, H, b - a, n * Dk)
-            out[:, :, a:b] = Qw @ St[:, :, :n].reshape(B, H, n * Dk, Dv)
         ctx.save_for_backward(Q, St, W)
         ctx.spans = spans
-        return out
+        return _mixed_forward(Q, St, W, spans)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         Q, St, W = ctx.saved_tensors
-        B, H, _, Dk = Q.shape
-        Dv = St.shape[-1]
-        dQ, dSt, dW = torch.zeros_like(Q), torch.zeros_like(St), torch.zeros_like(W)
-        for a, b, n in ctx.spans:
-            if n == 0:
-                continue
-            L = b - a
-            St_n = St[:, :, :n].reshape(B, H, n * Dk, Dv)
-            dQw = (dout[:, :, a:b] @ St_n.transpose(-1, -2)).view(B, H, L, n, Dk)
-            q_span, w_span = Q[:, :, a:b], W[:, :, a:b, :n]
-            dQ[:, :, a:b] = (dQw * w_span[..., None]).sum(-2)
-            dW[:, :, a:b, :n] = (dQw * q_span[:, :, :, None, :]).sum(-1)
-            Qw = (w_span[..., None] * q_span[:, :, :, None, :]).reshape(B, H, L, n * Dk)
-            dSt[:, :, :n] += (Qw.transpose(-1, -2) @ dout[:, :, a:b]).view(B, H, n, Dk, Dv)
-        return dQ, dSt, dW, None
+        return (*_mixed_backward(Q, St, W, ctx.spans, dout), None)
 
 
 def mixed_read(Q, St, W, spans):
     """See MixedRead. Q [B, H, T, Dk], St [B, H, N, Dk, Dv], W [B, H, T, N] -> [B, H, T, Dv]."""
     return MixedRead.apply(Q, St, W, spans)
+
+
+class MixedReadList(torch.autograd.Function):
+    """MixedRead of all tokens over caches given one tensor each (St_i [B, H, Dk, Dv]).
+
+    Run segment by segment, every piece reads the caches finished so far; handing them over
+    as separate tensors lets the pieces share the same cache tensors instead of each saving
+    its own stacked copy for the backward (memory that would grow with the square of the
+    number of segments). The stack exists only inside forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, W, *St):
+        ctx.save_for_backward(Q, W, *St)
+        return _mixed_forward(Q, torch.stack(St, 2), W, [(0, Q.shape[2], len(St))])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        Q, W, *St = ctx.saved_tensors
+        dQ, dSt, dW = _mixed_backward(Q, torch.stack(St, 2), W, [(0, Q.shape[2], len(St))], dout)
+        return (dQ, dW, *dSt.unbind(2))
+
+
+def mixed_read_list(Q, W, St):
+    """Σ_i W[..., i] S_i q over the caches St (a non-empty list of [B, H, Dk, Dv] tensors):
+    Q [B, H, L, Dk], W [B, H, L, >= len(St)] -> [B, H, L, Dv]."""
+    return MixedReadList.apply(Q, W[..., : len(St)], *St)
 
 
 class SparseRead(torch.autograd.Function):

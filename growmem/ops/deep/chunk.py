@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from growmem.ops.caching.reads import mixed_read
+from growmem.ops.caching.reads import mixed_read_list
 from growmem.ops.deep.mlp import (
     DeepState,
     clamp_momentum,
@@ -73,10 +73,10 @@ def chunk_deep_memory(
         end_batches: indices of mini-batches whose leaving state to return.
         norm, max_grad_norm, eps: see ``deep_memory``.
         soup: Memory Soup with cached memories, or None. A dict with gamma_online [B, T, H],
-            z_cached [B, T, H, Dh] (Σ_i γ_i W2^(i) q_t), W1_cached_t [B, H, N, Dh, Dv] (the
-            cached W1^(i), transposed), gamma_cached [B, H, T, N] and visible (caches each
-            mini-batch reads). Token t then reads the memory whose weights are the γ-mix of
-            the cached ones and of its own online weights W_t:
+            z_cached [B, T, H, Dh] (Σ_i γ_i W2^(i) q_t), W1_cached_t (a list of the cached
+            W1^(i) transposed, [B, H, Dh, Dv] each), gamma_cached [B, H, T, N] and visible
+            (caches each mini-batch reads). Token t then reads the memory whose weights are
+            the γ-mix of the cached ones and of its own online weights W_t:
             o_t = q_t + N(W1*_t σ(W2*_t q_t)).
 
     Returns:
@@ -168,7 +168,7 @@ def chunk_deep_memory(
         if soup is not None:
             y = g_on * y
             if n:  # + Σ_i γ_i W1^(i) hq over the visible caches
-                y = y + mixed_read(hq, soup["W1_cached_t"], g_c, [(0, hq.shape[2], n)])
+                y = y + mixed_read_list(hq, g_c, soup["W1_cached_t"][:n])
         outs.append(Qm + (layer_norm(y, eps)[0] if norm else y))
 
         # the state leaving the mini-batch: row r of the formulas above
