@@ -94,11 +94,14 @@ def _close_open_segment(cache: DeepMemoryCache, init_weights) -> DeepMemoryCache
 def _cached_mlp_read(q, W1c, W2c, w, norm, eps):
     """Σ_i w_i M_{W^(i)}(q): q [B, H, L, D]; W1c [B, H, n, Dv, Dh]; W2c [B, H, n, Dh, Dk];
     w [B, H, L, n] -> [B, H, L, Dv]."""
-    z = q.unsqueeze(2) @ W2c.transpose(-1, -2)  # [B, H, n, L, Dh]
-    y = gelu(z) @ W1c.transpose(-1, -2)  # [B, H, n, L, Dv]
+    B, H, L, D = q.shape
+    n, Dh = W2c.shape[2], W2c.shape[3]
+    # every cache's first layer in one matmul: q [L, D] @ [W2_1; ...; W2_n]^T [D, n·Dh]
+    z = (q @ W2c.reshape(B, H, n * Dh, D).transpose(-1, -2)).view(B, H, L, n, Dh)
+    y = gelu(z).transpose(2, 3) @ W1c.transpose(-1, -2)  # [B, H, n, L, Dv]
     if norm:
         y = layer_norm(y, eps)[0]
-    return w.sum(-1, keepdim=True) * q + torch.einsum("bhnlv,bhln->bhlv", y, w)
+    return w.sum(-1, keepdim=True) * q + (y * w.transpose(2, 3).unsqueeze(-1)).sum(2)
 
 
 def _checkpointed(fn, *args):
