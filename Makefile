@@ -30,6 +30,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_linear_memory
+	$(PY) -m benchmarks.bench_memory_caching
+	$(PY) -m benchmarks.bench_deep_memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

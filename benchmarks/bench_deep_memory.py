@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fwd_bwd, time_interleaved, write_json
+from benchmarks.common import fwd_bwd, sdpa_fwd_bwd, time_interleaved, write_json
 from growmem.ops import memory_caching
 
 
@@ -55,15 +54,25 @@ def mc_call(rule: str, aggregation: str, x: list, args) -> torch.Tensor:
 def _peak_rss(kind: str, rule: str, aggregation: str, T: int, args, queue) -> None:
     torch.set_num_threads(args.threads)
     if kind == "sdpa":
-        xs = [torch.randn(1, args.heads, T, args.dim, requires_grad=True) for _ in range(3)]
-        run = fwd_bwd(lambda: F.scaled_dot_product_attention(*xs, is_causal=True), xs)
+        run = sdpa_fwd_bwd(1, args.heads, T, args.dim)
     else:
         x = deep_inputs(rule, T, args.heads, args.dim, args.expansion)
         run = fwd_bwd(lambda: mc_call(rule, aggregation, x, args), [t for t in x if t is not None])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss survives exec (a spawned child starts with its parent's peak), so reset the
+    # kernel's high-water mark instead and read it back
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    queue.put((_status_kib("VmHWM") - before) * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_rss(kind: str, rule: str, aggregation: str, T: int, args) -> int:
@@ -97,10 +106,7 @@ def main() -> None:
 
     rows = []
     for T in args.lengths:
-        xs = [torch.randn(1, args.heads, T, args.dim, requires_grad=True) for _ in range(3)]
-        fns = {
-            "sdpa": fwd_bwd(lambda xs=xs: F.scaled_dot_product_attention(*xs, is_causal=True), xs)
-        }
+        fns = {"sdpa": sdpa_fwd_bwd(1, args.heads, T, args.dim)}
         for rule in args.rules:
             for agg in args.aggregations:
                 x = deep_inputs(rule, T, args.heads, args.dim, args.expansion)
@@ -138,8 +144,8 @@ def main() -> None:
                 "mini_batch": args.mini_batch,
                 "top_k": args.top_k,
                 "max_grad_norm": args.max_grad_norm,
-                "statistic": "median seconds over interleaved rounds; peak = ru_maxrss "
-                "growth of one fwd+bwd in a fresh process",
+                "statistic": "median seconds over interleaved rounds; peak = VmHWM growth "
+                "of one fwd+bwd in a fresh process",
             },
             "rows": rows,
         },

@@ -11,7 +11,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fwd_bwd, time_interleaved, write_json
+from benchmarks.common import fwd_bwd, sdpa_fwd_bwd, time_interleaved, write_json
 from growmem.ops import linear_memory
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES
 
@@ -45,13 +45,7 @@ def main() -> None:
 
     rows = []
     for T in args.lengths:
-        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-        fns = {
-            "sdpa": fwd_bwd(
-                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                [q, k, v],
-            )
-        }
+        fns = {"sdpa": sdpa_fwd_bwd(B, H, T, D)}
         for rule in args.rules:
             inputs, gates = make_inputs(rule, B, T, H, D)
             fns[rule] = fwd_bwd(

@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fwd_bwd, time_interleaved, write_json
+from benchmarks.common import fwd_bwd, sdpa_fwd_bwd, time_interleaved, write_json
 from growmem.ops import memory_caching
 
 
@@ -29,13 +29,7 @@ def bench_train(args) -> list[dict]:
     B, H, D = 1, args.heads, args.dim
     rows = []
     for T in args.lengths:
-        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-        fns = {
-            "sdpa": fwd_bwd(
-                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                [q, k, v],
-            )
-        }
+        fns = {"sdpa": sdpa_fwd_bwd(B, H, T, D)}
         for agg in args.aggregations:
             inputs = mc_inputs(B, T, H, D, requires_grad=True)
             fns[agg] = fwd_bwd(

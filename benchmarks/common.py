@@ -11,9 +11,25 @@ import torch
 
 from growmem.utils.timing import fwd_bwd, time_call, time_interleaved
 
-__all__ = ["RESULTS", "fwd_bwd", "machine", "time_call", "time_interleaved", "write_json"]
+__all__ = [
+    "RESULTS",
+    "fwd_bwd",
+    "machine",
+    "sdpa_fwd_bwd",
+    "time_call",
+    "time_interleaved",
+    "write_json",
+]
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def sdpa_fwd_bwd(B: int, H: int, T: int, D: int):
+    """A closure timing the baseline: causal SDPA forward and backward on random q, k, v."""
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    return fwd_bwd(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v]
+    )
 
 
 def machine() -> dict:

@@ -23,19 +23,9 @@ from growmem.ops.caching.reads import mixed_read_list
 from growmem.ops.caching.select import select_top_k
 from growmem.ops.deep.api import mini_batch_lengths
 from growmem.ops.deep.chunk import chunk_deep_memory
-from growmem.ops.deep.mlp import DeepState, gelu, layer_norm
+from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
 
 GATE_NAMES = ("eta", "g", "beta")
-
-
-def start_state(init_weights, initial_state, rule, B, dtype) -> DeepState:
-    """The state a stream (and, with init="independent", every segment) starts from."""
-    if initial_state is not None:
-        return initial_state.map(lambda x: x.to(dtype))
-    W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
-    if rule == "titans":
-        return DeepState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
-    return DeepState(W1, W2)
 
 
 def empty_deep_cache(config, init_weights, initial_state, dtype, device) -> DeepMemoryCache:

@@ -13,8 +13,8 @@ import itertools
 import torch
 
 from growmem.ops.caching.select import select_top_k
-from growmem.ops.deep.mlp import clamp_momentum, mlp_forward
-from growmem.ops.deep.naive import token_gradient
+from growmem.ops.deep.mlp import DeepState, mlp_forward, start_state
+from growmem.ops.deep.naive import token_gradient, token_update
 from growmem.ops.precision import compute_dtype
 
 
@@ -46,13 +46,7 @@ def deep_memory_caching_reference(
     dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     u = None if u is None else u.to(dtype)
-    if initial_state is None:
-        W1_0, W2_0 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
-        S1_0 = S2_0 = None
-        if rule == "titans":
-            S1_0, S2_0 = torch.zeros_like(W1_0), torch.zeros_like(W2_0)
-    else:
-        W1_0, W2_0, S1_0, S2_0 = initial_state.map(lambda x: x.to(dtype))
+    W1_0, W2_0, S1_0, S2_0 = start_state(init_weights, initial_state, rule, B, dtype)
     seg_starts = set(itertools.accumulate(lengths[:-1]))
 
     W1, W2, S1, S2 = W1_0, W2_0, S1_0, S2_0
@@ -68,18 +62,15 @@ def deep_memory_caching_reference(
         if count % mini_batch == 0:  # the grid restarts at every segment start
             W1m, W2m = W1, W2
         grads = token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)
-        step = -eta[:, t].to(dtype)
-        if max_grad_norm is not None:
-            gnorm = torch.sqrt(sum(x.pow(2).sum((-1, -2)) for x in grads) + 1e-30)
-            step = step / torch.clamp(gnorm / max_grad_norm, min=1.0)
-        step = step[..., None, None]
-        if rule == "dla":
-            W1, W2 = W1 + step * grads[0], W2 + step * grads[1]
-        else:
-            a = torch.exp(g[:, t].to(dtype))[..., None, None]
-            b = clamp_momentum(beta[:, t].to(dtype))[..., None, None]
-            S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
-            W1, W2 = a * W1 + S1, a * W2 + S2
+        W1, W2, S1, S2 = token_update(
+            rule,
+            DeepState(W1, W2, S1, S2),
+            grads,
+            eta[:, t],
+            None if g is None else g[:, t],
+            None if beta is None else beta[:, t],
+            max_grad_norm,
+        )
         key_sum, count = key_sum + k[:, t], count + 1
 
         q_t = q[:, t, :, None, :]  # [B, H, 1, D]

@@ -34,6 +34,7 @@ from growmem.ops.deep.mlp import (
     inner_gradients,
     layer_norm,
     mlp_forward,
+    start_state,
 )
 from growmem.ops.precision import compute_dtype
 
@@ -113,13 +114,7 @@ def chunk_deep_memory(
         C = torch.ones(b, b, dtype=dtype, device=q.device).tril()
     QK = Q @ K.transpose(-1, -2)  # [NB, B, H, b, b]
 
-    if initial_state is None:
-        W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
-        S1 = S2 = None
-        if titans:
-            S1, S2 = torch.zeros_like(W1), torch.zeros_like(W2)
-    else:
-        W1, W2, S1, S2 = initial_state.map(lambda x: x.to(dtype))
+    W1, W2, S1, S2 = start_state(init_weights, initial_state, rule, B, dtype)
 
     if soup is not None:
         gamma_on = batched(soup["gamma_online"]).unsqueeze(-1)  # [NB, B, H, b, 1]

@@ -34,6 +34,18 @@ class DeepState(NamedTuple):
         return DeepState(*(None if x is None else fn(x) for x in self))
 
 
+def start_state(init_weights, initial_state, rule: str, B: int, dtype) -> DeepState:
+    """The state a stream starts from: ``initial_state`` if given, else the learned initial
+    weights (W1 [H, Dv, Dh], W2 [H, Dh, Dk]) expanded over the batch, and zero momentum for
+    titans."""
+    if initial_state is not None:
+        return initial_state.map(lambda x: x.to(dtype))
+    W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
+    if rule == "titans":
+        return DeepState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
+    return DeepState(W1, W2)
+
+
 def clamp_momentum(beta: torch.Tensor) -> torch.Tensor:
     """β floored at 1e-30: the fast path takes log β (the reference applies the same floor, so
     both compute one function)."""

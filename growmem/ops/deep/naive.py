@@ -21,7 +21,7 @@ import itertools
 
 import torch
 
-from growmem.ops.deep.mlp import DeepState, clamp_momentum, mlp_forward
+from growmem.ops.deep.mlp import DeepState, clamp_momentum, mlp_forward, start_state
 from growmem.ops.precision import compute_dtype
 
 
@@ -61,13 +61,7 @@ def deep_memory_reference(
     B, T = q.shape[:2]
     dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
-    if initial_state is None:
-        W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
-        S1 = S2 = None
-        if rule == "titans":
-            S1, S2 = torch.zeros_like(W1), torch.zeros_like(W2)
-    else:
-        W1, W2, S1, S2 = initial_state.map(lambda x: x.to(dtype))
+    W1, W2, S1, S2 = start_state(init_weights, initial_state, rule, B, dtype)
     starts = set(itertools.accumulate([0, *batch_lengths[:-1]]))
     end_set = set(ends or ())
     outputs, recorded = [], []
@@ -75,18 +69,15 @@ def deep_memory_reference(
         if t in starts:
             W1m, W2m = W1, W2  # the gradients of this mini-batch are taken here
         grads = token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)  # [B, H, ...]
-        step = -eta[:, t].to(dtype)  # [B, H]
-        if max_grad_norm is not None:
-            gnorm = torch.sqrt(sum(x.pow(2).sum((-1, -2)) for x in grads) + 1e-30)
-            step = step / torch.clamp(gnorm / max_grad_norm, min=1.0)
-        step = step[..., None, None]
-        if rule == "dla":
-            W1, W2 = W1 + step * grads[0], W2 + step * grads[1]
-        else:
-            a = torch.exp(g[:, t].to(dtype))[..., None, None]
-            b = clamp_momentum(beta[:, t].to(dtype))[..., None, None]
-            S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
-            W1, W2 = a * W1 + S1, a * W2 + S2
+        W1, W2, S1, S2 = token_update(
+            rule,
+            DeepState(W1, W2, S1, S2),
+            grads,
+            eta[:, t],
+            None if g is None else g[:, t],
+            None if beta is None else beta[:, t],
+            max_grad_norm,
+        )
         out, _ = mlp_forward(q[:, t, :, None, :], W1, W2, norm, eps)
         outputs.append(out[:, :, 0])
         if t + 1 in end_set:
@@ -97,6 +88,26 @@ def deep_memory_reference(
     return o, DeepState(
         *(None if x[0] is None else torch.stack(x, 1) for x in zip(*recorded, strict=True))
     )
+
+
+def token_update(rule, state: DeepState, grads, eta_t, g_t, beta_t, max_grad_norm) -> DeepState:
+    """One token's update of the weights (and momentum) with its gradient ``grads``.
+
+    eta_t, g_t, beta_t: [B, H] (g_t, beta_t titans only); the step -η_t is scaled by
+    min(1, max_grad_norm / ||grads||) when max_grad_norm is given.
+    """
+    W1, W2, S1, S2 = state
+    step = -eta_t.to(W1.dtype)  # [B, H]
+    if max_grad_norm is not None:
+        gnorm = torch.sqrt(sum(x.pow(2).sum((-1, -2)) for x in grads) + 1e-30)
+        step = step / torch.clamp(gnorm / max_grad_norm, min=1.0)
+    step = step[..., None, None]
+    if rule == "dla":
+        return DeepState(W1 + step * grads[0], W2 + step * grads[1])
+    a = torch.exp(g_t.to(W1.dtype))[..., None, None]
+    b = clamp_momentum(beta_t.to(W1.dtype))[..., None, None]
+    S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
+    return DeepState(a * W1 + S1, a * W2 + S2, S1, S2)
 
 
 def token_gradient(rule, k_t, v_t, W1, W2, norm, eps):
