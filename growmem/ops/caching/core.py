@@ -184,6 +184,34 @@ def _key_summaries(k, pieces, cache: MemoryCache):
     return torch.cat(sums, 1), torch.cat(counts)
 
 
+def cache_gates(u, summaries, cached_summaries, n_tok, cfg):
+    """Gates of the cached and online memories from r = gate_scale <u_t, c_i>.
+
+    Args:
+        u: [B, T, H, Dk] gate queries; summaries: [B, T, H, Dk] online (causal) summaries;
+        cached_summaries: [B, H, N, Dk]; n_tok: [T] caches each token sees (None: all N).
+
+    Returns:
+        gamma [B, H, T, K + 1] (softmax over K cached candidates, then the online memory;
+        K = N, or the top_k selected for ssc), and for ssc the selected caches
+        idx [B, H, T, k] and valid [B, H, T, k] (None when every slot is filled).
+    """
+    N = cached_summaries.shape[2]
+    us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, Dk]
+    score_online = (us * summaries.transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, T, 1]
+    scores = us @ cached_summaries.transpose(-1, -2)  # [B, H, T, N]
+    if n_tok is not None:
+        hidden = torch.arange(N, device=u.device)[None, :] >= n_tok[:, None]  # [T, N]
+        scores = scores.masked_fill(hidden, -math.inf)
+    if cfg.aggregation != "ssc":
+        return torch.softmax(torch.cat([scores, score_online], -1), -1), None, None
+    top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
+    gamma = torch.softmax(torch.cat([top, score_online], -1), -1)
+    # a token that sees fewer than k caches has empty slots (score -inf, weight 0)
+    valid = None if n_tok is None else torch.isfinite(top)
+    return gamma, idx, valid
+
+
 def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_size: int = 64):
     """Consume T tokens after ``cache``; returns (o [B, T, H, Dv], the updated cache).
 
@@ -234,21 +262,11 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
         if cfg.aggregation == "mean":
             o = o / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[None, :, None, None])
     elif cfg.aggregation in ("grm", "soup", "ssc") and N:
-        us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, Dk]
-        score_online = (us * summaries.transpose(1, 2)).sum(-1)  # [B, H, T]
-        scores = us @ cached["summaries"].transpose(-1, -2)  # [B, H, T, N]
-        if n_tok is not None:
-            hidden = torch.arange(N, device=q.device)[None, :] >= n_tok[:, None]  # [T, N]
-            scores = scores.masked_fill(hidden, -math.inf)
+        gamma, idx, valid = cache_gates(u, summaries, cached["summaries"], n_tok, cfg)
         Qh = q.transpose(1, 2)  # [B, H, T, Dk]
         if cfg.aggregation == "ssc":
-            top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
-            gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
-            # with one piece every token sees all N >= k caches: no empty slot
-            valid = None if n_tok is None else torch.isfinite(top)
             read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], valid)
         else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
-            gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
             spans = [(a, b, n) for (a, b), n in zip(pieces, visible, strict=True)]
             read = mixed_read(Qh, cached["states"], gamma[..., :-1], spans)
         o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)

@@ -11,16 +11,14 @@ at that boundary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 import torch.utils.checkpoint
 
 from growmem.ops.caching.cache import DeepMemoryCache
-from growmem.ops.caching.core import _key_summaries, _summarize
+from growmem.ops.caching.core import _key_summaries, _summarize, cache_gates
 from growmem.ops.caching.reads import mixed_read_list
-from growmem.ops.caching.select import select_top_k
 from growmem.ops.deep.api import mini_batch_lengths
 from growmem.ops.deep.chunk import chunk_deep_memory
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
@@ -159,20 +157,12 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         ends = summaries[:, [b - 1 for _, b in pieces[:-1]]].transpose(1, 2)
         cached_summaries = torch.cat([cached_summaries, ends], 2)
     N = n0 + (P - 1 if keep else 0)  # caches after this call
-    gamma = None
+    n_tok = None if P == 1 else torch.tensor([n0 + p for p in range(P)], device=q.device)
+    if n_tok is not None:  # [T]: caches each token sees
+        n_tok = n_tok.repeat_interleave(torch.tensor([b - a for a, b in pieces], device=q.device))
+    gamma = idx = valid = None
     if cfg.aggregation in ("grm", "soup", "ssc") and N:
-        us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, D]
-        score_online = (us * summaries.transpose(1, 2)).sum(-1)
-        scores = us @ cached_summaries.transpose(-1, -2)  # [B, H, T, N]
-        n_tok = torch.tensor([n0 + p for p in range(P)], device=q.device).repeat_interleave(
-            torch.tensor([b - a for a, b in pieces], device=q.device)
-        )
-        scores = scores.masked_fill(torch.arange(N, device=q.device) >= n_tok[:, None], -math.inf)
-        if cfg.aggregation == "ssc":
-            top, idx = select_top_k(scores, min(cfg.top_k, N))
-            gamma = torch.softmax(torch.cat([top, score_online.unsqueeze(-1)], -1), -1)
-        else:
-            gamma = torch.softmax(torch.cat([scores, score_online.unsqueeze(-1)], -1), -1)
+        gamma, idx, valid = cache_gates(u, summaries, cached_summaries, n_tok, cfg)
 
     # the cached weights as lists (stacked once at the end): pieces append to them, and soup
     # reads them as shared per-segment tensors (transposed once each)
@@ -279,13 +269,11 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         elif cfg.aggregation == "residual":
             o = o_online + read
         else:
-            n_tok = torch.tensor([n0 + p for p in range(P)], device=q.device, dtype=o.dtype)
-            n_tok = n_tok.repeat_interleave(
-                torch.tensor([b - a for a, b in pieces], device=q.device)
+            o = (
+                o_online / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[:, None, None])
+                + read
             )
-            o = o_online / (n_tok + 1)[None, :, None, None] + read
     elif N and cfg.aggregation == "ssc":
-        valid = None if P == 1 else torch.isfinite(top)  # one piece: every token sees N >= k
         read = _routed_mlp_read(
             q.transpose(1, 2), DeepState(W1c, W2c), idx, gamma[..., :-1], valid, norm, eps
         )
