@@ -180,37 +180,8 @@ def memory_caching(
                 "impl='reference' computes whole sequences only: it takes no cache and returns none"
             )
         lengths = list(plan.lengths) if plan.lengths else _constant_lengths(T, plan.size)
-        if deep:
-            o = deep_memory_caching_reference(
-                q,
-                k,
-                v,
-                u,
-                rule=rule,
-                eta=eta,
-                g=g,
-                beta=beta,
-                init_weights=init_weights,
-                lengths=lengths,
-                aggregation=aggregation,
-                top_k=top_k,
-                init=init,
-                summary=summary,
-                gate_scale=gate_scale,
-                mini_batch=mini_batch,
-                norm=norm,
-                max_grad_norm=max_grad_norm,
-                eps=eps,
-                initial_state=initial_state,
-            )
-            return o.to(q.dtype)
-        o = memory_caching_reference(
-            q,
-            k,
-            v,
-            u,
+        common = dict(
             rule=rule,
-            gates=gates,
             lengths=lengths,
             aggregation=aggregation,
             top_k=top_k,
@@ -219,6 +190,24 @@ def memory_caching(
             gate_scale=gate_scale,
             initial_state=initial_state,
         )
+        if deep:
+            o = deep_memory_caching_reference(
+                q,
+                k,
+                v,
+                u,
+                eta=eta,
+                g=g,
+                beta=beta,
+                init_weights=init_weights,
+                mini_batch=mini_batch,
+                norm=norm,
+                max_grad_norm=max_grad_norm,
+                eps=eps,
+                **common,
+            )
+        else:
+            o = memory_caching_reference(q, k, v, u, gates=gates, **common)
         return o.to(q.dtype)
 
     if cache is None:

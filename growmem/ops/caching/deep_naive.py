@@ -14,7 +14,7 @@ import torch
 
 from growmem.ops.caching.select import select_top_k
 from growmem.ops.deep.mlp import DeepState, mlp_forward, start_state
-from growmem.ops.deep.naive import token_gradient, token_update
+from growmem.ops.deep.naive import token_step
 from growmem.ops.precision import compute_dtype
 
 
@@ -61,14 +61,18 @@ def deep_memory_caching_reference(
                 W1, W2, S1, S2 = W1_0, W2_0, S1_0, S2_0
         if count % mini_batch == 0:  # the grid restarts at every segment start
             W1m, W2m = W1, W2
-        grads = token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)
-        W1, W2, S1, S2 = token_update(
+        W1, W2, S1, S2 = token_step(
             rule,
             DeepState(W1, W2, S1, S2),
-            grads,
-            eta[:, t],
-            None if g is None else g[:, t],
-            None if beta is None else beta[:, t],
+            (W1m, W2m),
+            t,
+            k,
+            v,
+            eta,
+            g,
+            beta,
+            norm,
+            eps,
             max_grad_norm,
         )
         key_sum, count = key_sum + k[:, t], count + 1

@@ -68,14 +68,18 @@ def deep_memory_reference(
     for t in range(T):
         if t in starts:
             W1m, W2m = W1, W2  # the gradients of this mini-batch are taken here
-        grads = token_gradient(rule, k[:, t], v[:, t], W1m, W2m, norm, eps)  # [B, H, ...]
-        W1, W2, S1, S2 = token_update(
+        W1, W2, S1, S2 = token_step(
             rule,
             DeepState(W1, W2, S1, S2),
-            grads,
-            eta[:, t],
-            None if g is None else g[:, t],
-            None if beta is None else beta[:, t],
+            (W1m, W2m),
+            t,
+            k,
+            v,
+            eta,
+            g,
+            beta,
+            norm,
+            eps,
             max_grad_norm,
         )
         out, _ = mlp_forward(q[:, t, :, None, :], W1, W2, norm, eps)
@@ -87,6 +91,21 @@ def deep_memory_reference(
         return o, DeepState(W1, W2, S1, S2)
     return o, DeepState(
         *(None if x[0] is None else torch.stack(x, 1) for x in zip(*recorded, strict=True))
+    )
+
+
+def token_step(rule, state, entry, t, k, v, eta, g, beta, norm, eps, max_grad_norm):
+    """Token t's update of ``state``, its inner gradient taken at the ``entry`` weights
+    (W1, W2) of its mini-batch; k, v: [B, T, H, D], eta, g, beta: [B, T, H] (or None)."""
+    grads = token_gradient(rule, k[:, t], v[:, t], *entry, norm, eps)  # [B, H, ...]
+    return token_update(
+        rule,
+        state,
+        grads,
+        eta[:, t],
+        None if g is None else g[:, t],
+        None if beta is None else beta[:, t],
+        max_grad_norm,
     )
 
 
