@@ -18,7 +18,10 @@ from growmem.layers import (
 )
 from growmem.ops.caching import AGGREGATIONS, INITS
 from growmem.ops.checks import LINEAR_RULES
+from growmem.ops.deep import DEEP_RULES
 from tests.helpers import rel_err
+
+ALL_RULES = LINEAR_RULES + DEEP_RULES
 
 HIDDEN, HEADS, SEG = 32, 2, 8
 T_FULL = 37
@@ -40,9 +43,12 @@ def make_layer(
     seed: int = 0,
     **kw,
 ) -> MemoryCachingAttention:
-    """A small layer; chunk_size 16 so that T = 37 spans several chunks of the scans."""
+    """A small layer; chunk_size 16 so that T = 37 spans several chunks of the scans, and for
+    the deep rules mini-batches of 3 (not dividing the segments of 8: the grid restarts)."""
     torch.manual_seed(seed)
     kw.setdefault("chunk_size", 16)
+    if rule in DEEP_RULES:
+        kw.setdefault("mini_batch", 3)
     layer = MemoryCachingAttention(
         HIDDEN,
         HEADS,
@@ -138,7 +144,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("rule", ALL_RULES)
 def test_shapes_and_dtype(rule, aggregation):
     layer = make_layer(rule, aggregation, head_dim=8)  # inner 16 != hidden 32
     x = randx(2, T_FULL)
@@ -169,7 +175,7 @@ def test_shapes_and_dtype(rule, aggregation):
 @pytest.mark.parametrize("use_short_conv", [False, True], ids=["noconv", "conv"])
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("rule", ALL_RULES)
 def test_streaming_equals_parallel(rule, aggregation, init, use_short_conv):
     layer = make_layer(rule, aggregation, init, use_short_conv=use_short_conv)
     x = randx(2, T_FULL)
@@ -222,7 +228,7 @@ def test_cache_is_not_changed_by_continuing_it():
 
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("rule", ALL_RULES)
 def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
     layer = make_layer(rule, aggregation, init)
     x = randx(2, T_FULL)
@@ -245,6 +251,8 @@ PAD_CONFIGS = [
     ("swla", "ssc", "continuous"),
     ("delta", "grm", "independent"),
     ("linear", "mean", "independent"),
+    ("titans", "soup", "continuous"),
+    ("dla", "ssc", "independent"),
 ]
 
 
@@ -348,6 +356,9 @@ SIZE_CONFIGS = [
     dict(rule="linear", aggregation="mean", use_short_conv=False),
     dict(rule="delta", aggregation="residual", conv_size=2),
     dict(rule="decay", aggregation="none", use_short_conv=False),
+    dict(rule="titans", aggregation="grm"),
+    dict(rule="titans", aggregation="none", init="independent"),
+    dict(rule="dla", aggregation="soup", mini_batch=4),
 ]
 
 
@@ -451,7 +462,7 @@ def test_reorder_can_expand_the_batch():
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["aligned", "padded"])
-@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("rule", ALL_RULES)
 def test_gradients_reach_every_parameter(rule, padded):
     layer = make_layer(rule, "grm")
     x = randx(2, T_FULL).requires_grad_(True)
@@ -528,6 +539,10 @@ BAD_INIT = {
     "head_dim 0": (arg("head_dim"), dict(head_dim=0)),
     "chunk_size 0": (arg("chunk_size"), dict(chunk_size=0)),
     "conv_size 0": (arg("conv_size"), dict(conv_size=0)),
+    "expansion 0": (arg("expansion"), dict(rule="titans", expansion=0)),
+    "mini_batch 0": (arg("mini_batch"), dict(rule="dla", mini_batch=0)),
+    "eta_max 0": (arg("eta_max"), dict(rule="titans", eta_max=0.0)),
+    "eta_max negative": (arg("eta_max"), dict(rule="dla", eta_max=-0.1)),
 }
 
 
