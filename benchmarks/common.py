@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 
-from growmem.utils.timing import fwd_bwd, time_call, time_interleaved
+from growmem.utils.timing import fwd_bwd, time_interleaved
 
 __all__ = [
     "RESULTS",
     "fwd_bwd",
     "machine",
     "sdpa_fwd_bwd",
-    "time_call",
     "time_interleaved",
     "write_json",
 ]

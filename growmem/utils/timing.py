@@ -9,18 +9,6 @@ from collections.abc import Callable
 import torch
 
 
-def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
 ) -> dict[str, float]:
