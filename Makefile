@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,hf]"
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
