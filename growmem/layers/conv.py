@@ -21,8 +21,16 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bias = nn.Parameter(torch.empty(dim))
+        with torch.no_grad():
+            for name, value in self.initial_parameters().items():
+                getattr(self, name).copy_(value)
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Fresh initial values of the parameters: Conv1d's default weight init, zero bias."""
+        weight = torch.empty_like(self.weight, device="cpu")
+        nn.init.kaiming_uniform_(weight, a=5**0.5)
+        return {"weight": weight, "bias": torch.zeros_like(self.bias, device="cpu")}
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None = None

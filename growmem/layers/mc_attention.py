@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
 from growmem.ops.caching import AGGREGATIONS, INITS, SUMMARIES, MemoryCache, memory_caching
@@ -193,14 +194,13 @@ class MemoryCachingAttention(nn.Module):
             Dh = expansion * head_dim
             self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
             # learned initial memory: M(x) = x + N(W1 GELU(W2 x)), per head
-            self.W1_0 = nn.Parameter(torch.randn(num_heads, head_dim, Dh) / math.sqrt(Dh))
-            self.W2_0 = nn.Parameter(torch.randn(num_heads, Dh, head_dim) / math.sqrt(head_dim))
+            self.W1_0 = nn.Parameter(torch.empty(num_heads, head_dim, Dh))
+            self.W2_0 = nn.Parameter(torch.empty(num_heads, Dh, head_dim))
         gates = DEEP_GATES[rule] if self.deep else RULE_GATES[rule]
         if "g" in gates:  # a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), as in Mamba2
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-            dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(1e-1)))
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            self.A_log = nn.Parameter(torch.empty(num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(num_heads))
         if "beta" in gates:
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)
         if "lam" in gates:
@@ -208,6 +208,25 @@ class MemoryCachingAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, inner, bias=False)  # output gate
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        with torch.no_grad():
+            for name, value in self.initial_parameters().items():
+                getattr(self, name).copy_(value)
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Fresh initial values of the layer's own parameters (its submodules init theirs):
+        Mamba2's decay rates A ~ U(1, 16) and time steps dt ~ logU(1e-3, 1e-1) (stored as
+        softplus^-1(dt)), and the deep rules' initial MLP weights with 1/sqrt(fan-in) std."""
+        values = {}
+        H = self.num_heads
+        if hasattr(self, "A_log"):
+            values["A_log"] = torch.log(torch.empty(H).uniform_(1, 16))
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            values["dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+        if self.deep:
+            D, Dh = self.head_dim, self.W1_0.shape[-1]
+            values["W1_0"] = torch.randn(H, D, Dh) / math.sqrt(Dh)
+            values["W2_0"] = torch.randn(H, Dh, D) / math.sqrt(D)
+        return values
 
     def extra_repr(self) -> str:
         return (
@@ -236,36 +255,15 @@ class MemoryCachingAttention(nn.Module):
         Returns:
             (o [B, T, hidden_size], the cache or None).
         """
-        if (
-            hidden_states.dim() != 3
-            or hidden_states.shape[-1] != self.hidden_size
-            or hidden_states.shape[1] == 0
-        ):
-            raise ValueError(
-                f"hidden_states must have shape [B, T >= 1, {self.hidden_size}], got "
-                f"{tuple(hidden_states.shape)}"
-            )
+        check_hidden_states(hidden_states, self.hidden_size)
         B, T, _ = hidden_states.shape
-        if cache is not None:
-            if not isinstance(cache, MemoryCachingLayerCache):
-                raise ValueError(
-                    f"cache must be a MemoryCachingLayerCache, got {type(cache).__name__}"
-                )
-            if cache.batch_size != B:
-                raise ValueError(
-                    f"cache holds batch size {cache.batch_size}, hidden_states has {B}"
-                )
-            if cache.layer_config != self._layer_config():
-                raise ValueError(
-                    "cache was built by a layer of another configuration (hidden, heads, "
-                    f"head_dim, conv): {cache.layer_config} != {self._layer_config()}"
-                )
+        check_layer_cache(cache, MemoryCachingLayerCache, B, self._layer_config())
         groups = (
             cache.groups
             if cache is not None
             else [RowGroup(rows=torch.arange(B, device=hidden_states.device))]
         )
-        mask = self._check_mask(attention_mask, B, T, hidden_states.device)
+        mask = padding_mask(attention_mask, B, T, hidden_states.device)
 
         if mask is None and len(groups) == 1:  # every row alike: no gathering
             o, group = self._forward_rows(hidden_states, groups[0])
@@ -300,19 +298,6 @@ class MemoryCachingAttention(nn.Module):
 
     def _cache(self, batch_size: int, groups: list[RowGroup]) -> MemoryCachingLayerCache:
         return MemoryCachingLayerCache(batch_size, groups, self._layer_config())
-
-    @staticmethod
-    def _check_mask(mask, B, T, device):
-        if mask is None:
-            return None
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {shape}")
-        if mask.dtype != torch.bool:
-            if ((mask != 0) & (mask != 1)).any():
-                raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
-            mask = mask != 0
-        return None if bool(mask.all()) else mask.to(device)
 
     def _forward_rows(self, x: torch.Tensor, group: RowGroup) -> tuple[torch.Tensor, RowGroup]:
         """x: [g, n, hidden] tokens that continue ``group``; returns (o, the updated group)."""

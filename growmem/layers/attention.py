@@ -1,0 +1,282 @@
+"""Softmax attention of Transformer++: RoPE, causal SDPA, optional sliding window, a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
+from growmem.ops.checks import check_positive_int
+
+
+class _SlotBuffer:
+    """Preallocated storage of cached slots shared by the caches that extend one another.
+
+    ``filled`` is how many slots some cache has written; a cache of that length may append in
+    place, any other (an older cache being continued a second time) copies first. Older caches
+    never see their slots change, so caches stay values while decoding appends in O(1).
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], filled: int):
+        self.tensors = tensors  # each [B, ..., capacity, ...] along its slot dim
+        self.filled = filled
+
+
+# slot dimension of keys [B, H, S, D], values [B, H, S, D], valid [B, S], positions [B, S]
+_SLOT_DIMS = (2, 2, 1, 1)
+
+
+@dataclass
+class AttentionLayerCache:
+    """What one Attention layer keeps between calls: its keys and values.
+
+    Slots are tokens in the order they arrived, padding included (``valid`` marks the real
+    ones), so that a left-padded batch keeps one rectangular cache. With a sliding window the
+    slots no query can reach any more are dropped.
+    """
+
+    buffer: _SlotBuffer
+    start: int  # first live slot
+    length: int  # one past the last live slot
+    seen: torch.Tensor  # [B] long: real tokens each row has seen
+    layer_config: tuple = ()
+
+    def _live(self, i: int) -> torch.Tensor:
+        return self.buffer.tensors[i].narrow(_SLOT_DIMS[i], self.start, self.length - self.start)
+
+    @property
+    def keys(self) -> torch.Tensor:  # [B, H, S, D] rotated keys
+        return self._live(0)
+
+    @property
+    def values(self) -> torch.Tensor:  # [B, H, S, D]
+        return self._live(1)
+
+    @property
+    def valid(self) -> torch.Tensor:  # [B, S] bool: the slot holds a real token
+        return self._live(2)
+
+    @property
+    def positions(self) -> torch.Tensor:  # [B, S] long: position among the row's real tokens
+        return self._live(3)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seen.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes of the live slots (keys, values, valid flags, positions) and counters."""
+        live = sum(self._live(i).numel() * self._live(i).element_size() for i in range(4))
+        return live + self.seen.numel() * self.seen.element_size()
+
+    def append(self, new: tuple[torch.Tensor, ...]) -> AttentionLayerCache:
+        """This cache extended by ``new`` (keys, values, valid, positions of the new slots)."""
+        n = new[0].shape[2]
+        buffer, start, length = self.buffer, self.start, self.length
+        capacity = buffer.tensors[0].shape[2]
+        in_place = (
+            buffer.filled == length
+            and length + n <= capacity
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in new))
+        )
+        if not in_place:  # copy the live slots into a buffer with room to grow
+            live = length - start
+            capacity = max(2 * (live + n), 64)
+            tensors = []
+            for i, dim in enumerate(_SLOT_DIMS):
+                shape = list(new[i].shape)
+                shape[dim] = capacity
+                t = new[i].new_empty(shape)
+                t.narrow(dim, 0, live).copy_(self._live(i))
+                tensors.append(t)
+            buffer, start, length = _SlotBuffer(tuple(tensors), live), 0, live
+        for t, x, dim in zip(buffer.tensors, new, _SLOT_DIMS, strict=True):
+            t.narrow(dim, length, n).copy_(x)
+        buffer.filled = length + n
+        return AttentionLayerCache(buffer, start, length + n, self.seen, self.layer_config)
+
+    def drop_unreachable(self, window: int) -> AttentionLayerCache:
+        """Drop leading slots that no later query can attend to (all beyond its window)."""
+        reachable = self.valid & (self.positions > self.seen[:, None] - window)  # [B, S]
+        any_reachable = reachable.any(0)
+        first = int(any_reachable.float().argmax()) if bool(any_reachable.any()) else None
+        start = self.length if first is None else self.start + first
+        return AttentionLayerCache(self.buffer, start, self.length, self.seen, self.layer_config)
+
+    def reorder(self, beam_idx) -> AttentionLayerCache:
+        """The cache whose row i is this cache's row beam_idx[i] (beam search)."""
+        index = torch.as_tensor(beam_idx, dtype=torch.long, device=self.seen.device)
+        live = tuple(self._live(i).index_select(0, index) for i in range(4))
+        return AttentionLayerCache(
+            _SlotBuffer(live, live[0].shape[2]),
+            0,
+            live[0].shape[2],
+            self.seen.index_select(0, index),
+            self.layer_config,
+        )
+
+
+def rotary_angles(positions: torch.Tensor, dim: int, theta: float, dtype) -> torch.Tensor:
+    """RoPE angles of ``positions`` [B, T] for a head size ``dim``: [B, T, dim // 2]."""
+    exponent = torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim
+    inv_freq = theta**-exponent  # [dim // 2]
+    return positions.to(dtype)[..., None] * inv_freq
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head of x [B, T, H, D] by angles [B, T, D // 2]."""
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]  # [B, T, 1, D // 2]
+    x1, x2 = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head causal softmax attention with rotary position embeddings (Transformer++).
+
+    Positions count each row's real tokens, so a padded row attends and rotates exactly as
+    the same row without padding. Outputs at padding are 0.
+
+    Args:
+        hidden_size: model width.
+        num_heads: attention heads.
+        head_dim: per-head size (default hidden_size // num_heads); must be even (RoPE).
+        window: attend only to the last ``window`` tokens (sliding window), or None.
+        rope_theta: RoPE base.
+        layer_idx: index of the layer in a model.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        window: int | None = None,
+        rope_theta: float = 10000.0,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_heads", num_heads)
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                    f"({num_heads}) unless head_dim is given"
+                )
+            head_dim = hidden_size // num_heads
+        check_positive_int("head_dim", head_dim)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        if window is not None:
+            check_positive_int("window", window)
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.window, self.rope_theta, self.layer_idx = window, float(rope_theta), layer_idx
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
+
+    def _layer_config(self) -> tuple:
+        return (self.hidden_size, self.num_heads, self.head_dim, self.window)
+
+    def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the layer's cache holds after T tokens of ``batch_size`` unpadded rows."""
+        slots = T if self.window is None else min(T, self.window)
+        kv = 2 * self.num_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return batch_size * (slots * (kv + 1 + 8) + 8)  # + valid (bool), positions, seen
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: AttentionLayerCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, AttentionLayerCache | None]:
+        """Attend from the tokens of ``hidden_states`` to themselves and the cached tokens.
+
+        Args:
+            hidden_states: [B, T, hidden_size].
+            attention_mask: [B, T] with 1 (or True) for real tokens and 0 for padding, or None.
+            cache: the cache returned by an earlier call (these tokens continue those rows).
+            use_cache: return the cache to continue from.
+
+        Returns:
+            (o [B, T, hidden_size], the cache or None).
+        """
+        check_hidden_states(hidden_states, self.hidden_size)
+        B, T, _ = hidden_states.shape
+        device = hidden_states.device
+        check_layer_cache(cache, AttentionLayerCache, B, self._layer_config())
+        mask = padding_mask(attention_mask, B, T, device)
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask
+        seen = cache.seen if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        positions = seen[:, None] + valid.long().cumsum(1) - 1  # [B, T]
+        positions = positions.clamp_min(0)
+
+        H, D = self.num_heads, self.head_dim
+        q, k, v = (
+            p(hidden_states).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        angle_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        angles = rotary_angles(positions, D, self.rope_theta, angle_dtype)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        new = (k, v, valid, positions)
+        if cache is not None:
+            cache = cache.append(new)
+            k, v, key_valid, key_positions = cache.keys, cache.values, cache.valid, cache.positions
+        else:
+            key_valid, key_positions = valid, positions
+        padded = not bool(key_valid.all())
+        if not padded and self.window is None and cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif not padded and self.window is None and T == 1:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = self._mask(valid, positions, key_valid, key_positions)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = o.transpose(1, 2).reshape(B, T, H * D)
+        if not bool(valid.all()):
+            o = o * valid[..., None]
+        o = self.o_proj(o)
+        if not use_cache:
+            return o, None
+        seen = seen + valid.long().sum(1)
+        # a fresh cache holds the new tensors themselves; the first append copies them
+        buffer, start, length = (
+            (_SlotBuffer(new, T), 0, T)
+            if cache is None
+            else (cache.buffer, cache.start, cache.length)
+        )
+        cache = AttentionLayerCache(buffer, start, length, seen, self._layer_config())
+        return o, cache if self.window is None else cache.drop_unreachable(self.window)
+
+    def _mask(self, valid, positions, key_valid, key_positions) -> torch.Tensor:
+        """[B, 1, T, S + T] bool: which key slots each query may attend to.
+
+        A query sees the real keys that arrived no later than itself (slot order is arrival
+        order) and, with a window, lie fewer than ``window`` positions behind it. A padding
+        query sees its own slot only, so that no softmax row is empty.
+        """
+        T, S_all = valid.shape[1], key_valid.shape[1]
+        device = valid.device
+        query_slot = torch.arange(S_all - T, S_all, device=device)  # [T]
+        key_slot = torch.arange(S_all, device=device)  # [S_all]
+        allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
+        if self.window is not None:
+            gap = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S_all]
+            allowed = allowed & (gap < self.window)
+        own = key_slot[None, :] == query_slot[:, None]  # [T, S_all]
+        allowed = torch.where(valid[:, :, None], allowed, own[None])
+        return allowed[:, None]

@@ -1,0 +1,53 @@
+"""Argument checks shared by the token mixers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_hidden_states(hidden_states, hidden_size: int) -> None:
+    """hidden_states must be a [B, T >= 1, hidden_size] tensor."""
+    if (
+        not isinstance(hidden_states, torch.Tensor)
+        or hidden_states.dim() != 3
+        or hidden_states.shape[-1] != hidden_size
+        or hidden_states.shape[1] == 0
+    ):
+        shape = getattr(hidden_states, "shape", type(hidden_states).__name__)
+        raise ValueError(
+            f"hidden_states must have shape [B, T >= 1, {hidden_size}], got {tuple(shape)}"
+        )
+
+
+def check_layer_cache(cache, cache_type: type, batch_size: int, layer_config: tuple) -> None:
+    """A cache handed to a layer must be of its type, batch size and configuration."""
+    if cache is None:
+        return
+    if not isinstance(cache, cache_type):
+        raise ValueError(f"cache must be a {cache_type.__name__}, got {type(cache).__name__}")
+    if cache.batch_size != batch_size:
+        raise ValueError(
+            f"cache holds batch size {cache.batch_size}, hidden_states has {batch_size}"
+        )
+    if cache.layer_config != layer_config:
+        raise ValueError(
+            "cache was built by a layer of another configuration: "
+            f"{cache.layer_config} != {layer_config}"
+        )
+
+
+def padding_mask(mask, batch_size: int, length: int, device) -> torch.Tensor | None:
+    """``mask`` [B, T] (1/True real token, 0/False padding) as a bool tensor, or None when
+    there is no padding."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch_size, length):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"attention_mask must have shape [B, T] = {(batch_size, length)}, got {shape}"
+        )
+    if mask.dtype != torch.bool:
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
+        mask = mask != 0
+    return None if bool(mask.all()) else mask.to(device)

@@ -1,0 +1,24 @@
+"""Hugging Face models: GrowMemConfig, GrowMemModel, GrowMemForCausalLM and their cache.
+
+Importing this package registers the classes with transformers' Auto classes, so that
+``AutoModelForCausalLM.from_config(GrowMemConfig(...))`` and ``from_pretrained(path)`` work.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from growmem.models.cache import GrowMemCache
+from growmem.models.configuration import RULES, GrowMemConfig
+from growmem.models.modeling import GrowMemForCausalLM, GrowMemModel, GrowMemPreTrainedModel
+
+AutoConfig.register(GrowMemConfig.model_type, GrowMemConfig, exist_ok=True)
+AutoModel.register(GrowMemConfig, GrowMemModel, exist_ok=True)
+AutoModelForCausalLM.register(GrowMemConfig, GrowMemForCausalLM, exist_ok=True)
+
+__all__ = [
+    "RULES",
+    "GrowMemCache",
+    "GrowMemConfig",
+    "GrowMemForCausalLM",
+    "GrowMemModel",
+    "GrowMemPreTrainedModel",
+]

@@ -1,0 +1,302 @@
+"""GrowMemModel and GrowMemForCausalLM: growmem language models on the Hugging Face stack."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from growmem.layers import Attention, MemoryCachingAttention, RMSNorm, SwiGLU
+from growmem.models.cache import GrowMemCache
+from growmem.models.configuration import GrowMemConfig
+
+
+class GrowMemBlock(nn.Module):
+    """Pre-norm block: x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, config: GrowMemConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        if config.is_attention_layer(layer_idx):
+            self.mixer = Attention(
+                config.hidden_size,
+                config.num_heads,
+                head_dim=config.head_dim,
+                window=config.attn_window,
+                rope_theta=config.rope_theta,
+                layer_idx=layer_idx,
+            )
+        else:
+            self.mixer = MemoryCachingAttention(
+                config.hidden_size,
+                config.num_heads,
+                rule=config.rule,
+                aggregation=config.aggregation,
+                segment_size=config.segment_size,
+                top_k=config.ssc_top_k,
+                init=config.init,
+                summary=config.summary,
+                head_dim=config.head_dim,
+                use_short_conv=config.use_short_conv,
+                conv_size=config.conv_size,
+                qk_norm=config.qk_norm,
+                norm_eps=config.norm_eps,
+                chunk_size=config.chunk_size,
+                layer_idx=layer_idx,
+                expansion=config.expansion,
+                mini_batch=config.mini_batch,
+                eta_max=config.eta_max,
+                max_grad_norm=config.max_grad_norm,
+                mlp_norm=config.mlp_norm,
+            )
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        # output projections get the scaled init of residual branches
+        self.mixer.o_proj.is_residual_output = True
+        self.mlp.down_proj.is_residual_output = True
+
+    def forward(self, x, attention_mask=None, cache=None, use_cache=False):
+        """x: [B, T, hidden]; returns (x after the block, the mixer's cache or None)."""
+        h, cache = self.mixer(self.mixer_norm(x), attention_mask, cache=cache, use_cache=use_cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class GrowMemPreTrainedModel(PreTrainedModel):
+    """Weight init and the Hugging Face plumbing shared by the growmem models."""
+
+    config_class = GrowMemConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules: ClassVar[list[str]] = ["GrowMemBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, std divided by
+        sqrt(2 · layers) for the projections that write into the residual stream (GPT-2), zero
+        biases; growmem layers' own parameters (decay rates, MLP memories, conv taps) get the
+        init their layer defines."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_output", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        if hasattr(module, "initial_parameters"):  # growmem layers with parameters of their own
+            for name, value in module.initial_parameters().items():
+                init.copy_(getattr(module, name), value)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not create a DynamicCache: the model creates its GrowMemCache
+        return False
+
+
+class GrowMemModel(GrowMemPreTrainedModel):
+    """Embeddings, blocks and the final norm; returns the last hidden states."""
+
+    def __init__(self, config: GrowMemConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            GrowMemBlock(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: GrowMemCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the blocks over new tokens, continuing ``past_key_values`` when given.
+
+        Args:
+            input_ids: [B, T] token ids in [0, vocab_size) (or ``inputs_embeds`` [B, T, hidden]).
+            attention_mask: [B, T] or [B, past + T] (as ``generate`` passes it): 1 for real
+                tokens, 0 for padding. Real tokens' outputs do not depend on the padding.
+            past_key_values: the GrowMemCache of an earlier call, or None.
+            use_cache: return the cache (default: config.use_cache, off while training).
+            output_hidden_states: also return every block's input and the final output.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"input_ids must have shape [B, T >= 1], got {tuple(input_ids.shape)}"
+                )
+            if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(f"input_ids must hold integer ids, got dtype {input_ids.dtype}")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values "
+                    f"in [{low}, {high}]"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, GrowMemCache):
+            raise ValueError(
+                "past_key_values must be a GrowMemCache (the one a growmem model returned), got "
+                f"{type(past_key_values).__name__}"
+            )
+        past = 0 if past_key_values is None else past_key_values.seen_tokens
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {past + T} (cached {past} + new {T}) exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        mask = self._new_tokens_mask(attention_mask, B, past, T)
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = GrowMemCache(self.config.num_hidden_layers)
+
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            layer_cache = cache.layers[i] if cache is not None else None
+            hidden_states, layer_cache = block(
+                hidden_states, mask, cache=layer_cache, use_cache=use_cache
+            )
+            if use_cache:
+                cache.layers[i] = layer_cache
+        hidden_states = self.norm(hidden_states)
+        if mask is not None:
+            hidden_states = hidden_states * mask[..., None]
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        if use_cache:
+            cache.seen_tokens = past + T
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+    @staticmethod
+    def _new_tokens_mask(attention_mask, B: int, past: int, T: int) -> torch.Tensor | None:
+        """The [B, T] padding mask of the new tokens, or None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(
+                "attention_mask must be a 2-D [batch, tokens] tensor of 0/1, got "
+                f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
+            )
+        if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+            raise ValueError(
+                f"attention_mask must have shape [B, T] = {(B, T)} or [B, past + T] = "
+                f"{(B, past + T)}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask[:, -T:]
+        if mask.dtype != torch.bool:
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
+            mask = mask != 0
+        return None if bool(mask.all()) else mask
+
+
+class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
+    """GrowMemModel with a language-modelling head; computes the shifted next-token loss."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: GrowMemConfig):
+        super().__init__(config)
+        self.model = GrowMemModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: GrowMemCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits of the next token at every (or the last ``logits_to_keep``) position.
+
+        Args:
+            labels: [B, T] targets aligned with input_ids; the loss is the mean cross-entropy
+                of predicting labels[:, t + 1] at position t, ignoring -100.
+            logits_to_keep: compute logits for the last this many positions only (0: all).
+            Others as in ``GrowMemModel.forward``.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2] or logits_to_keep:
+                raise ValueError(
+                    f"labels must have shape [B, T] = {tuple(logits.shape[:2])} (and "
+                    f"logits_to_keep=0), got {tuple(labels.shape)}"
+                )
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
