@@ -289,8 +289,9 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
                     f"labels must have shape [B, T] = {tuple(logits.shape[:2])} (and "
                     f"logits_to_keep=0), got {tuple(labels.shape)}"
                 )
+            loss_dtype = torch.promote_types(logits.dtype, torch.float32)
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
+                logits[:, :-1].flatten(0, 1).to(loss_dtype),
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
             )

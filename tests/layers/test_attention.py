@@ -1,0 +1,183 @@
+"""Tests of growmem.layers.Attention (Transformer++ softmax attention) and its KV cache.
+
+Against a plain per-query reference (explicit softmax over the keys each query may see, RoPE
+applied by rotating 2-D pairs) in float64: full and windowed attention, streaming == parallel,
+padding (real tokens' outputs equal the unpadded row's), cache values never change when a
+cache is continued twice, beam reordering, the cache's size and bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from growmem.layers import Attention, AttentionLayerCache
+from tests.helpers import rel_err
+
+HIDDEN, HEADS = 24, 2  # head_dim 12
+TOL = 1e-12
+
+
+def make_layer(window=None, seed=0) -> Attention:
+    torch.manual_seed(seed)
+    return Attention(HIDDEN, HEADS, window=window, rope_theta=500.0).double()
+
+
+def rotate(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """RoPE on one vector [H, D]: pair (i, i + D/2) rotated by pos · theta^(-2i/D)."""
+    D = x.shape[-1]
+    out = x.clone()
+    for i in range(D // 2):
+        angle = pos * theta ** (-2 * i / D)
+        c, s = math.cos(angle), math.sin(angle)
+        out[..., i] = x[..., i] * c - x[..., i + D // 2] * s
+        out[..., i + D // 2] = x[..., i + D // 2] * c + x[..., i] * s
+    return out
+
+
+def reference(layer: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Per-query causal (windowed) softmax attention of one unpadded row x [T, hidden]."""
+    T = x.shape[0]
+    H, D = layer.num_heads, layer.head_dim
+    q = layer.q_proj(x).view(T, H, D)
+    k = layer.k_proj(x).view(T, H, D)
+    v = layer.v_proj(x).view(T, H, D)
+    q = torch.stack([rotate(q[t], t, layer.rope_theta) for t in range(T)])
+    k = torch.stack([rotate(k[t], t, layer.rope_theta) for t in range(T)])
+    outs = []
+    for t in range(T):
+        lo = 0 if layer.window is None else max(0, t - layer.window + 1)
+        scores = torch.einsum("hd,shd->hs", q[t], k[lo : t + 1]) / math.sqrt(D)
+        outs.append(torch.einsum("hs,shd->hd", scores.softmax(-1), v[lo : t + 1]).reshape(-1))
+    return layer.o_proj(torch.stack(outs))
+
+
+def inputs(B=2, T=19, seed=1):
+    return torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(seed)).double()
+
+
+@pytest.mark.parametrize("window", [None, 1, 5])
+def test_matches_reference(window):
+    layer, x = make_layer(window), inputs()
+    o, _ = layer(x)
+    for b in range(x.shape[0]):
+        assert rel_err(o[b], reference(layer, x[b])) < TOL
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("split", [1, 7, 18])
+def test_streaming_equals_parallel(window, split):
+    layer, x = make_layer(window), inputs()
+    full, _ = layer(x)
+    o1, cache = layer(x[:, :split], use_cache=True)
+    outs = [o1]
+    for t in range(split, x.shape[1]):
+        o, cache = layer(x[:, t : t + 1], cache=cache, use_cache=True)
+        outs.append(o)
+    assert rel_err(torch.cat(outs, 1), full) < TOL
+    if window is not None:  # slots out of every window are dropped
+        assert cache.keys.shape[2] <= window
+
+
+def test_chunked_prefill_equals_parallel():
+    layer, x = make_layer(window=6), inputs(T=23)
+    full, _ = layer(x)
+    outs, cache = [], None
+    for chunk in x.split(5, dim=1):
+        o, cache = layer(chunk, cache=cache, use_cache=True)
+        outs.append(o)
+    assert rel_err(torch.cat(outs, 1), full) < TOL
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_padding_leaves_real_tokens_unchanged(window):
+    """Left, right and interior padding: real tokens see the same keys at the same positions."""
+    layer, x = make_layer(window), inputs(B=3, T=15)
+    mask = torch.ones(3, 15, dtype=torch.long)
+    mask[0, :4] = 0  # left
+    mask[1, 11:] = 0  # right
+    mask[2, 5:8] = 0  # interior
+    o, _ = layer(x, attention_mask=mask)
+    for b in range(3):
+        real = mask[b].bool()
+        alone, _ = layer(x[b : b + 1, real])
+        assert rel_err(o[b, real], alone[0]) < TOL
+        assert o[b, ~real].abs().max() == 0
+
+
+def test_decoding_after_left_padded_prefill():
+    layer, x = make_layer(window=4), inputs(B=2, T=16)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0
+    _, cache = layer(x[:, :12], attention_mask=mask, use_cache=True)
+    steps = [layer(x[:, 12:13], cache=cache, use_cache=True)]
+    for t in range(13, 16):
+        steps.append(layer(x[:, t : t + 1], cache=steps[-1][1], use_cache=True))
+    decoded = torch.cat([s[0] for s in steps], 1)  # [2, 4, hidden]
+    alone, _ = layer(x[0:1, 5:])
+    assert rel_err(decoded[0], alone[0, -4:]) < TOL
+
+
+def test_continuing_a_cache_twice_is_exact():
+    """Caches are values: appending to one never changes what another cache reads."""
+    layer, x = make_layer(), inputs(B=1, T=12)
+    y = inputs(B=1, T=3, seed=7)
+    _, cache = layer(x[:, :10], use_cache=True)
+    a1, cache_a = layer(x[:, 10:11], cache=cache, use_cache=True)
+    b1, _ = layer(y[:, :1], cache=cache, use_cache=True)  # the same slot, other token
+    a2, _ = layer(x[:, 11:12], cache=cache_a, use_cache=True)
+    full_a, _ = layer(x)
+    full_b, _ = layer(torch.cat((x[:, :10], y[:, :1]), 1))
+    assert rel_err(torch.cat((a1, a2), 1), full_a[:, 10:]) < TOL
+    assert rel_err(b1, full_b[:, 10:]) < TOL
+
+
+def test_reorder_and_nbytes():
+    layer, x = make_layer(), inputs(B=3, T=9)
+    _, cache = layer(x[:, :8], use_cache=True)
+    assert isinstance(cache, AttentionLayerCache)
+    assert cache.nbytes() == layer.state_size(8, batch_size=3, dtype=torch.float64)
+    beams = torch.tensor([2, 2, 0, 1])
+    o, _ = layer(x[beams, 8:9], cache=cache.reorder(beams), use_cache=True)
+    full, _ = layer(x[beams])
+    assert rel_err(o, full[:, 8:9]) < TOL
+
+
+def test_gradients_flow_through_the_cache_path():
+    layer, x = make_layer(window=3), inputs(B=1, T=8)
+    x.requires_grad_(True)
+    o1, cache = layer(x[:, :5], use_cache=True)
+    o2, _ = layer(x[:, 5:], cache=cache, use_cache=True)
+    torch.cat((o1, o2), 1).sum().backward()
+    g_stream = x.grad.clone()
+    x.grad = None
+    layer(x)[0].sum().backward()
+    assert rel_err(g_stream, x.grad) < TOL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"head_dim": 7}, "head_dim must be even"),
+        ({"window": 0}, "window"),
+        ({"rope_theta": -1.0}, "rope_theta"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Attention(HIDDEN, HEADS, **kwargs)
+
+
+def test_bad_call_arguments():
+    layer, x = make_layer(), inputs(B=2, T=5)
+    with pytest.raises(ValueError, match="hidden_states"):
+        layer(x[..., :5])
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(x, attention_mask=torch.ones(2, 4))
+    _, cache = layer(x, use_cache=True)
+    with pytest.raises(ValueError, match="batch size"):
+        layer(x[:1], cache=cache)
+    with pytest.raises(ValueError, match="another configuration"):
+        make_layer(window=2)(x, cache=cache)
