@@ -1,0 +1,174 @@
+"""Tests of growmem.tasks.niah: prompt format, sizing, needle depth, batches and scoring."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from growmem.tasks.niah import (
+    NOISE_HAYSTACK,
+    depth_grid,
+    make_niah_example,
+    niah_dataset,
+    niah_training_batch,
+    score_exact_match,
+    stdlib_essay,
+)
+from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer
+
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+VALUE_FORMAT = {1: r"[1-9]\d{6}", 2: r"[1-9]\d{6}", 3: UUID}
+KIND = {1: "number", 2: "number", 3: "uuid"}
+
+
+@pytest.fixture(scope="module")
+def byte():
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train([stdlib_essay()[:60_000]], vocab_size=1000)
+
+
+@pytest.fixture(params=["byte", "bpe"])
+def tokenizer(request, byte, bpe):
+    return {"byte": byte, "bpe": bpe}[request.param]
+
+
+def needle_fraction(prompt: str, needle: str) -> float:
+    """Relative position of the needle within the haystack part of the prompt."""
+    begin = prompt.index("\n") + 1
+    end = prompt.rindex("\nWhat is the special magic")
+    at = prompt.index(needle)
+    return (at - begin) / max(1, end - begin - len(needle))
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_length_format_and_answer(tokenizer, variant):
+    length = 1200
+    ex = make_niah_example(tokenizer, variant=variant, length=length, depth=0.4, seed=11)
+    total = len(ex.input_ids) + len(ex.answer_ids)
+    assert length - 25 <= total <= length
+    assert ex.input_ids == tokenizer.encode(ex.prompt)
+    assert ex.answer_ids == tokenizer.encode(" " + ex.answer)
+    assert re.fullmatch(VALUE_FORMAT[variant], ex.answer)
+    assert re.fullmatch(r"[a-z]+-[a-z]+", ex.key)
+    kind = KIND[variant]
+    needle = f"One of the special magic {kind}s for {ex.key} is: {ex.answer}."
+    assert ex.prompt.count(needle) == 1 and ex.prompt.count(ex.answer) == 1
+    assert ex.prompt.startswith(f"A special magic {kind} is hidden within the following text.")
+    assert ex.prompt.endswith(
+        f"What is the special magic {kind} for {ex.key} mentioned in the provided text? "
+        f"The special magic {kind} for {ex.key} mentioned in the provided text is"
+    )
+    assert ("The grass is green." in ex.prompt) == (variant == 1)
+    assert (ex.variant, ex.depth) == (variant, 0.4)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("variant", [1, 2])
+def test_needle_at_requested_depth(byte, variant, depth):
+    ex = make_niah_example(byte, variant=variant, length=20_000, depth=depth, seed=3)
+    needle = f"One of the special magic numbers for {ex.key} is: {ex.answer}."
+    assert abs(needle_fraction(ex.prompt, needle) - depth) < 0.015  # a sentence is <= 200 chars
+    before = ex.prompt[: ex.prompt.index(needle)]
+    assert before.endswith(("\n", ". "))  # at a sentence boundary
+
+
+def test_deterministic_by_seed(bpe):
+    a = make_niah_example(bpe, variant=3, length=800, depth=0.5, seed=5)
+    assert a == make_niah_example(bpe, variant=3, length=800, depth=0.5, seed=5)
+    b = make_niah_example(bpe, variant=3, length=800, depth=0.5, seed=6)
+    assert a.answer != b.answer and a.prompt != b.prompt
+
+
+def test_custom_haystack(byte):
+    haystack = "Alpha beta gamma. Delta epsilon zeta! Eta theta iota? Kappa lambda mu."
+    ex = make_niah_example(byte, variant=2, length=2000, depth=0.5, seed=0, haystack=haystack)
+    assert "Delta epsilon zeta!" in ex.prompt and "The grass" not in ex.prompt
+    assert len(ex.input_ids) + len(ex.answer_ids) > 1980  # the haystack wraps around
+
+
+def test_tokenizer_with_special_tokens(byte):
+    class WithBos:
+        def encode(self, text):
+            return [999, *byte.encode(text)]
+
+    ex = make_niah_example(WithBos(), variant=1, length=600, depth=0.5, seed=0)
+    assert ex.input_ids[0] == 999 and len(ex.input_ids) + len(ex.answer_ids) <= 600
+
+
+def test_argument_errors(byte):
+    kwargs = dict(variant=1, length=500, depth=0.5, seed=0)
+    for name, bad in [("variant", 4), ("depth", 1.5), ("depth", -0.1), ("seed", -1)]:
+        with pytest.raises(ValueError, match=name):
+            make_niah_example(byte, **{**kwargs, name: bad})
+    with pytest.raises(ValueError, match="length"):
+        make_niah_example(byte, **{**kwargs, "length": 100})
+    with pytest.raises(ValueError, match="haystack"):
+        make_niah_example(byte, **kwargs, haystack="   ")
+
+
+def test_dataset_depths_and_seeds(byte):
+    examples = niah_dataset(byte, variant=1, length=700, num_examples=5, seed=0)
+    assert [e.depth for e in examples] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len({e.answer for e in examples}) == 5
+    cycled = niah_dataset(byte, variant=1, length=700, num_examples=3, seed=0, depths=[0.2, 0.8])
+    assert [e.depth for e in cycled] == [0.2, 0.8, 0.2]
+    with pytest.raises(ValueError, match="num_examples"):
+        niah_dataset(byte, variant=1, length=700, num_examples=0, seed=0)
+    with pytest.raises(ValueError, match="depths"):
+        niah_dataset(byte, variant=1, length=700, num_examples=1, seed=0, depths=[])
+
+
+def test_depth_grid():
+    assert depth_grid(3) == [0.0, 0.5, 1.0]
+    assert depth_grid(1) == [0.5]
+    with pytest.raises(ValueError, match="n"):
+        depth_grid(0)
+
+
+@pytest.mark.parametrize("eos_id", [None, 258])
+def test_training_batch_labels_only_the_answer(byte, eos_id):
+    examples = niah_dataset(byte, variant=2, length=600, num_examples=2, seed=1)
+    short = make_niah_example(byte, variant=1, length=450, depth=0.5, seed=2)
+    examples.append(short)
+    batch = niah_training_batch(examples, pad_id=256, eos_id=eos_id)
+    x, y, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert x.shape == y.shape == mask.shape and x.shape[0] == 3
+    tail = [] if eos_id is None else [eos_id]
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids) + len(ex.answer_ids) + len(tail)
+        assert x[i, :n].tolist() == ex.input_ids + ex.answer_ids + tail
+        assert mask[i].tolist() == [1] * n + [0] * (x.shape[1] - n)
+        assert (x[i, n:] == 256).all()
+        labelled = (y[i] != -100).nonzero().flatten().tolist()
+        assert labelled == list(range(len(ex.input_ids), n))
+        assert y[i, labelled].tolist() == ex.answer_ids + tail
+    assert batch["input_ids"].dtype == torch.long
+    with pytest.raises(ValueError, match="examples"):
+        niah_training_batch([], pad_id=0)
+
+
+def test_score_exact_match():
+    assert score_exact_match("  4821937", "4821937")
+    assert score_exact_match("The number is 4821937.", "4821937")
+    assert score_exact_match(
+        "1B4E28BA-2FA1-4ED2-883F-0F8E3C1A6D3B", "1b4e28ba-2fa1-4ed2-883f-0f8e3c1a6d3b"
+    )
+    assert not score_exact_match("48219370", "4821937")
+    assert not score_exact_match("4821936", "4821937")
+    assert not score_exact_match("", "4821937")
+    with pytest.raises(ValueError, match="answer"):
+        score_exact_match("x", " ")
+
+
+def test_essay_is_offline_prose():
+    essay = stdlib_essay()
+    assert len(essay) > 100_000
+    assert ">>>" not in essay and "def " not in essay and "\n" not in essay
+    assert essay == stdlib_essay()
+    assert NOISE_HAYSTACK.startswith("The grass is green.")
