@@ -1,6 +1,6 @@
 """Tasks: data only (MQAR, S-NIAH, language-modelling corpora, tokenizers); no model code."""
 
-from growmem.tasks._common import IGNORE_INDEX
+from growmem.tasks._common import IGNORE_INDEX, fold_seed
 from growmem.tasks.corpus import (
     SPLITS,
     TokenBlocks,
@@ -28,6 +28,7 @@ from growmem.tasks.niah import (
     score_exact_match,
     stdlib_essay,
 )
+from growmem.tasks.sampling import EpochSampler
 from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SPLITS",
     "BPETokenizer",
     "ByteTokenizer",
+    "EpochSampler",
     "MQARConfig",
     "MQARSlice",
     "MQARSplits",
@@ -42,6 +44,7 @@ __all__ = [
     "TokenBlocks",
     "Tokenizer",
     "depth_grid",
+    "fold_seed",
     "generate_mqar",
     "hf_text_dataset",
     "load_corpus",

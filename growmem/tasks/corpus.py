@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from growmem.tasks._common import fold_seed
+from growmem.tasks.sampling import EpochSampler
 from growmem.tasks.tokenizers import Tokenizer
 
 __all__ = [
@@ -227,7 +227,7 @@ class TokenBlocks:
         self.token_bytes = np.asarray(token_bytes, dtype=np.int64)  # [V]
         self.seq_len = seq_len
         self.num_blocks = (len(tokens) - 1) // (seq_len - 1)
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self.sampler = EpochSampler(self.num_blocks)
 
     @classmethod
     def from_documents(
@@ -293,55 +293,21 @@ class TokenBlocks:
             "num_bytes": torch.from_numpy(num_bytes),
         }
 
-    def _order(self, seed: int, epoch: int) -> np.ndarray:
-        """The block permutation of one epoch; the two most recently drawn are kept."""
-        key = (seed, epoch)
-        if key not in self._orders:
-            if len(self._orders) == 2:
-                del self._orders[next(iter(self._orders))]
-            generator = torch.Generator().manual_seed(fold_seed(seed, epoch))
-            self._orders[key] = torch.randperm(self.num_blocks, generator=generator).numpy()
-        return self._orders[key]
-
     def batch_at(
         self, step: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
     ) -> dict[str, torch.Tensor]:
-        """The training batch of ``rank`` at optimizer step ``step`` — a pure function of its args.
+        """The training batch of ``rank`` at optimizer step ``step``, a pure function of its
+        arguments (see `EpochSampler`): resuming at step s replays exactly the batches of an
+        uninterrupted run, and the ranks' batches concatenated in rank order are
+        ``batch_at(step, world_size * batch_size, seed=seed)``.
 
-        The sampler walks one infinite sequence: epoch e is a permutation of all blocks drawn from
-        (seed, e). Global batch ``step`` is the next ``world_size * batch_size`` entries; rank r
-        takes entries ``[r * batch_size, (r + 1) * batch_size)`` of it. Hence the ranks' batches
-        concatenated in rank order are ``batch_at(step, world_size * batch_size, seed=seed)``,
-        ranks never share an entry, and resuming at step s (even with another world size of the
-        same global batch) replays exactly the batches of an uninterrupted run.
-
-        Args:
-            step: optimizer step, >= 0.
-            batch_size: blocks per rank, >= 1.
-            seed: >= 0; the same seed gives the same order.
-            rank: this process's rank in [0, world_size).
-            world_size: number of data-parallel processes, >= 1.
         Returns: ``input_ids`` [batch_size, seq_len], ``labels`` [batch_size, seq_len],
             ``num_bytes`` [batch_size].
         """
-        for name, value, low in (
-            ("step", step, 0),
-            ("batch_size", batch_size, 1),
-            ("seed", seed, 0),
-            ("world_size", world_size, 1),
-        ):
-            if value < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
-        first = (step * world_size + rank) * batch_size
-        positions = np.arange(first, first + batch_size)  # [B] positions in the infinite order
-        epochs, offsets = np.divmod(positions, self.num_blocks)
-        block_ids = np.empty(batch_size, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            block_ids[here] = self._order(seed, int(epoch))[offsets[here]]
-        return self._gather(block_ids)
+        indices = self.sampler.indices_at(
+            step, batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+        return self._gather(indices)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1

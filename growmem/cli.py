@@ -1,0 +1,179 @@
+"""The ``growmem`` command: train and evaluate models.
+
+growmem train CONFIG [--set section.key=value ...] [--resume]
+growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--post-training-mc SEGMENT]
+growmem configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name: str) -> Path:
+    """A config path, or the name of a preset in growmem/configs (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if preset.is_file():
+        return preset
+    raise FileNotFoundError(
+        f"config not found: {name} (neither a file nor a preset; `growmem configs` lists them)"
+    )
+
+
+def cmd_train(args) -> int:
+    from growmem.train import train
+    from growmem.training.config import load_config
+
+    config = load_config(resolve_config(args.config), args.set)
+    final = train(config, resume=args.resume)
+    print(f"model saved to {final}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, plot_results
+    from growmem.models import GrowMemConfig, GrowMemForCausalLM
+    from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
+    from growmem.training.checkpoint import load_weights, read_run_config
+    from growmem.training.config import TASK_TYPES, build_config
+    from growmem.training.data import mqar_data
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    recorded = read_run_config(folder)
+    run = build_config({k: recorded[k] for k in ("model", "task", "train")})
+    config = GrowMemConfig.from_pretrained(folder)
+    label = ""
+    if args.post_training_mc:
+        config.aggregation, config.segment_size = "mean", args.post_training_mc
+        label = f"-mc{args.post_training_mc}"
+    model = GrowMemForCausalLM(config)
+    load_weights(folder, model)
+    model.eval()
+
+    task_name = args.task or run.task.name
+    task = run.task if task_name == run.task.name else TASK_TYPES[task_name]()
+    tokenizer = None
+    if task_name in ("niah", "lm"):
+        tokenizer_dir = folder / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer/ folder; task {task_name} needs the model's tokenizer"
+            )
+        tokenizer = load_tokenizer(tokenizer_dir)
+        expected = recorded.get("tokenizer_fingerprint")
+        if expected is not None and tokenizer.fingerprint() != expected:
+            raise ValueError(
+                f"tokenizer in {tokenizer_dir} does not match the model's "
+                f"({tokenizer.fingerprint()} != {expected})"
+            )
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
+            )
+    lengths = args.lengths
+    if lengths and max(lengths) > config.max_position_embeddings:
+        raise ValueError(
+            f"--lengths up to {max(lengths)} exceed the model's max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if task_name == "mqar":
+        if lengths:
+            task = dataclasses.replace(task, test_seq_lens=lengths)
+        if task.vocab_size != config.vocab_size:
+            raise ValueError(f"MQAR vocab {task.vocab_size} != model vocab {config.vocab_size}")
+        results = evaluate_mqar(model, mqar_data(task, run.train.seed).mqar_test)
+    elif task_name == "niah":
+        results = evaluate_niah(
+            model,
+            tokenizer,
+            variant=task.variant,
+            lengths=lengths or task.eval_lengths or [task.seq_len * m for m in (1, 2, 4, 8)],
+            num_examples=task.num_eval_examples,
+            seed=run.train.seed,
+            haystack=task.haystack,
+        )
+    else:
+        seq_len = max(lengths) if lengths else task.seq_len
+        blocks = TokenBlocks.from_documents(
+            load_corpus(task.corpus, task.eval_split), tokenizer, seq_len
+        )
+        results = evaluate_lm(model, blocks, max_blocks=args.max_blocks or task.eval_blocks)
+    out = Path(args.out) if args.out else folder
+    name = f"eval-{task_name}{label}"
+    path = out / f"{name}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")
+    summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    print(json.dumps(summary))
+    print(f"wrote {path} and {plot}")
+    return 0
+
+
+def cmd_configs(_args) -> int:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        print(path.stem)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="growmem", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="a YAML file or the name of a preset (growmem configs)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set train.steps=200",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("eval", help="evaluate a saved model folder")
+    p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
+    p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to evaluate at")
+    p.add_argument(
+        "--post-training-mc",
+        type=int,
+        metavar="SEGMENT",
+        help="read the memory through Memory Caching (uniform mean over segments of SEGMENT "
+        "tokens) at inference only",
+    )
+    p.add_argument("--max-blocks", type=int, default=0, help="lm: blocks to score (0: task's)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="folder for eval-*.json and .png (default: the model folder)")
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("configs", help="list the preset configs")
+    p.set_defaults(run=cmd_configs)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"growmem {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

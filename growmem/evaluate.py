@@ -1,0 +1,211 @@
+"""Evaluation of growmem language models on the tasks: MQAR recall, S-NIAH retrieval, language
+modelling (loss, perplexity, bits per byte, perplexity by position), with plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import itertools
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from growmem.models import GrowMemForCausalLM
+from growmem.tasks import (
+    MQARSlice,
+    TokenBlocks,
+    Tokenizer,
+    fold_seed,
+    mqar_accuracy_by_slice,
+    niah_dataset,
+    score_exact_match,
+)
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def evaluate_mqar(
+    model: GrowMemForCausalLM, slices: Sequence[MQARSlice], batch_size: int = 64, bf16=False
+) -> dict[str, Any]:
+    """Token accuracy of the value predictions on each test slice.
+
+    Returns:
+        {"accuracy": over all slices' labelled tokens, "slices": [{"seq_len",
+        "num_kv_pairs", "accuracy"}]}.
+    """
+    model.eval()
+
+    def predict(ids: torch.Tensor) -> torch.Tensor:
+        with _autocast(bf16):
+            return model(input_ids=ids, use_cache=False).logits.argmax(-1)
+
+    accuracy = mqar_accuracy_by_slice(predict, slices, batch_size=batch_size)
+    rows = [
+        {"seq_len": s.seq_len, "num_kv_pairs": s.num_kv_pairs, "accuracy": accuracy[s.key]}
+        for s in slices
+    ]
+    weights = [s.input_ids.shape[0] * s.num_kv_pairs for s in slices]  # labelled tokens
+    overall = sum(w * r["accuracy"] for w, r in zip(weights, rows, strict=True)) / sum(weights)
+    return {"accuracy": overall, "slices": rows}
+
+
+@torch.no_grad()
+def evaluate_niah(
+    model: GrowMemForCausalLM,
+    tokenizer: Tokenizer,
+    *,
+    variant: int,
+    lengths: Sequence[int],
+    num_examples: int,
+    seed: int,
+    haystack: str | None = None,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Exact-match retrieval of the needle's value, generated greedily, at each length.
+
+    Examples come from a seed stream disjoint from training's (``fold_seed(seed, 1, length)``)
+    with needle depths on an even grid.
+
+    Returns:
+        {"accuracy": mean over lengths, "lengths": [{"length", "accuracy", "depths":
+        [[depth, correct], ...]}]}.
+    """
+    model.eval()
+    rows = []
+    for length in lengths:
+        examples = niah_dataset(
+            tokenizer,
+            variant=variant,
+            length=length,
+            num_examples=num_examples,
+            seed=fold_seed(seed, 1, length),
+            haystack=haystack,
+        )
+        hits = []
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            with _autocast(bf16):
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=len(example.answer_ids) + 2,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_id,
+                    eos_token_id=tokenizer.eos_id,
+                )
+            text = tokenizer.decode(out[0, ids.shape[1] :].tolist())
+            hits.append(score_exact_match(text, example.answer))
+        rows.append(
+            {
+                "length": length,
+                "accuracy": sum(hits) / len(hits),
+                "depths": [[e.depth, h] for e, h in zip(examples, hits, strict=True)],
+            }
+        )
+    return {"accuracy": sum(r["accuracy"] for r in rows) / len(rows), "lengths": rows}
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: GrowMemForCausalLM,
+    blocks: TokenBlocks,
+    *,
+    max_blocks: int = 0,
+    batch_size: int = 8,
+    position_buckets: int = 8,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Next-token loss over evaluation blocks (the first ``max_blocks``, 0 = all).
+
+    Returns:
+        {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "by_position":
+        [{"start", "end", "loss", "perplexity"}]} where by_position buckets the target
+        positions 1..T-1 into ``position_buckets`` equal ranges.
+    """
+    model.eval()
+    T = blocks.seq_len
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    position_nll = torch.zeros(T - 1, dtype=torch.float64)
+    seen = 0
+    for batch in blocks.eval_batches(batch_size):
+        if max_blocks and seen >= max_blocks:
+            break
+        ids = batch["input_ids"][: max_blocks - seen if max_blocks else None]
+        num_bytes = batch["num_bytes"][: ids.shape[0]]
+        with _autocast(bf16):
+            logits = model(input_ids=ids, use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+        ).double()  # [B, T - 1]
+        total_nll += float(nll.sum())
+        total_tokens += nll.numel()
+        total_bytes += int(num_bytes.sum())
+        position_nll += nll.sum(0)
+        seen += ids.shape[0]
+    if seen == 0:
+        raise ValueError("blocks: the evaluation split has no block")
+    loss = total_nll / total_tokens
+    edges = torch.linspace(0, T - 1, position_buckets + 1).round().long().tolist()
+    by_position = []
+    for lo, hi in itertools.pairwise(edges):
+        if hi > lo:
+            bucket = float(position_nll[lo:hi].sum()) / ((hi - lo) * seen)
+            by_position.append(
+                {"start": lo + 1, "end": hi, "loss": bucket, "perplexity": math.exp(bucket)}
+            )
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
+        "tokens": total_tokens,
+        "blocks": seen,
+        "by_position": by_position,
+    }
+
+
+def plot_results(task: str, results: dict[str, Any], path: Path, title: str = "") -> Path:
+    """A PNG of an evaluation: MQAR accuracy against key-value pairs (one line per length),
+    S-NIAH accuracy against length, LM perplexity against position."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if task == "mqar":
+        for T in sorted({s["seq_len"] for s in results["slices"]}):
+            rows = [s for s in results["slices"] if s["seq_len"] == T]
+            ax.plot(
+                [r["num_kv_pairs"] for r in rows],
+                [r["accuracy"] for r in rows],
+                "o-",
+                label=f"seq_len {T}",
+            )
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+    elif task == "niah":
+        rows = results["lengths"]
+        ax.plot([r["length"] for r in rows], [r["accuracy"] for r in rows], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        rows = results["by_position"]
+        ax.plot([(r["start"] + r["end"]) / 2 for r in rows], [r["perplexity"] for r in rows], "o-")
+        ax.set_xlabel("token position")
+        ax.set_ylabel("perplexity")
+    ax.set_title(title or task)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,329 @@
+"""Training: AdamW with warmup + cosine, gradient accumulation, clipping, bf16 autocast,
+periodic evaluation, JSONL metrics, atomic checkpoints with exact resume, and
+DistributedDataParallel when launched by torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah
+from growmem.models import GrowMemConfig, GrowMemForCausalLM
+from growmem.tasks import IGNORE_INDEX
+from growmem.training.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    read_run_config,
+    save_checkpoint,
+    save_model_folder,
+    write_text_atomic,
+)
+from growmem.training.config import LMTask, MQARTask, RunConfig, build_config
+from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """Join the process group torchrun describes in the environment (gloo on CPU, nccl on
+        GPU); a plain launch is a world of one."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, none on embeddings, norms,
+    biases, gate parameters or the memories' initial weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """Learning-rate factor of step s: linear warmup to 1, cosine decay to min_ratio."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
+    """The periodic evaluation of the run's task."""
+    task, bf16 = config.task, config.train.bf16
+    if isinstance(task, MQARTask):
+        return evaluate_mqar(model, data.mqar_test, bf16=bf16)
+    if isinstance(task, LMTask):
+        return evaluate_lm(model, data.lm_eval, max_blocks=task.eval_blocks, bf16=bf16)
+    return evaluate_niah(
+        model,
+        data.tokenizer,
+        variant=task.variant,
+        lengths=niah_eval_lengths(task),
+        num_examples=task.num_eval_examples,
+        seed=config.train.seed,
+        haystack=task.haystack,
+        bf16=bf16,
+    )
+
+
+def _prepare_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
+    """Record the run config; refuse to mix runs in one folder."""
+    recorded = out / "config.yaml"
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if recorded.is_file():
+        previous = build_config(yaml.safe_load(recorded.read_text())).to_dict()
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run; pass --resume to continue it or choose another "
+                "train.out_dir (nothing was overwritten)"
+            )
+        if (
+            previous["model"] != config.to_dict()["model"]
+            or previous["task"] != config.to_dict()["task"]
+        ):
+            raise ValueError(
+                f"--resume: {out} holds a run of another model or task; its config is {recorded}"
+            )
+    write_text_atomic(recorded, text)
+
+
+def _metrics_file(out: Path, start_step: int) -> Path:
+    """metrics.jsonl, cut back to the lines of steps before ``start_step`` on resume."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] < start_step
+        ]
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
+    return path
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Train a model as ``config`` says; returns the folder of the final model.
+
+    Under torchrun every process runs this; rank 0 logs, evaluates and writes checkpoints.
+    With ``resume`` the run continues from its latest checkpoint and reproduces exactly the
+    metrics an uninterrupted run would have written.
+    """
+    settings = config.train
+    env = Distributed.from_env()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    out = Path(settings.out_dir)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(out, config, resume)
+    env.barrier()
+
+    data = build_task_data(config.task, settings.seed, out) if env.main else None
+    env.barrier()  # rank 0 trains a BPE or fills the token cache first; the others reuse it
+    if not env.main:
+        data = build_task_data(config.task, settings.seed, out)
+    model_config = GrowMemConfig(vocab_size=data.vocab_size, **config.model)
+    if data.max_seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"the task uses sequences of {data.max_seq_len} tokens, beyond the model's "
+            f"max_position_embeddings={model_config.max_position_embeddings}"
+        )
+    torch.manual_seed(settings.seed)
+    model = GrowMemForCausalLM(model_config).to(device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+    )
+    start_step = 0
+    if resume:
+        folder = latest_checkpoint(out)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
+        recorded = read_run_config(folder)
+        if recorded["model"] != config.model or recorded["task"] != config.to_dict()["task"]:
+            raise ValueError(f"--resume: checkpoint {folder} is from another model or task")
+        load_weights(folder, model)
+        state = load_trainer_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = state["step"]
+    run_config = config.to_dict()
+    metrics_path = _metrics_file(out, start_step) if env.main else None
+    ddp = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if env.world_size > 1
+        else model
+    )
+
+    def checkpoint(step: int) -> None:
+        if env.main:
+            trainer_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(
+                out,
+                step,
+                model,
+                run_config,
+                trainer_state,
+                data.tokenizer,
+                keep=settings.keep_checkpoints,
+            )
+        env.barrier()
+
+    def log(record: dict) -> None:
+        if env.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar = tqdm(
+        total=settings.steps,
+        initial=start_step,
+        disable=not (env.main and settings.progress),
+        dynamic_ncols=True,
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    step = start_step
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        for step in range(start_step, settings.steps):
+            model.train()
+            batch = data.train.batch_at(
+                step,
+                settings.batch_size * settings.grad_accum,
+                seed=settings.seed,
+                rank=env.rank,
+                world_size=env.world_size,
+            )
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            targets = labels[:, 1:]
+            # the loss is the mean over every labelled token of the global batch, so that
+            # any split over processes and micro-batches computes the same gradient
+            labelled = env.all_sum((targets != IGNORE_INDEX).sum().double())
+            scale = env.world_size / labelled.clamp_min(1)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            micro = list(
+                zip(ids.chunk(settings.grad_accum), labels.chunk(settings.grad_accum), strict=True)
+            )
+            for i, (mb_ids, mb_labels) in enumerate(micro):
+                last = i == len(micro) - 1
+                # DDP averages gradients on the last micro-batch only
+                with contextlib.nullcontext() if last or env.world_size == 1 else ddp.no_sync():
+                    with autocast:
+                        logits = ddp(input_ids=mb_ids, use_cache=False).logits
+                    mb_loss = F.cross_entropy(
+                        logits[:, :-1].float().flatten(0, 1),
+                        mb_labels[:, 1:].flatten(),
+                        ignore_index=IGNORE_INDEX,
+                        reduction="sum",
+                    )
+                    (mb_loss * scale).backward()
+                loss_sum += mb_loss.detach().double()
+            clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss = float(env.all_sum(loss_sum) / labelled.clamp_min(1))
+            window_tokens += ids.numel() * env.world_size
+            done = step + 1
+            if done % settings.log_every == 0 or done == settings.steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                log(
+                    {
+                        "step": done,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tokens_per_s,
+                    }
+                )
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+            if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+                if env.main:
+                    log({"step": done, "eval": evaluate_run(model, data, config)})
+                env.barrier()
+            if settings.checkpoint_every and done % settings.checkpoint_every == 0:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        bar.close()
+        if env.main:
+            print(
+                f"\ninterrupted during step {step + 1}; the last checkpoint is intact, "
+                f"continue with --resume"
+            )
+        raise
+    bar.close()
+    if not settings.checkpoint_every or settings.steps % settings.checkpoint_every:
+        checkpoint(settings.steps)
+    final = out / "model"
+    if env.main:
+        results = evaluate_run(model, data, config)
+        log({"step": settings.steps, "eval": results})
+        eval_json = json.dumps(results, indent=2) + "\n"
+        save_model_folder(final, model, run_config, data.tokenizer, {"eval.json": eval_json})
+    env.barrier()
+    return final

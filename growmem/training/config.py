@@ -1,0 +1,258 @@
+"""Run configurations: YAML files of three sections (model, task, train) checked key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from growmem.models import GrowMemConfig
+
+TASKS = ("mqar", "niah", "lm")
+
+
+@dataclass
+class MQARTask:
+    """Multi-query associative recall (growmem.tasks.mqar).
+
+    Args:
+        vocab_size: token ids of the task (keys from the lower half, values from the upper).
+        seq_len: training sequence length.
+        num_kv_pairs: key-value pairs per training example (one or a list of settings).
+        num_train_examples: training examples per setting (sampled with replacement epochs).
+        test_seq_lens: sequence lengths of the test slices (default: seq_len).
+        test_num_kv_pairs: key-value pairs of the test slices (default: num_kv_pairs).
+        num_test_examples: examples per test slice.
+        power_a: query-gap power law exponent.
+    """
+
+    name: str = "mqar"
+    vocab_size: int = 8192
+    seq_len: int = 256
+    num_kv_pairs: int | list[int] = 16
+    num_train_examples: int = 20000
+    test_seq_lens: list[int] | None = None
+    test_num_kv_pairs: list[int] | None = None
+    num_test_examples: int = 256
+    power_a: float = 0.01
+
+
+@dataclass
+class NIAHTask:
+    """Single needle in a haystack, S-NIAH-1/2/3 (growmem.tasks.niah).
+
+    Args:
+        variant: 1 (passkey, noise haystack), 2 (7-digit number, essay), 3 (UUID, essay).
+        seq_len: training length in tokens.
+        num_train_examples: training examples.
+        eval_lengths: evaluation lengths in tokens (default 1x, 2x, 4x, 8x seq_len).
+        num_eval_examples: examples per evaluation length (needle depths on a grid).
+        haystack: "noise" or "essay" (default per variant).
+        tokenizer: "byte" or a saved tokenizer directory.
+    """
+
+    name: str = "niah"
+    variant: int = 1
+    seq_len: int = 512
+    num_train_examples: int = 4000
+    eval_lengths: list[int] | None = None
+    num_eval_examples: int = 20
+    haystack: str | None = None
+    tokenizer: str = "byte"
+
+
+@dataclass
+class LMTask:
+    """Language modelling on a text corpus (growmem.tasks.corpus).
+
+    Args:
+        corpus: "stdlib" (the running Python's standard library source), a local file or
+            folder, or "hf:<dataset>[:<config>]" (needs the datasets package and the hub).
+        seq_len: tokens per training block.
+        tokenizer: "byte", "bpe" (trained on the training split and saved with the run) or a
+            saved tokenizer directory.
+        bpe_vocab_size: vocabulary of a trained BPE.
+        eval_split: "val" or "test".
+        eval_blocks: blocks of the evaluation split scored at each evaluation (0: all).
+        cache_dir: where tokenized streams are kept (default: <out_dir>/../.token_cache).
+    """
+
+    name: str = "lm"
+    corpus: str = "stdlib"
+    seq_len: int = 512
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 4096
+    eval_split: str = "val"
+    eval_blocks: int = 64
+    cache_dir: str | None = None
+
+
+TASK_TYPES = {"mqar": MQARTask, "niah": NIAHTask, "lm": LMTask}
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation, logging and checkpointing.
+
+    Args:
+        out_dir: run folder (metrics.jsonl, checkpoints/, model/).
+        steps: optimizer steps.
+        batch_size: sequences per process per optimizer step (before accumulation: each
+            step takes batch_size * grad_accum sequences per process).
+        grad_accum: micro-batches per optimizer step.
+        lr, min_lr_ratio, warmup_steps: AdamW peak rate, cosine floor (fraction of lr),
+            linear warmup.
+        weight_decay: on matrices only (not on norms, biases, gates or embeddings).
+        betas, eps: AdamW.
+        grad_clip: max global gradient norm (0: off).
+        bf16: bfloat16 autocast for the forward (memory states stay fp32).
+        seed: model init and data order.
+        eval_every: steps between evaluations (0: only at the end).
+        log_every: steps between metric lines.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: most recent checkpoints kept.
+        threads: torch threads per process (0: torch's default).
+        progress: show a progress bar.
+    """
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    threads: int = 0
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: GrowMemConfig arguments (vocab_size comes from the task), the task and
+    the training settings."""
+
+    model: dict[str, Any]
+    task: MQARTask | NIAHTask | LMTask
+    train: TrainSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "task": dataclasses.asdict(self.task),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def _model_keys() -> list[str]:
+    params = inspect.signature(GrowMemConfig.__init__).parameters
+    return [p for p in params if p not in ("self", "kwargs", "vocab_size")]
+
+
+def _check_keys(section: str, given: dict, valid: list[str]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in section '{section}'; valid keys: {sorted(valid)}"
+        )
+
+
+def _typed(section: str, cls: type, values: dict) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, checking key names and value types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(section, values, list(fields))
+    defaults = cls()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        if default is None or value is None:
+            continue
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif expected is int and isinstance(value, list) and key == "num_kv_pairs":
+            continue
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{section}.{key} must be of type {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a dict with sections model, task and train (all keys checked).
+
+    Raises:
+        ValueError: an unknown section or key (listing the valid ones), a wrong value type,
+            an unknown task name, or model settings GrowMemConfig rejects.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    _check_keys("<top level>", raw, ["model", "task", "train"])
+    sections = {}
+    for name in ("model", "task", "train"):
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"section '{name}' must be a mapping, got {value!r}")
+        sections[name] = dict(value)
+    model = sections["model"]
+    _check_keys("model", model, _model_keys())
+    GrowMemConfig(**model)  # rejects bad values early, naming the argument
+    task_name = sections["task"].get("name", "mqar")
+    if task_name not in TASK_TYPES:
+        raise ValueError(f"task.name must be one of {list(TASKS)}, got {task_name!r}")
+    task = _typed("task", TASK_TYPES[task_name], sections["task"])
+    train = _typed("train", TrainSettings, sections["train"])
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        if getattr(train, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    return RunConfig(model=model, task=task, train=train)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` (value parsed as YAML) -> (["section", "key"], value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or "." not in key:
+        raise ValueError(f"--set expects section.key=value (e.g. train.lr=3e-4), got {text!r}")
+    return key.split("."), yaml.safe_load(value)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``--set`` overrides.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings; values are parsed as YAML.
+
+    Raises:
+        FileNotFoundError: path does not exist.
+        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config {path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return build_config(raw)

@@ -1,0 +1,177 @@
+"""The data of a run: what a task config turns into (training batches, evaluation sets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from growmem.tasks import (
+    BPETokenizer,
+    ByteTokenizer,
+    MQARConfig,
+    MQARSlice,
+    TokenBlocks,
+    Tokenizer,
+    load_corpus,
+    load_tokenizer,
+    mqar_splits,
+    niah_dataset,
+    niah_training_batch,
+)
+from growmem.tasks.sampling import EpochSampler
+from growmem.training.config import LMTask, MQARTask, NIAHTask
+
+
+class ExampleSet:
+    """Fixed training examples served with the same sampling contract as ``TokenBlocks``:
+    ``batch_at(step, batch_size, seed=, rank=, world_size=)`` is a pure function of its
+    arguments, and the ranks' batches concatenated in rank order form the global batch.
+
+    Args:
+        tensors: equally long [N, ...] tensors, e.g. input_ids and labels.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        sizes = {t.shape[0] for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"tensors: expected one number of examples, got sizes {sizes}")
+        self.tensors = tensors
+        self.sampler = EpochSampler(sizes.pop())
+
+    def batch_at(
+        self, step: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ) -> dict[str, torch.Tensor]:
+        index = torch.from_numpy(
+            self.sampler.indices_at(step, batch_size, seed=seed, rank=rank, world_size=world_size)
+        )
+        return {name: t[index] for name, t in self.tensors.items()}
+
+
+@dataclass
+class TaskData:
+    """What training and evaluation of one task need.
+
+    Attributes:
+        vocab_size: the model's vocabulary (task tokens or the tokenizer's).
+        train: a batch source (``ExampleSet`` or ``TokenBlocks``).
+        max_seq_len: longest sequence the run trains or evaluates on.
+        tokenizer: the tokenizer (NIAH and LM), or None (MQAR works on ids).
+        mqar_test: MQAR test slices.
+        lm_eval: LM evaluation blocks.
+    """
+
+    vocab_size: int
+    train: ExampleSet | TokenBlocks
+    max_seq_len: int
+    tokenizer: Tokenizer | None = None
+    mqar_test: list[MQARSlice] | None = None
+    lm_eval: TokenBlocks | None = None
+
+
+def mqar_test_configs(task: MQARTask) -> list[MQARConfig]:
+    """The test slices of an MQAR task: every (seq_len, num_kv_pairs) pair that fits."""
+    pairs = task.num_kv_pairs if isinstance(task.num_kv_pairs, list) else [task.num_kv_pairs]
+    lengths = task.test_seq_lens or [task.seq_len]
+    kv_counts = task.test_num_kv_pairs or pairs
+    configs = [
+        MQARConfig(
+            vocab_size=task.vocab_size,
+            seq_len=T,
+            num_kv_pairs=k,
+            num_examples=task.num_test_examples,
+            power_a=task.power_a,
+        )
+        for T in lengths
+        for k in kv_counts
+        if 4 * k <= T
+    ]
+    if not configs:
+        raise ValueError(
+            f"task: no test slice fits (test_seq_lens {lengths}, test_num_kv_pairs "
+            f"{kv_counts}; seq_len must be >= 4 * num_kv_pairs)"
+        )
+    return configs
+
+
+def mqar_data(task: MQARTask, seed: int) -> TaskData:
+    pairs = task.num_kv_pairs if isinstance(task.num_kv_pairs, list) else [task.num_kv_pairs]
+    train = [
+        MQARConfig(
+            vocab_size=task.vocab_size,
+            seq_len=task.seq_len,
+            num_kv_pairs=k,
+            num_examples=task.num_train_examples,
+            power_a=task.power_a,
+        )
+        for k in pairs
+    ]
+    test = mqar_test_configs(task)
+    splits = mqar_splits(train, test, seed=seed)
+    max_len = max(task.seq_len, *(c.seq_len for c in test))
+    return TaskData(task.vocab_size, ExampleSet(splits.train), max_len, mqar_test=splits.test)
+
+
+def niah_data(task: NIAHTask, seed: int) -> TaskData:
+    tokenizer = load_tokenizer(task.tokenizer)
+    examples = niah_dataset(
+        tokenizer,
+        variant=task.variant,
+        length=task.seq_len,
+        num_examples=task.num_train_examples,
+        seed=seed,
+        haystack=task.haystack,
+    )
+    batch = niah_training_batch(examples, pad_id=tokenizer.pad_id)
+    train = ExampleSet({"input_ids": batch["input_ids"], "labels": batch["labels"]})
+    max_len = max(niah_eval_lengths(task))
+    return TaskData(tokenizer.vocab_size, train, max_len, tokenizer=tokenizer)
+
+
+def niah_eval_lengths(task: NIAHTask) -> list[int]:
+    return task.eval_lengths or [task.seq_len * m for m in (1, 2, 4, 8)]
+
+
+def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
+    """The run's tokenizer: byte, a saved one, or a BPE trained on the training split (once:
+    a run that resumes reuses the one saved in out_dir/tokenizer)."""
+    if task.tokenizer == "byte":
+        return ByteTokenizer()
+    if task.tokenizer != "bpe":
+        return load_tokenizer(task.tokenizer)
+    saved = out_dir / "tokenizer"
+    if saved.is_dir():
+        return load_tokenizer(saved)
+    tokenizer = BPETokenizer.train(load_corpus(task.corpus, "train"), task.bpe_vocab_size)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def lm_data(task: LMTask, out_dir: Path) -> TaskData:
+    if task.eval_split not in ("val", "test"):
+        raise ValueError(f"task.eval_split must be 'val' or 'test', got {task.eval_split!r}")
+    tokenizer = lm_tokenizer(task, out_dir)
+    cache_dir = Path(task.cache_dir) if task.cache_dir else out_dir.parent / ".token_cache"
+    blocks = {
+        split: TokenBlocks.from_documents(
+            load_corpus(task.corpus, split), tokenizer, task.seq_len, cache_dir=cache_dir
+        )
+        for split in ("train", task.eval_split)
+    }
+    return TaskData(
+        tokenizer.vocab_size,
+        blocks["train"],
+        task.seq_len,
+        tokenizer=tokenizer,
+        lm_eval=blocks[task.eval_split],
+    )
+
+
+def build_task_data(task: MQARTask | NIAHTask | LMTask, seed: int, out_dir: Path) -> TaskData:
+    """Generate or load the data of ``task`` (deterministic given ``seed``)."""
+    if isinstance(task, MQARTask):
+        return mqar_data(task, seed)
+    if isinstance(task, NIAHTask):
+        return niah_data(task, seed)
+    return lm_data(task, out_dir)
