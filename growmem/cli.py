@@ -36,8 +36,11 @@ def cmd_train(args) -> int:
     from growmem.training.config import load_config
 
     config = load_config(resolve_config(args.config), args.set)
-    final = train(config, resume=args.resume)
-    print(f"model saved to {final}")
+    final = train(config, resume=args.resume, stop_after=args.stop_after)
+    if final is None:
+        print(f"stopped after step {args.stop_after}; continue with --resume")
+    else:
+        print(f"model saved to {final}")
     return 0
 
 
@@ -144,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value (repeatable), e.g. --set train.steps=200",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="end the session after STEP with a checkpoint (continue later with --resume)",
+    )
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("eval", help="evaluate a saved model folder")

@@ -138,25 +138,34 @@ def _prepare_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
 
 
 def _metrics_file(out: Path, start_step: int) -> Path:
-    """metrics.jsonl, cut back to the lines of steps before ``start_step`` on resume."""
+    """metrics.jsonl, cut back on resume to the lines written up to the checkpoint of
+    ``start_step`` (a step's lines all come before its checkpoint)."""
     path = out / "metrics.jsonl"
     if path.is_file():
         keep = [
             line
             for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] < start_step
+            if line.strip() and json.loads(line)["step"] <= start_step
         ]
         write_text_atomic(path, "".join(line + "\n" for line in keep))
     return path
 
 
-def train(config: RunConfig, resume: bool = False) -> Path:
+def train(config: RunConfig, resume: bool = False, stop_after: int | None = None) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
     Under torchrun every process runs this; rank 0 logs, evaluates and writes checkpoints.
     With ``resume`` the run continues from its latest checkpoint and reproduces exactly the
     metrics an uninterrupted run would have written.
+
+    Args:
+        config: the run.
+        resume: continue from the run folder's latest checkpoint.
+        stop_after: end this session after that step with a checkpoint (for time-sliced or
+            preemptible jobs; continue with ``resume``); returns None then.
     """
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
     settings = config.train
     env = Distributed.from_env()
     if settings.threads:
@@ -308,6 +317,11 @@ def train(config: RunConfig, resume: bool = False) -> Path:
                 env.barrier()
             if settings.checkpoint_every and done % settings.checkpoint_every == 0:
                 checkpoint(done)
+            if stop_after is not None and done == stop_after and done < settings.steps:
+                if not (settings.checkpoint_every and done % settings.checkpoint_every == 0):
+                    checkpoint(done)
+                bar.close()
+                return None
     except KeyboardInterrupt:
         bar.close()
         if env.main:
