@@ -2,11 +2,11 @@
 
 As core.py, a call consumes T tokens after ``seen`` earlier ones, cut into pieces at segment
 starts; the mini-batch grid restarts at every segment start, so segment ends are mini-batch
-ends and the cached memories are the MLP weights there. The pieces run one after another (a
-Python loop over segments): piece p may read the caches finished by the pieces before it,
-which Memory Soup needs inside the scan. Tokens after the last mini-batch boundary are kept in
-the cache (``pending``) and recomputed by the next call, since their gradients are all taken
-at that boundary.
+ends and the cached memories are the MLP weights there. One scan runs over all pieces (the
+state transitions never read a cache), then every read is batched: the online memory's over
+mini-batches, the cached memories' per piece (soup mixes both inside the MLP). Tokens after
+the last mini-batch boundary are kept in the cache (``pending``) and recomputed by the next
+call, since their gradients are all taken at that boundary.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch.utils.checkpoint
 
 from growmem.ops.caching.cache import DeepMemoryCache
 from growmem.ops.caching.core import _key_summaries, _summarize, cache_gates
-from growmem.ops.caching.reads import mixed_read_list
+from growmem.ops.caching.reads import mixed_read
 from growmem.ops.deep.api import mini_batch_lengths
-from growmem.ops.deep.chunk import chunk_deep_memory
+from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
+from growmem.ops.precision import compute_dtype
 
 GATE_NAMES = ("eta", "g", "beta")
 
@@ -164,89 +165,63 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     if cfg.aggregation in ("grm", "soup", "ssc") and N:
         gamma, idx, valid = cache_gates(u, summaries, cached_summaries, n_tok, cfg)
 
-    # the cached weights as lists (stacked once at the end): pieces append to them, and soup
-    # reads them as shared per-segment tensors (transposed once each)
-    W1s, W2s = list(cache.states.W1.unbind(2)), list(cache.states.W2.unbind(2))
-    soup_mode = cfg.aggregation == "soup"
-    W1t = [w.transpose(-1, -2).contiguous() for w in W1s] if soup_mode else None
-    W2t = [w.transpose(-1, -2).contiguous() for w in W2s] if soup_mode else None
-    online_outs, state, entry, last_len = [], cache.online_state, None, 0
-    pending = cache.pending_tokens
-    scan = dict(
-        rule=cfg.rule, init_weights=init_weights, norm=norm, max_grad_norm=max_grad_norm, eps=eps
-    )
-    # split once: slicing inside the loop would make the backward zero-fill a full-size
-    # gradient per piece
-    lengths = [b - a for a, b in pieces]
-    per_piece = {n: x.split(lengths, 1) for n, x in {"q": q, "k": k, "v": v, **gates}.items()}
-    gamma_pieces = None if gamma is None else gamma.split(lengths, 2)
+    # One scan over the whole call: the mini-batch grid restarts at every piece start, and
+    # with init="independent" every piece after the first starts from the initial state.
+    extra = cache.pending_tokens  # the open mini-batch's earlier tokens, recomputed
+    inputs = {"q": q, "k": k, "v": v, **gates}
+    if extra:
+        inputs = {
+            n: torch.cat(
+                [cache.pending[n] if n != "q" else torch.zeros_like(cache.pending["k"]), x], 1
+            )
+            for n, x in inputs.items()
+        }
+    grid, resets, ends, visible = [], [], [], []  # visible: caches each mini-batch reads
     for p, (a, b) in enumerate(pieces):
-        inputs = {n: parts[p] for n, parts in per_piece.items()}
-        extra = pending if p == 0 else 0
-        if extra:  # the open mini-batch's earlier tokens, recomputed (outputs dropped)
-            inputs = {
-                n: torch.cat(
-                    [cache.pending[n] if n != "q" else torch.zeros_like(cache.pending["k"]), x], 1
-                )
-                for n, x in inputs.items()
-            }
         if p and cfg.init == "independent":
-            state = start_state(init_weights, cache.initial_state, cfg.rule, B, q.dtype)
-        soup = None
-        n_vis = n0 + p if keep else 0
-        if cfg.aggregation == "soup" and n_vis:
-            g = gamma_pieces[p]  # [B, H, L, N + 1]
-            z_cached = mixed_read_list(  # Σ_i γ_i W2^(i) q on this piece's own queries
-                per_piece["q"][p].transpose(1, 2), g[..., :-1], W2t[:n_vis]
-            )  # [B, H, L, Dh]
-            soup = {
-                "gamma_online": g[..., -1].transpose(1, 2),
-                "z_cached": z_cached.transpose(1, 2),
-                "gamma_cached": g[..., :-1],
-                "W1_cached_t": W1t[:n_vis],
-            }
-            if extra:
-                soup = {
-                    "gamma_online": _pad_front(soup["gamma_online"], extra, 1.0),
-                    "z_cached": _pad_front(soup["z_cached"], extra, 0.0),
-                    "gamma_cached": _pad_front(g[..., :-1].transpose(1, 2), extra, 0.0).transpose(
-                        1, 2
-                    ),
-                    "W1_cached_t": soup["W1_cached_t"],
-                }
-        grid = mini_batch_lengths(b - a + extra, mini_batch)
-        if soup is not None:
-            soup["visible"] = [n_vis] * len(grid)
-        o, _, final, entry = chunk_deep_memory(
-            inputs["q"],
-            inputs["k"],
-            inputs["v"],
-            **{n: inputs.get(n) for n in GATE_NAMES},
-            initial_state=state,
-            batch_lengths=grid,
-            soup=soup,
-            **scan,
-        )
-        online_outs.append(o[:, extra:])
-        last_len = grid[-1]
-        if p < P - 1 and keep:  # a finished segment: its final weights join the caches
-            W1s.append(final.W1)
-            W2s.append(final.W2)
-            if soup_mode:
-                W1t.append(final.W1.transpose(-1, -2).contiguous())
-                W2t.append(final.W2.transpose(-1, -2).contiguous())
-        state = final
-        last_inputs = inputs
-
-    o_online = torch.cat(online_outs, 1)  # [B, T, H, D]
-    W1c = torch.stack(W1s, 2) if len(W1s) > n0 else cache.states.W1  # [B, H, N, Dv, Dh]
-    W2c = torch.stack(W2s, 2) if len(W2s) > n0 else cache.states.W2
+            resets.append(len(grid))
+        batches = mini_batch_lengths(b - a + (extra if p == 0 else 0), mini_batch)
+        grid += batches
+        ends.append(len(grid) - 1)
+        visible += [n0 + p] * len(batches)
+    layout = MiniBatchLayout.build(grid, q.device)
+    dtype = compute_dtype(q)
+    scan = deep_scan(
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        **{n: inputs.get(n) for n in GATE_NAMES},
+        rule=cfg.rule,
+        init_weights=init_weights,
+        initial_state=cache.online_state,
+        layout=layout,
+        end_batches=ends[:-1] if keep else (),
+        resets=resets,
+        reset_state=(
+            start_state(init_weights, cache.initial_state, cfg.rule, B, dtype) if resets else None
+        ),
+        norm=norm,
+        max_grad_norm=max_grad_norm,
+        eps=eps,
+    )
+    # the final weights of every finished segment join the caches
+    W1c, W2c = cache.states.W1, cache.states.W2  # [B, H, N, Dv, Dh], [B, H, N, Dh, Dk]
+    if scan.kept is not None:  # [P - 1, B, H, ...] -> [B, H, P - 1, ...]
+        W1c = torch.cat([W1c, scan.kept.W1.permute(1, 2, 0, 3, 4)], 2)
+        W2c = torch.cat([W2c, scan.kept.W2.permute(1, 2, 0, 3, 4)], 2)
+    lengths = [b - a for a, b in pieces]  # [T] split into pieces
+    soup = None
+    if cfg.aggregation == "soup" and N:
+        soup = _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype)
+    o_online = layout.to_tokens(online_read(scan, norm, eps, soup))[:, extra:]  # [B, T, H, D]
+    per_piece_q = q.split(lengths, 1)
+    gamma_pieces = None if gamma is None else gamma.split(lengths, 2)
     o = o_online
     if N and cfg.aggregation in ("residual", "mean", "grm"):
         reads = []
         for p, (a, b) in enumerate(pieces):
             n = n0 + p
-            q_p = per_piece["q"][p].transpose(1, 2)  # [B, H, L, D]
+            q_p = per_piece_q[p].transpose(1, 2)  # [B, H, L, D]
             if n == 0:
                 reads.append(torch.zeros_like(q_p))
                 continue
@@ -280,25 +255,47 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)
     # soup's output is the scan's own (it read the mixed weights)
 
+    last_len = grid[-1]
     partial = last_len < mini_batch
     new_pending = None
     if partial:
         new_pending = {
-            n: x[:, x.shape[1] - last_len :].clone() for n, x in last_inputs.items() if n != "q"
+            n: x[:, x.shape[1] - last_len :].clone() for n, x in inputs.items() if n != "q"
         }
     return o, replace(
         cache,
         states=DeepState(W1c, W2c),
         summaries=cached_summaries,
-        online_state=entry if partial else state,
-        last_state=state,
+        online_state=scan.last_entry if partial else scan.final,
+        last_state=scan.final,
         pending=new_pending,
         key_sum=key_sums[:, -1].clone(),
-        segment_tokens=(b - a) + (cache.segment_tokens if P == 1 else 0),
+        segment_tokens=lengths[-1] + (cache.segment_tokens if P == 1 else 0),
         seen_tokens=t0 + T,
     )
 
 
-def _pad_front(x: torch.Tensor, n: int, value: float) -> torch.Tensor:
-    """Prepend n entries of ``value`` along dim 1."""
-    return torch.cat([x.new_full((x.shape[0], n, *x.shape[2:]), value), x], 1)
+def _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype) -> dict:
+    """``online_read``'s soup argument: the cached parts of the mixed weights, in the
+    mini-batch layout of the scan (whose first ``extra`` tokens are pending ones: they read
+    nothing cached, and their outputs are dropped).
+
+    q [B, T, H, D]; gamma [B, H, T, N + 1]; W1c [B, H, N, Dv, Dh], W2c [B, H, N, Dh, Dk].
+    """
+    spans = [(a, b, n0 + p) for p, (a, b) in enumerate(pieces)]
+    g_cached = gamma[..., :-1]  # [B, H, T, N]
+    W2t = W2c.transpose(-1, -2).contiguous()  # [B, H, N, Dk, Dh]
+    z_cached = mixed_read(q.transpose(1, 2).to(dtype), W2t, g_cached, spans)  # [B, H, T, Dh]
+
+    def batched(x, value):  # [B, T, H, ...] (pending tokens in front) -> mini-batch layout
+        if extra:
+            x = torch.cat([x.new_full((x.shape[0], extra, *x.shape[2:]), value), x], 1)
+        return layout.to_batches(x, dtype)
+
+    return {
+        "gamma_online": batched(gamma[..., -1].transpose(1, 2), 1.0).unsqueeze(-1),
+        "z_cached": batched(z_cached.transpose(1, 2), 0.0),
+        "gamma_cached": batched(g_cached.transpose(1, 2), 0.0),
+        "W1_cached_t": W1c.transpose(-1, -2).contiguous(),
+        "visible": visible,
+    }

@@ -1,0 +1,301 @@
+"""The sequential part of the deep memories' fast path: one autograd Function for the scan.
+
+Per mini-batch m (all [B, H, ...], keys K and values V [b, D], steps w0 = -η [b]), at the
+entry weights (W1, W2) and titans' momentum (S1, S2):
+
+    zk = K W2^T,  hk = σ(zk),  yk = hk W1^T,  nk = N(yk)               (the MLP on the keys)
+    dO = 2(K + nk - V) (titans) or -V (dla),  d1 = N'(dO),  e = d1 W1,  d2 = e ⊙ σ'(zk)
+    w = w0 / max(1, ||∇ℓ|| / c)                                          (soft clamp, optional)
+    titans: W' = a W + p S + Σ_j c_j w_j ∇ℓ_j,  S' = β S + Σ_j m_j w_j ∇ℓ_j   (∇ℓ_j rank one)
+    dla:    W' = W + Σ_j w_j ∇ℓ_j
+
+with (c, m, a, p, β) the decay/momentum coefficients of the mini-batch's last row. The read
+(chunk.py) needs every entry state and (d1, hk, d2, w). Under plain autograd this loop records
+~50 small ops per mini-batch and replays about twice as many in the backward; ``ScanFunction``
+runs the forward without recording, keeps (zk, e, nk, rstd, ||∇ℓ||) per mini-batch, and runs
+one hand-written reverse loop (second-order terms through σ' and N' included). ``scan_loop``
+is the same loop under autograd; the tests check the Function against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from growmem.ops.deep.mlp import gelu, gelu_grad, layer_norm, layer_norm_backward
+
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_second(z: torch.Tensor) -> torch.Tensor:
+    """d²σ/dz² of the exact GELU: φ(z) (2 - z²)."""
+    return torch.exp(-0.5 * z * z) * _INV_SQRT2PI * (2.0 - z * z)
+
+
+def _factors(rule, K, V, w0, W1, W2, norm, eps, max_grad_norm):
+    """Inner-gradient factors of one mini-batch at (W1, W2): d1 [b, Dv], hk [b, Dh],
+    d2 [b, Dh], w [b], and what the backward needs: (zk, e, nk, rstd, gn)."""
+    zk = K @ W2.transpose(-1, -2)  # [.., b, Dh]
+    hk = gelu(zk)
+    yk = hk @ W1.transpose(-1, -2)  # [.., b, Dv]
+    nk, rstd = layer_norm(yk, eps) if norm else (yk, None)
+    dO = 2.0 * (K + nk - V) if rule == "titans" else -V  # dℓ/dM
+    d1 = layer_norm_backward(dO, nk, rstd) if norm else dO  # dℓ/dy
+    e = d1 @ W1  # [.., b, Dh]
+    d2 = e * gelu_grad(zk)  # dℓ/dz
+    gn = None
+    w = w0
+    if max_grad_norm is not None:
+        sq = d1.pow(2).sum(-1) * hk.pow(2).sum(-1) + d2.pow(2).sum(-1) * K.pow(2).sum(-1)
+        gn = torch.sqrt(sq + 1e-30)  # [.., b]
+        w = w0 / torch.clamp(gn / max_grad_norm, min=1.0)
+    return d1, hk, d2, w, (zk, e, nk, rstd, gn)
+
+
+def _update(K, d1, hk, d2, w, state, coef):
+    """The state leaving the mini-batch: state (W1, W2[, S1, S2]); coef (c, m [b], a, p,
+    β [1]) for titans, () for dla."""
+    if not coef:  # dla: C[last, j] = 1 on real rows; padding rows have w = 0
+        W1, W2 = state
+        wc = w.unsqueeze(-1)
+        return W1 + (d1 * wc).transpose(-1, -2) @ hk, W2 + (d2 * wc).transpose(-1, -2) @ K
+    W1, W2, S1, S2 = state
+    c, m, a, p, beta = coef
+    cw, mw = (c * w).unsqueeze(-1), (m * w).unsqueeze(-1)  # [.., b, 1]
+    a, p, beta = a[..., None], p[..., None], beta[..., None]
+    return (
+        a * W1 + p * S1 + (d1 * cw).transpose(-1, -2) @ hk,
+        a * W2 + p * S2 + (d2 * cw).transpose(-1, -2) @ K,
+        beta * S1 + (d1 * mw).transpose(-1, -2) @ hk,
+        beta * S2 + (d2 * mw).transpose(-1, -2) @ K,
+    )
+
+
+def scan_loop(rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm):
+    """The scan under autograd (the Function's reference). Arguments as ``scan``."""
+    state = init
+    entries, factors, kept = [], [], []
+    per_batch = [x.unbind(0) for x in (K, V, step, *coefs)]
+    for mb, (Km, Vm, w0, *coef) in enumerate(zip(*per_batch, strict=True)):
+        if mb in resets:
+            state = reset
+        entries.append(state)
+        d1, hk, d2, w, _ = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
+        factors.append((d1, hk, d2, w))
+        state = _update(Km, d1, hk, d2, w, state, coef)
+        if mb in ends:
+            kept.append(state)
+    stacked = [torch.stack(x) for x in zip(*entries, strict=True)]
+    stacked += [torch.stack(x) for x in zip(*factors, strict=True)]
+    stacked += [torch.stack(x) for x in zip(*kept, strict=True)] if kept else []
+    return (*stacked, *state)
+
+
+class ScanFunction(torch.autograd.Function):
+    """``scan_loop`` with a hand-written backward (see the module docstring).
+
+    apply(spec, K, V, step, *coefs, *init, *reset) with spec = (rule, resets, ends, norm, eps,
+    max_grad_norm), K, V [NB, B, H, b, D], step [NB, B, H, b], coefs (titans: c, m
+    [NB, B, H, b], a, p, β [NB, B, H, 1]; dla: none), init and reset: the state (W1, W2[, S1,
+    S2]) at the start and after every reset (reset: empty without resets).
+    Returns (*entries [NB, ...], d1, hk, d2, w, *kept [len(ends), ...], *final).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, K, V, step, *rest):
+        rule, resets, ends, norm, eps, max_grad_norm = spec
+        n_state = 4 if rule == "titans" else 2
+        n_coef = 5 if rule == "titans" else 0
+        coefs, init = rest[:n_coef], rest[n_coef : n_coef + n_state]
+        reset = rest[n_coef + n_state :] or None
+        state = init
+        entries, factors, saved, kept = [], [], [], []
+        per_batch = [x.unbind(0) for x in (K, V, step, *coefs)]
+        for mb, (Km, Vm, w0, *coef) in enumerate(zip(*per_batch, strict=True)):
+            if mb in resets:
+                state = reset
+            entries.append(state)
+            d1, hk, d2, w, keep = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
+            factors.append((d1, hk, d2, w))
+            saved.append(keep)
+            state = _update(Km, d1, hk, d2, w, state, coef)
+            if mb in ends:
+                kept.append(state)
+        entry_stacks = [torch.stack(x) for x in zip(*entries, strict=True)]
+        factor_stacks = [torch.stack(x) for x in zip(*factors, strict=True)]
+        kept_stacks = [torch.stack(x) for x in zip(*kept, strict=True)] if kept else []
+        ctx.spec, ctx.n_coef, ctx.n_state, ctx.has_reset = spec, n_coef, n_state, reset is not None
+        ctx.internal = saved  # per mini-batch (zk, e, nk, rstd, gn): never exposed
+        ctx.save_for_backward(K, V, step, *coefs, *entry_stacks, *factor_stacks)
+        return (*entry_stacks, *factor_stacks, *kept_stacks, *state)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        rule, resets, ends, norm, _, max_grad_norm = ctx.spec
+        n_coef, n_state = ctx.n_coef, ctx.n_state
+        K, V, step, *rest = ctx.saved_tensors
+        coefs = rest[:n_coef]
+        entries = rest[n_coef : n_coef + n_state]
+        d1s, hks, d2s, ws = rest[n_coef + n_state :]
+        NB = K.shape[0]
+        g_entries = grads[:n_state]
+        g_factors = grads[n_state : n_state + 4]
+        g_kept = grads[n_state + 4 : 2 * n_state + 4] if ends else ()
+        g_final = grads[len(grads) - n_state :]
+        end_index = {mb: i for i, mb in enumerate(sorted(ends))}
+
+        def zeros_if_none(g, like):
+            return torch.zeros_like(like) if g is None else g
+
+        gK, gV, gstep = torch.empty_like(K), torch.empty_like(V), torch.empty_like(step)
+        gcoefs = [torch.empty_like(c) for c in coefs]
+        g_reset = None
+        lam = [zeros_if_none(g, e[0]) for g, e in zip(g_final, entries, strict=True)]
+        for mb in reversed(range(NB)):
+            if mb in end_index:  # the kept state leaving this mini-batch
+                i = end_index[mb]
+                for j in range(n_state):
+                    g = g_kept[j] if g_kept else None
+                    if g is not None:
+                        lam[j] = lam[j] + g[i]
+            state = [e[mb] for e in entries]
+            d1, hk, d2, w = d1s[mb], hks[mb], d2s[mb], ws[mb]
+            gfac = [None if g is None else g[mb] for g in g_factors]
+            coef = [c[mb] for c in coefs]
+            lam, gk, gv, gw0, gcoef = _step_backward(
+                rule, K[mb], V[mb], step[mb], state, coef, (d1, hk, d2, w),
+                ctx.internal[mb], gfac, lam, norm, max_grad_norm,
+            )  # fmt: skip
+            gK[mb], gV[mb], gstep[mb] = gk, gv, gw0
+            for gc, g in zip(gcoefs, gcoef, strict=True):
+                gc[mb] = g
+            for j in range(n_state):  # the entry state also feeds the read
+                if g_entries[j] is not None:
+                    lam[j] = lam[j] + g_entries[j][mb]
+            if mb in resets:  # its entry is the reset state, not the previous one's exit
+                if g_reset is not None:
+                    lam = [a + b for a, b in zip(g_reset, lam, strict=True)]
+                g_reset = lam
+                lam = [torch.zeros_like(x) for x in lam]
+        g_reset = (g_reset or [None] * n_state) if ctx.has_reset else []
+        return (None, gK, gV, gstep, *gcoefs, *lam, *g_reset)
+
+
+def _step_backward(rule, K, V, w0, state, coef, factors, internal, gfac, lam, norm, clamp):
+    """Gradients of one mini-batch's factors and update, given the adjoint ``lam`` of the
+    state leaving it and gfac, the read's gradients of (d1, hk, d2, w) (None: zero).
+
+    Returns (adjoint of the entry state, gK, gV, gw0, coefficient gradients)."""
+    d1, hk, d2, w = factors
+    zk, e, nk, rstd, gn = internal
+    W1, W2 = state[:2]
+    L1, L2 = lam[:2]
+    # the update: W' = a W + p S + (d1 ⊙ cw)^T hk ..., S' = β S + (d1 ⊙ mw)^T hk ...
+    A1 = hk @ L1.transpose(-1, -2)  # [b, Dv]
+    A2 = K @ L2.transpose(-1, -2)  # [b, Dh]
+    if rule == "titans":
+        S1, S2 = state[2:]
+        M1, M2 = lam[2:]
+        c, m, a, p, beta = coef
+        B1 = hk @ M1.transpose(-1, -2)
+        B2 = K @ M2.transpose(-1, -2)
+        cw, mw = (c * w).unsqueeze(-1), (m * w).unsqueeze(-1)
+        gd1 = cw * A1 + mw * B1
+        gd2 = cw * A2 + mw * B2
+        ghk = (d1 * cw) @ L1 + (d1 * mw) @ M1
+        gK = (d2 * cw) @ L2 + (d2 * mw) @ M2
+        gcw = (d1 * A1).sum(-1) + (d2 * A2).sum(-1)  # [b]
+        gmw = (d1 * B1).sum(-1) + (d2 * B2).sum(-1)
+        gw = c * gcw + m * gmw
+        a_, p_, b_ = a[..., None], p[..., None], beta[..., None]
+        gcoef = [
+            w * gcw,
+            w * gmw,
+            ((L1 * W1).sum((-1, -2)) + (L2 * W2).sum((-1, -2))).unsqueeze(-1),
+            ((L1 * S1).sum((-1, -2)) + (L2 * S2).sum((-1, -2))).unsqueeze(-1),
+            ((M1 * S1).sum((-1, -2)) + (M2 * S2).sum((-1, -2))).unsqueeze(-1),
+        ]
+        g_state = [a_ * L1, a_ * L2, p_ * L1 + b_ * M1, p_ * L2 + b_ * M2]
+    else:
+        wc = w.unsqueeze(-1)
+        gd1, gd2 = wc * A1, wc * A2
+        ghk = (d1 * wc) @ L1
+        gK = (d2 * wc) @ L2
+        gw = (d1 * A1).sum(-1) + (d2 * A2).sum(-1)
+        gcoef = []
+        g_state = [L1, L2]
+    for acc, g in zip((gd1, ghk, gd2), gfac[:3], strict=True):
+        if g is not None:
+            acc += g
+    if gfac[3] is not None:
+        gw = gw + gfac[3]
+    # the soft clamp: w = w0 / f, f = max(1, gn / c)
+    if clamp is not None:
+        f = torch.clamp(gn / clamp, min=1.0)
+        gw0 = gw / f
+        ggn = torch.where(gn / clamp >= 1.0, -gw * w / (f * clamp), 0.0)
+        gsq = (ggn / (2.0 * gn)).unsqueeze(-1) * 2.0  # d(sq)/d(.) carries a factor 2
+        gd1 = gd1 + gsq * hk.pow(2).sum(-1, keepdim=True) * d1
+        ghk = ghk + gsq * d1.pow(2).sum(-1, keepdim=True) * hk
+        gd2 = gd2 + gsq * K.pow(2).sum(-1, keepdim=True) * d2
+        gK = gK + gsq * d2.pow(2).sum(-1, keepdim=True) * K
+    else:
+        gw0 = gw
+    # d2 = e ⊙ σ'(zk), e = d1 W1
+    gp = gelu_grad(zk)
+    ge = gd2 * gp
+    gzk = gd2 * e * _gelu_second(zk)
+    gd1 = gd1 + ge @ W1.transpose(-1, -2)
+    gW1 = g_state[0] + d1.transpose(-1, -2) @ ge
+    # d1 = N'(dO) (LayerNorm's backward as a function of dO, nk, rstd)
+    if norm:
+        X = rstd * gd1
+        Xn = (X * nk).mean(-1, keepdim=True)
+        dO = 2.0 * (K + nk - V) if rule == "titans" else -V
+        gdO = X - X.mean(-1, keepdim=True) - nk * Xn
+        gnk = -X * (dO * nk).mean(-1, keepdim=True) - dO * Xn
+        grstd = (gd1 * d1).sum(-1, keepdim=True) / rstd
+    else:
+        gdO, gnk = gd1, 0.0
+    if rule == "titans":  # dO = 2 (K + nk - V)
+        gK = gK + 2.0 * gdO
+        gV = -2.0 * gdO
+        gnk = gnk + 2.0 * gdO
+    else:  # dO = -V
+        gV = -gdO
+    if norm:  # nk = N(yk), and rstd's own path
+        gyk = layer_norm_backward(gnk, nk, rstd) - grstd * rstd.pow(2) * nk / nk.shape[-1]
+    else:
+        gyk = gnk  # 0.0 for dla without norm: yk is then unused
+    # yk = hk W1^T, hk = σ(zk), zk = K W2^T
+    if torch.is_tensor(gyk):
+        ghk = ghk + gyk @ W1
+        gW1 = gW1 + gyk.transpose(-1, -2) @ hk
+    gzk = gzk + ghk * gp
+    gK = gK + gzk @ W2
+    gW2 = g_state[1] + gzk.transpose(-1, -2) @ K
+    return [gW1, gW2, *g_state[2:]], gK, gV, gw0, gcoef
+
+
+def scan(rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, fused):
+    """The deep scan. K, V [NB, B, H, b, D]; step [NB, B, H, b] (-η, padding 0); coefs: see
+    ScanFunction; init, reset: states (reset None without resets); resets, ends: sets of
+    mini-batches. fused: ScanFunction (True) or the plain autograd loop.
+
+    Returns (entries, (d1, hk, d2, w), kept, final): entries a list of [NB, B, H, ...] state
+    tensors, kept a list of [len(ends), B, H, ...] ones (empty without ends), final a list.
+    """
+    n = len(init)
+    resets, ends = frozenset(resets), frozenset(ends)
+    if fused:
+        spec = (rule, resets, ends, norm, eps, max_grad_norm)
+        out = ScanFunction.apply(spec, K, V, step, *coefs, *init, *(reset or ()))
+    else:
+        args = (resets, ends, norm, eps, max_grad_norm)
+        out = scan_loop(rule, K, V, step, coefs, init, reset, *args)
+    entries, factors = list(out[:n]), tuple(out[n : n + 4])
+    kept = list(out[n + 4 : n + 4 + n]) if ends else []
+    return entries, factors, kept, list(out[len(out) - n :])
