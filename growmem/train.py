@@ -134,6 +134,8 @@ def _prepare_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
             raise ValueError(
                 f"--resume: {out} holds a run of another model or task; its config is {recorded}"
             )
+    if resume and latest_checkpoint(out) is None:  # checked before config.yaml is written
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
     write_text_atomic(recorded, text)
 
 

@@ -1,0 +1,223 @@
+"""Run configs: YAML loading, --set overrides, key and value checks, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from growmem.training.config import (
+    LMTask,
+    MQARTask,
+    NIAHTask,
+    TrainSettings,
+    build_config,
+    load_config,
+    parse_override,
+)
+
+from .common import raw_config, write_yaml
+
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "growmem" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    return write_yaml(tmp_path / "run.yaml", raw_config(tmp_path / "run"))
+
+
+def test_load_yaml_with_typed_overrides(config_file, tmp_path):
+    config = load_config(
+        config_file,
+        [
+            "train.steps=17",
+            "train.lr=3e-4",
+            "train.betas=[0.8, 0.99]",
+            "train.bf16=true",
+            "train.progress=false",
+            "task.test_seq_lens=[32, 64]",
+            "task.num_kv_pairs=[2, 4]",
+            "model.hidden_size=24",
+            "model.attn_window=8",
+        ],
+    )
+    assert isinstance(config.task, MQARTask)
+    assert config.train.steps == 17 and isinstance(config.train.steps, int)
+    assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
+    assert config.train.betas == [0.8, 0.99]
+    assert config.train.bf16 is True and config.train.progress is False
+    assert config.task.test_seq_lens == [32, 64]
+    assert config.task.num_kv_pairs == [2, 4]
+    assert config.model["hidden_size"] == 24 and config.model["attn_window"] == 8
+    # values the overrides did not touch come from the file, the rest from the defaults
+    assert config.train.out_dir == str(tmp_path / "run")
+    assert config.task.vocab_size == 32
+    assert config.train.weight_decay == TrainSettings().weight_decay
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 3e-4 as a string; run configs read it as the number everyone means
+    raw = raw_config(tmp_path / "run")
+    raw["train"]["lr"] = "LR"
+    path = tmp_path / "c.yaml"
+    write_yaml(path, raw)
+    path.write_text(path.read_text().replace("LR", "3e-4"))
+    assert load_config(path).train.lr == 3e-4
+    assert load_config(path, ["train.eps=1e-6"]).train.eps == 1e-6
+    assert load_config(path, ["model.rope_theta=5E+5"]).model["rope_theta"] == 5e5
+    assert load_config(path, ["train.out_dir=1e3x"]).train.out_dir == "1e3x"
+
+
+def test_integer_given_for_float_becomes_float(config_file):
+    config = load_config(config_file, ["train.lr=1", "train.grad_clip=0"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert isinstance(config.train.grad_clip, float)
+
+
+def test_override_creates_missing_section(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"hidden_size": 16, "num_heads": 2}})
+    config = load_config(path, ["train.steps=3"])
+    assert config.train.steps == 3
+    assert isinstance(config.task, MQARTask)  # the default task
+
+
+@pytest.mark.parametrize(
+    "section, key, valid",
+    [
+        ("train", "stepz", "steps"),
+        ("task", "kv_pairs", "num_kv_pairs"),
+        ("model", "hiden_size", "hidden_size"),
+    ],
+)
+def test_unknown_key_lists_valid_keys(config_file, section, key, valid):
+    with pytest.raises(ValueError, match="valid keys") as info:
+        load_config(config_file, [f"{section}.{key}=1"])
+    message = str(info.value)
+    assert repr(key) in message and f"'{section}'" in message
+    assert repr(valid) in message
+
+
+def test_unknown_task_key_depends_on_task(tmp_path):
+    # corpus is an LM key, not an MQAR one
+    raw = raw_config(tmp_path / "run", task={"corpus": "stdlib"})
+    with pytest.raises(ValueError, match="corpus") as info:
+        build_config(raw)
+    assert "'num_kv_pairs'" in str(info.value)
+    raw = raw_config(tmp_path / "run")
+    raw["task"] = {"name": "lm", "corpus": "stdlib", "seq_len": 64}
+    assert isinstance(build_config(raw).task, LMTask)
+    raw["task"] = {"name": "niah", "variant": 2}
+    assert isinstance(build_config(raw).task, NIAHTask)
+
+
+def test_unknown_section(tmp_path):
+    raw = raw_config(tmp_path / "run")
+    raw["optimizer"] = {"lr": 1e-3}
+    with pytest.raises(ValueError, match="optimizer") as info:
+        build_config(raw)
+    for name in ("model", "task", "train"):
+        assert name in str(info.value)
+
+
+def test_unknown_task_name(tmp_path):
+    with pytest.raises(ValueError, match=r"task\.name"):
+        build_config(raw_config(tmp_path / "run", task={"name": "copy"}))
+
+
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ("train.steps=ten", "train.steps"),
+        ("train.steps=2.5", "train.steps"),
+        ("train.bf16=1", "train.bf16"),
+        ("train.steps=true", "train.steps"),
+        ("train.lr=fast", "train.lr"),
+        ("task.seq_len=[32]", "task.seq_len"),
+    ],
+)
+def test_wrong_value_type(config_file, override, name):
+    with pytest.raises(ValueError, match=name):
+        load_config(config_file, [override])
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "grad_accum", "log_every"])
+def test_train_counts_must_be_positive(config_file, key):
+    with pytest.raises(ValueError, match=f"train.{key}"):
+        load_config(config_file, [f"train.{key}=0"])
+
+
+def test_bad_model_value_names_argument(config_file):
+    with pytest.raises(ValueError, match="rule") as info:
+        load_config(config_file, ["model.rule=lstm"])
+    assert "lstm" in str(info.value)
+
+
+def test_section_must_be_mapping(tmp_path):
+    raw = raw_config(tmp_path / "run")
+    raw["train"] = [1, 2]
+    with pytest.raises(ValueError, match="train"):
+        build_config(raw)
+    with pytest.raises(ValueError, match="mapping"):
+        build_config([raw])
+
+
+@pytest.mark.parametrize("text", ["train.steps", "steps=3", "=3", "train.steps:3", ""])
+def test_malformed_override(config_file, text):
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        parse_override(text)
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        load_config(config_file, [text])
+
+
+def test_parse_override_parses_yaml_values():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("task.test_seq_lens=[64, 128]") == (
+        ["task", "test_seq_lens"],
+        [64, 128],
+    )
+    assert parse_override("train.out_dir=runs/a=b") == (["train", "out_dir"], "runs/a=b")
+
+
+def test_override_through_a_non_section(config_file):
+    with pytest.raises(ValueError, match="not a section"):
+        load_config(config_file, ["train.steps.value=3"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {hidden_size: 16\ntrain: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- model\n- train\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(path)
+
+
+def test_to_dict_round_trips(config_file):
+    config = load_config(config_file, ["train.steps=9", "task.num_kv_pairs=[2, 3]"])
+    again = build_config(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert dataclasses.asdict(again.train) == dataclasses.asdict(config.train)
+
+
+def test_presets_exist():
+    assert PRESETS, "growmem/configs holds no preset"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads(path):
+    config = load_config(path)
+    assert build_config(config.to_dict()).to_dict() == config.to_dict()
+    assert config.train.out_dir and config.task.name in ("mqar", "niah", "lm")
+    overridden = load_config(path, ["train.steps=5"])
+    assert overridden.train.steps == 5
