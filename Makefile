@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.bench_linear_memory --lengths 1024 2048 4096 --repeats 2 --no-json
+	$(PY) -m growmem.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check growmem tests benchmarks
@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_linear_memory
 	$(PY) -m benchmarks.bench_memory_caching
 	$(PY) -m benchmarks.bench_deep_memory
+	$(PY) -m benchmarks.bench_models
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -60,7 +60,9 @@ def bench_context(models: dict, L: int, steps: int) -> dict:
     for _ in range(steps + 1):  # the first round warms up
         for name, model in models.items():
             t0 = time.perf_counter()
-            caches[name] = model(token, past_key_values=caches[name], use_cache=True).past_key_values
+            caches[name] = model(
+                token, past_key_values=caches[name], use_cache=True
+            ).past_key_values
             step_s[name].append(time.perf_counter() - t0)
     base_step = statistics.median(step_s[BASELINE][1:])
     base_bytes = caches[BASELINE].nbytes()

@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     from growmem.train import train
     from growmem.training.config import load_config
 
-    config = load_config(resolve_config(args.config), args.set)
+    config = load_config(resolve_config(args.config), args.set, presets=CONFIGS)
     final = train(config, resume=args.resume, stop_after=args.stop_after)
     if final is None:
         print(f"stopped after step {args.stop_after}; continue with --resume")

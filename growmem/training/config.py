@@ -239,26 +239,71 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.load(value, Loader=_Loader)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply ``--set`` overrides.
+def _merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s keys replacing its own, section by section."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
-    Args:
-        path: the YAML file.
-        overrides: ``section.key=value`` strings; values are parsed as YAML.
+
+def read_yaml_config(path: Path, presets: Path | None = None, _seen: tuple = ()) -> dict:
+    """The raw sections of a YAML config, with its ``base:`` merged underneath, recursively.
+
+    ``base`` names one config or a list of them (files next to this one, or preset names);
+    later ones override earlier ones and this file overrides them all, key by key within a
+    section.
 
     Raises:
-        FileNotFoundError: path does not exist.
-        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values.
+        FileNotFoundError: the file or a base is missing.
+        ValueError: malformed YAML, a non-mapping document, or a cycle of bases.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ValueError(f"config {path}: its chain of base configs loops back to itself")
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"config {path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop("base", None)
+    if bases is None:
+        return raw
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        candidates = [path.parent / base, path.parent / f"{base}.yaml"]
+        if presets is not None:
+            candidates += [presets / base, presets / f"{base}.yaml"]
+        base_path = next((c for c in candidates if c.is_file()), None)
+        if base_path is None:
+            raise FileNotFoundError(
+                f"config {path}: base {base!r} not found next to it or as a preset"
+            )
+        merged = _merge(merged, read_yaml_config(base_path, presets, (*_seen, path.resolve())))
+    return _merge(merged, raw)
+
+
+def load_config(
+    path: str | Path, overrides: list[str] = (), presets: Path | None = None
+) -> RunConfig:
+    """Read a YAML run config (with its ``base:`` chain) and apply ``--set`` overrides.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings; values are parsed as YAML.
+        presets: folder of named presets a ``base:`` may refer to.
+
+    Raises:
+        FileNotFoundError: path or a base does not exist.
+        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values.
+    """
+    raw = read_yaml_config(Path(path), presets)
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
