@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.utils.checkpoint
 
 from growmem.ops.caching.cache import DeepMemoryCache
 from growmem.ops.caching.core import _key_summaries, _summarize, cache_gates
+from growmem.ops.caching.deep_reads import cached_mlp_read
 from growmem.ops.caching.reads import mixed_read
 from growmem.ops.deep.api import mini_batch_lengths
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
@@ -78,26 +78,6 @@ def _close_open_segment(cache: DeepMemoryCache, init_weights) -> DeepMemoryCache
         key_sum=torch.zeros_like(cache.key_sum),
         segment_tokens=0,
     )
-
-
-def _cached_mlp_read(q, W1c, W2c, w, norm, eps):
-    """Σ_i w_i M_{W^(i)}(q): q [B, H, L, D]; W1c [B, H, n, Dv, Dh]; W2c [B, H, n, Dh, Dk];
-    w [B, H, L, n] -> [B, H, L, Dv]."""
-    B, H, L, D = q.shape
-    n, Dh = W2c.shape[2], W2c.shape[3]
-    # every cache's first layer in one matmul: q [L, D] @ [W2_1; ...; W2_n]^T [D, n·Dh]
-    z = (q @ W2c.reshape(B, H, n * Dh, D).transpose(-1, -2)).view(B, H, L, n, Dh)
-    y = gelu(z).transpose(2, 3) @ W1c.transpose(-1, -2)  # [B, H, n, L, Dv]
-    if norm:
-        y = layer_norm(y, eps)[0]
-    return w.sum(-1, keepdim=True) * q + (y * w.transpose(2, 3).unsqueeze(-1)).sum(2)
-
-
-def _checkpointed(fn, *args):
-    """fn(*args), recomputed in the backward instead of keeping its [L, n, Dh] activations."""
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args if torch.is_tensor(a)):
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
@@ -209,36 +189,23 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     if scan.kept is not None:  # [P - 1, B, H, ...] -> [B, H, P - 1, ...]
         W1c = torch.cat([W1c, scan.kept.W1.permute(1, 2, 0, 3, 4)], 2)
         W2c = torch.cat([W2c, scan.kept.W2.permute(1, 2, 0, 3, 4)], 2)
-    lengths = [b - a for a, b in pieces]  # [T] split into pieces
     soup = None
     if cfg.aggregation == "soup" and N:
         soup = _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype)
     o_online = layout.to_tokens(online_read(scan, norm, eps, soup))[:, extra:]  # [B, T, H, D]
-    per_piece_q = q.split(lengths, 1)
-    gamma_pieces = None if gamma is None else gamma.split(lengths, 2)
     o = o_online
     if N and cfg.aggregation in ("residual", "mean", "grm"):
-        reads = []
-        for p, (a, b) in enumerate(pieces):
-            n = n0 + p
-            q_p = per_piece_q[p].transpose(1, 2)  # [B, H, L, D]
-            if n == 0:
-                reads.append(torch.zeros_like(q_p))
-                continue
-            if cfg.aggregation == "grm":
-                w = gamma_pieces[p][..., :n]
-            else:
-                w = q_p.new_ones(B, H, b - a, n) / (n + 1 if cfg.aggregation == "mean" else 1)
-            reads.append(
-                _checkpointed(
-                    lambda q_, w1, w2, w_: _cached_mlp_read(q_, w1, w2, w_, norm, eps),
-                    q_p,
-                    W1c[:, :, :n],
-                    W2c[:, :, :n],
-                    w,
-                )
-            )
-        read = torch.cat(reads, 2).transpose(1, 2)
+        if cfg.aggregation == "grm":
+            w = gamma[..., :-1]  # [B, H, T, N] (caches a token does not see: weight 0)
+        else:  # residual: 1, mean: 1 / (caches seen + 1), on the caches a token sees
+            n_seen = torch.full((T,), N, device=q.device) if n_tok is None else n_tok  # [T]
+            w = (torch.arange(N, device=q.device) < n_seen[:, None]).to(q.dtype)  # [T, N]
+            if cfg.aggregation == "mean":
+                w = w / (n_seen + 1).to(q.dtype)[:, None]
+            w = w.expand(B, H, T, N)
+        spans = [(a, b, n0 + p) for p, (a, b) in enumerate(pieces) if n0 + p]
+        read = cached_mlp_read(q.transpose(1, 2), W1c, W2c, w, spans, norm, eps)
+        read = read.transpose(1, 2)
         if cfg.aggregation == "grm":
             o = gamma[..., -1:].transpose(1, 2) * o_online + read
         elif cfg.aggregation == "residual":
@@ -270,7 +237,7 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         last_state=scan.final,
         pending=new_pending,
         key_sum=key_sums[:, -1].clone(),
-        segment_tokens=lengths[-1] + (cache.segment_tokens if P == 1 else 0),
+        segment_tokens=pieces[-1][1] - pieces[-1][0] + (cache.segment_tokens if P == 1 else 0),
         seen_tokens=t0 + T,
     )
 
