@@ -1,6 +1,18 @@
-"""growmem: recurrent sequence models whose memory grows with the context (Memory Caching)."""
+"""growmem: recurrent sequence models whose memory grows with the context (Memory Caching).
 
-from growmem.ops import linear_memory
+Importing growmem registers its models with transformers' Auto classes.
+"""
+
+from growmem.models import GrowMemCache, GrowMemConfig, GrowMemForCausalLM, GrowMemModel
+from growmem.ops import deep_memory, linear_memory, memory_caching
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory"]
+__all__ = [
+    "GrowMemCache",
+    "GrowMemConfig",
+    "GrowMemForCausalLM",
+    "GrowMemModel",
+    "deep_memory",
+    "linear_memory",
+    "memory_caching",
+]
