@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.growmem-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench results clean
 
 install: $(STAMP)
 
@@ -21,17 +21,29 @@ demo: $(STAMP)
 	$(PY) -m growmem.demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check growmem tests benchmarks
+	$(PY) -m ruff check growmem tests benchmarks experiments
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check growmem tests benchmarks
-	$(PY) -m ruff format --check growmem tests benchmarks
+	$(PY) -m ruff check growmem tests benchmarks experiments
+	$(PY) -m ruff format --check growmem tests benchmarks experiments
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_linear_memory
 	$(PY) -m benchmarks.bench_memory_caching
 	$(PY) -m benchmarks.bench_deep_memory
+	$(PY) -m benchmarks.bench_models
+
+# Every experiment of docs/results.md; cells and benchmarks whose JSON exists are skipped
+# (delete a JSON to rerun it). Hours of CPU: run it in the background, across sittings.
+results: $(STAMP) results/train_throughput.json results/models_decode.json
+	$(PY) -m experiments.sweep
+	$(PY) -m experiments.report
+
+results/train_throughput.json: | $(STAMP)
+	$(PY) -m benchmarks.bench_train_throughput
+
+results/models_decode.json: | $(STAMP)
 	$(PY) -m benchmarks.bench_models
 
 clean:

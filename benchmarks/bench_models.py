@@ -21,8 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from benchmarks.common import RESULTS, write_json
-from growmem.models import GrowMemConfig, GrowMemForCausalLM
+from benchmarks.common import RESULTS, build_model, write_json
 
 MODELS = {
     "transformer++": dict(rule="attention"),
@@ -31,20 +30,6 @@ MODELS = {
     "gated_delta+ssc": dict(rule="gated_delta", aggregation="ssc"),
 }
 BASELINE = "transformer++"
-
-
-def build(settings: dict, args) -> GrowMemForCausalLM:
-    config = GrowMemConfig(
-        vocab_size=259,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_heads=args.heads,
-        segment_size=args.segment_size,
-        top_k=2,
-        **settings,
-    )
-    torch.manual_seed(0)
-    return GrowMemForCausalLM(config).eval()
 
 
 @torch.no_grad()
@@ -112,7 +97,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--segment-size", type=int, default=256)
     args = parser.parse_args()
-    models = {name: build(settings, args) for name, settings in MODELS.items()}
+    models = {
+        name: build_model(settings, args.hidden, args.layers, args.heads, args.segment_size).eval()
+        for name, settings in MODELS.items()
+    }
     rows = []
     for L in args.contexts:
         row = bench_context(models, L, args.steps)

@@ -13,6 +13,7 @@ from growmem.utils.timing import fwd_bwd, time_interleaved
 
 __all__ = [
     "RESULTS",
+    "build_model",
     "fwd_bwd",
     "machine",
     "sdpa_fwd_bwd",
@@ -29,6 +30,23 @@ def sdpa_fwd_bwd(B: int, H: int, T: int, D: int):
     return fwd_bwd(
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v]
     )
+
+
+def build_model(settings: dict, hidden: int, layers: int, heads: int, segment_size: int):
+    """A float32 GrowMemForCausalLM over the byte vocabulary (seed 0) for speed benchmarks."""
+    from growmem.models import GrowMemConfig, GrowMemForCausalLM
+
+    config = GrowMemConfig(
+        vocab_size=259,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_heads=heads,
+        segment_size=segment_size,
+        top_k=2,
+        **settings,
+    )
+    torch.manual_seed(0)
+    return GrowMemForCausalLM(config)
 
 
 def machine() -> dict:

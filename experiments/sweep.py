@@ -1,0 +1,219 @@
+"""The experiments behind docs/results.md: training runs over presets, seeds and overrides.
+
+    python -m experiments.sweep [EXPERIMENT ...] [--seeds 0 1 2] [--jobs 2] [--list]
+
+Each cell (experiment, model, seed) trains with ``growmem train`` into
+runs/experiments/EXPERIMENT/MODEL/seedS (one thread per job) and stores its evaluation and
+training time in results/experiments/EXPERIMENT/MODEL/seedS.json. Cells whose JSON exists are
+skipped, so a sweep can be finished across several sittings; an interrupted cell resumes from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "experiments"
+RUNS = ROOT / "runs" / "experiments"
+
+
+@dataclass
+class Cell:
+    """One model of an experiment: a preset, overrides, and evaluations after training.
+
+    Attributes:
+        name: label in tables.
+        preset: growmem preset (growmem/configs) the run starts from.
+        overrides: ``section.key=value`` settings on top of the preset.
+        evals: extra ``growmem eval`` argument lists; their JSON is stored under
+            ``evals[<joined args>]``.
+    """
+
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+    evals: list[list[str]] = field(default_factory=list)
+
+
+def _mqar() -> list[Cell]:
+    cells = [Cell("Transformer++", "mqar_transformer", ["train.steps=1600"])]
+    for rule, aggregations in (
+        ("gated_delta", ("none", "residual", "grm", "ssc")),
+        ("swla", ("none", "residual", "grm", "ssc")),
+        ("titans", ("none", "residual", "grm", "soup", "ssc")),
+    ):
+        for agg in aggregations:
+            name = rule if agg == "none" else f"{rule}+{agg}"
+            cells.append(Cell(name, "mqar", [f"model.rule={rule}", f"model.aggregation={agg}"]))
+    return cells
+
+
+def _niah() -> list[Cell]:
+    short = ["train.steps=600", "train.batch_size=8", "task.num_eval_examples=10"]
+    return [
+        Cell("Transformer++", "niah_transformer", short),
+        Cell("gated_delta", "niah_gated_delta", short, evals=[["--post-training-mc", "256"]]),
+        Cell("gated_delta+grm", "niah_gated_delta_grm", short),
+        Cell("gated_delta+ssc", "niah_gated_delta_ssc", short),
+    ]
+
+
+def _lm() -> list[Cell]:
+    short = ["train.steps=600", "train.batch_size=8", "task.eval_blocks=32"]
+    cells = [Cell("Transformer++", "lm_transformer", short)]
+    for rule in ("gated_delta", "titans"):
+        for agg in ("none", "grm", "ssc"):
+            name = rule if agg == "none" else f"{rule}+{agg}"
+            cells.append(
+                Cell(name, "lm", [*short, f"model.rule={rule}", f"model.aggregation={agg}"])
+            )
+    grm = [*short, "model.aggregation=grm"]
+    for label, extra in (
+        ("grm, segment 32", ["model.segment_size=32"]),
+        ("grm, segment 512", ["model.segment_size=512"]),
+        ("grm, independent init", ["model.init=independent"]),
+        ("grm, summary sum", ["model.summary=sum"]),
+    ):
+        cells.append(Cell(label, "lm", grm + extra))
+    return cells
+
+
+EXPERIMENTS = {"mqar": _mqar, "niah": _niah, "lm": _lm}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def result_path(experiment: str, cell: Cell, seed: int) -> Path:
+    return RESULTS / experiment / slug(cell.name) / f"seed{seed}.json"
+
+
+def _growmem(*args: str, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "a") as f:
+        subprocess.run(
+            [sys.executable, "-m", "growmem.cli", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=True,
+        )
+
+
+def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
+    """Train (or resume) one cell, evaluate it, and write its result JSON atomically."""
+    out = RUNS / experiment / slug(cell.name) / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "sweep.log"
+    resume = (out / "checkpoints" / "latest").is_file()
+    if (out / "config.yaml").is_file() and not resume:  # stopped before its first checkpoint
+        (out / "config.yaml").unlink()
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    settings = [
+        *cell.overrides,
+        f"train.seed={seed}",
+        f"train.out_dir={out}",
+        "train.threads=1",
+        "train.progress=false",
+    ]
+    args = ["train", cell.preset, *(a for s in settings for a in ("--set", s))]
+    start = time.time()
+    if not (out / "model" / "eval.json").is_file():
+        _growmem(*args, *(["--resume"] if resume else []), log=log)
+    seconds = time.time() - start
+    evals = {}
+    for extra in cell.evals:
+        name = " ".join(extra)
+        eval_dir = out / "evals" / slug(name)
+        _growmem("eval", str(out / "model"), *extra, "--out", str(eval_dir), log=log)
+        evals[name] = json.loads(next(eval_dir.glob("eval-*.json")).read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in metrics if "loss" in m]
+    result = {
+        "experiment": experiment,
+        "model": cell.name,
+        "preset": cell.preset,
+        "overrides": cell.overrides,
+        "seed": seed,
+        "steps": train_lines[-1]["step"],
+        "final_loss": train_lines[-1]["loss"],
+        "train_seconds_this_session": seconds,
+        "tokens_per_s": sum(m["tokens_per_s"] for m in train_lines) / len(train_lines),
+        "eval": json.loads((out / "model" / "eval.json").read_text()),
+        "evals": evals,
+    }
+    path = result_path(experiment, cell, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="cells trained at a time")
+    parser.add_argument("--list", action="store_true", help="list the cells and their state")
+    args = parser.parse_args(argv)
+    unknown = set(args.experiments) - set(EXPERIMENTS)
+    if unknown:
+        parser.error(f"unknown experiments {sorted(unknown)}; choose from {list(EXPERIMENTS)}")
+    todo = [
+        (exp, cell, seed)
+        for exp in args.experiments
+        for cell in EXPERIMENTS[exp]()
+        for seed in args.seeds
+    ]
+    if args.list:
+        for exp, cell, seed in todo:
+            done = result_path(exp, cell, seed).is_file()
+            print(f"{'done' if done else 'todo'}  {exp:5s} {cell.name:26s} seed {seed}")
+        return 0
+    todo = [t for t in todo if not result_path(*t).is_file()]
+    print(f"{len(todo)} cells to run", flush=True)
+    running: list[tuple[tuple, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            exp, cell, seed = todo.pop(0)
+            command = [
+                sys.executable,
+                "-m",
+                "experiments.sweep",
+                "--cell",
+                exp,
+                cell.name,
+                str(seed),
+            ]
+            print(f"start {exp} / {cell.name} / seed {seed}", flush=True)
+            running.append(((exp, cell.name, seed), subprocess.Popen(command, cwd=ROOT)))
+        time.sleep(2)
+        for item in list(running):
+            key, process = item
+            if process.poll() is not None:
+                running.remove(item)
+                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
+                print(f"{status} {' / '.join(map(str, key))}", flush=True)
+    return 0
+
+
+def run_one(experiment: str, name: str, seed: int) -> int:
+    cell = next(c for c in EXPERIMENTS[experiment]() if c.name == name)
+    print(run_cell(experiment, cell, seed))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--cell":
+        sys.exit(run_one(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(main())
