@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_memory_caching
 	$(PY) -m benchmarks.bench_deep_memory
 	$(PY) -m benchmarks.bench_models
+	$(PY) -m benchmarks.bench_train_throughput
 
 # Every experiment of docs/results.md; cells and benchmarks whose JSON exists are skipped
 # (delete a JSON to rerun it). Hours of CPU: run it in the background, across sittings.
@@ -45,6 +46,7 @@ results/train_throughput.json: | $(STAMP)
 
 results/models_decode.json: | $(STAMP)
 	$(PY) -m benchmarks.bench_models
+	$(PY) -m benchmarks.bench_train_throughput
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
