@@ -32,18 +32,18 @@ class RowGroup:
 
     rows: torch.Tensor  # [g] long: batch rows of the group
     memory: MemoryCache | None = None  # None before the first token
-    conv: tuple[torch.Tensor, ...] | None = None  # q, k, v conv states [g, K - 1, D]
+    conv: torch.Tensor | None = None  # conv state of q, k, v: [g, K - 1, 3 · H · D]
 
     def index_select(self, index: torch.Tensor) -> RowGroup:
         """The group restricted to its members ``index`` (positions within ``rows``)."""
         return RowGroup(
             rows=self.rows[index],
             memory=None if self.memory is None else self.memory.index_select(index),
-            conv=None if self.conv is None else tuple(c.index_select(0, index) for c in self.conv),
+            conv=None if self.conv is None else self.conv.index_select(0, index),
         )
 
     def nbytes(self) -> int:
-        conv = sum(c.numel() * c.element_size() for c in self.conv or ())
+        conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
         return conv + (0 if self.memory is None else self.memory.nbytes())
 
 
@@ -169,16 +169,13 @@ class MemoryCachingAttention(nn.Module):
         self.qk_norm, self.layer_idx = qk_norm, layer_idx
         inner = num_heads * head_dim
 
-        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
-        if aggregation in GATED_AGGREGATIONS:  # gate queries u_t = x_t W_u
-            self.u_proj = nn.Linear(hidden_size, inner, bias=False)
+        # q, k, v, the gate queries u_t = x_t W_u (gated aggregations) and the output gate in
+        # one matmul: one op instead of five matters when decoding a token at a time
+        self.uses_u = aggregation in GATED_AGGREGATIONS
+        self.in_proj = nn.Linear(hidden_size, inner * (5 if self.uses_u else 4), bias=False)
         self.use_short_conv = use_short_conv
-        if use_short_conv:
-            self.q_conv = ShortConvolution(inner, conv_size)
-            self.k_conv = ShortConvolution(inner, conv_size)
-            self.v_conv = ShortConvolution(inner, conv_size)
+        if use_short_conv:  # depthwise over the q, k, v channels together
+            self.conv = ShortConvolution(3 * inner, conv_size)
         self.deep = rule in DEEP_RULES
         if self.deep:
             check_positive_int("expansion", expansion)
@@ -205,7 +202,6 @@ class MemoryCachingAttention(nn.Module):
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)
         if "lam" in gates:
             self.l_proj = nn.Linear(hidden_size, num_heads, bias=True)
-        self.g_proj = nn.Linear(hidden_size, inner, bias=False)  # output gate
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
         with torch.no_grad():
@@ -293,7 +289,7 @@ class MemoryCachingAttention(nn.Module):
         return out, (self._cache(B, new_groups) if use_cache else None)
 
     def _layer_config(self) -> tuple:
-        conv = self.q_conv.kernel_size if self.use_short_conv else 0
+        conv = self.conv.kernel_size if self.use_short_conv else 0
         return (self.hidden_size, self.num_heads, self.head_dim, conv)
 
     def _cache(self, batch_size: int, groups: list[RowGroup]) -> MemoryCachingLayerCache:
@@ -303,18 +299,14 @@ class MemoryCachingAttention(nn.Module):
         """x: [g, n, hidden] tokens that continue ``group``; returns (o, the updated group)."""
         g, n, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        inner = H * D
+        projected = self.in_proj(x)  # [g, n, (3 + uses_u + 1) · H · D]
+        qkv, rest = projected[..., : 3 * inner], projected[..., 3 * inner :]
         conv = None
         if self.use_short_conv:
-            states = group.conv or (None, None, None)
-            (q, cq), (k, ck), (v, cv) = (
-                conv_(t, s)
-                for conv_, t, s in zip(
-                    (self.q_conv, self.k_conv, self.v_conv), (q, k, v), states, strict=True
-                )
-            )
-            conv = (cq, ck, cv)
-        q, k, v = (t.view(g, n, H, D) for t in (q, k, v))
+            qkv, conv = self.conv(qkv, group.conv)
+        q, k, v = qkv.split(inner, -1)
+        q, k, v = (t.reshape(g, n, H, D) for t in (q, k, v))
         if self.qk_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = {}
@@ -328,7 +320,8 @@ class MemoryCachingAttention(nn.Module):
             gates["beta"] = torch.sigmoid(_at_least_fp32(self.b_proj(x)))
         if "lam" in needed:
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
-        u = self.u_proj(x).view(g, n, H, D) if self.aggregation in GATED_AGGREGATIONS else None
+        u = rest[..., :inner].reshape(g, n, H, D) if self.uses_u else None
+        out_gate = rest[..., -inner:].reshape(g, n, H, D)
         deep = {}
         if self.deep:
             deep = dict(
@@ -354,7 +347,7 @@ class MemoryCachingAttention(nn.Module):
             chunk_size=self.chunk_size,
             **deep,
         )
-        o = self.o_norm(o, self.g_proj(x).view(g, n, H, D)).reshape(g, n, H * D)
+        o = self.o_norm(o, out_gate).reshape(g, n, H * D)
         return self.o_proj(o), RowGroup(rows=group.rows, memory=memory, conv=conv)
 
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
@@ -378,5 +371,5 @@ class MemoryCachingAttention(nn.Module):
             if self.rule == "swla":
                 elements += 2 * H * D  # previous key and value
         if self.use_short_conv:
-            elements += 3 * (self.q_conv.kernel_size - 1) * H * D
+            elements += 3 * (self.conv.kernel_size - 1) * H * D
         return batch_size * elements * torch.empty((), dtype=dtype).element_size()

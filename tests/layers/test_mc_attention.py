@@ -59,9 +59,10 @@ def make_layer(
         head_dim=head_dim,
         **kw,
     )
-    if hasattr(layer, "u_proj"):  # gates far from uniform, so a wrong gate shows
+    if layer.uses_u:  # gates far from uniform, so a wrong gate shows
+        inner = layer.num_heads * layer.head_dim
         with torch.no_grad():
-            layer.u_proj.weight.mul_(4.0)
+            layer.in_proj.weight[3 * inner : 4 * inner].mul_(4.0)  # the u rows
     return layer.to(dtype)
 
 
@@ -102,7 +103,7 @@ def row_state(cache: MemoryCachingLayerCache, r: int):
         if len(hit):
             sub = group.index_select(hit)
             mem = sub.memory
-            tensors = list(sub.conv or ())
+            tensors = [] if sub.conv is None else [sub.conv]
             if mem is None:
                 return None, tensors
             tensors += [mem.states, mem.summaries, mem.state_sum, mem.online_state, mem.key_sum]
@@ -471,7 +472,7 @@ def test_gradients_reach_every_parameter(rule, padded):
     w = randx(2, T_FULL, seed=5)
     (o * w).sum().backward()
     names = [n for n, _ in layer.named_parameters()]
-    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "u_proj.weight"} <= set(names)
+    assert {"in_proj.weight", "conv.weight", "o_proj.weight"} <= set(names)
     for name, p in layer.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
