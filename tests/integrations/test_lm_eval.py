@@ -1,0 +1,249 @@
+"""The lm-evaluation-harness adapter against the model itself, on a tiny random byte model and
+local toy tasks (no hub). Skipped when lm-eval is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval's Hugging Face backend
+
+import lm_eval
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+
+from growmem import GrowMemConfig, GrowMemForCausalLM
+from growmem.integrations.lm_eval import GrowMemLM, HFTokenizerAdapter
+from growmem.tasks import BPETokenizer, ByteTokenizer
+
+BYTE = ByteTokenizer()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_model(vocab_size: int = BYTE.vocab_size) -> GrowMemForCausalLM:
+    """1 layer, width 16, segments of 4 tokens; init scale 0.3 so that greedy text varies."""
+    torch.manual_seed(0)
+    config = GrowMemConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_heads=2,
+        segment_size=4,
+        initializer_range=0.3,
+    )
+    return GrowMemForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lm_eval") / "model"
+    tiny_model().save_pretrained(folder)
+    BYTE.save(folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir) -> GrowMemLM:
+    return GrowMemLM(pretrained=str(model_dir), batch_size=2, device="cpu")
+
+
+def direct_logprobs(model: GrowMemForCausalLM, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t + 1] | ids[: t + 1]) for every t, from one unbatched forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_registered_as_growmem():
+    assert get_model("growmem") is GrowMemLM
+
+
+def test_loglikelihood_matches_model_logits(lm, model_dir):
+    model = GrowMemForCausalLM.from_pretrained(model_dir).eval()
+    pairs = [
+        ("Hello", " world"),
+        ("abc", "d"),
+        ("The memory grows", " with the context"),
+        ("", "xyz"),
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    assert len(results) == len(pairs)
+    for (context, continuation), (logprob, greedy) in zip(pairs, results, strict=True):
+        # an empty context conditions on eos, the token before every training document
+        context_ids = BYTE.encode(context) or [BYTE.eos_id]
+        cont_ids = BYTE.encode(continuation)
+        ids = context_ids + cont_ids
+        expected = direct_logprobs(model, ids)[len(context_ids) - 1 :]
+        assert logprob == pytest.approx(expected.sum().item(), abs=1e-5)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0]
+        argmax = logits[len(context_ids) - 1 : -1].argmax(-1).tolist()
+        assert greedy == (argmax == cont_ids)
+
+
+def test_loglikelihood_rolling_scores_every_token_after_eos(lm, model_dir):
+    model = GrowMemForCausalLM.from_pretrained(model_dir).eval()
+    text = "Memory caching keeps a checkpoint of the state at every segment."
+    (result,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    expected = direct_logprobs(model, [BYTE.eos_id, *BYTE.encode(text)]).sum().item()
+    assert result == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_until_matches_greedy_generate(lm, model_dir):
+    model = GrowMemForCausalLM.from_pretrained(model_dir).eval()
+    contexts = ["Hello", "a longer context than the first", "xyz"]
+    max_gen_toks = 12
+    greedy = []
+    for context in contexts:  # one by one: no padding
+        ids = torch.tensor([BYTE.encode(context)])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_gen_toks,
+            do_sample=False,
+            pad_token_id=BYTE.pad_id,
+            eos_token_id=BYTE.eos_id,
+        )
+        greedy.append(BYTE.decode(out[0, ids.shape[1] :].tolist()))
+    stop = next(ch for ch in greedy[0][2:] if ch.isascii())  # cuts the first answer
+    kwargs = {"until": [stop], "max_gen_toks": max_gen_toks, "do_sample": False}
+    requests = [
+        Instance("generate_until", {}, (context, dict(kwargs)), i)
+        for i, context in enumerate(contexts)
+    ]
+    answers = lm.generate_until(requests, disable_tqdm=True)
+    assert all(isinstance(answer, str) for answer in answers)
+    assert answers == [text.split(stop)[0] for text in greedy]
+    assert len(answers[0]) < len(greedy[0])
+
+
+def write_toy_tasks(folder: Path) -> Path:
+    """A multiple-choice task and a generation task over local JSONL data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [
+        {"question": "1 + 1 =", "choices": [" 2", " 3"], "answer": 0, "target": " 2"},
+        {"question": "The sky is", "choices": [" green", " blue"], "answer": 1, "target": " blue"},
+        {"question": "abc", "choices": ["d", "x"], "answer": 0, "target": "d"},
+    ]
+    data = folder / "toy.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    common = {
+        "dataset_path": "json",
+        "dataset_kwargs": {
+            "data_files": {"test": str(data)},
+            "cache_dir": str(folder / "hf_cache"),
+        },
+        "test_split": "test",
+        "doc_to_text": "{{question}}",
+    }
+    tasks = {
+        "growmem_toy_choice": {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        },
+        "growmem_toy_generate": {
+            "output_type": "generate_until",
+            "doc_to_target": "{{target}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+            "metric_list": [
+                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+            ],
+        },
+    }
+    for name, config in tasks.items():
+        # JSON is YAML: lm_eval reads these files with its YAML loader
+        (folder / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **config}))
+    return folder
+
+
+def test_simple_evaluate_on_local_tasks(lm, tmp_path):
+    tasks = write_toy_tasks(tmp_path / "tasks")
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["growmem_toy_choice", "growmem_toy_generate"], task_manager=manager
+    )
+    choice = out["results"]["growmem_toy_choice"]["acc,none"]
+    generate = out["results"]["growmem_toy_generate"]["exact_match,none"]
+    assert 0.0 <= choice <= 1.0
+    assert 0.0 <= generate <= 1.0
+    assert out["config"]["model_num_parameters"] == lm.model.num_parameters()
+
+
+def test_command_line_runs_local_task(model_dir, tmp_path):
+    tasks = write_toy_tasks(tmp_path / "tasks")
+    command = [
+        sys.executable,
+        "-m",
+        "growmem.integrations.lm_eval",
+        "--model",
+        "growmem",
+        "--model_args",
+        f"pretrained={model_dir}",
+        "--tasks",
+        "growmem_toy_choice",
+        "--include_path",
+        str(tasks),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "growmem_toy_choice" in done.stdout
+    assert "acc" in done.stdout
+
+
+def test_tokenizer_defaults_to_bytes_and_must_match_the_model(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)  # no tokenizer/ folder
+    lm = GrowMemLM(pretrained=str(folder), device="cpu")
+    assert lm.tokenizer.name_or_path == BYTE.fingerprint()
+    assert lm.eot_token_id == lm.prefix_token_id == BYTE.eos_id
+    assert lm.max_length == lm.config.max_position_embeddings
+    assert GrowMemLM(pretrained=str(folder), device="cpu", prefix_token_id=7).prefix_token_id == 7
+    bpe = BPETokenizer.train(["hello world, hello memory"] * 20, vocab_size=270)
+    with pytest.raises(ValueError, match="tokenizer has"):
+        GrowMemLM(pretrained=str(folder), tokenizer=bpe, device="cpu")
+
+
+def test_loaded_model_with_bpe_tokenizer_folder(tmp_path):
+    bpe = BPETokenizer.train(["hello world, hello memory"] * 20, vocab_size=270)
+    bpe.save(tmp_path / "tokenizer")
+    lm = GrowMemLM(pretrained=tiny_model(bpe.vocab_size), tokenizer=tmp_path / "tokenizer")
+    text = "hello memory"
+    assert lm.tok_encode(text) == bpe.encode(text)
+    ((logprob, _),) = lm.loglikelihood([Instance("loglikelihood", {}, ("hello", " world"), 0)])
+    assert logprob < 0
+
+
+def test_adapter_pads_decodes_and_names_special_tokens():
+    adapter = HFTokenizerAdapter(BYTE, model_max_length=4)
+    assert adapter.encode("ab") == [97, 98]
+    assert adapter.encode("ab", add_special_tokens=True) == [BYTE.bos_id, 97, 98]
+    assert adapter.decode(BYTE.eos_id) == "<eos>"
+    assert adapter.decode([104, BYTE.eos_id, 105, BYTE.pad_id]) == "h<eos>i<pad>"
+    assert adapter.decode(torch.tensor([104, BYTE.eos_id, 105]), skip_special_tokens=True) == "hi"
+    assert adapter.batch_decode(torch.tensor([[104, 105], [BYTE.bos_id, 105]])) == ["hi", "<bos>i"]
+    adapter.padding_side = "left"
+    batch = adapter(["abc", "a"])
+    pad = BYTE.pad_id
+    assert batch["input_ids"].tolist() == [[97, 98, 99], [pad, pad, 97]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    adapter.padding_side = "right"
+    batch = adapter(["abcdef", "a"], truncation=True)
+    assert batch["input_ids"].tolist() == [[97, 98, 99, 100], [97, pad, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="padding"):
+        adapter(["a"], padding="max_length")
