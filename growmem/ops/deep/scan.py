@@ -73,6 +73,23 @@ def _update(K, d1, hk, d2, w, state, coef):
     )
 
 
+def _update_into(K, d1, hk, d2, w, state, coef, out):
+    """``_update`` written into the tensors ``out`` (no grad; fewer temporaries)."""
+    if not coef:
+        wc = w.unsqueeze(-1)
+        for o, x, d, r in zip(out, state, (d1, d2), (hk, K), strict=True):
+            torch.matmul((d * wc).transpose(-1, -2), r, out=o).add_(x)
+        return
+    W1, W2, S1, S2 = state
+    c, m, a, p, beta = coef
+    cw, mw = (c * w).unsqueeze(-1), (m * w).unsqueeze(-1)  # [.., b, 1]
+    a, p, beta = a[..., None], p[..., None], beta[..., None]
+    for o, W, S, d, r in zip(out[:2], (W1, W2), (S1, S2), (d1, d2), (hk, K), strict=True):
+        torch.matmul((d * cw).transpose(-1, -2), r, out=o).addcmul_(a, W).addcmul_(p, S)
+    for o, S, d, r in zip(out[2:], (S1, S2), (d1, d2), (hk, K), strict=True):
+        torch.matmul((d * mw).transpose(-1, -2), r, out=o).addcmul_(beta, S)
+
+
 def scan_loop(rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm):
     """The scan under autograd (the Function's reference). Arguments as ``scan``."""
     state = init
@@ -110,20 +127,29 @@ class ScanFunction(torch.autograd.Function):
         n_coef = 5 if rule == "titans" else 0
         coefs, init = rest[:n_coef], rest[n_coef : n_coef + n_state]
         reset = rest[n_coef + n_state :] or None
-        state = init
-        entries, factors, saved, kept = [], [], [], []
+        NB = K.shape[0]
+        # entry states written in place: slot mb + 1 receives the state leaving mb
+        entry_stacks = [x.new_empty(NB, *x.shape) for x in init]
+        for e, x in zip(entry_stacks, init, strict=True):
+            e[0] = x
+        factors, saved, kept = [], [], []
         per_batch = [x.unbind(0) for x in (K, V, step, *coefs)]
         for mb, (Km, Vm, w0, *coef) in enumerate(zip(*per_batch, strict=True)):
             if mb in resets:
-                state = reset
-            entries.append(state)
+                for e, x in zip(entry_stacks, reset, strict=True):
+                    e[mb] = x
+            state = [e[mb] for e in entry_stacks]
             d1, hk, d2, w, keep = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
             factors.append((d1, hk, d2, w))
             saved.append(keep)
-            state = _update(Km, d1, hk, d2, w, state, coef)
+            if mb + 1 == NB or mb + 1 in resets:  # not the next entry: a tensor of its own
+                out = [x.new_empty(x.shape) for x in state]
+            else:
+                out = [e[mb + 1] for e in entry_stacks]
+            _update_into(Km, d1, hk, d2, w, state, coef, out)
             if mb in ends:
-                kept.append(state)
-        entry_stacks = [torch.stack(x) for x in zip(*entries, strict=True)]
+                kept.append(out)
+        state = out
         factor_stacks = [torch.stack(x) for x in zip(*factors, strict=True)]
         kept_stacks = [torch.stack(x) for x in zip(*kept, strict=True)] if kept else []
         ctx.spec, ctx.n_coef, ctx.n_state, ctx.has_reset = spec, n_coef, n_state, reset is not None
