@@ -96,7 +96,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--segment-size", type=int, default=256)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: batch-1 decoding is latency-bound, and one thread is "
+        "steadier than two on a shared 2-core machine; 0 keeps torch's default)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = {
         name: build_model(settings, args.hidden, args.layers, args.heads, args.segment_size).eval()
         for name, settings in MODELS.items()
@@ -121,6 +130,7 @@ def main() -> None:
             "dtype": "float32",
             "batch": 1,
             "steps": args.steps,
+            "threads": torch.get_num_threads(),
         },
         "rows": rows,
     }
