@@ -1,12 +1,13 @@
-"""The cached MLP read Function against plain autograd (float64) and finite differences."""
+"""The cached-memory read Functions against plain autograd (float64) and finite differences."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from growmem.ops.caching import deep_reads
 from growmem.ops.caching.deep_reads import cached_mlp_read
+from growmem.ops.deep import mixed
+from growmem.ops.deep.mixed import mixed_linear_read
 from growmem.ops.deep.mlp import mlp_forward
 
 
@@ -38,7 +39,7 @@ def _autograd_read(q, W1, W2, w, spans, norm):
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("block", [1 << 21, 1])  # one block of caches, or one cache per block
 def test_cached_mlp_read_matches_autograd(norm, block, monkeypatch):
-    monkeypatch.setattr(deep_reads, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(mixed, "_BLOCK_ELEMENTS", block)
     x = _inputs()
     spans = [(0, 4, 1), (4, 9, 3), (9, 11, 2)]
     results = []
@@ -57,4 +58,38 @@ def test_cached_mlp_read_gradcheck():
     spans = [(0, 2, 1), (2, 5, 2)]
     assert torch.autograd.gradcheck(
         lambda *t: cached_mlp_read(*t, spans, True, 1e-5), x, atol=1e-7, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("block", [1 << 21, 1])
+def test_mixed_linear_read_matches_autograd(block, monkeypatch):
+    monkeypatch.setattr(mixed, "_BLOCK_ELEMENTS", block)
+    _, W, _, w = _inputs()  # W [B, H, N, D, Dh]: maps from Dh to D
+    x = torch.randn(*w.shape[:3], W.shape[-1], dtype=W.dtype, requires_grad=True)
+    spans = [(0, 4, 1), (4, 9, 3), (9, 11, 2)]
+
+    def autograd_read(x, W, w, spans):
+        out = torch.zeros(*x.shape[:-1], W.shape[-2], dtype=x.dtype)
+        for a, b, n in spans:
+            for i in range(n):
+                out[:, :, a:b] += w[:, :, a:b, i, None] * (x[:, :, a:b] @ W[:, :, i].mT)
+        return out
+
+    results = []
+    for fn in (mixed_linear_read, autograd_read):
+        for t in (x, W, w):
+            t.grad = None
+        o = fn(x, W, w, spans)
+        (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum().backward()
+        results.append([o.detach(), x.grad.clone(), W.grad.clone(), w.grad.clone()])
+    for name, a, b in zip(["o", "x", "W", "w"], *results, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 1e-12, name
+
+
+def test_mixed_linear_read_gradcheck():
+    _, W1, _, w = _inputs(B=1, H=1, T=5, N=2, D=3, Dh=4, seed=2)
+    spans = [(0, 2, 1), (2, 5, 2)]
+    x = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: mixed_linear_read(*t, spans), (x, W1, w), atol=1e-7, rtol=1e-6
     )

@@ -263,6 +263,6 @@ def _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype) 
         "gamma_online": batched(gamma[..., -1].transpose(1, 2), 1.0).unsqueeze(-1),
         "z_cached": batched(z_cached.transpose(1, 2), 0.0),
         "gamma_cached": batched(g_cached.transpose(1, 2), 0.0),
-        "W1_cached_t": W1c.transpose(-1, -2).contiguous(),
+        "W1_cached": W1c,
         "visible": visible,
     }

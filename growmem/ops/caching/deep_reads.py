@@ -6,7 +6,7 @@ For one piece of L query tokens and the n caches it sees:
 
 costs n·L·Dh activations per piece, as much as attention's scores over the same context, so
 they are not kept: ``CachedMLPRead`` saves only its inputs and recomputes the activations in
-its backward, cache block by cache block (the temporaries stay at _BLOCK_ELEMENTS). Compared
+its backward, cache block by cache block (temporaries bounded as in ops/deep/mixed.py). Compared
 with activation checkpointing of the autograd graph, it runs no graph and fuses GELU's
 backward.
 """
@@ -16,16 +16,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from growmem.ops.deep.mixed import blocks
 from growmem.ops.deep.mlp import gelu, layer_norm, layer_norm_backward
-
-# elements of the largest [B, H, n_block, L, Dh] temporary
-_BLOCK_ELEMENTS = 1 << 21
-
-
-def _blocks(n: int, per_cache: int) -> list[tuple[int, int]]:
-    """Cache ranges [a, b) of at most _BLOCK_ELEMENTS // per_cache caches each."""
-    size = max(1, _BLOCK_ELEMENTS // per_cache)
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def _activations(q, W1, W2, norm, eps):
@@ -51,7 +43,7 @@ class CachedMLPRead(torch.autograd.Function):
             q_s, w_s = q[:, :, a:b], w[:, :, a:b, :n]  # [B, H, L, D], [B, H, L, n]
             wT = w_s.transpose(-1, -2).unsqueeze(-1)  # [B, H, n, L, 1]
             acc = w_s.sum(-1, keepdim=True) * q_s
-            for c, d in _blocks(n, q.shape[0] * q.shape[1] * (b - a) * W2.shape[3]):
+            for c, d in blocks(n, q.shape[0] * q.shape[1] * (b - a) * W2.shape[3]):
                 _, _, o, _ = _activations(q_s, W1[:, :, c:d], W2[:, :, c:d], norm, eps)
                 acc += (o * wT[:, :, c:d]).sum(2)
             out[:, :, a:b] = acc
@@ -68,7 +60,7 @@ class CachedMLPRead(torch.autograd.Function):
             dq_s = w_s.sum(-1, keepdim=True) * do_s
             dwT = torch.empty_like(wT)
             do_n = do_s.unsqueeze(2)  # [B, H, 1, L, Dv]
-            for c, d in _blocks(n, q.shape[0] * q.shape[1] * (b - a) * W2.shape[3]):
+            for c, d in blocks(n, q.shape[0] * q.shape[1] * (b - a) * W2.shape[3]):
                 W1b, W2b = W1[:, :, c:d], W2[:, :, c:d]
                 z, h, o, rstd = _activations(q_s, W1b, W2b, ctx.norm, ctx.eps)
                 dwT[:, :, c:d] = (o * do_n).sum(-1, keepdim=True)

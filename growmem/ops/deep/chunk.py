@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from growmem.ops.caching.reads import mixed_read
+from growmem.ops.deep.mixed import mixed_linear_read
 from growmem.ops.deep.mlp import DeepState, clamp_momentum, gelu, layer_norm, start_state
 from growmem.ops.deep.scan import scan
 from growmem.ops.precision import compute_dtype
@@ -199,8 +199,8 @@ def online_read(scan: DeepScan, norm=True, eps=1e-5, soup=None) -> torch.Tensor:
 
     soup: Memory Soup with cached memories, or None. A dict with (in the mini-batch layout)
     gamma_online [NB, B, H, b, 1], z_cached [NB, B, H, b, Dh] (Σ_i γ_i W2^(i) q_t),
-    gamma_cached [NB, B, H, b, N], W1_cached_t [B, H, N, Dh, Dv] (the cached W1^(i),
-    transposed) and visible (a list: the caches each mini-batch reads). Token t then reads
+    gamma_cached [NB, B, H, b, N], W1_cached [B, H, N, Dv, Dh] (the cached W1^(i)) and
+    visible (a list: the caches each mini-batch reads). Token t then reads
     the memory whose weights are the γ-mix of the cached ones and of its online weights W_t:
     o_t = q_t + N(W1*_t σ(W2*_t q_t)).
     """
@@ -248,7 +248,7 @@ def _cached_first_layer(hq, gamma, soup, visible) -> torch.Tensor:
     [G, B, H, b, Dh], gamma [G, B, H, b, N] -> [G, B, H, b, Dv]."""
     G, B, H, b, Dh = hq.shape
     if not any(visible):
-        return hq.new_zeros(G, B, H, b, soup["W1_cached_t"].shape[-1])
+        return hq.new_zeros(G, B, H, b, soup["W1_cached"].shape[-2])
     spans = []  # mini-batches with the same visible caches read as one span
     for j, n in enumerate(visible):
         if spans and spans[-1][2] == n:
@@ -257,7 +257,7 @@ def _cached_first_layer(hq, gamma, soup, visible) -> torch.Tensor:
             spans.append([j * b, (j + 1) * b, n])
     flat = hq.permute(1, 2, 0, 3, 4).reshape(B, H, G * b, Dh)
     gam = gamma.permute(1, 2, 0, 3, 4).reshape(B, H, G * b, -1)
-    y = mixed_read(flat, soup["W1_cached_t"], gam, [tuple(s) for s in spans])
+    y = mixed_linear_read(flat, soup["W1_cached"], gam, [tuple(s) for s in spans])
     return y.view(B, H, G, b, -1).permute(2, 0, 1, 3, 4)
 
 
