@@ -23,40 +23,44 @@ class MixedLinearRead(torch.autograd.Function):
     """y_t = Σ_{i < n} w_{t,i} W_i x_t for the tokens a <= t < b of every span (a, b, n):
     x [B, H, T, Din], W [B, H, N, Dout, Din], w [B, H, T, N] -> [B, H, T, Dout].
 
-    Each cache's product W_i x is formed ([.., n, L, Dout]) and then weighted, so the
-    temporaries hold n·Dout numbers per token: the cheaper order when Dout < Din (Memory
-    Soup's second layer; reads.MixedRead weights the inputs instead). The backward recomputes
-    the products for the weights' gradient.
+    The maps of a block act as one: x [L, Din] @ [W_c; ...; W_d]^T [Din, nb·Dout] gives every
+    product in token-major order, which is then weighted and summed; the backward runs the
+    same two matmuls the other way round. Temporaries hold nb·Dout numbers per token: the
+    cheaper order when Dout < Din (Memory Soup's second layer; reads.MixedRead weights the
+    inputs instead). The backward recomputes the products for the weights' gradient.
     """
 
     @staticmethod
     def forward(ctx, x, W, w, spans):
         ctx.save_for_backward(x, W, w)
         ctx.spans = spans
-        out = x.new_zeros(*x.shape[:-1], W.shape[-2])
+        B, H, _, Din = x.shape
+        Dout = W.shape[-2]
+        out = x.new_zeros(B, H, x.shape[2], Dout)
         for a, b, n in spans:
-            x_s = x[:, :, a:b].unsqueeze(2)  # [B, H, 1, L, Din]
-            wT = w[:, :, a:b, :n].transpose(-1, -2).unsqueeze(-1)  # [B, H, n, L, 1]
-            for c, d in blocks(n, x.shape[0] * x.shape[1] * (b - a) * W.shape[-2]):
-                out[:, :, a:b] += ((x_s @ W[:, :, c:d].transpose(-1, -2)) * wT[:, :, c:d]).sum(2)
+            x_s = x[:, :, a:b]  # [B, H, L, Din]
+            for c, d in blocks(n, B * H * (b - a) * Dout):
+                Wb = W[:, :, c:d].reshape(B, H, (d - c) * Dout, Din)
+                P = (x_s @ Wb.transpose(-1, -2)).view(B, H, b - a, d - c, Dout)
+                out[:, :, a:b] += (P * w[:, :, a:b, c:d, None]).sum(-2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         x, W, w = ctx.saved_tensors
+        B, H, _, Din = x.shape
+        Dout = W.shape[-2]
         dx, dW, dw = torch.zeros_like(x), torch.zeros_like(W), torch.zeros_like(w)
         for a, b, n in ctx.spans:
-            x_s, do_n = x[:, :, a:b].unsqueeze(2), dout[:, :, a:b].unsqueeze(2)
-            wT = w[:, :, a:b, :n].transpose(-1, -2).unsqueeze(-1)  # [B, H, n, L, 1]
-            dwT = torch.empty_like(wT)
-            for c, d in blocks(n, x.shape[0] * x.shape[1] * (b - a) * W.shape[-2]):
-                Wb = W[:, :, c:d]
-                dwT[:, :, c:d] = ((x_s @ Wb.transpose(-1, -2)) * do_n).sum(-1, keepdim=True)
-                dP = wT[:, :, c:d] * do_n  # [B, H, nb, L, Dout]
-                dx[:, :, a:b] += (dP @ Wb).sum(2)
-                dW[:, :, c:d] += dP.transpose(-1, -2) @ x_s
-            dw[:, :, a:b, :n] = dwT.squeeze(-1).transpose(-1, -2)
+            x_s, do = x[:, :, a:b], dout[:, :, a:b, None, :]  # [B, H, L, Din], [B, H, L, 1, Dout]
+            for c, d in blocks(n, B * H * (b - a) * Dout):
+                Wb = W[:, :, c:d].reshape(B, H, (d - c) * Dout, Din)
+                P = (x_s @ Wb.transpose(-1, -2)).view(B, H, b - a, d - c, Dout)
+                dw[:, :, a:b, c:d] = (P * do).sum(-1)
+                dP = (w[:, :, a:b, c:d, None] * do).view(B, H, b - a, (d - c) * Dout)
+                dx[:, :, a:b] += dP @ Wb
+                dW[:, :, c:d] += (dP.transpose(-1, -2) @ x_s).view(B, H, d - c, Dout, Din)
         return dx, dW, dw, None
 
 
