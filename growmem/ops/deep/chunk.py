@@ -39,7 +39,7 @@ from growmem.ops.precision import compute_dtype
 
 # elements of the largest temporary of one read group ([G, B, H, b, Dh]): big enough to
 # amortise per-op overhead, small enough to stay clear of fresh-page allocation costs
-_READ_GROUP_ELEMENTS = 1 << 21
+_READ_GROUP_ELEMENTS = 1 << 20
 
 
 class MiniBatchLayout(NamedTuple):
