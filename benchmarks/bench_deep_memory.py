@@ -100,8 +100,13 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: torch's default)"
+    )
     parser.add_argument("--out", default="deep_memory")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
 
     rows = []
