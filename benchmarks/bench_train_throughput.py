@@ -4,7 +4,7 @@ Usage: python -m benchmarks.bench_train_throughput [--lengths 1024 4096 16384] [
 Models of one size (hidden 256, 4 layers, 4 heads, byte vocabulary, float32, segment 256,
 mini-batch 64 for the deep rules): Transformer++, gated_delta, swla and titans, each without
 Memory Caching and with grm and ssc. One fwd+bwd of batch 1 per model, interleaved rounds,
-median time. Writes results/train_throughput.json.
+median time, one thread by default. Writes results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--segment-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = {
         name: build_model(settings, args.hidden, args.layers, args.heads, args.segment_size)
         for name, settings in MODELS.items()
@@ -71,6 +74,7 @@ def main() -> None:
         "dtype": "float32",
         "batch": 1,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
     }
     print(f"wrote {write_json('train_throughput', {'setting': setting, 'rows': rows})}")
 
