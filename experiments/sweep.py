@@ -114,10 +114,6 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
     out = RUNS / experiment / slug(cell.name) / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     log = out / "sweep.log"
-    resume = (out / "checkpoints" / "latest").is_file()
-    if (out / "config.yaml").is_file() and not resume:  # stopped before its first checkpoint
-        (out / "config.yaml").unlink()
-        (out / "metrics.jsonl").unlink(missing_ok=True)
     settings = [
         *cell.overrides,
         f"train.seed={seed}",
@@ -125,10 +121,10 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
         "train.threads=1",
         "train.progress=false",
     ]
-    args = ["train", cell.preset, *(a for s in settings for a in ("--set", s))]
+    args = ["train", cell.preset, "--auto-resume", *(a for s in settings for a in ("--set", s))]
     start = time.time()
     if not (out / "model" / "eval.json").is_file():
-        _growmem(*args, *(["--resume"] if resume else []), log=log)
+        _growmem(*args, log=log)
     seconds = time.time() - start
     evals = {}
     for extra in cell.evals:

@@ -36,7 +36,8 @@ def cmd_train(args) -> int:
     from growmem.training.config import load_config
 
     config = load_config(resolve_config(args.config), args.set, presets=CONFIGS)
-    final = train(config, resume=args.resume, stop_after=args.stop_after)
+    resume = "auto" if args.auto_resume else args.resume
+    final = train(config, resume=resume, stop_after=args.stop_after)
     if final is None:
         print(f"stopped after step {args.stop_after}; continue with --resume")
     else:
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value (repeatable), e.g. --set train.steps=200",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue when out_dir has a checkpoint, else start (over)",
+    )
     p.add_argument(
         "--stop-after",
         type=int,

@@ -31,13 +31,12 @@ MODELS = {
 }
 
 
-def launch(preset: str, out: Path, overrides: list[str], resume: bool) -> subprocess.Popen:
-    """Start ``growmem train PRESET`` into ``out`` on one thread, logging to out/train.log."""
-    command = [sys.executable, "-m", "growmem.cli", "train", preset]
+def launch(preset: str, out: Path, overrides: list[str]) -> subprocess.Popen:
+    """Start (or continue) ``growmem train PRESET`` into ``out`` on one thread, logging to
+    out/train.log."""
+    command = [sys.executable, "-m", "growmem.cli", "train", preset, "--auto-resume"]
     for item in [f"train.out_dir={out}", "train.threads=1", "train.progress=false", *overrides]:
         command += ["--set", item]
-    if resume:
-        command.append("--resume")
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "a")  # noqa: SIM115 -- closed when the process ends
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -58,13 +57,8 @@ def run_all(root: Path, jobs: int, overrides: list[str]) -> None:
         while pending and len(running) < jobs:
             name, preset = pending.pop(0)
             out = root / preset
-            resume = (out / "checkpoints" / "latest").is_file()
-            if (out / "config.yaml").is_file() and not resume:
-                # an earlier demo stopped before its first checkpoint: start it over
-                (out / "config.yaml").unlink()
-                (out / "metrics.jsonl").unlink(missing_ok=True)
             print(f"training {name} ({preset}) -> {out}", flush=True)
-            running.append((name, out, launch(preset, out, overrides, resume), time.time()))
+            running.append((name, out, launch(preset, out, overrides), time.time()))
         time.sleep(1)
         for item in list(running):
             name, out, process, start = item

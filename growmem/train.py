@@ -153,7 +153,9 @@ def _metrics_file(out: Path, start_step: int) -> Path:
     return path
 
 
-def train(config: RunConfig, resume: bool = False, stop_after: int | None = None) -> Path | None:
+def train(
+    config: RunConfig, resume: bool | str = False, stop_after: int | None = None
+) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
     Under torchrun every process runs this; rank 0 logs, evaluates and writes checkpoints.
@@ -162,7 +164,9 @@ def train(config: RunConfig, resume: bool = False, stop_after: int | None = None
 
     Args:
         config: the run.
-        resume: continue from the run folder's latest checkpoint.
+        resume: True: continue from the run folder's latest checkpoint. "auto": continue
+            when the folder has a checkpoint, else start (over: a run that stopped before its
+            first checkpoint is begun afresh); for scripts that rerun until done.
         stop_after: end this session after that step with a checkpoint (for time-sliced or
             preemptible jobs; continue with ``resume``); returns None then.
     """
@@ -174,6 +178,13 @@ def train(config: RunConfig, resume: bool = False, stop_after: int | None = None
         torch.set_num_threads(settings.threads)
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     out = Path(settings.out_dir)
+    if resume == "auto":
+        resume = (out / "checkpoints" / "latest").is_file()
+        if not resume and env.main:  # nothing to resume: whatever the folder logged is void
+            (out / "config.yaml").unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    elif resume not in (True, False):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         _prepare_run_dir(out, config, resume)

@@ -173,6 +173,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert_same_weights(a / "checkpoints" / "step_00000006", b / "checkpoints" / "step_00000006")
 
 
+def test_auto_resume_starts_continues_or_starts_over(tmp_path):
+    settings = {"steps": 6, "checkpoint_every": 3}
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_config(a, train=settings))
+    config_b = tiny_config(b, train=settings)
+    # a session that logged a step but died before its first checkpoint is begun afresh
+    b.mkdir()
+    (b / "config.yaml").write_text("stale\n")
+    (b / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    assert train(config_b, resume="auto", stop_after=4) is None  # fresh start
+    assert train(config_b, resume="auto") == b / "model"  # continues from step 4
+    assert deterministic(loss_lines(b)) == deterministic(loss_lines(a))
+    assert_same_weights(a / "model", b / "model")
+    with pytest.raises(ValueError, match="resume"):
+        train(config_b, resume="sometimes")
+
+
 def test_resume_twice_at_checkpoint_steps(tmp_path):
     settings = {"steps": 6, "checkpoint_every": 2}
     a, b = tmp_path / "a", tmp_path / "b"
