@@ -50,9 +50,10 @@ def test_report_tables_plot_and_verdicts(results_dir):
     text = (results_dir / "docs" / "results.md").read_text()
     assert "| gated_delta+grm | 2 | 0.605 ± 0.007 |" in text  # mean ± std over two seeds
     assert (results_dir / "docs" / "img" / "mqar_recall.png").stat().st_size > 0
-    assert "**1. MC lifts recall** (gated_delta): base 0.105, best MC gated_delta+grm 0.455" in text
-    assert "grm 0.455 vs residual 0.155. Reproduced." in text
-    assert "keeps 71% of grm's gain" in text
+    assert "gated_delta: base 0.105, best MC (gated_delta+grm) 0.455, Transformer++" in text
+    assert "gated_delta: grm 0.455 vs residual 0.155: reproduced" in text
+    assert "ssc keeps 71% of grm's gain): reproduced" in text
+    assert "**5. MC training throughput" in text and "not measured yet" in text
     assert "Not measured yet: run `python -m experiments.sweep niah`" in text
 
 
