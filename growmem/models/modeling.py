@@ -13,6 +13,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from growmem.layers import Attention, MemoryCachingAttention, RMSNorm, SwiGLU
+from growmem.layers.checks import padding_mask
 from growmem.models.cache import GrowMemCache
 from growmem.models.configuration import GrowMemConfig
 
@@ -218,12 +219,7 @@ class GrowMemModel(GrowMemPreTrainedModel):
                 f"attention_mask must have shape [B, T] = {(B, T)} or [B, past + T] = "
                 f"{(B, past + T)}, got {tuple(attention_mask.shape)}"
             )
-        mask = attention_mask[:, -T:]
-        if mask.dtype != torch.bool:
-            if ((mask != 0) & (mask != 1)).any():
-                raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
-            mask = mask != 0
-        return None if bool(mask.all()) else mask
+        return padding_mask(attention_mask[:, -T:], B, T, attention_mask.device)
 
 
 class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
