@@ -77,6 +77,17 @@ def mqar_section(lines: list[str]) -> dict[str, float]:
         lines.append(
             f"| {model} | {len(results)} | {' | '.join(cells)} | {mean_std(accs)} | {speed:,.0f} |"
         )
+    split = [
+        m
+        for m, results in runs.items()
+        if len(results) > 1 and statistics.stdev(r["eval"]["accuracy"] for r in results) > 0.25
+    ]
+    if split:
+        lines.append(
+            f"\nSeeds disagree for {', '.join(split)}: a std above 0.25 means some seeds "
+            "crossed MQAR's phase transition and others stayed near chance at this budget, "
+            "so compare these means with care."
+        )
     missing = [m for m, results in runs.items() if len(results) < 3]
     if missing:
         lines.append(
