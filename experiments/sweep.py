@@ -1,6 +1,7 @@
 """The experiments behind docs/results.md: training runs over presets, seeds and overrides.
 
-    python -m experiments.sweep [EXPERIMENT ...] [--seeds 0 1 2] [--jobs 2] [--list]
+    python -m experiments.sweep [EXPERIMENT ...] [--seeds 0 1 2] [--jobs 2] [--models NAME ...]
+                                [--list]
 
 Each cell (experiment, model, seed) trains with ``growmem train`` into
 runs/experiments/EXPERIMENT/MODEL/seedS (one thread per job) and stores its evaluation and
@@ -43,8 +44,15 @@ class Cell:
     evals: list[list[str]] = field(default_factory=list)
 
 
+# MQAR beyond the training setting (64 tokens, 8 pairs): 2x and 4x longer sequences and up to
+# 31 pairs (the vocabulary's 31 keys), every (length, pairs) slice with length >= 4 * pairs.
+MQAR_GRID = ["--lengths", "64", "128", "256", "--kv-pairs", "8", "16", "24", "31"]
+# Post-training Memory Caching of a base model: mean over segments of the training segment size.
+MQAR_POST_TRAINING_MC = [*MQAR_GRID, "--post-training-mc", "16"]
+
+
 def _mqar() -> list[Cell]:
-    cells = [Cell("Transformer++", "mqar_transformer", ["train.steps=1600"])]
+    cells = [Cell("Transformer++", "mqar_transformer", evals=[MQAR_GRID])]
     for rule, aggregations in (
         ("gated_delta", ("none", "residual", "grm", "ssc")),
         ("swla", ("none", "residual", "grm", "ssc")),
@@ -52,7 +60,9 @@ def _mqar() -> list[Cell]:
     ):
         for agg in aggregations:
             name = rule if agg == "none" else f"{rule}+{agg}"
-            cells.append(Cell(name, "mqar", [f"model.rule={rule}", f"model.aggregation={agg}"]))
+            evals = [MQAR_GRID, MQAR_POST_TRAINING_MC] if agg == "none" else [MQAR_GRID]
+            overrides = [f"model.rule={rule}", f"model.aggregation={agg}"]
+            cells.append(Cell(name, "mqar", overrides, evals=evals))
     return cells
 
 
@@ -67,7 +77,7 @@ def _niah() -> list[Cell]:
 
 
 def _lm() -> list[Cell]:
-    short = ["train.steps=600", "train.batch_size=8", "task.eval_blocks=32"]
+    short = ["train.steps=300", "train.batch_size=8", "task.eval_blocks=32"]
     cells = [Cell("Transformer++", "lm_transformer", short)]
     for rule in ("gated_delta", "titans"):
         for agg in ("none", "grm", "ssc"):
@@ -75,12 +85,13 @@ def _lm() -> list[Cell]:
             cells.append(
                 Cell(name, "lm", [*short, f"model.rule={rule}", f"model.aggregation={agg}"])
             )
+    # Ablations of gated_delta+grm (segment 128, continuous init, mean summaries).
     grm = [*short, "model.aggregation=grm"]
     for label, extra in (
-        ("grm, segment 32", ["model.segment_size=32"]),
-        ("grm, segment 512", ["model.segment_size=512"]),
-        ("grm, independent init", ["model.init=independent"]),
-        ("grm, summary sum", ["model.summary=sum"]),
+        ("gated_delta+grm, segment 32", ["model.segment_size=32"]),
+        ("gated_delta+grm, segment 256", ["model.segment_size=256"]),
+        ("gated_delta+grm, independent init", ["model.init=independent"]),
+        ("gated_delta+grm, summary sum", ["model.summary=sum"]),
     ):
         cells.append(Cell(label, "lm", grm + extra))
     return cells
@@ -160,21 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="cells trained at a time")
+    parser.add_argument("--models", nargs="+", help="only these models (names as in --list)")
     parser.add_argument("--list", action="store_true", help="list the cells and their state")
     args = parser.parse_args(argv)
     unknown = set(args.experiments) - set(EXPERIMENTS)
     if unknown:
         parser.error(f"unknown experiments {sorted(unknown)}; choose from {list(EXPERIMENTS)}")
+    names = {cell.name for exp in args.experiments for cell in EXPERIMENTS[exp]()}
+    if args.models and set(args.models) - names:
+        parser.error(f"unknown models {sorted(set(args.models) - names)}; see --list")
+    # Seed-major, so an interrupted sweep has whole seeds rather than whole models.
     todo = [
         (exp, cell, seed)
         for exp in args.experiments
-        for cell in EXPERIMENTS[exp]()
         for seed in args.seeds
+        for cell in EXPERIMENTS[exp]()
+        if not args.models or cell.name in args.models
     ]
     if args.list:
         for exp, cell, seed in todo:
             done = result_path(exp, cell, seed).is_file()
-            print(f"{'done' if done else 'todo'}  {exp:5s} {cell.name:26s} seed {seed}")
+            print(f"{'done' if done else 'todo'}  {exp:5s} {cell.name:36s} seed {seed}")
         return 0
     todo = [t for t in todo if not result_path(*t).is_file()]
     print(f"{len(todo)} cells to run", flush=True)

@@ -1,7 +1,8 @@
 """The ``growmem`` command: train and evaluate models.
 
 growmem train CONFIG [--set section.key=value ...] [--resume]
-growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--post-training-mc SEGMENT]
+growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...]
+             [--post-training-mc SEGMENT]
 growmem configs
 """
 
@@ -68,6 +69,8 @@ def cmd_eval(args) -> int:
     model.eval()
 
     task_name = args.task or run.task.name
+    if args.kv_pairs and task_name != "mqar":
+        raise ValueError(f"--kv-pairs applies to the mqar task, not {task_name}")
     task = run.task if task_name == run.task.name else TASK_TYPES[task_name]()
     tokenizer = None
     if task_name in ("niah", "lm"):
@@ -97,6 +100,8 @@ def cmd_eval(args) -> int:
     if task_name == "mqar":
         if lengths:
             task = dataclasses.replace(task, test_seq_lens=lengths)
+        if args.kv_pairs:
+            task = dataclasses.replace(task, test_num_kv_pairs=args.kv_pairs)
         if task.vocab_size != config.vocab_size:
             raise ValueError(f"MQAR vocab {task.vocab_size} != model vocab {config.vocab_size}")
         results = evaluate_mqar(model, mqar_data(task, run.train.seed).mqar_test)
@@ -165,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
     p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to evaluate at")
+    p.add_argument(
+        "--kv-pairs",
+        type=int,
+        nargs="+",
+        help="mqar: key-value pairs to test with (slices need length >= 4 * pairs)",
+    )
     p.add_argument(
         "--post-training-mc",
         type=int,

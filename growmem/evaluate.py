@@ -70,14 +70,16 @@ def evaluate_niah(
     haystack: str | None = None,
     bf16: bool = False,
 ) -> dict[str, Any]:
-    """Exact-match retrieval of the needle's value, generated greedily, at each length.
+    """Exact-match retrieval of the needle's value, generated greedily, at each length, and
+    the teacher-forced accuracy of the answer's tokens (partial credit: a model that gets 5 of
+    7 digits right scores 0 on exact match but 5/7 here).
 
     Examples come from a seed stream disjoint from training's (``fold_seed(seed, 1, length)``)
     with needle depths on an even grid.
 
     Returns:
-        {"accuracy": mean over lengths, "lengths": [{"length", "accuracy", "depths":
-        [[depth, correct], ...]}]}.
+        {"accuracy": mean over lengths, "token_accuracy": mean over lengths, "lengths":
+        [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]}.
     """
     model.eval()
     rows = []
@@ -90,10 +92,14 @@ def evaluate_niah(
             seed=fold_seed(seed, 1, length),
             haystack=haystack,
         )
-        hits = []
+        hits, token_hits = [], []
         for example in examples:
-            ids = torch.tensor([example.input_ids])
+            ids = torch.tensor([example.input_ids])  # [1, T]
+            prompt_len, answer = len(example.input_ids), torch.tensor(example.answer_ids)
             with _autocast(bf16):
+                forced = model(torch.tensor([example.input_ids + example.answer_ids])).logits
+                predicted = forced[0, prompt_len - 1 : prompt_len - 1 + len(answer)].argmax(-1)
+                token_hits.append((predicted == answer).float().mean().item())
                 out = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -108,10 +114,15 @@ def evaluate_niah(
             {
                 "length": length,
                 "accuracy": sum(hits) / len(hits),
+                "token_accuracy": sum(token_hits) / len(token_hits),
                 "depths": [[e.depth, h] for e, h in zip(examples, hits, strict=True)],
             }
         )
-    return {"accuracy": sum(r["accuracy"] for r in rows) / len(rows), "lengths": rows}
+    return {
+        "accuracy": sum(r["accuracy"] for r in rows) / len(rows),
+        "token_accuracy": sum(r["token_accuracy"] for r in rows) / len(rows),
+        "lengths": rows,
+    }
 
 
 @torch.no_grad()

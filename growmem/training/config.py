@@ -40,6 +40,9 @@ class MQARTask:
         test_num_kv_pairs: key-value pairs of the test slices (default: num_kv_pairs).
         num_test_examples: examples per test slice.
         power_a: query-gap power law exponent.
+        random_non_queries: random filler tokens between the queries (Zoology's default), or
+            token 0. With a small vocabulary random filler repeats the keys with other
+            values after them, which makes recall ambiguous.
     """
 
     name: str = "mqar"
@@ -51,6 +54,7 @@ class MQARTask:
     test_num_kv_pairs: list[int] | None = None
     num_test_examples: int = 256
     power_a: float = 0.01
+    random_non_queries: bool = True
 
 
 @dataclass

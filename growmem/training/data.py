@@ -82,6 +82,7 @@ def mqar_test_configs(task: MQARTask) -> list[MQARConfig]:
             num_kv_pairs=k,
             num_examples=task.num_test_examples,
             power_a=task.power_a,
+            random_non_queries=task.random_non_queries,
         )
         for T in lengths
         for k in kv_counts
@@ -104,6 +105,7 @@ def mqar_data(task: MQARTask, seed: int) -> TaskData:
             num_kv_pairs=k,
             num_examples=task.num_train_examples,
             power_a=task.power_a,
+            random_non_queries=task.random_non_queries,
         )
         for k in pairs
     ]

@@ -14,11 +14,33 @@ def fake_result(model: str, accuracies: list[float], seed: int) -> dict:
         {"seq_len": 64, "num_kv_pairs": k, "accuracy": a}
         for k, a in zip((4, 8, 12, 16), accuracies, strict=True)
     ]
+    # beyond the training setting: accuracy falls with length and pairs, less so with MC
+    keep = 0.5 if "+" in model or model == "Transformer++" else 0.2
+    grid = [
+        {"seq_len": n, "num_kv_pairs": k, "accuracy": accuracies[0] * keep ** (n // 128 + k // 16)}
+        for n in (64, 128, 256)
+        for k in (8, 16, 24, 31)
+        if 4 * k <= n
+    ]
+    evals = {" ".join(sweep.MQAR_GRID): {"slices": grid}}
+    if "+" not in model and model != "Transformer++":
+        post = [{**p, "accuracy": p["accuracy"] * 2} for p in grid]
+        evals[" ".join(sweep.MQAR_POST_TRAINING_MC)] = {"slices": post}
     return {
         "model": model,
         "seed": seed,
         "tokens_per_s": 1000.0,
         "eval": {"accuracy": sum(accuracies) / 4, "slices": slices},
+        "evals": evals,
+    }
+
+
+def fake_lm_result(model: str, bits_per_byte: float, seed: int) -> dict:
+    return {
+        "model": model,
+        "seed": seed,
+        "tokens_per_s": 500.0,
+        "eval": {"bits_per_byte": bits_per_byte, "perplexity": 2**bits_per_byte},
         "evals": {},
     }
 
@@ -42,6 +64,14 @@ def results_dir(tmp_path, monkeypatch):
             path.mkdir(parents=True, exist_ok=True)
             shifted = [a + 0.01 * seed for a in acc]
             (path / f"seed{seed}.json").write_text(json.dumps(fake_result(model, shifted, seed)))
+    for model, bpb in (
+        ("gated_delta", 2.5),
+        ("gated_delta+grm", 2.25),
+        ("gated_delta+grm, segment 32", 2.0),
+    ):
+        path = tmp_path / "results" / "experiments" / "lm" / sweep.slug(model)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "seed0.json").write_text(json.dumps(fake_lm_result(model, bpb, 0)))
     return tmp_path
 
 
@@ -55,6 +85,17 @@ def test_report_tables_plot_and_verdicts(results_dir):
     assert "ssc keeps 71% of grm's gain): reproduced" in text
     assert "**5. MC training throughput" in text and "not measured yet" in text
     assert "Not measured yet: run `python -m experiments.sweep niah`" in text
+    # beyond the training setting: 16 pairs at 64/128/256 tokens, then 8-31 pairs at 256
+    assert "| model | seeds | 64 tokens | 128 tokens | 256 tokens |" in text
+    assert "| model | seeds | 8 pairs | 16 pairs | 24 pairs | 31 pairs |" in text
+    assert "| gated_delta, post-training MC | 2 | 0.042 ± 0.003 |" in text
+    # claim 4 at 256 tokens and 16 pairs: base 0.105*0.2^3, grm 0.605*0.5^3, post-training 2x
+    assert (
+        "gated_delta at 256 tokens, 31 pairs (MQAR, trained at 64 tokens, 8 pairs): base 0.001, "
+        "gated_delta+grm 0.076: reproduced, post-training MC 0.002: not reproduced"
+    ) in text
+    assert "| gated_delta+grm | 1 | 2.250 | 4.757 | 500 |" in text
+    assert "| gated_delta+grm, segment 32 | 1 | 2.000 |" in text
 
 
 def test_every_sweep_cell_has_a_distinct_result_path():

@@ -87,6 +87,23 @@ def test_eval_lengths(mqar_run, tmp_path):
     ]
 
 
+def test_eval_kv_pairs_keeps_the_slices_that_fit(mqar_run, tmp_path, capsys):
+    model = mqar_run / "model"
+    args = ["eval", str(model), "--lengths", "16", "32", "--kv-pairs", "2", "8"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "eval-mqar.json").read_text())
+    # 8 pairs need 32 tokens, so (16, 8) is left out
+    assert [(s["seq_len"], s["num_kv_pairs"]) for s in results["slices"]] == [
+        (16, 2),
+        (32, 2),
+        (32, 8),
+    ]
+    assert main(["eval", str(model), "--lengths", "16", "--kv-pairs", "8"]) == 2
+    assert "no test slice fits" in capsys.readouterr().err
+    assert main(["eval", str(model), "--task", "lm", "--kv-pairs", "2"]) == 2
+    assert "--kv-pairs applies to the mqar task" in capsys.readouterr().err
+
+
 def test_eval_of_a_checkpoint_folder(mqar_run, tmp_path):
     folder = mqar_run / "checkpoints" / (mqar_run / "checkpoints" / "latest").read_text().strip()
     assert main(["eval", str(folder), "--out", str(tmp_path)]) == 0

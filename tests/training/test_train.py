@@ -360,8 +360,13 @@ def test_niah_tiny(tmp_path):
     assert [r["length"] for r in results["lengths"]] == [384, 768]
     for row in results["lengths"]:
         assert 0.0 <= row["accuracy"] <= 1.0
+        # an exact match means every answer token was the greedy (= teacher-forced) choice
+        assert row["accuracy"] <= row["token_accuracy"] <= 1.0
         assert len(row["depths"]) == 2
     assert results["accuracy"] == pytest.approx(sum(r["accuracy"] for r in results["lengths"]) / 2)
+    assert results["token_accuracy"] == pytest.approx(
+        sum(r["token_accuracy"] for r in results["lengths"]) / 2
+    )
     assert (out / "model" / "tokenizer").is_dir()
     assert [m["step"] for m in loss_lines(out)] == [1, 2]
 
