@@ -46,7 +46,6 @@ results/train_throughput.json: | $(STAMP)
 
 results/models_decode.json: | $(STAMP)
 	$(PY) -m benchmarks.bench_models
-	$(PY) -m benchmarks.bench_train_throughput
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
