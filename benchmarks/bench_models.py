@@ -2,7 +2,8 @@
 
 Usage: python -m benchmarks.bench_models [--contexts 1024 4096 16384 32768] [--steps 16]
 Models of one size (hidden 256, 4 layers, 4 heads, byte vocabulary, float32): the
-Transformer++ baseline and gated_delta with aggregation none, grm and ssc (segment 256, top-2).
+Transformer++ baseline and gated_delta, swla and titans with aggregation none, grm and ssc
+(segment 256, top-2).
 For every context length each model prefills that many tokens (timed once), then the models
 decode ``steps`` tokens each, one step per model in turn (interleaved rounds), continuing
 their own caches. Writes results/models_decode.json and results/models_decode.png; ratios
@@ -21,14 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from benchmarks.common import RESULTS, build_model, write_json
+from benchmarks.common import MODELS, RESULTS, build_model, write_json
 
-MODELS = {
-    "transformer++": dict(rule="attention"),
-    "gated_delta": dict(rule="gated_delta", aggregation="none"),
-    "gated_delta+grm": dict(rule="gated_delta", aggregation="grm"),
-    "gated_delta+ssc": dict(rule="gated_delta", aggregation="ssc"),
-}
 BASELINE = "transformer++"
 
 
@@ -82,7 +77,7 @@ def plot(rows: list[dict], path) -> None:
         ax.set_xlabel("context (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,12 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import build_model, time_interleaved, write_json
-
-MODELS = {"transformer++": dict(rule="attention")}
-for _rule in ("gated_delta", "swla", "titans"):
-    for _agg in ("none", "grm", "ssc"):
-        MODELS[_rule if _agg == "none" else f"{_rule}+{_agg}"] = dict(rule=_rule, aggregation=_agg)
+from benchmarks.common import MODELS, build_model, time_interleaved, write_json
 
 
 def step(model, ids):

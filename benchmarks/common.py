@@ -32,6 +32,14 @@ def sdpa_fwd_bwd(B: int, H: int, T: int, D: int):
     )
 
 
+# Every model family of the end-to-end benchmarks: Transformer++ and each recurrent memory with
+# aggregation none, grm and ssc.
+MODELS = {"transformer++": dict(rule="attention")}
+for _rule in ("gated_delta", "swla", "titans"):
+    for _agg in ("none", "grm", "ssc"):
+        MODELS[_rule if _agg == "none" else f"{_rule}+{_agg}"] = dict(rule=_rule, aggregation=_agg)
+
+
 def build_model(settings: dict, hidden: int, layers: int, heads: int, segment_size: int):
     """A float32 GrowMemForCausalLM over the byte vocabulary (seed 0) for speed benchmarks."""
     from growmem.models import GrowMemConfig, GrowMemForCausalLM

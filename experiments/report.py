@@ -269,37 +269,44 @@ def efficiency_section(lines: list[str]) -> dict:
         data = json.loads(train.read_text())
         found["train"] = data
         models = list(data["rows"][0]["models"])
+        lengths = [row["T"] for row in data["rows"]]
         lines += [
             "Training throughput (tokens/s, fwd+bwd of the whole model, batch 1, "
             f"{data['setting']['hidden']} wide, {data['setting']['layers']} layers; "
             "`python -m benchmarks.bench_train_throughput`):",
             "",
-            f"| T | {' | '.join(models)} |",
-            f"|---|{'---|' * len(models)}",
+            f"| model | {' | '.join(f'T={n}' for n in lengths)} |",
+            f"|---|{'---|' * len(lengths)}",
         ]
-        for row in data["rows"]:
-            cells = " | ".join(f"{row['models'][m]['tokens_per_s']:,.0f}" for m in models)
-            lines.append(f"| {row['T']} | {cells} |")
+        for model in models:
+            cells = " | ".join(
+                f"{row['models'][model]['tokens_per_s']:,.0f}" for row in data["rows"]
+            )
+            lines.append(f"| {model} | {cells} |")
         lines.append("")
     decode = RESULTS / "models_decode.json"
     if decode.is_file():
         data = json.loads(decode.read_text())
         found["decode"] = data
         models = list(data["rows"][0]["models"])
+        contexts = [row["context"] for row in data["rows"]]
+        setting = data["setting"]
         lines += [
-            "Decoding (ms per token, cache MiB; hidden 256, 4 layers; "
+            f"Decoding one token after a context of n tokens (ms per token, cache MiB; hidden "
+            f"{setting['hidden']}, {setting['layers']} layers, segment "
+            f"{setting['segment_size']}, {setting['threads']} thread; "
             "`python -m benchmarks.bench_models`):",
             "",
-            f"| context | {' | '.join(models)} |",
-            f"|---|{'---|' * len(models)}",
+            f"| model | {' | '.join(f'n={n}' for n in contexts)} |",
+            f"|---|{'---|' * len(contexts)}",
         ]
-        for row in data["rows"]:
+        for model in models:
             cells = " | ".join(
-                f"{row['models'][m]['decode_step_s'] * 1e3:.1f} ms, "
-                f"{row['models'][m]['cache_bytes'] / 2**20:.1f} MiB"
-                for m in models
+                f"{row['models'][model]['decode_step_s'] * 1e3:.1f} ms, "
+                f"{row['models'][model]['cache_bytes'] / 2**20:.1f} MiB"
+                for row in data["rows"]
             )
-            lines.append(f"| {row['context']} | {cells} |")
+            lines.append(f"| {model} | {cells} |")
         lines += ["", "![decode latency and cache size](../results/models_decode.png)", ""]
     if not found:
         lines += ["Not measured yet: run the benchmarks (`make bench`).", ""]
