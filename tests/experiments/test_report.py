@@ -102,6 +102,7 @@ def test_report_tables_plot_and_verdicts(results_dir):
         "gated_delta+grm 0.076: reproduced, post-training MC 0.002: not reproduced"
     ) in text
     assert "| gated_delta+grm | 1 | 2.250 | 4.757 | 500 |" in text
+    assert "gated_delta 2.500 bits/byte, gated_delta+grm 2.250: reproduced" in text
     assert "| gated_delta+grm, segment 32 | 1 | 2.000 |" in text
 
 
