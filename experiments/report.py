@@ -333,6 +333,10 @@ def efficiency_section(lines: list[str]) -> dict:
     return found
 
 
+# MQAR accuracy below which a model has not learned the task (chance is 1/32 on 64 tokens).
+LEARNED = 0.1
+
+
 def _claims_1_to_3(views: list[tuple[str, dict[str, float]]]) -> list[str]:
     """Verdict lines of claims 1-3, grouped by claim.
 
@@ -347,6 +351,10 @@ def _claims_1_to_3(views: list[tuple[str, dict[str, float]]]) -> list[str]:
         for base in ("gated_delta", "swla", "titans"):
             variants = {m: a for m, a in scores.items() if m.startswith(base + "+")}
             if base not in scores or not variants:
+                continue
+            if max(scores[base], *variants.values()) < LEARNED:
+                for claim in claims.values():
+                    claim.append(f"{base} {where}: no {base} model left chance: not testable")
                 continue
             best = max(variants, key=variants.get)
             lifted = variants[best] > scores[base] + 0.02
@@ -415,6 +423,10 @@ def _claim_4(niah: dict[str, list[dict]], grid: dict[str, dict[tuple[int, int], 
             if base not in at:
                 continue
             variants = {m: a for m, a in at.items() if m.startswith(base + "+")}
+            family = [v for m, v in grid.items() if m == base or m.startswith(base + "+")]
+            if max(max(v.values()) for v in family) < LEARNED:
+                items.append(f"{base}: no {base} model left chance, not testable")
+                continue
             parts = []
             if variants:
                 best = max(variants, key=variants.get)

@@ -15,7 +15,7 @@ def fake_result(model: str, accuracies: list[float], seed: int) -> dict:
         for k, a in zip((4, 8, 12, 16), accuracies, strict=True)
     ]
     # beyond the training setting: accuracy falls with length and pairs, less so with MC
-    keep = 0.5 if "+" in model or model == "Transformer++" else 0.2
+    keep = 0.8 if "+" in model or model == "Transformer++" else 0.5
     grid = [
         {"seq_len": n, "num_kv_pairs": k, "accuracy": accuracies[0] * keep ** (n // 128 + k // 16)}
         for n in (64, 128, 256)
@@ -57,6 +57,8 @@ def results_dir(tmp_path, monkeypatch):
         "gated_delta+residual": [0.2, 0.2, 0.1, 0.1],
         "gated_delta+grm": [0.6, 0.5, 0.4, 0.3],
         "gated_delta+ssc": [0.5, 0.4, 0.3, 0.2],
+        "titans": [0.03, 0.03, 0.03, 0.03],
+        "titans+grm": [0.05, 0.04, 0.03, 0.03],
     }
     for model, acc in accuracies.items():
         for seed in (0, 1):
@@ -86,20 +88,22 @@ def test_report_tables_plot_and_verdicts(results_dir):
     )
     assert "gated_delta at 64 tokens: grm 0.455 vs residual 0.155: reproduced" in text
     assert "ssc keeps 71% of grm's gain): reproduced" in text
+    assert "titans at 64 tokens: no titans model left chance: not testable" in text
+    assert "titans: no titans model left chance, not testable" in text
     # claims 1-3 are also judged under the heaviest memory load of the grid
     assert (
-        "gated_delta at 256 tokens, 8-31 pairs: base 0.002, best MC (gated_delta+grm) 0.095" in text
+        "gated_delta at 256 tokens, 8-31 pairs: base 0.016, best MC (gated_delta+grm) 0.329" in text
     )
     assert "**5. MC training throughput" in text and "not measured yet" in text
     assert "Not measured yet: run `python -m experiments.sweep niah`" in text
     # beyond the training setting: 16 pairs at 64/128/256 tokens, then 8-31 pairs at 256
     assert "| model | seeds | 64 tokens | 128 tokens | 256 tokens |" in text
     assert "| model | seeds | 8 pairs | 16 pairs | 24 pairs | 31 pairs |" in text
-    assert "| gated_delta, post-training MC | 2 | 0.042 ± 0.003 |" in text
+    assert "| gated_delta, post-training MC | 2 | 0.105 ± 0.007 |" in text
     # claim 4 at 256 tokens and 16 pairs: base 0.105*0.2^3, grm 0.605*0.5^3, post-training 2x
     assert (
-        "gated_delta at 256 tokens, 31 pairs (MQAR, trained at 64 tokens, 8 pairs): base 0.001, "
-        "gated_delta+grm 0.076: reproduced, post-training MC 0.002: not reproduced"
+        "gated_delta at 256 tokens, 31 pairs (MQAR, trained at 64 tokens, 8 pairs): base 0.013, "
+        "gated_delta+grm 0.310: reproduced, post-training MC 0.026: not reproduced"
     ) in text
     assert "| gated_delta+grm | 1 | 2.250 | 4.757 | 500 |" in text
     assert "gated_delta 2.500 bits/byte, gated_delta+grm 2.250: reproduced" in text
