@@ -56,8 +56,8 @@ def cell_config(experiment: str, name: str):
     return load_config(resolve_config(cell.preset), cell.overrides, presets=CONFIGS)
 
 
-def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, float]]]:
-    """The MQAR table and plot; returns [(where, {model: mean accuracy})] for the verdicts
+def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, dict[int, float]]]]:
+    """The MQAR table and plot; returns [(where, {model: {seed: accuracy}})] for the verdicts
     (empty before any result)."""
     runs = load_experiment("mqar")
     lines += ["## 1. MQAR: recall against memory", ""]
@@ -93,7 +93,7 @@ def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, float]]]:
         f"| model | seeds | {' | '.join(f'{p} pairs' for p in pairs)} | all | tokens/s |",
         f"|---|---|{'---|' * (len(pairs) + 2)}",
     ]
-    overall = {}
+    overall, by_seed = {}, {}
     for model, results in runs.items():
         cells = [
             mean_std([r["eval"]["slices"][i]["accuracy"] for r in results])
@@ -101,6 +101,7 @@ def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, float]]]:
         ]
         accs = [r["eval"]["accuracy"] for r in results]
         overall[model] = mean(accs)
+        by_seed[model] = {r["seed"]: r["eval"]["accuracy"] for r in results}
         speed = mean([r["tokens_per_s"] for r in results])
         lines.append(
             f"| {model} | {len(results)} | {' | '.join(cells)} | {mean_std(accs)} | {speed:,.0f} |"
@@ -141,20 +142,21 @@ def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, float]]]:
     fig.savefig(IMG / "mqar_recall.png", dpi=110)
     plt.close(fig)
     lines += ["![MQAR accuracy against key-value pairs](img/mqar_recall.png)", ""]
-    return [(f"at {seq_len} tokens", overall)]
+    return [(f"at {seq_len} tokens", by_seed)]
 
 
-def mqar_grid_section(lines: list[str]) -> dict[str, dict[tuple[int, int], float]]:
+def mqar_grid_section(lines: list[str]) -> dict[str, dict[int, dict[tuple[int, int], float]]]:
     """Accuracy beyond the training setting: longer sequences and more key-value pairs.
 
     Returns:
-        {row label: {(seq_len, num_kv_pairs): mean accuracy over seeds}}.
+        {row label: {seed: {(seq_len, num_kv_pairs): accuracy}}}.
     """
     from experiments.sweep import MQAR_GRID, MQAR_POST_TRAINING_MC
 
     runs = load_experiment("mqar")
     grid, post = " ".join(MQAR_GRID), " ".join(MQAR_POST_TRAINING_MC)
     rows: dict[str, list[dict[tuple[int, int], float]]] = {}
+    by_seed: dict[str, dict[int, dict[tuple[int, int], float]]] = {}
     for model, results in runs.items():
         for key, label in ((grid, model), (post, f"{model}, post-training MC")):
             found = [
@@ -167,6 +169,8 @@ def mqar_grid_section(lines: list[str]) -> dict[str, dict[tuple[int, int], float
             ]
             if found:
                 rows[label] = found
+                seeds = [r["seed"] for r in results if key in r["evals"]]
+                by_seed[label] = dict(zip(seeds, found, strict=True))
     lines += ["### Beyond the training setting: longer sequences, more pairs", ""]
     if not rows:
         lines += ["Not measured yet: run `python -m experiments.sweep mqar`.", ""]
@@ -177,9 +181,6 @@ def mqar_grid_section(lines: list[str]) -> dict[str, dict[tuple[int, int], float
     fixed_k = max(k for k in pairs if all((n, k) in slices for n in lengths))
     longest = max(lengths)
     segment = MQAR_POST_TRAINING_MC[-1]
-    means = {
-        label: {s: mean([f[s] for f in found]) for s in slices} for label, found in rows.items()
-    }
 
     def table(columns: list[tuple[int, int]], header: list[str]) -> None:
         lines.extend(
@@ -203,7 +204,7 @@ def mqar_grid_section(lines: list[str]) -> dict[str, dict[tuple[int, int], float
     table([(n, fixed_k) for n in lengths], [f"{n} tokens" for n in lengths])
     lines += [f"Memory load at {longest} tokens:", ""]
     table([(longest, k) for k in pairs], [f"{k} pairs" for k in pairs])
-    return means
+    return by_seed
 
 
 def lm_section(lines: list[str]) -> dict[str, float]:
@@ -333,25 +334,44 @@ def efficiency_section(lines: list[str]) -> dict:
     return found
 
 
+def _common_seeds(
+    scores: dict[str, dict[int, float]], models: list[str]
+) -> tuple[dict[str, float], list[int]]:
+    """Means over the seeds that every one of ``models`` (those present) has, so models are
+    compared on the same seeds; returns (means, seeds)."""
+    present = [m for m in models if m in scores]
+    seeds = sorted(set.intersection(*(set(scores[m]) for m in present))) if present else []
+    return {m: mean([scores[m][s] for s in seeds]) for m in present} if seeds else {}, seeds
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 # MQAR accuracy below which a model has not learned the task (chance is 1/32 on 64 tokens).
 LEARNED = 0.1
 
 
-def _claims_1_to_3(views: list[tuple[str, dict[str, float]]]) -> list[str]:
+def _claims_1_to_3(views: list[tuple[str, dict[str, dict[int, float]]]]) -> list[str]:
     """Verdict lines of claims 1-3, grouped by claim.
 
     Args:
-        views: (where, {model: MQAR accuracy}) pairs, e.g. the accuracy at the training
-            length and the accuracy under a heavier memory load; each view adds its own
-            verdict to every claim.
+        views: (where, {model: {seed: MQAR accuracy}}) pairs, e.g. the accuracy at the
+            training length and the accuracy under a heavier memory load; each view adds its
+            own verdict to every claim. A family is compared on the seeds all its models have.
     """
     claims: dict[int, list[str]] = {1: [], 2: [], 3: []}
-    for where, scores in views:
-        tpp = scores.get("Transformer++")
+    for view, per_seed in views:
         for base in ("gated_delta", "swla", "titans"):
-            variants = {m: a for m, a in scores.items() if m.startswith(base + "+")}
+            family = [m for m in per_seed if m == base or m.startswith(base + "+")]
+            scores, seeds = _common_seeds(per_seed, family)
+            variants = {m: a for m, a in scores.items() if m != base}
             if base not in scores or not variants:
                 continue
+            where = f"{view} ({_seeds_text(seeds)})"
+            tpp_seeds = per_seed.get("Transformer++", {})
+            shared = [s for s in seeds if s in tpp_seeds] or list(tpp_seeds)
+            tpp = mean([tpp_seeds[s] for s in shared]) if shared else None
             if max(scores[base], *variants.values()) < LEARNED:
                 for claim in claims.values():
                     claim.append(f"{base} {where}: no {base} model left chance: not testable")
@@ -397,36 +417,43 @@ def _claims_1_to_3(views: list[tuple[str, dict[str, float]]]) -> list[str]:
     return lines
 
 
-def _load_view(grid: dict[str, dict[tuple[int, int], float]]) -> list[tuple[str, dict]]:
-    """The heaviest memory load of the MQAR grid: mean accuracy over the pairs at the longest
-    length, for the trained models (post-training MC rows left out)."""
+def _load_view(grid: dict[str, dict[int, dict[tuple[int, int], float]]]) -> list[tuple]:
+    """The heaviest memory load of the MQAR grid: per seed, the mean accuracy over the pairs
+    at the longest length, for the trained models (post-training MC rows left out)."""
     if not grid:
         return []
-    longest = max(n for n, _ in next(iter(grid.values())))
-    pairs = sorted(k for n, k in next(iter(grid.values())) if n == longest)
+    slices = next(iter(next(iter(grid.values())).values()))
+    longest = max(n for n, _ in slices)
+    pairs = sorted(k for n, k in slices if n == longest)
     scores = {
-        model: mean([v[(longest, k)] for k in pairs])
-        for model, v in grid.items()
+        model: {seed: mean([v[(longest, k)] for k in pairs]) for seed, v in seeds.items()}
+        for model, seeds in grid.items()
         if "post-training" not in model
     }
     return [(f"at {longest} tokens, {pairs[0]}-{pairs[-1]} pairs", scores)]
 
 
-def _claim_4(niah: dict[str, list[dict]], grid: dict[str, dict[tuple[int, int], float]]) -> str:
+def _claim_4(
+    niah: dict[str, list[dict]], grid: dict[str, dict[int, dict[tuple[int, int], float]]]
+) -> str:
     title = "- **4. MC helps length extrapolation, also post-training**: "
     items = []
     if grid:
         # the hardest slice: the longest sequences with the most pairs
-        longest, k = max(next(iter(grid.values())))
-        at = {m: v[(longest, k)] for m, v in grid.items()}
+        longest, k = max(next(iter(next(iter(grid.values())).values())))
+        per_seed = {m: {s: v[(longest, k)] for s, v in seeds.items()} for m, seeds in grid.items()}
         for base in ("gated_delta", "swla", "titans"):
+            family = [
+                m for m in grid if m == base or m.startswith(base + "+") or m.startswith(base + ",")
+            ]
+            at, seeds = _common_seeds(per_seed, family)
             if base not in at:
                 continue
-            variants = {m: a for m, a in at.items() if m.startswith(base + "+")}
-            family = [v for m, v in grid.items() if m == base or m.startswith(base + "+")]
-            if max(max(v.values()) for v in family) < LEARNED:
+            best_ever = max(a for m in family for v in grid[m].values() for a in v.values())
+            if best_ever < LEARNED:
                 items.append(f"{base}: no {base} model left chance, not testable")
                 continue
+            variants = {m: a for m, a in at.items() if m.startswith(base + "+")}
             parts = []
             if variants:
                 best = max(variants, key=variants.get)
@@ -441,8 +468,8 @@ def _claim_4(niah: dict[str, list[dict]], grid: dict[str, dict[tuple[int, int], 
                     + ("reproduced" if post > at[base] + 0.02 else "not reproduced")
                 )
             items.append(
-                f"{base} at {longest} tokens, {k} pairs (MQAR, trained at 64 tokens, 8 pairs): "
-                f"base {at[base]:.3f}, " + ", ".join(parts)
+                f"{base} at {longest} tokens, {k} pairs (MQAR, trained at 64 tokens, 8 pairs; "
+                f"{_seeds_text(seeds)}): base {at[base]:.3f}, " + ", ".join(parts)
             )
     if niah:
         scores = [
