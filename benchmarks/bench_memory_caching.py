@@ -4,7 +4,7 @@ Usage: python -m benchmarks.bench_memory_caching [--lengths ...] [--contexts ...
 Writes results/memory_caching.json with
 - train: fwd+bwd seconds of memory_caching for each aggregation and of causal SDPA, per T;
 - decode: seconds of one decode step with a cache of each context length, and cache bytes,
-  for memory_caching (grm, ssc, residual) and for SDPA over a KV cache.
+  for memory_caching (residual, grm, ssc, loglinear) and for SDPA over a KV cache.
 Ratios are taken against SDPA measured in the same interleaved rounds.
 """
 
@@ -109,9 +109,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument(
-        "--aggregations", nargs="+", default=["none", "residual", "grm", "soup", "ssc", "mean"]
+        "--aggregations",
+        nargs="+",
+        default=["none", "residual", "grm", "soup", "ssc", "loglinear", "mean"],
     )
-    parser.add_argument("--decode-aggregations", nargs="+", default=["residual", "grm", "ssc"])
+    parser.add_argument(
+        "--decode-aggregations", nargs="+", default=["residual", "grm", "ssc", "loglinear"]
+    )
     parser.add_argument("--rule", default="linear")
     parser.add_argument("--segment-size", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=2)

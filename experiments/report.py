@@ -243,7 +243,10 @@ def lm_section(lines: list[str]) -> dict[str, float]:
         reference = [r for r in main_rows if r.startswith("| gated_delta+grm |")]
         lines += [
             "Ablations of gated_delta+grm (reference: segment "
-            f"{model['segment_size']}, continuous init, mean summaries):",
+            f"{model['segment_size']}, continuous init, mean summaries). Log-Linear++ "
+            "(`loglinear`) replaces constant segments by logarithmic ones: a token that sees "
+            "n finished segments reads them as the binary decomposition of n (buckets of 8, "
+            "4, 2, 1 segments for n = 15), so it is compared with grm at the same segment 32:",
             "",
             *header,
             *reference,

@@ -85,13 +85,19 @@ def _lm() -> list[Cell]:
             cells.append(
                 Cell(name, "lm", [*short, f"model.rule={rule}", f"model.aggregation={agg}"])
             )
-    # Ablations of gated_delta+grm (segment 128, continuous init, mean summaries).
+    # Ablations of gated_delta+grm (segment 128, continuous init, mean summaries). Log-Linear++
+    # is grm over logarithmic buckets of segments; segment 32 gives it up to 15 segments to
+    # group (the grm row with segment 32 is its constant-segment counterpart).
     grm = [*short, "model.aggregation=grm"]
     for label, extra in (
         ("gated_delta+grm, segment 32", ["model.segment_size=32"]),
         ("gated_delta+grm, segment 256", ["model.segment_size=256"]),
         ("gated_delta+grm, independent init", ["model.init=independent"]),
         ("gated_delta+grm, summary sum", ["model.summary=sum"]),
+        (
+            "gated_delta+loglinear, segment 32",
+            ["model.aggregation=loglinear", "model.segment_size=32"],
+        ),
     ):
         cells.append(Cell(label, "lm", grm + extra))
     return cells

@@ -74,3 +74,8 @@ def make_u(
     gen = torch.Generator().manual_seed(seed + 7919)
     u = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64) * scale
     return u.to(dtype).detach().requires_grad_(requires_grad)
+
+
+def aggregation_inits(aggregations, inits=("continuous", "independent")) -> list[tuple[str, str]]:
+    """The (aggregation, init) pairs that fit together: loglinear needs init="continuous"."""
+    return [(a, i) for a in aggregations for i in inits if a != "loglinear" or i == "continuous"]

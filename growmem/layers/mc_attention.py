@@ -12,8 +12,8 @@ from torch import nn
 from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
-from growmem.ops.caching import AGGREGATIONS, INITS, SUMMARIES, MemoryCache, memory_caching
-from growmem.ops.caching.api import GATED_AGGREGATIONS
+from growmem.ops.caching import MemoryCache, check_caching_choices, memory_caching
+from growmem.ops.caching.select import GATED_AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
 
@@ -101,7 +101,7 @@ class MemoryCachingAttention(nn.Module):
         num_heads: memory heads.
         rule: linear | decay | delta | gated_delta | swla (matrix memories) or dla | titans
             (MLP memories).
-        aggregation: none | residual | grm | soup | ssc | mean.
+        aggregation: none | residual | grm | soup | ssc | loglinear | mean.
         segment_size: tokens per cached segment.
         top_k: caches ssc reads per token.
         init: continuous | independent.
@@ -148,9 +148,7 @@ class MemoryCachingAttention(nn.Module):
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_heads", num_heads)
         check_choice("rule", rule, LINEAR_RULES + DEEP_RULES)
-        check_choice("aggregation", aggregation, AGGREGATIONS)
-        check_choice("init", init, INITS)
-        check_choice("summary", summary, SUMMARIES)
+        check_caching_choices(aggregation, init, summary)
         check_positive_int("segment_size", segment_size)
         check_positive_int("top_k", top_k)
         check_positive_int("chunk_size", chunk_size)

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
-from growmem.ops.caching import AGGREGATIONS, INITS, SUMMARIES
+from growmem.ops.caching import check_caching_choices
 from growmem.ops.checks import LINEAR_RULES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
 
@@ -30,7 +30,7 @@ class GrowMemConfig(PreTrainedConfig):
         head_dim: per-head size (default hidden_size // num_heads).
         intermediate_size: SwiGLU width (default 8/3 · hidden_size rounded up to 64).
         rule: linear | decay | delta | gated_delta | swla | dla | titans | attention.
-        aggregation: none | residual | grm | soup | ssc | mean (memory layers).
+        aggregation: none | residual | grm | soup | ssc | loglinear | mean (memory layers).
         segment_size: tokens per cached segment.
         top_k: caches ssc reads per token. Stored as ``ssc_top_k`` (also accepted as an
             argument), because transformers reads a model config's ``top_k`` as the top-k of
@@ -106,9 +106,7 @@ class GrowMemConfig(PreTrainedConfig):
         ):
             check_positive_int(name, value)
         check_choice("rule", rule, RULES)
-        check_choice("aggregation", aggregation, AGGREGATIONS)
-        check_choice("init", init, INITS)
-        check_choice("summary", summary, SUMMARIES)
+        check_caching_choices(aggregation, init, summary)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(

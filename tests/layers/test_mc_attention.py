@@ -16,10 +16,10 @@ from growmem.layers import (
     RowGroup,
     ShortConvolution,
 )
-from growmem.ops.caching import AGGREGATIONS, INITS
+from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import rel_err
+from tests.helpers import aggregation_inits, rel_err
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
 
@@ -174,8 +174,7 @@ def test_shapes_and_dtype(rule, aggregation):
 
 
 @pytest.mark.parametrize("use_short_conv", [False, True], ids=["noconv", "conv"])
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_streaming_equals_parallel(rule, aggregation, init, use_short_conv):
     layer = make_layer(rule, aggregation, init, use_short_conv=use_short_conv)
@@ -227,8 +226,7 @@ def test_cache_is_not_changed_by_continuing_it():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
     layer = make_layer(rule, aggregation, init)
@@ -529,6 +527,10 @@ BAD_INIT = {
     "unknown aggregation": (arg("aggregation"), dict(aggregation="max")),
     "unknown init": (arg("init"), dict(init="random")),
     "unknown summary": (arg("summary"), dict(summary="max")),
+    "loglinear with independent init": (
+        arg("aggregation"),
+        dict(aggregation="loglinear", init="independent"),
+    ),
     "hidden_size not divisible": (
         arg("hidden_size") + ".*" + arg("num_heads"),
         dict(hidden_size=30, num_heads=4),

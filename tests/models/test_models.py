@@ -235,6 +235,7 @@ def test_cache_bytes_equal_the_layers_state_sizes():
         ({"attn_layers": [2]}, "attn_layers"),
         ({"attn_layers": [-1]}, "attn_layers"),
         ({"aggregation": "max"}, "aggregation"),
+        ({"aggregation": "loglinear", "init": "independent"}, "^aggregation 'loglinear'"),
         ({"hidden_size": 30, "num_heads": 4}, "divisible"),
         ({"attn_window": 0}, "attn_window"),
     ],

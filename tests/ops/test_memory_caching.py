@@ -19,11 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from growmem.ops import MemoryCache, linear_memory, log_segments, memory_caching
+from growmem.ops.caching.select import log_bucket_bounds, log_buckets
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES
-from tests.helpers import make_inputs, make_u, rel_err
+from tests.helpers import aggregation_inits, make_inputs, make_u, rel_err
 
-AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
-GATED = ("grm", "soup", "ssc")
+AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "loglinear", "mean")
+GATED = ("grm", "soup", "ssc", "loglinear")
 INITS = ("continuous", "independent")
 B, H = 2, 2
 TOL64 = 1e-9
@@ -200,8 +201,7 @@ PRODUCT_LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(PRODUCT_LAYOUTS))
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", LINEAR_RULES)
 def test_fast_matches_reference(rule, aggregation, init, layout):
     kw = dict(PRODUCT_LAYOUTS[layout])
@@ -268,6 +268,10 @@ EXTRA_CASES = [
     _case("linear", "grm", "independent", 20, segment_size=64, chunk_size=16),
     _case("gated_delta", "grm", "continuous", 1, segment_size=8, chunk_size=16),
     _case("swla", "ssc", "independent", 1, segments=[1], chunk_size=4),
+    # loglinear: up to 15 caches in buckets of 8, 4, 2, 1; sum summaries; uneven segments
+    _case("gated_delta", "loglinear", "continuous", 63, D_ODD, segment_size=4, chunk_size=16),
+    _case("swla", "loglinear", "continuous", 61, summary="sum", segment_size=4, chunk_size=8),
+    _case("delta", "loglinear", "continuous", 50, segments=[3, 9, 1, 4, 11, 2, 5, 15]),
     # no initial state
     _case("gated_delta", "grm", "independent", 37, with_s0=False, segment_size=8, chunk_size=4),
     _case("swla", "residual", "continuous", 37, with_s0=False, segment_size=8, chunk_size=16),
@@ -299,8 +303,7 @@ def test_float32_fast_matches_float64_reference(aggregation):
     assert_close(o, o_r, 1e-4, "o")
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 def test_chunk_size_does_not_change_results(aggregation, init):
     inp = make("swla", 45, seed=4)
     kw = dict(aggregation=aggregation, init=init, segments=[10, 3, 20, 12])
@@ -320,7 +323,7 @@ def test_chunk_size_does_not_change_results(aggregation, init):
 def test_one_segment_every_aggregation_equals_none(rule, init, seg):
     inp = make(rule, 30, seed=1)
     base = inp.run(aggregation="none", init=init, chunk_size=8, **seg)
-    for aggregation in AGGREGATIONS[1:]:
+    for aggregation in (a for a, i in aggregation_inits(AGGREGATIONS[1:]) if i == init):
         o = inp.run(aggregation=aggregation, init=init, chunk_size=8, **seg)
         assert_close(o, base, 1e-12, f"{aggregation} with one segment")
     # two segments: the aggregations are no longer the plain RNN (the check is not vacuous)
@@ -340,6 +343,33 @@ def test_soup_equals_grm(rule, init):
     soup_r = inp.run(aggregation="soup", impl="reference", init=init, segments=kw["segments"])
     assert_close(soup_r, grm_r, 1e-12, "soup vs grm (reference)")
     assert rel_err(grm, inp.run(aggregation="mean", **kw)) > 1e-3  # the gates matter
+
+
+def test_log_buckets_are_the_binary_decomposition():
+    n = torch.arange(71)
+    start, end, valid = log_buckets(n, 7)
+    for i in range(71):
+        present = zip(start[i].tolist(), end[i].tolist(), valid[i].tolist(), strict=True)
+        slots = sorted((a, b) for a, b, ok in present if ok)
+        assert slots == log_bucket_bounds(i), i
+    assert log_bucket_bounds(11) == [(0, 8), (8, 10), (10, 11)]
+    assert log_bucket_bounds(0) == []
+
+
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+def test_loglinear_is_grm_while_a_token_sees_one_cache(rule):
+    inp = make(rule, 30, seed=14, requires_grad=True)
+    kw = dict(segments=[13, 17], chunk_size=8)
+    o_grm, g_grm = output_and_grads(inp, aggregation="grm", **kw)
+    o_log, g_log = output_and_grads(inp, aggregation="loglinear", **kw)
+    assert_close(o_log, o_grm, 1e-12, "o")
+    for name, g in g_grm.items():
+        assert (g is None) == (g_log[name] is None), name
+        if g is not None:
+            assert_close(g_log[name], g, 1e-12, f"grad {name}")
+    # with two caches the buckets merge them: no longer grm (the check is not vacuous)
+    kw = dict(segments=[10, 10, 10], chunk_size=8)
+    assert rel_err(inp.run(aggregation="loglinear", **kw), inp.run(aggregation="grm", **kw)) > 1e-3
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -389,8 +419,7 @@ def test_none_independent_is_linear_memory_per_segment(rule, with_s0, seg):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", LINEAR_RULES)
 def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
     T = 45
@@ -451,8 +480,7 @@ def random_cuts(rng: random.Random, T: int) -> list[int]:
 
 
 @pytest.mark.parametrize("seg", list(STREAM_SEGMENTATIONS))
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", LINEAR_RULES)
 def test_streaming_equals_parallel(rule, aggregation, init, seg):
     T = STREAM_T
@@ -478,8 +506,7 @@ def test_streaming_equals_parallel(rule, aggregation, init, seg):
         check_final_cache(cache_str, inp, aggregation, init, lengths)
 
 
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", ["gated_delta", "swla"])
 def test_streaming_log_segments_equals_parallel(rule, aggregation, init):
     T = 37  # [32, 4, 1]
@@ -497,8 +524,7 @@ def test_streaming_log_segments_equals_parallel(rule, aggregation, init):
         check_final_cache(cache, inp, aggregation, init, [32, 4, 1], chunk_size=8)
 
 
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
 @pytest.mark.parametrize("rule", ["gated_delta", "swla"])
 def test_gradients_through_streaming_equal_parallel(rule, aggregation, init):
     T = 30
@@ -544,8 +570,7 @@ def test_cache_index_select_continues_the_selected_rows(aggregation):
 @given(data=st.data())
 def test_fast_matches_reference_and_streaming_property(data):
     rule = data.draw(st.sampled_from(LINEAR_RULES), "rule")
-    aggregation = data.draw(st.sampled_from(AGGREGATIONS), "aggregation")
-    init = data.draw(st.sampled_from(INITS), "init")
+    aggregation, init = data.draw(st.sampled_from(aggregation_inits(AGGREGATIONS)), "agg, init")
     T = data.draw(st.integers(1, 60), "T")
     if data.draw(st.booleans(), "constant segments"):
         seg = dict(segment_size=data.draw(st.integers(1, 20), "segment_size"))
@@ -641,6 +666,11 @@ BAD_INPUTS = {
     "u missing grm": (arg("u"), lambda: _with("grm", u=None)),
     "u missing soup": (arg("u"), lambda: _with("soup", u=None)),
     "u missing ssc": (arg("u"), lambda: _with("ssc", u=None)),
+    "u missing loglinear": (arg("u"), lambda: _with("loglinear", u=None)),
+    "loglinear with independent init": (
+        arg("aggregation"),
+        lambda: _with("loglinear", init="independent"),
+    ),
     "u wrong shape": (arg("u"), lambda: _with(u=torch.randn(2, 6, 3, 5))),
     "u wrong rank": (arg("u"), lambda: _with(u=torch.randn(2, 6, 12))),
     "gate_scale 0": (arg("gate_scale"), lambda: _with(gate_scale=0.0)),
@@ -782,11 +812,10 @@ def test_cache_does_not_keep_prefill_sized_buffers():
 
 
 @pytest.mark.parametrize(
-    ("rule", "aggregation"),
-    [("gated_delta", a) for a in AGGREGATIONS]
-    + [(r, "grm") for r in LINEAR_RULES if r != "gated_delta"],
+    ("rule", "aggregation", "init"),
+    [("gated_delta", a, i) for a, i in aggregation_inits(AGGREGATIONS)]
+    + [(r, "grm", i) for r in LINEAR_RULES if r != "gated_delta" for i in INITS],
 )
-@pytest.mark.parametrize("init", INITS)
 def test_autocast_bf16_with_fp32_inputs(rule, aggregation, init):
     inp = make(rule, 40, 24, 40, seed=13, dtype=torch.float32)
     kw = dict(aggregation=aggregation, init=init, segment_size=16, chunk_size=8)

@@ -1,6 +1,13 @@
-"""Memory Caching: segment caches read by Residual, GRM, Memory Soup, SSC or a uniform mean."""
+"""Memory Caching: segment caches read by Residual, GRM, Memory Soup, SSC, Log-Linear++
+or a uniform mean."""
 
-from growmem.ops.caching.api import AGGREGATIONS, INITS, SUMMARIES, memory_caching
+from growmem.ops.caching.api import (
+    AGGREGATIONS,
+    INITS,
+    SUMMARIES,
+    check_caching_choices,
+    memory_caching,
+)
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.naive import memory_caching_reference
 from growmem.ops.caching.segments import SegmentPlan, log_segments
@@ -12,6 +19,7 @@ __all__ = [
     "CachingConfig",
     "MemoryCache",
     "SegmentPlan",
+    "check_caching_choices",
     "log_segments",
     "memory_caching",
     "memory_caching_reference",

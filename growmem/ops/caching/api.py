@@ -12,6 +12,7 @@ from growmem.ops.caching.deep_core import deep_memory_caching_forward, empty_dee
 from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
 from growmem.ops.caching.segments import SegmentPlan
+from growmem.ops.caching.select import GATED_AGGREGATIONS
 from growmem.ops.checks import (
     check_choice,
     check_gates,
@@ -25,10 +26,21 @@ from growmem.ops.deep.api import DEEP_RULES, check_deep_args, check_deep_state
 from growmem.ops.deep.mlp import DeepState
 from growmem.ops.precision import autocast_off, compute_dtype
 
-AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
-GATED_AGGREGATIONS = ("grm", "soup", "ssc")
+AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "loglinear", "mean")
 INITS = ("continuous", "independent")
 SUMMARIES = ("mean", "sum")
+
+
+def check_caching_choices(aggregation: str, init: str, summary: str) -> None:
+    """Raise ValueError unless aggregation, init and summary are known and fit together."""
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("init", init, INITS)
+    check_choice("summary", summary, SUMMARIES)
+    if aggregation == "loglinear" and init != "continuous":
+        raise ValueError(
+            "aggregation 'loglinear' reads a bucket of segments through the memory at its "
+            f"end, which holds the whole bucket only with init='continuous'; got init={init!r}"
+        )
 
 
 def memory_caching(
@@ -69,14 +81,19 @@ def memory_caching(
 
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries (required for
-            grm, soup and ssc; ignored otherwise).
+            grm, soup, ssc and loglinear; ignored otherwise).
         rule, g, beta, lam: the memory rule and its gates, as in ``linear_memory``; or a
             deep rule (dla, titans) with eta, g, beta, as in ``deep_memory``.
         segment_size: constant segment length (the last segment may be shorter), or
         segments: explicit lengths summing to T (to at least the stream's length when
             streaming), or "log" for the binary decomposition of T (37 -> [32, 4, 1]).
-        aggregation: none | residual | grm | soup | ssc | mean (see DESIGN.md). soup equals
-            grm on these matrix memories and shares its kernel.
+        aggregation: none | residual | grm | soup | ssc | loglinear | mean (see DESIGN.md).
+            soup equals grm on these matrix memories and shares its kernel. loglinear
+            (Log-Linear++) is grm over logarithmic buckets: a token that sees n finished
+            segments reads them as the binary decomposition of n, oldest and largest first
+            (11 -> buckets of 8, 2, 1 segments), each through the memory at its end and
+            scored by the mean (sum) of its segments' summaries; O(log n) reads per token.
+            It needs init="continuous".
         top_k: caches ssc selects per token (all when fewer are visible).
         init: "continuous" (segment s starts from segment s-1's final memory) or
             "independent" (each segment starts from ``initial_state``, or zeros).
@@ -116,9 +133,7 @@ def memory_caching(
             if x is not None:
                 raise ValueError(f"{name} is only used by the deep rules {list(DEEP_RULES)}")
         check_state("initial_state", initial_state, (B, H, Dv, Dk), "[B, H, Dv, Dk]")
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    check_choice("init", init, INITS)
-    check_choice("summary", summary, SUMMARIES)
+    check_caching_choices(aggregation, init, summary)
     check_choice("impl", impl, ("chunk", "reference"))
     check_positive_int("top_k", top_k)
     check_positive_int("chunk_size", chunk_size)

@@ -24,7 +24,12 @@ import torch
 
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.reads import mixed_read, sparse_read
-from growmem.ops.caching.select import select_top_k
+from growmem.ops.caching.select import (
+    GATED_AGGREGATIONS,
+    SPARSE_AGGREGATIONS,
+    log_buckets,
+    select_top_k,
+)
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_step
 
@@ -193,12 +198,15 @@ def cache_gates(u, summaries, cached_summaries, n_tok, cfg):
 
     Returns:
         gamma [B, H, T, K + 1] (softmax over K cached candidates, then the online memory;
-        K = N, or the top_k selected for ssc), and for ssc the selected caches
-        idx [B, H, T, k] and valid [B, H, T, k] (None when every slot is filled).
+        K = N, the top_k selected for ssc, or the bucket slots of loglinear), and for ssc
+        and loglinear the caches read, idx [B, H, T, K] and valid [B, H, T, K] (None when
+        every slot is filled).
     """
     N = cached_summaries.shape[2]
     us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, Dk]
     score_online = (us * summaries.transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, T, 1]
+    if cfg.aggregation == "loglinear":
+        return _log_bucket_gates(us, score_online, cached_summaries, n_tok, cfg.summary)
     scores = us @ cached_summaries.transpose(-1, -2)  # [B, H, T, N]
     if n_tok is not None:
         hidden = torch.arange(N, device=u.device)[None, :] >= n_tok[:, None]  # [T, N]
@@ -210,6 +218,29 @@ def cache_gates(u, summaries, cached_summaries, n_tok, cfg):
     # a token that sees fewer than k caches has empty slots (score -inf, weight 0)
     valid = None if n_tok is None else torch.isfinite(top)
     return gamma, idx, valid
+
+
+def _log_bucket_gates(us, score_online, cached_summaries, n_tok, summary: str):
+    """cache_gates for loglinear: one slot per bucket size (see ``log_buckets``).
+
+    A bucket is read through the memory at its end (with continuous init, the memory of all
+    tokens up to there) and scored by the mean (or, for summary "sum", the sum) of its
+    segments' summaries. Bucket scores come from prefix sums over the cached summaries.
+    """
+    B, H, T, Dk = us.shape
+    N = cached_summaries.shape[2]
+    n_seen = torch.full((T,), N, device=us.device) if n_tok is None else n_tok
+    start, end, valid = log_buckets(n_seen, N.bit_length())  # [T, L] each
+    L = start.shape[1]
+    prefix = torch.cat([cached_summaries.new_zeros(B, H, 1, Dk), cached_summaries.cumsum(2)], 2)
+    at = us @ prefix.transpose(-1, -2)  # [B, H, T, N + 1]: <u_t, Σ_{i<j} c_i>
+    scores = at.gather(-1, end.expand(B, H, T, L)) - at.gather(-1, start.expand(B, H, T, L))
+    if summary == "mean":
+        scores = scores / (end - start).clamp(min=1).to(scores.dtype)
+    scores = scores.masked_fill(~valid, -math.inf)  # [B, H, T, L]
+    gamma = torch.softmax(torch.cat([scores, score_online], -1), -1)
+    idx = (end - 1).clamp(min=0).expand(B, H, T, L)
+    return gamma, idx, valid.expand(B, H, T, L)
 
 
 def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_size: int = 64):
@@ -261,10 +292,10 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
         o = o_online + torch.cat(reads, 1)
         if cfg.aggregation == "mean":
             o = o / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[None, :, None, None])
-    elif cfg.aggregation in ("grm", "soup", "ssc") and N:
+    elif cfg.aggregation in GATED_AGGREGATIONS and N:
         gamma, idx, valid = cache_gates(u, summaries, cached["summaries"], n_tok, cfg)
         Qh = q.transpose(1, 2)  # [B, H, T, Dk]
-        if cfg.aggregation == "ssc":
+        if cfg.aggregation in SPARSE_AGGREGATIONS:
             read = sparse_read(Qh, cached["states"], idx, gamma[..., :-1], valid)
         else:  # grm; soup equals grm on matrix memories (the mix of S_i q is the mix's read)
             spans = [(a, b, n) for (a, b), n in zip(pieces, visible, strict=True)]

@@ -19,6 +19,7 @@ from growmem.ops.caching.cache import DeepMemoryCache
 from growmem.ops.caching.core import _key_summaries, _summarize, cache_gates
 from growmem.ops.caching.deep_reads import cached_mlp_read
 from growmem.ops.caching.reads import mixed_read
+from growmem.ops.caching.select import GATED_AGGREGATIONS, SPARSE_AGGREGATIONS
 from growmem.ops.deep.api import mini_batch_lengths
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
@@ -81,8 +82,9 @@ def _close_open_segment(cache: DeepMemoryCache, init_weights) -> DeepMemoryCache
 
 
 def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
-    """ssc on MLP memories: y[b,h,t] = Σ_j w_j M_{W^(idx_j)}(q_t) over the valid slots, each
-    cache evaluated once on the tokens that selected it (or gathered when there are few)."""
+    """ssc and loglinear on MLP memories: y[b,h,t] = Σ_j w_j M_{W^(idx_j)}(q_t) over the
+    valid slots, each cache evaluated once on the tokens that selected it (or gathered when
+    there are few)."""
     B, H, T, D = Qh.shape
     N, k = states.W1.shape[2], idx.shape[-1]
     w = w if valid is None else w * valid
@@ -142,7 +144,7 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     if n_tok is not None:  # [T]: caches each token sees
         n_tok = n_tok.repeat_interleave(torch.tensor([b - a for a, b in pieces], device=q.device))
     gamma = idx = valid = None
-    if cfg.aggregation in ("grm", "soup", "ssc") and N:
+    if cfg.aggregation in GATED_AGGREGATIONS and N:
         gamma, idx, valid = cache_gates(u, summaries, cached_summaries, n_tok, cfg)
 
     # One scan over the whole call: the mini-batch grid restarts at every piece start, and
@@ -215,7 +217,7 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
                 o_online / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[:, None, None])
                 + read
             )
-    elif N and cfg.aggregation == "ssc":
+    elif N and cfg.aggregation in SPARSE_AGGREGATIONS:
         read = _routed_mlp_read(
             q.transpose(1, 2), DeepState(W1c, W2c), idx, gamma[..., :-1], valid, norm, eps
         )

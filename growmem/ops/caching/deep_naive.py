@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from growmem.ops.caching.select import select_top_k
+from growmem.ops.caching.select import log_bucket_scores, select_top_k
 from growmem.ops.deep.mlp import DeepState, mlp_forward, start_state
 from growmem.ops.deep.naive import token_step
 from growmem.ops.precision import compute_dtype
@@ -94,6 +94,10 @@ def deep_memory_caching_reference(
             c_online = key_sum / count if summary == "mean" else key_sum
             r_online = (u_t * c_online).sum(-1)
             r_cached = torch.stack([(u_t * c).sum(-1) for c in cached_summaries], -1)
+            read_from = cached  # the memories the weights go to
+            if aggregation == "loglinear":  # buckets of segments, each read at its end
+                r_cached, ends = log_bucket_scores(u_t, cached_summaries, summary)
+                read_from = [cached[e] for e in ends]
             if aggregation == "ssc":
                 r_cached, idx = select_top_k(r_cached, min(top_k, len(cached)))
             gamma = torch.softmax(torch.cat([r_cached, r_online[..., None]], -1), -1)
@@ -110,8 +114,8 @@ def deep_memory_caching_reference(
                     w2 = w2.gather(2, sel.expand(-1, -1, 1, *w2.shape[3:])).squeeze(2)
                     terms.append(weights[..., j, None] * read(w1, w2))
                 y = sum(terms) + gamma[..., -1:] * online
-            elif aggregation == "grm":
-                y = sum(weights[..., i, None] * read(*c) for i, c in enumerate(cached))
+            elif aggregation in ("grm", "loglinear"):
+                y = sum(weights[..., i, None] * read(*c) for i, c in enumerate(read_from))
                 y = y + gamma[..., -1:] * online
             else:  # soup: mix the parameters, then read the mix
                 mix1 = sum(weights[..., i, None, None] * c[0] for i, c in enumerate(cached))

@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from growmem.ops.caching.select import select_top_k
+from growmem.ops.caching.select import log_bucket_scores, select_top_k
 from growmem.ops.linear.naive import linear_step
 from growmem.ops.precision import compute_dtype
 
@@ -37,7 +37,7 @@ def memory_caching_reference(
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] or None.
         rule: linear-family rule; gates: dict of its [B, T, H] gates.
         lengths: segment lengths, summing to T.
-        aggregation: none, residual, grm, soup, ssc or mean.
+        aggregation: none, residual, grm, soup, ssc, loglinear or mean.
         top_k: caches ssc selects; init: continuous or independent; summary: mean or sum.
         gate_scale: factor of the gate scores r = gate_scale <u_t, c_i>.
         initial_state: [B, H, Dv, Dk] or None.
@@ -85,6 +85,9 @@ def memory_caching_reference(
             r_online = (u_t * c_online).sum(-1)  # [B, H]
             r_cached = torch.stack([(u_t * c).sum(-1) for c in cached_summaries], -1)  # [B, H, n]
             reads = torch.stack(reads, -2)  # [B, H, n, Dv]
+            if aggregation == "loglinear":  # buckets of segments, each read at its end
+                r_cached, ends = log_bucket_scores(u_t, cached_summaries, summary)
+                reads = reads[:, :, ends]
             if aggregation == "ssc":
                 top, idx = select_top_k(r_cached, min(top_k, len(cached)))
                 reads = reads.gather(2, idx[..., None].expand(-1, -1, -1, Dv))

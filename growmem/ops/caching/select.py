@@ -1,8 +1,15 @@
-"""Top-k selection of cached segments for Sparse Selective Caching."""
+"""Which cached segments a token reads: top-k for SSC, logarithmic buckets for Log-Linear++."""
 
 from __future__ import annotations
 
 import torch
+
+from growmem.ops.caching.segments import log_segments
+
+# Aggregations gated by r = gate_scale <u_t, c_i>, and those of them that read only the
+# selected caches (the rest read every visible one).
+GATED_AGGREGATIONS = ("grm", "soup", "ssc", "loglinear")
+SPARSE_AGGREGATIONS = ("ssc", "loglinear")
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,3 +21,56 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """
     top, idx = scores.sort(dim=-1, descending=True, stable=True)
     return top[..., :k], idx[..., :k]
+
+
+def log_bucket_bounds(n: int) -> list[tuple[int, int]]:
+    """Log-Linear++'s buckets of n finished segments, oldest first, as (start, end) segment
+    indices (end exclusive): the binary decomposition of n, 11 -> [(0, 8), (8, 10), (10, 11)].
+    """
+    bounds, end = [], 0
+    for size in log_segments(n) if n else []:
+        bounds.append((end, end + size))
+        end += size
+    return bounds
+
+
+def log_bucket_scores(u_t: torch.Tensor, summaries: list, summary: str):
+    """Log-Linear++ for one token, literally (the references' version of ``log_buckets``).
+
+    Args:
+        u_t: [B, H, Dk] scaled gate query; summaries: the cached segments' [B, H, Dk]
+            summaries; summary: "mean" or "sum", how a bucket combines its segments'.
+
+    Returns:
+        scores [B, H, m] of the m buckets, oldest first, and the cache each is read from
+        (its last segment).
+    """
+    bounds = log_bucket_bounds(len(summaries))
+    scores = []
+    for start, end in bounds:
+        total = sum(summaries[start:end])
+        c = total / (end - start) if summary == "mean" else total
+        scores.append((u_t * c).sum(-1))
+    return torch.stack(scores, -1), [end - 1 for _, end in bounds]
+
+
+def log_buckets(n_seen: torch.Tensor, levels: int):
+    """``log_bucket_bounds`` for many tokens at once, one slot per bucket size.
+
+    Slot l holds the bucket of 2**l segments, present when bit l of n is set: segments
+    [(n >> (l + 1)) << (l + 1), (n >> l) << l). For n = 11: slot 0 is (10, 11), slot 1
+    (8, 10), slot 2 empty, slot 3 (0, 8).
+
+    Args:
+        n_seen: [T] int64, finished segments each token sees.
+        levels: slots, at least ``int(n_seen.max()).bit_length()``.
+
+    Returns:
+        start, end: [T, levels] int64 segment indices (end exclusive; equal on empty slots);
+        valid: [T, levels] bool, False on empty slots.
+    """
+    level = torch.arange(levels, device=n_seen.device)
+    n = n_seen[:, None]
+    end = (n >> level) << level
+    start = (n >> (level + 1)) << (level + 1)
+    return start, end, (n >> level) & 1 == 1
