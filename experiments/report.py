@@ -85,7 +85,10 @@ def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, dict[int, float]
         "",
         "Calibration (short runs before the sweep): at d_model 64 gated_delta and delta stayed "
         "at chance (loss ln 32) for 600-800 steps at lr 3e-3 or 1e-2, at d_model 128 "
-        "gated_delta passes the phase transition in about 400 steps. Zoology's random filler "
+        "gated_delta passes the phase transition in about 400 steps. With 800 steps a seed "
+        "that had not crossed by step ~500 never did, the learning rate having decayed "
+        "(gated_delta seed 2: 0.15 accuracy; the same seed with 1600 steps was past the "
+        "transition by step 800), hence 1600 steps. Zoology's random filler "
         "with a 64-token vocabulary repeats the keys with other values after them (about 4 "
         "times per sequence), which makes recall ambiguous, so the filler is token 0. "
         "Transformer++ reached 0.21 accuracy after 3000 steps at lr 3e-3 and learned a little "
