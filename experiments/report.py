@@ -36,6 +36,19 @@ def load_experiment(name: str) -> dict[str, list[dict]]:
     return {m: runs[m] for m in order if runs.get(m)}
 
 
+def not_run(name: str, runs: dict[str, list[dict]]) -> str:
+    """A sentence naming the sweep's models of experiment ``name`` without any result yet."""
+    from experiments.sweep import EXPERIMENTS
+
+    missing = [c.name for c in EXPERIMENTS[name]() if c.name not in runs]
+    if not missing:
+        return ""
+    return (
+        f"\nNot run yet in this setting: {', '.join(missing)} "
+        f"(`python -m experiments.sweep {name}` runs them)."
+    )
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -135,6 +148,8 @@ def mqar_section(lines: list[str]) -> list[tuple[str, dict[str, dict[int, float]
             f"\nFewer than 3 seeds so far for {len(missing)} of {len(runs)} models (the seeds "
             "column); `python -m experiments.sweep mqar` finishes them."
         )
+    if not_run("mqar", runs):
+        lines.append(not_run("mqar", runs))
     lines.append("")
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, results in runs.items():

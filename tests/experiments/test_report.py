@@ -103,6 +103,8 @@ def test_report_tables_plot_and_verdicts(results_dir):
         "0.830: not reproduced (the base already recalls 90% or more" in text
     )
     assert text.count("does not strain") == 1  # only where the base recalls that much
+    # the sweep's MQAR models without a result are named
+    assert "Not run yet in this setting: swla+residual, swla+ssc, titans+residual, " in text
     assert "titans: no titans model left chance, not testable" in text
     # claims 1-3 are also judged under the heaviest memory load of the grid
     assert (
