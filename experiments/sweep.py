@@ -94,12 +94,10 @@ def _lm() -> list[Cell]:
         ("gated_delta+grm, segment 256", ["model.segment_size=256"]),
         ("gated_delta+grm, independent init", ["model.init=independent"]),
         ("gated_delta+grm, summary sum", ["model.summary=sum"]),
-        (
-            "gated_delta+loglinear, segment 32",
-            ["model.aggregation=loglinear", "model.segment_size=32"],
-        ),
     ):
         cells.append(Cell(label, "lm", grm + extra))
+    log_linear = [*short, "model.aggregation=loglinear", "model.segment_size=32"]
+    cells.append(Cell("gated_delta+loglinear, segment 32", "lm", log_linear))
     return cells
 
 
