@@ -66,6 +66,22 @@ def _mqar() -> list[Cell]:
     return cells
 
 
+# MQAR with a state too small for the pairs: 16 heads of 8 dimensions (an 8 x 8 matrix per head)
+# must hold 16 pairs, where the `mqar` setting's 2 heads of 64 hold 8. Segment 8 caches a
+# checkpoint every 4 pairs of the 32-token context.
+SMALL_STATE = ["model.num_heads=16", "model.segment_size=8", "task.num_kv_pairs=16"]
+
+
+def _mqar_small_state() -> list[Cell]:
+    cells = [Cell("Transformer++", "mqar_transformer", ["task.num_kv_pairs=16"])]
+    for agg in ("none", "residual", "grm", "ssc"):
+        name = "gated_delta" if agg == "none" else f"gated_delta+{agg}"
+        evals = [["--post-training-mc", "8"]] if agg == "none" else []
+        overrides = ["model.rule=gated_delta", f"model.aggregation={agg}", *SMALL_STATE]
+        cells.append(Cell(name, "mqar", overrides, evals=evals))
+    return cells
+
+
 def _niah() -> list[Cell]:
     short = ["train.steps=600", "train.batch_size=8", "task.num_eval_examples=10"]
     return [
@@ -101,7 +117,12 @@ def _lm() -> list[Cell]:
     return cells
 
 
-EXPERIMENTS = {"mqar": _mqar, "niah": _niah, "lm": _lm}
+EXPERIMENTS = {
+    "mqar": _mqar,
+    "mqar_small_state": _mqar_small_state,
+    "niah": _niah,
+    "lm": _lm,
+}
 
 
 def slug(name: str) -> str:
@@ -195,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for exp, cell, seed in todo:
             done = result_path(exp, cell, seed).is_file()
-            print(f"{'done' if done else 'todo'}  {exp:5s} {cell.name:36s} seed {seed}")
+            print(f"{'done' if done else 'todo'}  {exp:16s} {cell.name:36s} seed {seed}")
         return 0
     todo = [t for t in todo if not result_path(*t).is_file()]
     print(f"{len(todo)} cells to run", flush=True)
