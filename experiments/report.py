@@ -136,6 +136,10 @@ def mqar_section(
     cell = cell_by_name(experiment, "gated_delta")
     extra = [o for o in cell.overrides if not o.startswith(("model.rule=", "model.aggregation="))]
     preset = f"the `{cell.preset}` preset" + (f" with `{' '.join(extra)}`" if extra else "")
+    where = f"at {seq_len} tokens"
+    if extra:
+        head_dim = model["hidden_size"] // model["num_heads"]
+        where += f", {head_dim}-dimensional heads, {task.num_kv_pairs} pairs"
     lines += [
         f"Setting: {preset}: {model['num_hidden_layers']} layers, d_model "
         f"{model['hidden_size']}, {model['num_heads']} heads, vocabulary {task.vocab_size}, "
@@ -174,6 +178,23 @@ def mqar_section(
             f"| {model} | {len(results)} | {crossed} | {' | '.join(cells)} | {mean_std(accs)} "
             f"| {speed:,.0f} |"
         )
+        # post-training MC evaluated on the test slices themselves (the `mqar` experiment's
+        # runs it on the longer grid instead, in the next section)
+        for key in results[0]["evals"]:
+            evals = [r["evals"][key] for r in results if key in r["evals"]]
+            if (
+                not key.startswith("--post-training-mc")
+                or [s["num_kv_pairs"] for s in evals[0]["slices"]] != pairs
+            ):
+                continue
+            cells = [
+                mean_std([e["slices"][i]["accuracy"] for e in evals]) for i in range(len(pairs))
+            ]
+            accs = [e["accuracy"] for e in evals]
+            lines.append(
+                f"| {model}, post-training MC (`{key}`) | {len(evals)} | (same models) | "
+                f"{' | '.join(cells)} | {mean_std(accs)} | - |"
+            )
     if trained is not None:
         lines.append(
             f"\n*crossed*: seeds past MQAR's phase transition, i.e. with accuracy of at least "
@@ -207,10 +228,6 @@ def mqar_section(
     fig.savefig(IMG / f"{experiment}_recall.png", dpi=110)
     plt.close(fig)
     lines += [f"![MQAR accuracy against key-value pairs](img/{experiment}_recall.png)", ""]
-    where = f"at {seq_len} tokens"
-    if extra:
-        head_dim = model["hidden_size"] // model["num_heads"]
-        where += f", {head_dim}-dimensional heads, {task.num_kv_pairs} pairs"
     return [(where, by_seed)]
 
 

@@ -132,3 +132,43 @@ def test_every_sweep_cell_has_a_distinct_result_path():
     for name, cells in sweep.EXPERIMENTS.items():
         paths = [sweep.result_path(name, c, 0) for c in cells()]
         assert len(set(paths)) == len(paths), name
+
+
+def test_small_state_section_rows_and_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(report, "IMG", tmp_path / "docs" / "img")
+    (tmp_path / "docs").mkdir()
+    for model, acc in (
+        ("Transformer++", [1.0, 1.0, 1.0, 0.9]),
+        ("gated_delta", [0.5, 0.3, 0.2, 0.1]),
+        ("gated_delta+residual", [0.6, 0.4, 0.3, 0.2]),
+        ("gated_delta+grm", [0.9, 0.8, 0.7, 0.6]),
+    ):
+        path = tmp_path / "results" / "experiments" / "mqar_small_state" / sweep.slug(model)
+        path.mkdir(parents=True)
+        for seed in (0, 1):
+            result = fake_result(model, acc, seed)
+            result["evals"] = {}
+            if model == "gated_delta":
+                post = [{**s, "accuracy": s["accuracy"] + 0.1} for s in result["eval"]["slices"]]
+                result["evals"]["--post-training-mc 8"] = {"accuracy": 0.375, "slices": post}
+            (path / f"seed{seed}.json").write_text(json.dumps(result))
+    assert report.main() == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "### A state too small for the pairs (`mqar_small_state`)" in text
+    assert "the `mqar` preset with `model.num_heads=16 model.segment_size=8 " in text
+    # trained with 16 pairs: the crossed column reads the 16-pair slice (0.6 for grm)
+    assert "| gated_delta+grm | 2 | 2 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
+    assert "| gated_delta | 2 | 0 | 0.500 ± 0.000 |" in text
+    assert (
+        "| gated_delta, post-training MC (`--post-training-mc 8`) | 2 | (same models) | "
+        "0.600 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 | 0.200 ± 0.000 | 0.375 ± 0.000 | - |"
+    ) in text
+    assert (tmp_path / "docs" / "img" / "mqar_small_state_recall.png").stat().st_size > 0
+    assert (
+        "gated_delta at 64 tokens, 8-dimensional heads, 16 pairs (seeds 0, 1): base 0.275, "
+        "best MC (gated_delta+grm) 0.750, Transformer++ 0.975: reproduced" in text
+    )
+    assert "grm 0.750 vs residual 0.375: reproduced" in text
+    assert "Not run yet in this setting: gated_delta+ssc" in text
