@@ -46,11 +46,18 @@ def fake_lm_result(model: str, bits_per_byte: float, seed: int) -> dict:
 
 
 @pytest.fixture
-def results_dir(tmp_path, monkeypatch):
+def report_root(tmp_path, monkeypatch):
+    """The report reads results/ and writes docs/ under tmp_path."""
     monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
     monkeypatch.setattr(report, "IMG", tmp_path / "docs" / "img")
     (tmp_path / "docs").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def results_dir(report_root):
+    tmp_path = report_root
     accuracies = {
         "Transformer++": [0.9, 0.9, 0.8, 0.7],
         "gated_delta": [0.1, 0.1, 0.1, 0.1],
@@ -134,11 +141,8 @@ def test_every_sweep_cell_has_a_distinct_result_path():
         assert len(set(paths)) == len(paths), name
 
 
-def test_small_state_section_rows_and_verdicts(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(report, "DOCS", tmp_path / "docs")
-    monkeypatch.setattr(report, "IMG", tmp_path / "docs" / "img")
-    (tmp_path / "docs").mkdir()
+def test_small_state_section_rows_and_verdicts(report_root):
+    tmp_path = report_root
     for model, acc in (
         ("Transformer++", [1.0, 1.0, 1.0, 0.9]),
         ("gated_delta", [0.5, 0.3, 0.2, 0.1]),
