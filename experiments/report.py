@@ -212,8 +212,9 @@ def mqar_section(
             f"\nFewer than 3 seeds so far for {len(missing)} of {len(runs)} models (the seeds "
             f"column); `python -m experiments.sweep {experiment}` finishes them."
         )
-    if not_run(experiment, runs):
-        lines.append(not_run(experiment, runs))
+    unrun = not_run(experiment, runs)
+    if unrun:
+        lines.append(unrun)
     lines.append("")
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, results in runs.items():
