@@ -1,0 +1,181 @@
+"""Why titans does not learn MQAR here: two probes of its memory at initialisation.
+
+    python -m experiments.titans_probe   # -> results/experiments/titans_probe.json
+
+1. **Storage.** Write P random (key, value) pairs into a fresh titans memory with fixed gates,
+   optionally followed by F writes of one other pair (MQAR's filler token, written again and
+   again), then read every stored key. Reports the argmax recall among the P values and the
+   mean cosine between each read-out M(k) - k and its target v - k. A matrix memory with the
+   delta rule is unaffected by the filler writes (they touch one key direction only); an MLP
+   memory's writes move its output for every input.
+2. **Read path.** In a freshly initialised ``MemoryCachingAttention`` fed MQAR sequences, the
+   gradient norm of the outputs at the query positions with respect to the context tokens
+   (the key-value pairs), relative to that with respect to the query token itself: how much
+   of what a layer returns at a query can come from the memory at the start of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from growmem.layers.mc_attention import MemoryCachingAttention
+from growmem.ops.deep.api import deep_memory
+from growmem.ops.linear.api import linear_memory
+from growmem.tasks.mqar import MQARConfig, generate_mqar
+
+OUT = Path(__file__).resolve().parent.parent / "results" / "experiments" / "titans_probe.json"
+
+
+def _storage_sequence(num_pairs, fillers, batch, head_dim, value_norm, generator):
+    """Keys, values and queries: the pairs, the filler writes, then a read of every key.
+
+    Returns (q, k, v [B, T, 1, D], writes [B, T, 1] (1 where a token writes), k_pairs, v_pairs
+    [B, P, 1, D]).
+    """
+    B, P, D = batch, num_pairs, head_dim
+
+    def keys(n: int) -> torch.Tensor:  # [B, n, 1, D] unit keys
+        return F.normalize(torch.randn(B, n, 1, D, generator=generator), dim=-1)
+
+    def values(n: int) -> torch.Tensor:  # [B, n, 1, D]
+        return torch.randn(B, n, 1, D, generator=generator) * value_norm / math.sqrt(D)
+
+    k, v = keys(P), values(P)
+    K = torch.cat([k, keys(1).expand(B, fillers, 1, D), keys(P)], 1)
+    V = torch.cat([v, values(1).expand(B, fillers, 1, D), torch.zeros(B, P, 1, D)], 1)
+    Q = torch.cat([k, k[:, :1].expand(B, fillers, 1, D), k], 1)
+    writes = torch.cat([torch.ones(B, P + fillers, 1), torch.zeros(B, P, 1)], 1)
+    return Q, K, V, writes, k, v
+
+
+def _recall(read: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Argmax recall and mean diagonal cosine of reads vs targets [B, P, 1, D]."""
+    sim = torch.einsum(
+        "bphd,bqhd->bhpq", F.normalize(read, dim=-1), F.normalize(target, dim=-1)
+    )  # [B, 1, P, P]
+    P = read.shape[1]
+    recall = (sim.argmax(-1) == torch.arange(P)).float().mean().item()
+    return {"recall": recall, "cosine": sim.diagonal(dim1=-2, dim2=-1).mean().item()}
+
+
+def storage_probe(
+    rule: str,
+    rate: float,
+    fillers: int,
+    log_decay: float = 0.0,
+    num_pairs: int = 8,
+    batch: int = 64,
+    head_dim: int = 64,
+    expansion: int = 4,
+    value_norm: float = 8.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Recall of ``num_pairs`` pairs after ``fillers`` writes of one more pair.
+
+    Args:
+        rule: "titans" (MLP memory, momentum β = 0.5 = sigmoid(0), its initial value) or
+            "gated_delta" (matrix memory).
+        rate: titans' inner learning rate η, or the delta rule's write strength β, of every
+            write (the reads write nothing).
+        fillers: writes of the filler pair between the pairs and the reads.
+        log_decay: g of every token (a_t = exp(g)).
+        num_pairs, batch, head_dim, expansion: sizes (one head; expansion: titans' MLP).
+        value_norm: norm of the values (the titans memory's LayerNorm output has norm
+            sqrt(D)).
+        seed: seeds the pairs and the initial weights.
+
+    Returns:
+        {"recall": argmax accuracy among the pairs, "cosine": mean cosine between each read
+        and its target (titans: M(k) - k against v - k; gated_delta: S k against v)}.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    Q, K, V, writes, k, v = _storage_sequence(
+        num_pairs, fillers, batch, head_dim, value_norm, generator
+    )
+    g = torch.full_like(writes, log_decay)  # [B, T, 1]
+    if rule == "gated_delta":
+        o, _ = linear_memory(Q, K, V, rule=rule, g=g, beta=rate * writes)
+        return _recall(o[:, -num_pairs:], v)
+    D, Dh = head_dim, expansion * head_dim
+    init = (
+        torch.randn(1, D, Dh, generator=generator) / math.sqrt(Dh),
+        torch.randn(1, Dh, D, generator=generator) / math.sqrt(D),
+    )
+    o, _ = deep_memory(
+        Q,
+        K,
+        V,
+        rule=rule,
+        eta=rate * writes,
+        g=g,
+        beta=torch.full_like(writes, 0.5),
+        init_weights=init,
+        mini_batch=16,
+        max_grad_norm=1.0,
+    )
+    return _recall(o[:, -num_pairs:] - k, v - k)
+
+
+def read_path_probe(rule: str, eta_max: float = 0.1, seed: int = 0) -> float:
+    """|d o_query / d x_context| / |d o_query / d x_query| of a fresh layer on MQAR inputs.
+
+    Args:
+        rule: memory rule of a 2-head, 128-wide ``MemoryCachingAttention`` (no caching).
+        eta_max: deep rules' bound of the inner learning rate.
+        seed: seeds the layer, the embeddings and the probe direction.
+    """
+    config = MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=8, num_examples=16)
+    data = generate_mqar(config, seed)
+    torch.manual_seed(seed)
+    embeddings = torch.randn(config.vocab_size, 128)
+    deep = {"eta_max": eta_max, "mini_batch": 16} if rule == "titans" else {}
+    layer = MemoryCachingAttention(128, 2, rule=rule, aggregation="none", **deep)
+    x = embeddings[data["input_ids"]].requires_grad_()  # [N, T, 128]
+    o, _ = layer(x)
+    # the query key token sits just before each labelled value
+    query = torch.zeros_like(data["labels"], dtype=torch.bool)
+    query[:, :-1] = data["labels"][:, 1:] != -100
+    (o * torch.randn_like(o) * query[..., None]).sum().backward()
+    norms = x.grad.norm(dim=-1)  # [N, T]
+    context = norms[:, : 2 * config.num_kv_pairs].mean()
+    return (context / norms[query].mean()).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    storage = [
+        {"rule": rule, "rate": rate, "fillers": fillers, "log_decay": g}
+        | storage_probe(rule, rate, fillers, g)
+        for rule, rates in (("titans", (0.05, 0.1, 1.0)), ("gated_delta", (0.5,)))
+        for rate in rates
+        for fillers in (0, 40)
+        for g in (0.0, -0.02)
+    ]
+    read_path = {
+        "gated_delta": read_path_probe("gated_delta"),
+        "titans, eta_max 0.1": read_path_probe("titans", 0.1),
+        "titans, eta_max 1.0": read_path_probe("titans", 1.0),
+    }
+    for row in storage:
+        print(
+            f"{row['rule']:<11} rate {row['rate']:<4} fillers {row['fillers']:>2} "
+            f"g {row['log_decay']:<5}: recall {row['recall']:.3f}, cosine {row['cosine']:.3f}"
+        )
+    for name, ratio in read_path.items():
+        print(f"read path, {name}: context / query gradient {ratio:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"storage": storage, "read_path": read_path}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
