@@ -310,8 +310,8 @@ def mqar_grid_section(lines: list[str]) -> dict[str, dict[int, dict[tuple[int, i
     return by_seed
 
 
-def lm_section(lines: list[str]) -> dict[str, float]:
-    """The LM tables; returns {model: mean validation bits per byte}."""
+def lm_section(lines: list[str]) -> dict[str, dict[int, float]]:
+    """The LM tables; returns {model: {seed: validation bits per byte}}."""
     runs = load_experiment("lm")
     lines += ["## 3. Language modelling on the standard library source", ""]
     if not runs:
@@ -356,24 +356,34 @@ def lm_section(lines: list[str]) -> dict[str, float]:
             *ablations,
             "",
         ]
-    return {name: mean([r["eval"]["bits_per_byte"] for r in rs]) for name, rs in runs.items()}
+    return {name: {r["seed"]: r["eval"]["bits_per_byte"] for r in rs} for name, rs in runs.items()}
 
 
-def _lm_claim(bits: dict[str, float]) -> str:
-    """The paper's language-modelling result (MC lowers perplexity) as a verdict line."""
+def _lm_claim(bits: dict[str, dict[int, float]]) -> str:
+    """The paper's language-modelling result (MC lowers perplexity) as a verdict line.
+
+    Args:
+        bits: {model: {seed: validation bits per byte}}; a family is compared on the seeds
+            all its models have.
+    """
     title = "- **LM. MC lowers the validation loss of language models**: "
     items = []
     for base in ("gated_delta", "titans"):
-        variants = {m: b for m, b in bits.items() if m in (f"{base}+grm", f"{base}+ssc")}
-        if base not in bits or not variants:
+        family = [base, f"{base}+grm", f"{base}+ssc"]
+        scores, seeds = _common_seeds(bits, family)
+        variants = {m: b for m, b in scores.items() if m != base}
+        if base not in scores or not variants:
             continue
         best = min(variants, key=variants.get)
-        # one seed each: differences under 0.01 bits/byte are within run-to-run noise
-        verdict = "reproduced" if variants[best] < bits[base] - 0.01 else "not reproduced"
+        # a lead under 0.01 bits/byte is within run-to-run noise
+        verdict = "reproduced" if variants[best] < scores[base] - 0.01 else "not reproduced"
         others = ", ".join(f"{m} {b:.3f}" for m, b in variants.items())
-        items.append(f"{base} {bits[base]:.3f} bits/byte, {others}: {verdict}")
+        items.append(
+            f"{base} {scores[base]:.3f} bits/byte, {others} ({_seeds_text(seeds)}): {verdict}"
+        )
     if "Transformer++" in bits and items:
-        items.append(f"Transformer++ {bits['Transformer++']:.3f}")
+        tpp = bits["Transformer++"]
+        items.append(f"Transformer++ {mean(tpp.values()):.3f} ({_seeds_text(sorted(tpp))})")
     return title + ("; ".join(items) + "." if items else "not measured yet (LM sweep).")
 
 
@@ -647,7 +657,7 @@ def verdicts(
     extrapolation: dict,
     niah: dict,
     efficiency: dict,
-    bits: dict[str, float],
+    bits: dict[str, dict[int, float]],
 ) -> None:
     lines += ["## Verdicts on the paper's claims", ""]
     lines += _claims_1_to_3([*trained, *_load_view(extrapolation)])

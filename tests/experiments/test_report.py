@@ -86,6 +86,9 @@ def results_dir(report_root):
         path = tmp_path / "results" / "experiments" / "lm" / sweep.slug(model)
         path.mkdir(parents=True, exist_ok=True)
         (path / "seed0.json").write_text(json.dumps(fake_lm_result(model, bpb, 0)))
+    # a seed the variants lack: the verdict compares the family on seed 0 only
+    path = tmp_path / "results" / "experiments" / "lm" / "gated_delta"
+    (path / "seed1.json").write_text(json.dumps(fake_lm_result("gated_delta", 2.0, 1)))
     return tmp_path
 
 
@@ -131,7 +134,8 @@ def test_report_tables_plot_and_verdicts(results_dir):
         "gated_delta+grm 0.310: reproduced, post-training MC 0.026: not reproduced"
     ) in text
     assert "| gated_delta+grm | 1 | 2.250 | 4.757 | 500 |" in text
-    assert "gated_delta 2.500 bits/byte, gated_delta+grm 2.250: reproduced" in text
+    assert "gated_delta 2.500 bits/byte, gated_delta+grm 2.250 (seed 0): reproduced" in text
+    assert "| gated_delta | 2 | 2.250 ± 0.354 |" in text  # the table keeps both seeds
     assert "| gated_delta+grm, segment 32 | 1 | 2.000 |" in text
 
 
