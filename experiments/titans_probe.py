@@ -7,7 +7,9 @@
    again), then read every stored key. Reports the argmax recall among the P values and the
    mean cosine between each read-out M(k) - k and its target v - k. A matrix memory with the
    delta rule is unaffected by the filler writes (they touch one key direction only); an MLP
-   memory's writes move its output for every input.
+   memory's writes move its output for every input, and within a mini-batch the filler's
+   gradients, all taken at the weights the mini-batch starts from, add up instead of fading as
+   the memory learns the filler pair (the rows with smaller mini-batches).
 2. **Read path.** In a freshly initialised ``MemoryCachingAttention`` fed MQAR sequences, the
    gradient norm of the outputs at the query positions with respect to the context tokens
    (the key-value pairs), relative to that with respect to the query token itself: how much
@@ -74,6 +76,7 @@ def storage_probe(
     head_dim: int = 64,
     expansion: int = 4,
     value_norm: float = 8.0,
+    mini_batch: int = 16,
     seed: int = 0,
 ) -> dict[str, float]:
     """Recall of ``num_pairs`` pairs after ``fillers`` writes of one more pair.
@@ -88,6 +91,7 @@ def storage_probe(
         num_pairs, batch, head_dim, expansion: sizes (one head; expansion: titans' MLP).
         value_norm: norm of the values (the titans memory's LayerNorm output has norm
             sqrt(D)).
+        mini_batch: titans: tokens whose inner gradients are taken at the same weights.
         seed: seeds the pairs and the initial weights.
 
     Returns:
@@ -116,7 +120,7 @@ def storage_probe(
         g=g,
         beta=torch.full_like(writes, 0.5),
         init_weights=init,
-        mini_batch=16,
+        mini_batch=mini_batch,
         max_grad_norm=1.0,
     )
     return _recall(o[:, -num_pairs:] - k, v - k)
@@ -154,11 +158,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     storage = [
         {"rule": rule, "rate": rate, "fillers": fillers, "log_decay": g}
+        | {"mini_batch": 16 if rule == "titans" else None}
         | storage_probe(rule, rate, fillers, g)
         for rule, rates in (("titans", (0.05, 0.1, 1.0)), ("gated_delta", (0.5,)))
         for rate in rates
         for fillers in (0, 40)
         for g in (0.0, -0.02)
+    ]
+    # identical filler gradients taken at one mini-batch's entry weights pile up instead of
+    # fading as the memory learns the filler pair: smaller mini-batches
+    storage += [
+        {"rule": "titans", "rate": 1.0, "fillers": 40, "log_decay": 0.0, "mini_batch": b}
+        | storage_probe("titans", 1.0, 40, mini_batch=b)
+        for b in (1, 2, 4, 8)
     ]
     read_path = {
         "gated_delta": read_path_probe("gated_delta"),
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in storage:
         print(
             f"{row['rule']:<11} rate {row['rate']:<4} fillers {row['fillers']:>2} "
-            f"g {row['log_decay']:<5}: recall {row['recall']:.3f}, cosine {row['cosine']:.3f}"
+            f"g {row['log_decay']:<5} mini-batch {row['mini_batch'] or '-':>2}: "
+            f"recall {row['recall']:.3f}, cosine {row['cosine']:.3f}"
         )
     for name, ratio in read_path.items():
         print(f"read path, {name}: context / query gradient {ratio:.3f}")

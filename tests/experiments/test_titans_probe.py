@@ -13,6 +13,12 @@ def test_titans_stores_pairs_that_filler_writes_then_overwrite():
     assert flooded["cosine"] < 0.5 * clean["cosine"]
 
 
+def test_per_token_titans_updates_keep_the_pairs_through_filler_writes():
+    # the filler's gradients no longer pile up at one mini-batch's entry weights
+    per_token = titans_probe.storage_probe("titans", 1.0, fillers=40, batch=8, mini_batch=1)
+    assert per_token["recall"] >= 0.9
+
+
 def test_delta_rule_keeps_its_pairs_through_filler_writes():
     flooded = titans_probe.storage_probe("gated_delta", 0.5, fillers=40, batch=8)
     assert flooded["recall"] == 1.0 and flooded["cosine"] > 0.8
@@ -30,7 +36,7 @@ def test_main_writes_every_probe(tmp_path, monkeypatch):
     out = tmp_path / "probe.json"
     titans_probe.main(["--out", str(out)])
     data = json.loads(out.read_text())
-    assert len(data["storage"]) == 16 and set(data["read_path"]) == {
+    assert len(data["storage"]) == 20 and set(data["read_path"]) == {
         "gated_delta",
         "titans, eta_max 0.1",
         "titans, eta_max 1.0",
