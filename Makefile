@@ -37,7 +37,8 @@ bench: $(STAMP)
 
 # Every experiment of docs/results.md; cells and benchmarks whose JSON exists are skipped
 # (delete a JSON to rerun it). Hours of CPU: run it in the background, across sittings.
-results: $(STAMP) results/train_throughput.json results/models_decode.json
+results: $(STAMP) results/train_throughput.json results/models_decode.json \
+		results/experiments/titans_probe.json
 	$(PY) -m experiments.sweep
 	$(PY) -m experiments.report
 
@@ -46,6 +47,9 @@ results/train_throughput.json: | $(STAMP)
 
 results/models_decode.json: | $(STAMP)
 	$(PY) -m benchmarks.bench_models
+
+results/experiments/titans_probe.json: | $(STAMP)
+	$(PY) -m experiments.titans_probe
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
