@@ -533,9 +533,10 @@ def _claims_1_to_3(views: list[tuple[str, dict[str, dict[int, float]]]]) -> list
                 gain = grm - scores[base]
                 if gain > 0.01:
                     kept = (ssc - scores[base]) / gain
+                    share = "ssc beats grm" if kept > 1 else f"ssc keeps {kept:.0%} of grm's gain"
                     claims[3].append(
                         f"{base} {where}: ssc {ssc:.3f} vs grm {grm:.3f}, base "
-                        f"{scores[base]:.3f} (ssc keeps {kept:.0%} of grm's gain): "
+                        f"{scores[base]:.3f} ({share}): "
                         + ("reproduced" if kept >= 0.5 else "not reproduced")
                     )
                 else:

@@ -180,3 +180,10 @@ def test_small_state_section_rows_and_verdicts(report_root):
     )
     assert "grm 0.750 vs residual 0.375: reproduced" in text
     assert "Not run yet in this setting: gated_delta+ssc" in text
+
+
+def test_ssc_above_grm_is_named_so_not_as_a_share_over_100_percent():
+    per_seed = {"swla": {0: 0.3}, "swla+grm": {0: 0.4}, "swla+ssc": {0: 0.9}}
+    lines = report._claims_1_to_3([("at 64 tokens", per_seed)])
+    claim_3 = next(line for line in lines if line.startswith("- **3."))
+    assert "ssc 0.900 vs grm 0.400, base 0.300 (ssc beats grm): reproduced" in claim_3
