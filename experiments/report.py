@@ -106,10 +106,9 @@ MQAR_CALIBRATION = {
         "fading once the memory has learned the filler pair. With per-token updates "
         "(mini-batch 1) the same writes leave recall at 0.998 (2: 0.934, 4: 0.662, 8: 0.436). "
         "Smaller mini-batches cost more than this budget holds: a forward and backward pass "
-        "of the titans model on a batch took 1.4-1.8 s at mini-batch 16, 4.4-5.4 s at 4 and "
-        "24 s at 1, against 0.43 s for gated_delta (measured side by side on this shared "
-        "2-core machine while other runs trained), so titans on MQAR waits for a faster "
-        "small-mini-batch scan."
+        "of the titans model on a batch takes 0.68 s at mini-batch 16, 2.28 s at 4 and "
+        "10.5 s at 1, against 0.24 s for gated_delta (the probe's step_seconds, one thread), "
+        "so titans on MQAR waits for a faster small-mini-batch scan."
     ),
     "mqar_small_state": (
         "Why this setting: in the `mqar` setting above every gated_delta model recalls almost "

@@ -33,6 +33,7 @@ def test_read_path_ratio_grows_with_the_inner_learning_rate():
 def test_main_writes_every_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(titans_probe, "storage_probe", lambda *a, **k: {"recall": 1, "cosine": 1})
     monkeypatch.setattr(titans_probe, "read_path_probe", lambda *a, **k: 0.5)
+    monkeypatch.setattr(titans_probe, "step_seconds", lambda *a, **k: 1.0)
     out = tmp_path / "probe.json"
     titans_probe.main(["--out", str(out)])
     data = json.loads(out.read_text())
@@ -40,4 +41,10 @@ def test_main_writes_every_probe(tmp_path, monkeypatch):
         "gated_delta",
         "titans, eta_max 0.1",
         "titans, eta_max 1.0",
+    }
+    assert set(data["step_seconds"]) == {
+        "gated_delta",
+        "titans, mini-batch 16",
+        "titans, mini-batch 4",
+        "titans, mini-batch 1",
     }
