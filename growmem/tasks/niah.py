@@ -331,18 +331,24 @@ def niah_dataset(
 
 
 def niah_training_batch(
-    examples: Sequence[NIAHExample], pad_id: int, eos_id: int | None = None
+    examples: Sequence[NIAHExample],
+    pad_id: int,
+    eos_id: int | None = None,
+    train_on_prompt: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch for a causal LM that shifts labels internally (Hugging Face style).
 
     Row i is ``input_ids + answer_ids (+ [eos_id])``; labels equal the tokens on the answer
     (and eos) positions and -100 on the prompt and padding, so the loss
-    ``cross_entropy(logits[:, :-1], labels[:, 1:])`` trains only the answer.
+    ``cross_entropy(logits[:, :-1], labels[:, 1:])`` trains only the answer. With
+    ``train_on_prompt`` the prompt's tokens are labelled too (language-modelling loss on the
+    whole example).
 
     Args:
         examples: at least one.
         pad_id: token of the padding positions.
         eos_id: if given, appended after the answer and trained too.
+        train_on_prompt: also train the prompt tokens.
     Returns: ``input_ids`` [N, T], ``labels`` [N, T], ``attention_mask`` [N, T] (1 = real token),
         all int64, T the longest row.
     """
@@ -357,7 +363,8 @@ def niah_training_batch(
     for i, (prompt, answer) in enumerate(rows):
         n = len(prompt) + len(answer)
         input_ids[i, :n] = torch.tensor(prompt + answer)
-        labels[i, len(prompt) : n] = torch.tensor(answer)
+        start = 0 if train_on_prompt else len(prompt)
+        labels[i, start:n] = input_ids[i, start:n]
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 

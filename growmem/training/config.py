@@ -69,6 +69,9 @@ class NIAHTask:
         num_eval_examples: examples per evaluation length (needle depths on a grid).
         haystack: "noise" or "essay" (default per variant).
         tokenizer: "byte" or a saved tokenizer directory.
+        train_on_prompt: train every token of an example (language-modelling loss), not only
+            the answer's. The haystack's repeats teach the copying the answer needs, from far
+            more labelled tokens than the answer's 8.
     """
 
     name: str = "niah"
@@ -79,6 +82,7 @@ class NIAHTask:
     num_eval_examples: int = 20
     haystack: str | None = None
     tokenizer: str = "byte"
+    train_on_prompt: bool = False
 
 
 @dataclass

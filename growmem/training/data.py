@@ -125,7 +125,9 @@ def niah_data(task: NIAHTask, seed: int) -> TaskData:
         seed=seed,
         haystack=task.haystack,
     )
-    batch = niah_training_batch(examples, pad_id=tokenizer.pad_id)
+    batch = niah_training_batch(
+        examples, pad_id=tokenizer.pad_id, train_on_prompt=task.train_on_prompt
+    )
     train = ExampleSet({"input_ids": batch["input_ids"], "labels": batch["labels"]})
     max_len = max(niah_eval_lengths(task))
     return TaskData(tokenizer.vocab_size, train, max_len, tokenizer=tokenizer)

@@ -153,6 +153,22 @@ def test_training_batch_labels_only_the_answer(byte, eos_id):
         niah_training_batch([], pad_id=0)
 
 
+def test_training_batch_train_on_prompt_labels_every_real_token(byte):
+    examples = [
+        make_niah_example(byte, variant=1, length=500, depth=0.3, seed=3),
+        make_niah_example(byte, variant=1, length=420, depth=0.7, seed=4),
+    ]
+    answer_only = niah_training_batch(examples, pad_id=256)
+    batch = niah_training_batch(examples, pad_id=256, train_on_prompt=True)
+    assert torch.equal(batch["input_ids"], answer_only["input_ids"])
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])
+    assert (batch["labels"][~real] == -100).all()
+    # the answer positions carry the same labels either way
+    answered = answer_only["labels"] != -100
+    assert torch.equal(batch["labels"][answered], answer_only["labels"][answered])
+
+
 def test_score_exact_match():
     assert score_exact_match("  4821937", "4821937")
     assert score_exact_match("The number is 4821937.", "4821937")

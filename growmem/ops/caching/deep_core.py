@@ -20,7 +20,7 @@ from growmem.ops.caching.core import _key_summaries, _summarize, cache_gates
 from growmem.ops.caching.deep_reads import cached_mlp_read
 from growmem.ops.caching.reads import mixed_read
 from growmem.ops.caching.select import GATED_AGGREGATIONS, SPARSE_AGGREGATIONS
-from growmem.ops.deep.api import mini_batch_lengths
+from growmem.ops.deep.api import block_lengths, scan_block
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
 from growmem.ops.precision import compute_dtype
@@ -158,11 +158,13 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
             )
             for n, x in inputs.items()
         }
-    grid, resets, ends, visible = [], [], [], []  # visible: caches each mini-batch reads
+    # scan blocks of whole mini-batches (scan.py); their grid restarts at every piece start
+    block = scan_block(mini_batch, T + extra)
+    grid, resets, ends, visible = [], [], [], []  # visible: caches each block reads
     for p, (a, b) in enumerate(pieces):
         if p and cfg.init == "independent":
             resets.append(len(grid))
-        batches = mini_batch_lengths(b - a + (extra if p == 0 else 0), mini_batch)
+        batches = block_lengths(b - a + (extra if p == 0 else 0), mini_batch, block)
         grid += batches
         ends.append(len(grid) - 1)
         visible += [n0 + p] * len(batches)
@@ -185,6 +187,7 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         norm=norm,
         max_grad_norm=max_grad_norm,
         eps=eps,
+        mini_batch=mini_batch,
     )
     # the final weights of every finished segment join the caches
     W1c, W2c = cache.states.W1, cache.states.W2  # [B, H, N, Dv, Dh], [B, H, N, Dh, Dk]

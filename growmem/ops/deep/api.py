@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -24,6 +25,33 @@ DEEP_RULES = ("dla", "titans")
 def mini_batch_lengths(T: int, mini_batch: int) -> list[int]:
     """Mini-batches of ``mini_batch`` tokens from token 0; the last may be shorter."""
     return [mini_batch] * (T // mini_batch) + ([T % mini_batch] if T % mini_batch else [])
+
+
+# Tokens per scan block for small mini-batches: the scan forms the weights once per block and
+# each mini-batch inside it in low-rank form (scan.py), since forming them per mini-batch
+# costs a pass over every weight per mini-batch, the cost of small mini-batches on CPU
+SCAN_BLOCK_TOKENS = 32
+
+
+def scan_block(mini_batch: int, tokens: int, boundary: int | None = None) -> int:
+    """Tokens per scan block: a multiple of ``mini_batch`` up to SCAN_BLOCK_TOKENS (and up to
+    ``tokens``, the call's length) that divides ``boundary`` when given."""
+    blocks = max(1, min(SCAN_BLOCK_TOKENS, tokens) // mini_batch)
+    if boundary is not None:
+        while (boundary // mini_batch) % blocks:
+            blocks -= 1
+    return mini_batch * blocks
+
+
+def block_lengths(T: int, mini_batch: int, block: int) -> list[int]:
+    """Scan blocks of ``block`` tokens from token 0, the tail cut at its last mini-batch
+    boundary: the last block is then a whole number of mini-batches or the one open
+    mini-batch, whose entry is the state a stream keeps (the caching cache's ``pending``)."""
+    lengths = mini_batch_lengths(T, block)
+    tail = lengths[-1] if lengths else 0
+    if tail % mini_batch and tail > mini_batch:
+        lengths[-1:] = [tail - tail % mini_batch, tail % mini_batch]
+    return lengths
 
 
 def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm):
@@ -149,7 +177,6 @@ def deep_memory(
             f"boundary ({boundary}) must be a multiple of mini_batch "
             f"({mini_batch}): states are read at mini-batch ends"
         )
-    lengths = mini_batch_lengths(T, mini_batch)
     ends = None
     if boundary is not None:
         ends = list(range(boundary, T + 1, boundary))
@@ -168,11 +195,20 @@ def deep_memory(
     )
     with autocast_off(q.device.type):
         if impl == "reference":
+            lengths = mini_batch_lengths(T, mini_batch)
             o, states = deep_memory_reference(q, k, v, batch_lengths=lengths, ends=ends, **kwargs)
         else:
-            end_batches = () if ends is None else [math.ceil(e / mini_batch) - 1 for e in ends]
+            lengths = block_lengths(T, mini_batch, scan_block(mini_batch, T, boundary))
+            block_ends = list(itertools.accumulate(lengths))
+            end_batches = () if ends is None else [block_ends.index(e) for e in ends]
             o, stacked, final, _ = chunk_deep_memory(
-                q, k, v, batch_lengths=lengths, end_batches=end_batches, **kwargs
+                q,
+                k,
+                v,
+                batch_lengths=lengths,
+                end_batches=end_batches,
+                mini_batch=mini_batch,
+                **kwargs,
             )
             states = final if ends is None else stacked
     return o.to(q.dtype), states

@@ -131,6 +131,7 @@ def deep_scan(
     max_grad_norm=None,
     eps=1e-5,
     fused=True,
+    mini_batch=None,
 ) -> DeepScan:
     """The sequential part: every mini-batch's entry weights and inner-gradient factors.
 
@@ -144,6 +145,8 @@ def deep_scan(
         norm, max_grad_norm, eps: see ``deep_memory``.
         fused: the scan as one autograd Function with a hand-written backward (scan.py), or
             (False) the same loop under plain autograd.
+        mini_batch: tokens per gradient mini-batch when a block of the layout holds several
+            (the blocks then start on mini-batch starts); None: one mini-batch per block.
     """
     B = q.shape[0]
     dtype = compute_dtype(q)
@@ -172,9 +175,12 @@ def deep_scan(
     reset = None if reset_state is None else [x for x in reset_state if x is not None]
     if list(end_batches) != sorted(set(end_batches)):
         raise ValueError(f"end_batches must be increasing, got {end_batches}")
+    inner = mini_batch if mini_batch is not None and mini_batch < b else None
+    duals = (C, alpha, rho) if inner and titans else ()
     entries, (d1, h, d2, w), kept, final = scan(
-        rule, K, V, step, leave, init, reset, resets, end_batches, norm, eps, max_grad_norm, fused
-    )
+        rule, K, V, step, leave, init, reset, resets, end_batches, norm, eps, max_grad_norm,
+        fused, inner, duals,
+    )  # fmt: skip
     kept = _state(kept) if kept else None
     last_entry = _state([x[-1] for x in entries])
     entries, final = _state(entries), _state(final)
@@ -277,21 +283,23 @@ def chunk_deep_memory(
     norm=True,
     max_grad_norm=None,
     eps=1e-5,
+    mini_batch=None,
 ):
-    """Deep memory over mini-batches of the given lengths (scan, then batched read).
+    """Deep memory over blocks of the given lengths (scan, then batched read).
 
     Args:
         q, k, v: [B, T, H, D]; eta, g, beta: [B, T, H] (g, beta for titans only).
         init_weights: (W1 [H, Dv, Dh], W2 [H, Dh, Dk]).
         initial_state: DeepState of [B, H, ...] tensors, or None.
-        batch_lengths: mini-batch lengths summing to T (each <= the longest).
-        end_batches: indices of mini-batches whose leaving state to return (increasing).
+        batch_lengths: block lengths summing to T (each <= the longest).
+        end_batches: indices of blocks whose leaving state to return (increasing).
         norm, max_grad_norm, eps: see ``deep_memory``.
+        mini_batch: tokens per gradient mini-batch inside a block (None: the whole block).
 
     Returns:
         o [B, T, H, D]; states: DeepState of [B, len(end_batches), H, ...] (None without
-        end_batches); the final state (leaving the last mini-batch); the state entering the
-        last mini-batch.
+        end_batches); the final state (leaving the last block); the state entering the last
+        block.
     """
     layout = MiniBatchLayout.build(batch_lengths, q.device)
     scan = deep_scan(
@@ -309,6 +317,7 @@ def chunk_deep_memory(
         norm=norm,
         max_grad_norm=max_grad_norm,
         eps=eps,
+        mini_batch=mini_batch,
     )
     O = layout.to_tokens(online_read(scan, norm, eps))  # [B, T, H, D]
     stacked = None if scan.kept is None else scan.kept.map(lambda x: x.transpose(0, 1))

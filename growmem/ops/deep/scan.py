@@ -15,6 +15,16 @@ with (c, m, a, p, β) the decay/momentum coefficients of the mini-batch's last r
 runs the forward without recording, keeps (zk, e, nk, rstd, ||∇ℓ||) per mini-batch, and runs
 one hand-written reverse loop (second-order terms through σ' and N' included). ``scan_loop``
 is the same loop under autograd; the tests check the Function against it.
+
+A block may also hold several gradient mini-batches (``inner`` rows each, for mini-batches
+too small to pay one weight update each): mini-batch i's gradients are then taken at the
+weights after the block's earlier rows, which the dual form gives without forming them,
+
+    W^(i) = α_e W + ρ_e S + Σ_{j<=e} C[e, j] w_j ∇ℓ_j,     e = the row before mini-batch i,
+
+so the block's rows run mini-batch by mini-batch against low-rank corrections
+(``_inner_factors``) and only the state leaving the block is formed. That path runs under
+plain autograd (``scan_loop``).
 """
 
 from __future__ import annotations
@@ -54,6 +64,60 @@ def _factors(rule, K, V, w0, W1, W2, norm, eps, max_grad_norm):
     return d1, hk, d2, w, (zk, e, nk, rstd, gn)
 
 
+def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm):
+    """``_factors`` for a block of gradient mini-batches of ``inner`` rows, each at the weights
+    after the block's earlier rows (module docstring).
+
+    state: the block's entry (W1, W2[, S1, S2]); dual: titans' (C [.., b, b], α, ρ [.., b]),
+    the coefficients of the weights after each row; () for dla (α = 1, ρ = 0, C = 1 on j <= t).
+    Returns (d1, hk, d2, w) as ``_factors`` (without the backward's extras).
+    """
+    titans = rule == "titans"
+    W1, W2 = state[:2]
+    b = K.shape[-2]
+    KW2 = K @ W2.transpose(-1, -2)  # [.., b, Dh]
+    if titans:
+        S1, S2 = state[2:]
+        C, alpha, rho = dual
+        KS2 = K @ S2.transpose(-1, -2)
+    KK = K @ K.transpose(-1, -2)  # [.., b, b]
+    d1s, hks, d2s, ws = [], [], [], []
+    for r in range(0, b, inner):
+        rows = slice(r, min(r + inner, b))
+        Kr, Vr = K[..., rows, :], V[..., rows, :]
+        z, a, p = KW2[..., rows, :], None, None
+        if r:  # the rows before r moved the weights: W^(i) in low-rank form
+            d1p, hp, d2p = (torch.cat(x, -2) for x in (d1s, hks, d2s))
+            wp = torch.cat(ws, -1).unsqueeze(-2)  # [.., 1, r]
+            cw = C[..., r - 1 : r, :r] * wp if titans else wp  # C[e, j] w_j
+            if titans:
+                a, p = alpha[..., r - 1 : r, None], rho[..., r - 1 : r, None]  # [.., 1, 1]
+                z = a * z + p * KS2[..., rows, :]
+            z = z + (cw * KK[..., rows, :r]) @ d2p
+        hk = gelu(z)
+        yk = hk @ W1.transpose(-1, -2)  # [.., m, Dv]
+        if a is not None:
+            yk = a * yk + p * (hk @ S1.transpose(-1, -2))
+        if r:
+            yk = yk + (cw * (hk @ hp.transpose(-1, -2))) @ d1p
+        nk, rstd = layer_norm(yk, eps) if norm else (yk, None)
+        dO = 2.0 * (Kr + nk - Vr) if titans else -Vr  # dℓ/dM
+        d1 = layer_norm_backward(dO, nk, rstd) if norm else dO  # dℓ/dy
+        e = d1 @ W1  # d1 W1^(i): [.., m, Dh]
+        if a is not None:
+            e = a * e + p * (d1 @ S1)
+        if r:
+            e = e + (cw * (d1 @ d1p.transpose(-1, -2))) @ hp
+        d2 = e * gelu_grad(z)  # dℓ/dz
+        w = w0[..., rows]
+        if max_grad_norm is not None:
+            sq = d1.pow(2).sum(-1) * hk.pow(2).sum(-1) + d2.pow(2).sum(-1) * Kr.pow(2).sum(-1)
+            w = w / torch.clamp(torch.sqrt(sq + 1e-30) / max_grad_norm, min=1.0)
+        for acc, x in zip((d1s, hks, d2s, ws), (d1, hk, d2, w), strict=True):
+            acc.append(x)
+    return tuple(torch.cat(x, -1 if x is ws else -2) for x in (d1s, hks, d2s, ws))
+
+
 def _update(K, d1, hk, d2, w, state, coef):
     """The state leaving the mini-batch: state (W1, W2[, S1, S2]); coef (c, m [b], a, p,
     β [1]) for titans, () for dla."""
@@ -90,16 +154,26 @@ def _update_into(K, d1, hk, d2, w, state, coef, out):
         torch.matmul((d * mw).transpose(-1, -2), r, out=o).addcmul_(beta, S)
 
 
-def scan_loop(rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm):
+def scan_loop(
+    rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, inner=None,
+    duals=(),
+):  # fmt: skip
     """The scan under autograd (the Function's reference). Arguments as ``scan``."""
     state = init
     entries, factors, kept = [], [], []
-    per_batch = [x.unbind(0) for x in (K, V, step, *coefs)]
+    n_coef = len(coefs)
+    per_batch = [x.unbind(0) for x in (K, V, step, *coefs, *duals)]
     for mb, (Km, Vm, w0, *coef) in enumerate(zip(*per_batch, strict=True)):
         if mb in resets:
             state = reset
         entries.append(state)
-        d1, hk, d2, w, _ = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
+        coef, dual = coef[:n_coef], coef[n_coef:]
+        if inner:
+            d1, hk, d2, w = _inner_factors(
+                rule, Km, Vm, w0, state, dual, inner, norm, eps, max_grad_norm
+            )
+        else:
+            d1, hk, d2, w, _ = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
         factors.append((d1, hk, d2, w))
         state = _update(Km, d1, hk, d2, w, state, coef)
         if mb in ends:
@@ -306,22 +380,27 @@ def _step_backward(rule, K, V, w0, state, coef, factors, internal, gfac, lam, no
     return [gW1, gW2, *g_state[2:]], gK, gV, gw0, gcoef
 
 
-def scan(rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, fused):
+def scan(
+    rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, fused,
+    inner=None, duals=(),
+):  # fmt: skip
     """The deep scan. K, V [NB, B, H, b, D]; step [NB, B, H, b] (-η, padding 0); coefs: see
     ScanFunction; init, reset: states (reset None without resets); resets, ends: sets of
-    mini-batches. fused: ScanFunction (True) or the plain autograd loop.
+    blocks. fused: ScanFunction (True) or the plain autograd loop. inner: rows per gradient
+    mini-batch inside a block (None: the whole block), run under plain autograd; duals:
+    titans' dual-form coefficients for it, (C [NB, B, H, b, b], α, ρ [NB, B, H, b]).
 
     Returns (entries, (d1, hk, d2, w), kept, final): entries a list of [NB, B, H, ...] state
     tensors, kept a list of [len(ends), B, H, ...] ones (empty without ends), final a list.
     """
     n = len(init)
     resets, ends = frozenset(resets), frozenset(ends)
-    if fused:
+    if fused and inner is None:
         spec = (rule, resets, ends, norm, eps, max_grad_norm)
         out = ScanFunction.apply(spec, K, V, step, *coefs, *init, *(reset or ()))
     else:
         args = (resets, ends, norm, eps, max_grad_norm)
-        out = scan_loop(rule, K, V, step, coefs, init, reset, *args)
+        out = scan_loop(rule, K, V, step, coefs, init, reset, *args, inner=inner, duals=duals)
     entries, factors = list(out[:n]), tuple(out[n : n + 4])
     kept = list(out[n + 4 : n + 4 + n]) if ends else []
     return entries, factors, kept, list(out[len(out) - n :])
