@@ -64,6 +64,47 @@ def _factors(rule, K, V, w0, W1, W2, norm, eps, max_grad_norm):
     return d1, hk, d2, w, (zk, e, nk, rstd, gn)
 
 
+class _SharedWeight(torch.autograd.Function):
+    """Identity on a weight that many ``_RowsTimesShared`` products read, with their weight
+    gradients summed in one matmul: each product hands its (left, right) factors to ``acc``
+    (gradient Σ leftᵀ right) instead of writing a full-size gradient that autograd would then
+    add up, a pass over the weight per product."""
+
+    @staticmethod
+    def forward(ctx, W, acc):
+        ctx.acc = acc
+        ctx.set_materialize_grads(False)
+        return W.view_as(W)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        acc = list(ctx.acc)
+        ctx.acc.clear()  # a second backward through a retained graph collects afresh
+        if not acc:
+            return grad, None
+        left, right = (torch.cat(x, -2) for x in zip(*acc, strict=True))
+        total = left.transpose(-1, -2) @ right
+        return total if grad is None else total + grad, None
+
+
+class _RowsTimesShared(torch.autograd.Function):
+    """rows @ Wᵀ (transpose) or rows @ W for a weight from ``_SharedWeight``."""
+
+    @staticmethod
+    def forward(ctx, rows, W, acc, transpose):
+        ctx.save_for_backward(rows, W)
+        ctx.acc, ctx.transpose = acc, transpose
+        return rows @ (W.transpose(-1, -2) if transpose else W)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        rows, W = ctx.saved_tensors
+        ctx.acc.append((grad, rows) if ctx.transpose else (rows, grad))
+        return grad @ (W if ctx.transpose else W.transpose(-1, -2)), None, None, None
+
+
 def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm):
     """``_factors`` for a block of gradient mini-batches of ``inner`` rows, each at the weights
     after the block's earlier rows (module docstring).
@@ -76,10 +117,15 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
     W1, W2 = state[:2]
     b = K.shape[-2]
     KW2 = K @ W2.transpose(-1, -2)  # [.., b, Dh]
+    # every mini-batch reads W1 (and S1) twice: their gradients are summed once per block
+    acc_w = []
+    W1 = _SharedWeight.apply(W1, acc_w)
     if titans:
         S1, S2 = state[2:]
         C, alpha, rho = dual
         KS2 = K @ S2.transpose(-1, -2)
+        acc_s = []
+        S1 = _SharedWeight.apply(S1, acc_s)
     KK = K @ K.transpose(-1, -2)  # [.., b, b]
     d1s, hks, d2s, ws = [], [], [], []
     for r in range(0, b, inner):
@@ -95,17 +141,17 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
                 z = a * z + p * KS2[..., rows, :]
             z = z + (cw * KK[..., rows, :r]) @ d2p
         hk = gelu(z)
-        yk = hk @ W1.transpose(-1, -2)  # [.., m, Dv]
+        yk = _RowsTimesShared.apply(hk, W1, acc_w, True)  # hk W1ᵀ: [.., m, Dv]
         if a is not None:
-            yk = a * yk + p * (hk @ S1.transpose(-1, -2))
+            yk = a * yk + p * _RowsTimesShared.apply(hk, S1, acc_s, True)
         if r:
             yk = yk + (cw * (hk @ hp.transpose(-1, -2))) @ d1p
         nk, rstd = layer_norm(yk, eps) if norm else (yk, None)
         dO = 2.0 * (Kr + nk - Vr) if titans else -Vr  # dℓ/dM
         d1 = layer_norm_backward(dO, nk, rstd) if norm else dO  # dℓ/dy
-        e = d1 @ W1  # d1 W1^(i): [.., m, Dh]
+        e = _RowsTimesShared.apply(d1, W1, acc_w, False)  # d1 W1^(i): [.., m, Dh]
         if a is not None:
-            e = a * e + p * (d1 @ S1)
+            e = a * e + p * _RowsTimesShared.apply(d1, S1, acc_s, False)
         if r:
             e = e + (cw * (d1 @ d1p.transpose(-1, -2))) @ hp
         d2 = e * gelu_grad(z)  # dℓ/dz
