@@ -60,10 +60,10 @@ def mean(values) -> float:
 
 
 def cell_by_name(experiment: str, name: str):
-    """The sweep's Cell called ``name`` in ``experiment``."""
+    """The sweep's Cell called ``name`` in ``experiment`` (None if it has none)."""
     from experiments.sweep import EXPERIMENTS
 
-    return next(c for c in EXPERIMENTS[experiment]() if c.name == name)
+    return next((c for c in EXPERIMENTS[experiment]() if c.name == name), None)
 
 
 def cell_config(experiment: str, name: str):
@@ -155,6 +155,13 @@ def mqar_section(
     tpp = cell_config(experiment, "Transformer++")
     model, task, train = base.model, base.task, base.train
     filler = "random tokens" if task.random_non_queries else "token 0"
+    titans = ""
+    if cell_by_name(experiment, "titans"):
+        deep = cell_config(experiment, "titans").model
+        titans = (
+            f"; titans: mini-batch {deep['mini_batch']}, inner learning rate at most "
+            f"{deep['eta_max']:g}"
+        )
     cell = cell_by_name(experiment, "gated_delta")
     extra = [o for o in cell.overrides if not o.startswith(("model.rule=", "model.aggregation="))]
     preset = f"the `{cell.preset}` preset" + (f" with `{' '.join(extra)}`" if extra else "")
@@ -167,8 +174,8 @@ def mqar_section(
         f"{model['hidden_size']}, {model['num_heads']} heads, vocabulary {task.vocab_size}, "
         f"sequences of {seq_len} tokens with {filler} between the queries, trained with "
         f"{task.num_kv_pairs} key-value pairs and tested with {pairs}; segment "
-        f"{model['segment_size']} for Memory Caching (top-2 for ssc, mini-batch "
-        f"{model['mini_batch']} for titans). AdamW {train.lr:g}, batch {train.batch_size}, "
+        f"{model['segment_size']} for Memory Caching (top-2 for ssc{titans}). "
+        f"AdamW {train.lr:g}, batch {train.batch_size}, "
         f"{train.steps} steps; Transformer++ {tpp.model['num_heads']} head(s) and "
         f"{tpp.train.steps} steps at {tpp.train.lr:g}, because softmax attention passes MQAR's "
         "phase transition much later. Accuracy of the value predictions on "

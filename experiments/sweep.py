@@ -51,6 +51,14 @@ MQAR_GRID = ["--lengths", "64", "128", "256", "--kv-pairs", "8", "16", "24", "31
 MQAR_POST_TRAINING_MC = [*MQAR_GRID, "--post-training-mc", "16"]
 
 
+# Titans on MQAR: per-token-like updates. With mini-batch 16 the filler token's identical
+# gradients add up inside a mini-batch and wipe the pairs (experiments/titans_probe.py), and
+# titans stayed at chance; mini-batch 2 keeps them. With mini-batch 1 or 2 an inner
+# learning-rate bound of 1.0 made the outer gradient explode (norms of 1e3-1e7 from the first
+# steps); 0.3 trains.
+TITANS_MQAR = ["model.mini_batch=2", "model.eta_max=0.3"]
+
+
 def _mqar() -> list[Cell]:
     cells = [Cell("Transformer++", "mqar_transformer", evals=[MQAR_GRID])]
     for rule, aggregations in (
@@ -62,6 +70,7 @@ def _mqar() -> list[Cell]:
             name = rule if agg == "none" else f"{rule}+{agg}"
             evals = [MQAR_GRID, MQAR_POST_TRAINING_MC] if agg == "none" else [MQAR_GRID]
             overrides = [f"model.rule={rule}", f"model.aggregation={agg}"]
+            overrides += TITANS_MQAR if rule == "titans" else []
             cells.append(Cell(name, "mqar", overrides, evals=evals))
     return cells
 
