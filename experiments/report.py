@@ -130,6 +130,51 @@ MQAR_CALIBRATION = {
 }
 
 
+def niah_setting() -> str:
+    """The S-NIAH experiment's setting, from its gated_delta cell's resolved config."""
+    cell = cell_by_name("niah", "gated_delta")
+    config = cell_config("niah", "gated_delta")
+    model, task, train = config.model, config.task, config.train
+    loss = "every token of an example" if task.train_on_prompt else "the answer's tokens"
+    return (
+        f"Setting: the `{cell.preset}` preset with `{' '.join(cell.overrides)}`: "
+        f"{model['num_hidden_layers']} layers, d_model {model['hidden_size']}, "
+        f"{model['num_heads']} heads, {task.tokenizer} tokens; S-NIAH-{task.variant} (a 7-digit "
+        f"value hidden in a repeated noise haystack), trained at {task.seq_len} tokens with the "
+        f"loss on {loss}, AdamW {train.lr:g}, batch {train.batch_size}, {train.steps} steps; "
+        f"segment {model['segment_size']} for Memory Caching. Exact match of the value over "
+        f"{task.num_eval_examples} needle depths per length. Command: "
+        "`python -m experiments.sweep niah && python -m experiments.report`."
+    )
+
+
+def niah_calibration(learned: bool) -> str:
+    """What the S-NIAH calibration runs (results/experiments/niah_calibration.json) showed;
+    learned: whether any cell retrieves at its training length."""
+    path = RESULTS / "experiments" / "niah_calibration.json"
+    if not path.is_file():
+        return ""
+    runs = json.loads(path.read_text())["runs"]
+    parts = []
+    for name, run in runs.items():
+        step, last = max(run["evals"].items(), key=lambda item: int(item[0]))
+        parts.append(
+            f"{name}: exact match {last['accuracy']:.3f} at step {step} (answer-token "
+            f"accuracy {last['token_accuracy']:.3f}, chance about 0.21)"
+        )
+    verdict = (
+        ""
+        if learned
+        else "No model learned the retrieval at its training length within the budget, so the "
+        "table cannot test extrapolation. "
+    )
+    return (
+        f"{verdict}Calibration: training on the whole example (a language-modelling loss on "
+        "the haystack too, whose repeats could teach copying) did not make gated_delta "
+        "retrieve (results/experiments/niah_calibration.json): " + "; ".join(parts) + "."
+    )
+
+
 def mqar_section(
     lines: list[str], experiment: str, heading: str
 ) -> list[tuple[str, dict[str, dict[int, float]]]]:
@@ -699,6 +744,8 @@ def main() -> int:
     niah = load_experiment("niah")
     lines += ["## 2. S-NIAH extrapolation", ""]
     if niah:
+        learned = any(r["eval"]["lengths"][0]["accuracy"] > 0 for rs in niah.values() for r in rs)
+        lines += [niah_setting(), "", niah_calibration(learned), ""]
         lengths = [r["length"] for r in next(iter(niah.values()))[0]["eval"]["lengths"]]
         lines += [
             f"| model | {' | '.join(str(n) for n in lengths)} |",

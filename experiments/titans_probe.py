@@ -15,7 +15,10 @@
    (the key-value pairs), relative to that with respect to the query token itself: how much
    of what a layer returns at a query can come from the memory at the start of training.
 3. **Cost.** Seconds of one forward and backward of the `mqar` model with titans at
-   mini-batches 16, 4 and 1, and with gated_delta, on this machine.
+   mini-batches 16, 4, 2 and 1, and with gated_delta, on this machine.
+4. **Stability.** The norm of the training gradient of a fresh titans `mqar` model against
+   the mini-batch and the bound of the inner learning rate: with small mini-batches the
+   chain of inner updates turns chaotic at large rates.
 """
 
 from __future__ import annotations
@@ -155,14 +158,8 @@ def read_path_probe(rule: str, eta_max: float = 0.1, seed: int = 0) -> float:
     return (context / norms[query].mean()).item()
 
 
-def step_seconds(rule: str, mini_batch: int = 16, repeats: int = 2) -> float:
-    """Seconds of one forward and backward of the `mqar` model (batch 32 of 64 tokens).
-
-    Args:
-        rule: memory rule of every layer.
-        mini_batch: deep rules' mini-batch.
-        repeats: timed passes after one warm-up; the fastest is returned.
-    """
+def _mqar_model(rule: str, mini_batch: int = 16, eta_max: float = 0.1) -> GrowMemForCausalLM:
+    """A freshly initialised `mqar` model (seeded) with ``rule`` in every layer."""
     torch.manual_seed(0)
     config = GrowMemConfig(
         vocab_size=64,
@@ -173,8 +170,20 @@ def step_seconds(rule: str, mini_batch: int = 16, repeats: int = 2) -> float:
         aggregation="none",
         segment_size=16,
         mini_batch=mini_batch,
+        eta_max=eta_max,
     )
-    model = GrowMemForCausalLM(config)
+    return GrowMemForCausalLM(config)
+
+
+def step_seconds(rule: str, mini_batch: int = 16, repeats: int = 2) -> float:
+    """Seconds of one forward and backward of the `mqar` model (batch 32 of 64 tokens).
+
+    Args:
+        rule: memory rule of every layer.
+        mini_batch: deep rules' mini-batch.
+        repeats: timed passes after one warm-up; the fastest is returned.
+    """
+    model = _mqar_model(rule, mini_batch)
     ids = torch.randint(0, 64, (32, 64))
     times = []
     for i in range(repeats + 1):
@@ -183,6 +192,17 @@ def step_seconds(rule: str, mini_batch: int = 16, repeats: int = 2) -> float:
         if i:  # the first pass warms up
             times.append(time.perf_counter() - start)
     return min(times)
+
+
+def outer_gradient_norm(mini_batch: int, eta_max: float) -> float:
+    """Norm of the training gradient of a fresh titans `mqar` model on 8 MQAR sequences: how
+    sensitive the outputs are to the parameters through the chain of inner updates."""
+    config = MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=8, num_examples=8)
+    data = generate_mqar(config, 0)
+    model = _mqar_model("titans", mini_batch, eta_max)
+    model(input_ids=data["input_ids"], labels=data["labels"]).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     # identical filler gradients taken at one mini-batch's entry weights pile up instead of
     # fading as the memory learns the filler pair: smaller mini-batches
     storage += [
-        {"rule": "titans", "rate": 1.0, "fillers": 40, "log_decay": 0.0, "mini_batch": b}
-        | storage_probe("titans", 1.0, 40, mini_batch=b)
-        for b in (1, 2, 4, 8)
+        {"rule": "titans", "rate": rate, "fillers": 40, "log_decay": 0.0, "mini_batch": b}
+        | storage_probe("titans", rate, 40, mini_batch=b)
+        for rate, sizes in ((1.0, (1, 2, 4, 8)), (0.3, (1, 2)))
+        for b in sizes
     ]
     read_path = {
         "gated_delta": read_path_probe("gated_delta"),
@@ -213,7 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     # what smaller mini-batches cost: one training pass of the `mqar` model, this machine
     step = {"gated_delta": step_seconds("gated_delta")}
-    step |= {f"titans, mini-batch {b}": step_seconds("titans", b) for b in (16, 4, 1)}
+    step |= {f"titans, mini-batch {b}": step_seconds("titans", b) for b in (16, 4, 2, 1)}
+    # the chain of small-mini-batch updates at a large inner learning rate: exploding gradients
+    gradient = [
+        {"mini_batch": b, "eta_max": eta, "norm": outer_gradient_norm(b, eta)}
+        for b in (16, 2, 1)
+        for eta in (0.1, 0.3, 1.0)
+    ]
     for row in storage:
         print(
             f"{row['rule']:<11} rate {row['rate']:<4} fillers {row['fillers']:>2} "
@@ -224,8 +251,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"read path, {name}: context / query gradient {ratio:.3f}")
     for name, seconds in step.items():
         print(f"forward and backward, {name}: {seconds:.2f} s")
+    for row in gradient:
+        print(
+            f"outer gradient norm at init, mini-batch {row['mini_batch']:>2}, "
+            f"eta_max {row['eta_max']}: {row['norm']:.4g}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    probes = {"storage": storage, "read_path": read_path, "step_seconds": step}
+    probes = {
+        "storage": storage,
+        "read_path": read_path,
+        "step_seconds": step,
+        "outer_gradient_norm": gradient,
+    }
     args.out.write_text(json.dumps(probes, indent=1))
     print(f"wrote {args.out}")
 

@@ -187,3 +187,26 @@ def test_ssc_above_grm_is_named_so_not_as_a_share_over_100_percent():
     lines = report._claims_1_to_3([("at 64 tokens", per_seed)])
     claim_3 = next(line for line in lines if line.startswith("- **3."))
     assert "ssc 0.900 vs grm 0.400, base 0.300 (ssc beats grm): reproduced" in claim_3
+
+
+def fake_niah_result(model: str, accuracy: float) -> dict:
+    lengths = [{"length": n, "accuracy": accuracy} for n in (512, 1024)]
+    return {"model": model, "seed": 0, "eval": {"lengths": lengths}, "evals": {}}
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.6])
+def test_niah_section_setting_and_calibration(report_root, accuracy):
+    for model in ("Transformer++", "gated_delta"):
+        path = report_root / "results" / "experiments" / "niah" / sweep.slug(model)
+        path.mkdir(parents=True)
+        (path / "seed0.json").write_text(json.dumps(fake_niah_result(model, accuracy)))
+    evals = {"500": {"accuracy": 0.0, "token_accuracy": 0.25}}
+    calibration = {"runs": {"a longer run": {"evals": evals}}}
+    path = report_root / "results" / "experiments" / "niah_calibration.json"
+    path.write_text(json.dumps(calibration))
+    assert report.main() == 0
+    text = (report_root / "docs" / "results.md").read_text()
+    assert "Setting: the `niah_gated_delta` preset with `train.steps=" in text
+    assert "a longer run: exact match 0.000 at step 500 (answer-token accuracy 0.250" in text
+    assert ("No model learned the retrieval" in text) == (accuracy == 0.0)
+    assert f"| gated_delta | {accuracy:.3f} | {accuracy:.3f} |" in text

@@ -30,14 +30,22 @@ def test_read_path_ratio_grows_with_the_inner_learning_rate():
     assert math.isfinite(low) and 0 < low < high
 
 
+def test_small_mini_batches_at_a_large_inner_rate_explode_the_outer_gradient():
+    stable = titans_probe.outer_gradient_norm(mini_batch=1, eta_max=0.1)
+    chaotic = titans_probe.outer_gradient_norm(mini_batch=1, eta_max=1.0)
+    one_batch = titans_probe.outer_gradient_norm(mini_batch=16, eta_max=1.0)
+    assert stable < 10 and one_batch < 10 and chaotic > 100 * stable
+
+
 def test_main_writes_every_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(titans_probe, "storage_probe", lambda *a, **k: {"recall": 1, "cosine": 1})
     monkeypatch.setattr(titans_probe, "read_path_probe", lambda *a, **k: 0.5)
     monkeypatch.setattr(titans_probe, "step_seconds", lambda *a, **k: 1.0)
+    monkeypatch.setattr(titans_probe, "outer_gradient_norm", lambda *a, **k: 2.0)
     out = tmp_path / "probe.json"
     titans_probe.main(["--out", str(out)])
     data = json.loads(out.read_text())
-    assert len(data["storage"]) == 20 and set(data["read_path"]) == {
+    assert len(data["storage"]) == 22 and set(data["read_path"]) == {
         "gated_delta",
         "titans, eta_max 0.1",
         "titans, eta_max 1.0",
@@ -46,5 +54,7 @@ def test_main_writes_every_probe(tmp_path, monkeypatch):
         "gated_delta",
         "titans, mini-batch 16",
         "titans, mini-batch 4",
+        "titans, mini-batch 2",
         "titans, mini-batch 1",
     }
+    assert len(data["outer_gradient_norm"]) == 9
