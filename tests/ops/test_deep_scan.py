@@ -167,3 +167,30 @@ def test_scan_block_and_block_lengths():
     assert block_lengths(32, 4, 12) == [12, 12, 8]
     assert block_lengths(5, 8, 8) == [5]
     assert block_lengths(0, 4, 8) == []
+
+
+def test_blocks_of_mini_batches_keep_no_tensors_after_backward():
+    """The weight-gradient factors collected per block are freed by the backward, also for
+    a weight without gradient (titans' zero initial momentum)."""
+    import gc
+
+    from growmem.ops.deep import deep_memory
+
+    x = _inputs("titans", T=20)
+
+    def step():
+        o, _ = deep_memory(
+            x["q"], x["k"], x["v"], rule="titans", eta=x["eta"], g=x["g"], beta=x["beta"],
+            init_weights=(x["W1"], x["W2"]), mini_batch=2,
+        )  # fmt: skip
+        o.sum().backward()
+
+    def live_tensors():
+        gc.collect()
+        return sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
+
+    step()
+    before = live_tensors()
+    for _ in range(3):
+        step()
+    assert live_tensors() == before

@@ -101,7 +101,8 @@ class _RowsTimesShared(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         rows, W = ctx.saved_tensors
-        ctx.acc.append((grad, rows) if ctx.transpose else (rows, grad))
+        if ctx.needs_input_grad[1]:  # (a constant W, e.g. zero momentum, has no gradient)
+            ctx.acc.append((grad, rows) if ctx.transpose else (rows, grad))
         return grad @ (W if ctx.transpose else W.transpose(-1, -2)), None, None, None
 
 
