@@ -90,26 +90,7 @@ MQAR_CALIBRATION = {
         "faster at 1e-3. With 2 heads (and with 4) at 1e-3, seeds 1 and 2 settled at a loss of "
         "1.2 (0.14 accuracy) for 6000 steps while seed 0 crossed the transition at step 2100; "
         "with one head of 128 dimensions seed 1 crossed at step 1300, hence one head. "
-        "Titans stays at chance here, so its cells are not run: with the cell's settings "
-        "(inner learning-rate bound 0.1, mini-batch 16) its loss was 3.45 at step 800, where "
-        "gated_delta is past its transition by step 300; with a bound of 1.0 it left chance "
-        "at step ~500 but ended 1600 steps at a loss of 3.04 and 0.052 accuracy "
-        "(results/experiments/titans_calibration.json). The probe "
-        "(`python -m experiments.titans_probe`, results/experiments/titans_probe.json) points "
-        "at writes that undo each other rather than a weak read: at initialisation the "
-        "gradient of a layer's output at the queries with respect to the context, relative to "
-        "the query token, is 0.66 for titans at bound 1.0 and 0.38 for gated_delta. A fresh "
-        "titans memory at η = 1 returns 8 stored pairs (recall 1.000, cosine to the target "
-        "0.905), but 40 writes of one filler pair after them, as MQAR's filler token makes, "
-        "bring that to 0.441 (cosine 0.174), where the delta rule's matrix memory keeps 1.000 "
-        "(cosine 0.934). The mini-batch is the cause: its tokens' gradients are all taken at "
-        "the weights it starts from, so 16 identical filler gradients add up instead of "
-        "fading once the memory has learned the filler pair. With per-token updates "
-        "(mini-batch 1) the same writes leave recall at 0.998 (2: 0.934, 4: 0.662, 8: 0.436). "
-        "Smaller mini-batches cost more than this budget holds: a forward and backward pass "
-        "of the titans model on a batch takes 0.68 s at mini-batch 16, 2.28 s at 4 and "
-        "10.5 s at 1, against 0.24 s for gated_delta (the probe's step_seconds, one thread), "
-        "so titans on MQAR waits for a faster small-mini-batch scan."
+        "Titans needed its own settings, below."
     ),
     "mqar_small_state": (
         "Why this setting: in the `mqar` setting above every gated_delta model recalls almost "
@@ -128,6 +109,65 @@ MQAR_CALIBRATION = {
         "plateau earlier (loss below 1 at steps 3580 and 2240)."
     ),
 }
+
+
+def titans_calibration() -> str:
+    """How the titans MQAR settings were found: the calibration runs and the probe
+    (results/experiments/titans_calibration.json, titans_probe.json)."""
+    path = RESULTS / "experiments" / "titans_probe.json"
+    if not path.is_file():
+        return ""
+    probe = json.loads(path.read_text())
+
+    def stored(rate, fillers, mini_batch, rule="titans"):
+        return next(
+            r
+            for r in probe["storage"]
+            if (r["rule"], r["rate"], r["fillers"], r["log_decay"]) == (rule, rate, fillers, 0.0)
+            and (rule != "titans" or r["mini_batch"] == mini_batch)
+        )
+
+    def gradient(mini_batch, eta_max):
+        rows = probe["outer_gradient_norm"]
+        return next(
+            r["norm"] for r in rows if (r["mini_batch"], r["eta_max"]) == (mini_batch, eta_max)
+        )
+
+    clean, flooded = stored(1.0, 0, 16), stored(1.0, 40, 16)
+    delta = stored(0.5, 40, None, "gated_delta")
+    small = ", ".join(f"{stored(1.0, 40, b)['recall']:.3f} at {b}" for b in (1, 2, 4, 8))
+    seconds, read = probe["step_seconds"], probe["read_path"]
+    return (
+        "Titans calibration. With mini-batch 16 and an inner learning-rate bound of 0.1 its "
+        "loss was 3.45 at step 800, where gated_delta is past its transition by step 300; with "
+        "a bound of 1.0 it left chance at step ~500 but ended 1600 steps at a loss of 3.04 and "
+        "0.052 accuracy (results/experiments/titans_calibration.json). The probe (`python -m "
+        "experiments.titans_probe`, results/experiments/titans_probe.json) points at writes that "
+        "undo each other rather than a weak read: at initialisation the gradient of a layer's "
+        "output at the queries with respect to the context, relative to the query token, is "
+        f"{read['titans, eta_max 1.0']:.2f} for titans at bound 1.0 and {read['gated_delta']:.2f} "
+        f"for gated_delta. A fresh titans memory at η = 1 returns 8 stored pairs (recall "
+        f"{clean['recall']:.3f}, cosine to the target {clean['cosine']:.3f}), but 40 writes of "
+        "one filler pair after them, as MQAR's filler token makes, bring that to "
+        f"{flooded['recall']:.3f} (cosine {flooded['cosine']:.3f}) at mini-batch 16, where the "
+        f"delta rule's matrix memory keeps {delta['recall']:.3f}. Inside a mini-batch every "
+        "gradient is taken at the weights it starts from, so 16 identical filler gradients add "
+        "up instead of fading once the memory has learned the filler pair; smaller "
+        f"mini-batches keep the pairs (recall {small}). They became affordable when the scan "
+        "began forming the weights once per block of up to 32 tokens (docs/design.md): one "
+        "forward and backward pass of the titans model takes "
+        f"{seconds['titans, mini-batch 16']:.2f} s at mini-batch 16, "
+        f"{seconds['titans, mini-batch 2']:.2f} s at 2 and {seconds['titans, mini-batch 1']:.2f} "
+        f"s at 1 (10.5 s before), against {seconds['gated_delta']:.2f} s for gated_delta "
+        "(step_seconds, one thread). At mini-batch 1 or 2, though, a bound of 1.0 makes the "
+        "chain of inner updates chaotic: the training gradient's norm at initialisation is "
+        f"{gradient(1, 1.0):.3g} at mini-batch 1 and {gradient(2, 1.0):.3g} at 2, against "
+        f"{gradient(16, 1.0):.3g} at 16; with a bound of 0.3 it is {gradient(1, 0.3):.3g} and "
+        f"{gradient(2, 0.3):.3g}, and 40 filler writes at η = 0.3 leave recall at "
+        f"{stored(0.3, 40, 2)['recall']:.3f} with mini-batch 2. A run at mini-batch 1 and bound "
+        "0.3 still saw gradient norms of 1e4-1e5 in its first 40 steps, one at mini-batch 2 "
+        "norms of 1-60, hence the titans cells' mini-batch 2 and bound 0.3."
+    )
 
 
 def niah_setting() -> str:
@@ -200,8 +240,9 @@ def mqar_section(
     tpp = cell_config(experiment, "Transformer++")
     model, task, train = base.model, base.task, base.train
     filler = "random tokens" if task.random_non_queries else "token 0"
-    titans = ""
+    titans = titans_text = ""
     if cell_by_name(experiment, "titans"):
+        titans_text = titans_calibration()
         deep = cell_config(experiment, "titans").model
         titans = (
             f"; titans: mini-batch {deep['mini_batch']}, inner learning rate at most "
@@ -229,6 +270,7 @@ def mqar_section(
         "",
         MQAR_CALIBRATION[experiment],
         "",
+        *([titans_text, ""] if titans_text else []),
         f"| model | seeds | crossed | {' | '.join(f'{p} pairs' for p in pairs)} | all | tokens/s |",
         f"|---|---|---|{'---|' * (len(pairs) + 2)}",
     ]

@@ -210,3 +210,38 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
     assert "a longer run: exact match 0.000 at step 500 (answer-token accuracy 0.250" in text
     assert ("No model learned the retrieval" in text) == (accuracy == 0.0)
     assert f"| gated_delta | {accuracy:.3f} | {accuracy:.3f} |" in text
+
+
+def test_titans_calibration_quotes_the_probe(report_root):
+    assert report.titans_calibration() == ""  # no probe yet
+    storage = [
+        {"rule": "titans", "rate": rate, "fillers": f, "log_decay": 0.0, "mini_batch": b}
+        | {"recall": 0.1 * b + f / 1000 + rate / 100, "cosine": 0.5}
+        for rate, f, b in [(1.0, 0, 16), (1.0, 40, 16), (0.3, 40, 2)]
+        + [(1.0, 40, b) for b in (1, 2, 4, 8)]
+    ]
+    storage.append(
+        {"rule": "gated_delta", "rate": 0.5, "fillers": 40, "log_decay": 0.0}
+        | {"mini_batch": None, "recall": 1.0, "cosine": 0.9}
+    )
+    probe = {
+        "storage": storage,
+        "read_path": {"gated_delta": 0.38, "titans, eta_max 1.0": 0.66},
+        "step_seconds": {
+            "gated_delta": 0.2,
+            **{f"titans, mini-batch {b}": b / 10 for b in (16, 2, 1)},
+        },
+        "outer_gradient_norm": [
+            {"mini_batch": b, "eta_max": eta, "norm": b * eta * 1000}
+            for b in (16, 2, 1)
+            for eta in (0.3, 1.0)
+        ],
+    }
+    path = report_root / "results" / "experiments" / "titans_probe.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(probe))
+    text = report.titans_calibration()
+    assert "recall 0.150 at 1, 0.250 at 2, 0.450 at 4, 0.850 at 8" in text
+    assert "1.60 s at mini-batch 16, 0.20 s at 2 and 0.10 s at 1" in text
+    assert "is 1e+03 at mini-batch 1 and 2e+03 at 2, against 1.6e+04 at 16" in text
+    assert "leave recall at 0.243 with mini-batch 2" in text
