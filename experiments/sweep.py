@@ -55,8 +55,9 @@ MQAR_POST_TRAINING_MC = [*MQAR_GRID, "--post-training-mc", "16"]
 # gradients add up inside a mini-batch and wipe the pairs (experiments/titans_probe.py), and
 # titans stayed at chance; mini-batch 2 keeps them. With mini-batch 1 or 2 an inner
 # learning-rate bound of 1.0 made the outer gradient explode (norms of 1e3-1e7 from the first
-# steps); 0.3 trains.
-TITANS_MQAR = ["model.mini_batch=2", "model.eta_max=0.3"]
+# steps); 0.3 trains. At the cell's lr 3e-3 titans and titans+grm still ended 1600 steps at
+# chance; at 1e-3 titans left chance by step 200 (results/experiments/titans_calibration.json).
+TITANS_MQAR = ["model.mini_batch=2", "model.eta_max=0.3", "train.lr=1e-3"]
 
 
 def _mqar() -> list[Cell]:
