@@ -173,6 +173,33 @@ def titans_calibration() -> str:
     )
 
 
+def titans_gate_ablation() -> str:
+    """Whether the gates keep the gated titans cells at chance: the same start for every
+    read (results/experiments/titans_gate_ablation.json)."""
+    path = RESULTS / "experiments" / "titans_gate_ablation.json"
+    if not path.is_file():
+        return ""
+    ablation = json.loads(path.read_text())
+    step = ablation["steps"]
+    shared = {agg: curve[-1]["loss"] for agg, curve in ablation["curves"].items()}
+    own = {agg: losses[str(step)] for agg, losses in ablation["sweep_cells_seed0"]["loss"].items()}
+    gated = [agg for agg in shared if agg != "residual"]
+    return (
+        "Why the gated titans cells stayed at chance (`python -m "
+        "experiments.titans_gate_ablation`, results/experiments/titans_gate_ablation.json): a "
+        "gated cell's extra gate-query rows shift every later random draw, so it starts from "
+        "other weights than titans+residual. Started from residual's weights instead (the "
+        "gate queries zero, so every gate starts uniform) and fed the same batches, "
+        + " and ".join(f"titans+{a}" for a in gated)
+        + f" were at a loss of {' and '.join(f'{shared[a]:.2f}' for a in gated)} after "
+        f"{step} steps, ahead of residual's {shared['residual']:.2f}, where the sweep's cells "
+        f"from their own starts were at {' and '.join(f'{own[a]:.2f}' for a in gated)} "
+        f"(chance is ln 32 = 3.47). So the gates are not what held those cells back: from "
+        "one start the gated reads learned faster than residual. Titans' outcome at these "
+        "settings hangs on its initial weights, so one seed per cell says little."
+    )
+
+
 def niah_setting() -> str:
     """The S-NIAH experiment's setting, from its gated_delta cell's resolved config."""
     cell = cell_by_name("niah", "gated_delta")
@@ -264,7 +291,7 @@ def mqar_section(
     filler = "random tokens" if task.random_non_queries else "token 0"
     titans = titans_text = ""
     if cell_by_name(experiment, "titans"):
-        titans_text = titans_calibration()
+        titans_text = " ".join(t for t in (titans_calibration(), titans_gate_ablation()) if t)
         deep = cell_config(experiment, "titans").model
         deep_train = cell_config(experiment, "titans").train
         titans = (

@@ -32,7 +32,7 @@ from growmem.training.checkpoint import (
     save_model_folder,
     write_text_atomic,
 )
-from growmem.training.config import LMTask, MQARTask, RunConfig, build_config
+from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, build_config
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 
 
@@ -95,6 +95,22 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_optimizer(
+    model: torch.nn.Module, settings: TrainSettings
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``parameter_groups`` and its warmup-cosine schedule, as ``settings`` say."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+    )
+    return optimizer, scheduler
 
 
 def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
@@ -202,15 +218,7 @@ def train(
         )
     torch.manual_seed(settings.seed)
     model = GrowMemForCausalLM(model_config).to(device)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, settings.weight_decay),
-        lr=settings.lr,
-        betas=tuple(settings.betas),
-        eps=settings.eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
-    )
+    optimizer, scheduler = build_optimizer(model, settings)
     start_step = 0
     if resume:
         folder = latest_checkpoint(out)
