@@ -200,16 +200,43 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
         path = report_root / "results" / "experiments" / "niah" / sweep.slug(model)
         path.mkdir(parents=True)
         (path / "seed0.json").write_text(json.dumps(fake_niah_result(model, accuracy)))
-    evals = {"500": {"accuracy": 0.0, "token_accuracy": 0.25}}
-    calibration = {"runs": {"a longer run": {"evals": evals}}}
+    by_length = {"512": {"accuracy": 0.0, "token_accuracy": 0.375}}
+    evals = {"500": {"accuracy": 0.0, "token_accuracy": 0.25, "by_length": by_length}}
+    longer = {"evals": {"300": evals["500"], "700": evals["500"]}, "train_minutes": 9}
+    calibration = {"runs": {"a longer run": {"evals": evals}, "Transformer++, longer": longer}}
     path = report_root / "results" / "experiments" / "niah_calibration.json"
     path.write_text(json.dumps(calibration))
     assert report.main() == 0
     text = (report_root / "docs" / "results.md").read_text()
     assert "Setting: the `niah_gated_delta` preset with `train.steps=" in text
-    assert "a longer run: exact match 0.000 at step 500 (answer-token accuracy 0.250" in text
+    assert (
+        "a longer run: exact match 0.000 at step 500 (answer-token accuracy 0.250 over the "
+        "lengths, 0.375 at the training length" in text
+    )
+    # the cell's answer-token budget (steps x batch x 8) and the longest Transformer++ run's
+    train = report.cell_config("niah", "gated_delta").train
+    assert f"see {train.steps * train.batch_size * 8:,} of them" in text
+    tokens = 700 * train.batch_size * 8
+    assert f"700 steps of Transformer++ ({tokens:,} answer tokens, 9 minutes" in text
     assert ("No model learned the retrieval" in text) == (accuracy == 0.0)
     assert f"| gated_delta | {accuracy:.3f} | {accuracy:.3f} |" in text
+
+
+def test_titans_gate_ablation_compares_shared_and_own_starts(report_root):
+    assert report.titans_gate_ablation() == ""  # not run yet
+    curves = {
+        agg: [{"step": 100, "loss": 3.5}, {"step": 200, "loss": loss}]
+        for agg, loss in (("residual", 3.2), ("grm", 2.9), ("soup", 2.5))
+    }
+    own = {agg: {"200": 3.6} for agg in ("residual", "grm", "soup")}
+    ablation = {"steps": 200, "curves": curves, "sweep_cells_seed0": {"loss": own}}
+    path = report_root / "results" / "experiments" / "titans_gate_ablation.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(ablation))
+    text = report.titans_gate_ablation()
+    assert "titans+grm and titans+soup were at a loss of 2.90 and 2.50 after 200 steps" in text
+    assert "ahead of residual's 3.20" in text
+    assert "from their own starts were at 3.60 and 3.60" in text
 
 
 def test_titans_calibration_quotes_the_probe(report_root):
