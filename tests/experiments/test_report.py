@@ -222,6 +222,13 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
     assert f"| gated_delta | {accuracy:.3f} | {accuracy:.3f} |" in text
 
 
+def write_experiment_json(root, name: str, data: dict) -> None:
+    """Write ``data`` as results/experiments/NAME under the report's root."""
+    path = root / "results" / "experiments" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
 def test_titans_gate_ablation_compares_shared_and_own_starts(report_root):
     assert report.titans_gate_ablation() == ""  # not run yet
     curves = {
@@ -230,9 +237,7 @@ def test_titans_gate_ablation_compares_shared_and_own_starts(report_root):
     }
     own = {agg: {"200": 3.6} for agg in ("residual", "grm", "soup")}
     ablation = {"steps": 200, "curves": curves, "sweep_cells_seed0": {"loss": own}}
-    path = report_root / "results" / "experiments" / "titans_gate_ablation.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(ablation))
+    write_experiment_json(report_root, "titans_gate_ablation.json", ablation)
     text = report.titans_gate_ablation()
     assert "titans+grm and titans+soup were at a loss of 2.90 and 2.50 after 200 steps" in text
     assert "ahead of residual's 3.20" in text
@@ -264,9 +269,7 @@ def test_titans_calibration_quotes_the_probe(report_root):
             for eta in (0.3, 1.0)
         ],
     }
-    path = report_root / "results" / "experiments" / "titans_probe.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(probe))
+    write_experiment_json(report_root, "titans_probe.json", probe)
     text = report.titans_calibration()
     assert "recall 0.150 at 1, 0.250 at 2, 0.450 at 4, 0.850 at 8" in text
     assert "1.60 s at mini-batch 16, 0.20 s at 2 and 0.10 s at 1" in text
