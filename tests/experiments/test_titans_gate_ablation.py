@@ -16,9 +16,10 @@ def test_shared_start_gives_grm_residuals_outputs_and_uniform_gates(tmp_path):
         rows = layer.mixer.in_proj.weight.shape[0] // 5  # [q k v u gate], u in the middle
         assert torch.count_nonzero(layer.mixer.in_proj.weight[3 * rows : 4 * rows]) == 0
     with torch.no_grad():
-        out = {m: m_(input_ids=ids).logits for m, m_ in (("r", residual), ("g", grm), ("s", soup))}
+        logits = [model(input_ids=ids).logits for model in (residual, grm, soup)]
+    residual_logits, grm_logits, soup_logits = logits  # [2, 64, vocab] each
     # uniform gates: grm's read is residual's sum over the memories divided by their number,
     # a per-token scale that the output RMSNorm removes (up to its eps)
-    torch.testing.assert_close(out["g"], out["r"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(grm_logits, residual_logits, rtol=1e-3, atol=1e-4)
     # soup mixes parameters, not outputs: another function of the same weights
-    assert (out["s"] - out["r"]).abs().max() > 1e-3
+    assert (soup_logits - residual_logits).abs().max() > 1e-3
