@@ -108,9 +108,12 @@ def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
     weights = w.reshape(-1)[live][order]
     gids, counts = torch.unique_consecutive(groups, return_counts=True)
     q_sel = Qh.reshape(B * H * T, D).index_select(0, rows)
+    # one gather and unbind: indexing W1f[gid] per group would make autograd zero-fill and add
+    # a gradient as large as all the caches for every group
+    W1g, W2g = W1f.index_select(0, gids).unbind(0), W2f.index_select(0, gids).unbind(0)
     parts = []
-    for q_g, gid in zip(q_sel.split(counts.tolist()), gids.tolist(), strict=True):
-        y = gelu(q_g @ W2f[gid].T) @ W1f[gid].T
+    for q_g, w1, w2 in zip(q_sel.split(counts.tolist()), W1g, W2g, strict=True):
+        y = gelu(q_g @ w2.T) @ w1.T
         parts.append(layer_norm(y, eps)[0] if norm else y)
     reads = (torch.cat(parts) + q_sel) * weights[:, None]
     out = Qh.new_zeros(B * H * T, D).index_add(0, rows, reads)
