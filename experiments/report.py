@@ -565,7 +565,9 @@ def efficiency_section(lines: list[str]) -> dict:
         lines += [
             "Training throughput (tokens/s, fwd+bwd of the whole model, batch 1, "
             f"{data['setting']['hidden']} wide, {data['setting']['layers']} layers; "
-            "`python -m benchmarks.bench_train_throughput`):",
+            "`python -m benchmarks.bench_train_throughput`; the models run interleaved in "
+            "one process, so compare within a column: absolute numbers move with the "
+            "machine's load):",
             "",
             f"| model | {' | '.join(f'T={n}' for n in lengths)} |",
             f"|---|{'---|' * len(lengths)}",
