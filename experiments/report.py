@@ -196,7 +196,8 @@ def titans_gate_ablation() -> str:
         f"from their own starts were at {' and '.join(f'{own[a]:.2f}' for a in gated)} "
         f"(chance is ln 32 = 3.47). So the gates are not what held those cells back: from "
         "one start the gated reads learned faster than residual. Titans' outcome at these "
-        "settings hangs on its initial weights, so one seed per cell says little."
+        "settings hangs on its initial weights, so a mean over a few seeds mostly counts the "
+        "lucky starts (the crossed column)."
     )
 
 
