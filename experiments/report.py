@@ -231,10 +231,21 @@ def niah_calibration(learned: bool) -> str:
     for name, run in runs.items():
         step, last = max(run["evals"].items(), key=lambda item: int(item[0]))
         at_train = next(iter(last["by_length"].values()))
+        over = (
+            f"{last['token_accuracy']:.3f} over the lengths, " if len(last["by_length"]) > 1 else ""
+        )
+        probe = run.get("answer_position_accuracy_teacher_forced")
+        digits = (
+            f"; fed the true previous tokens, its digits were right "
+            f"{min(probe['values'][1:]):.2f}-{max(probe['values'][1:]):.2f} of the time per "
+            "position, chance 0.1 (an ad-hoc probe, recorded in the JSON)"
+            if probe
+            else ""
+        )
         parts.append(
             f"{name}: exact match {last['accuracy']:.3f} at step {step} (answer-token "
-            f"accuracy {last['token_accuracy']:.3f} over the lengths, "
-            f"{at_train['token_accuracy']:.3f} at the training length; chance about 0.21)"
+            f"accuracy {over}{at_train['token_accuracy']:.3f} at the training length; chance "
+            f"about 0.21{digits})"
         )
     verdict = (
         ""
@@ -247,16 +258,37 @@ def niah_calibration(learned: bool) -> str:
     train = cell_config("niah", "gated_delta").train
     answer_tokens = 8
     cell_tokens = train.steps * train.batch_size * answer_tokens
+
+    def answer_tokens_seen(run: dict) -> int:
+        steps = max(int(step) for step in run["evals"])
+        batch = next(
+            (int(o.split("=")[1]) for o in run["overrides"] if o.startswith("train.batch_size=")),
+            train.batch_size,
+        )
+        return steps * batch * answer_tokens
+
     longer = ""
     long_run = next((r for n, r in runs.items() if n.startswith("Transformer++")), None)
     if long_run is not None:
-        long_steps = max(int(step) for step in long_run["evals"])
         longer = (
-            f"; {long_steps} steps of Transformer++ "
-            f"({long_steps * train.batch_size * answer_tokens:,} answer tokens, "
+            f"; {max(int(step) for step in long_run['evals'])} steps of Transformer++ "
+            f"({answer_tokens_seen(long_run):,} answer tokens, "
             f"{long_run['train_minutes']} minutes on one thread) moved the answer-token "
-            "accuracy off chance but retrieved no value. A setting every cell learns needs "
-            "several times that per seed, beyond this experiment's hour"
+            "accuracy off chance but retrieved no value"
+        )
+    recurrent = [r for n, r in runs.items() if n.startswith("gated_delta")]
+    if recurrent:
+        most = max(recurrent, key=answer_tokens_seen)
+        minutes = f", {most['train_minutes']} minutes" if "train_minutes" in most else ""
+        longer += (
+            f", and the longest gated_delta run saw {answer_tokens_seen(most):,} answer tokens "
+            f"(besides the prompt's{minutes}), about twice what its MQAR transition took, with "
+            "its digits still at chance, so the count of answer tokens is not the whole obstacle"
+        )
+    if longer:
+        longer += (
+            ". A setting every cell learns needs several times that per seed, beyond this "
+            "experiment's hour"
         )
     return (
         f"{verdict}Calibration (results/experiments/niah_calibration.json; `train_on_prompt` puts "

@@ -200,10 +200,26 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
         path = report_root / "results" / "experiments" / "niah" / sweep.slug(model)
         path.mkdir(parents=True)
         (path / "seed0.json").write_text(json.dumps(fake_niah_result(model, accuracy)))
-    by_length = {"512": {"accuracy": 0.0, "token_accuracy": 0.375}}
+    by_length = {
+        "512": {"accuracy": 0.0, "token_accuracy": 0.375},
+        "1024": {"accuracy": 0.0, "token_accuracy": 0.125},
+    }
     evals = {"500": {"accuracy": 0.0, "token_accuracy": 0.25, "by_length": by_length}}
     longer = {"evals": {"300": evals["500"], "700": evals["500"]}, "train_minutes": 9}
-    calibration = {"runs": {"a longer run": {"evals": evals}, "Transformer++, longer": longer}}
+    one_length = {"accuracy": 0.0, "token_accuracy": 0.2, "by_length": {"512": by_length["512"]}}
+    probe = {"note": "ad hoc", "values": [1.0, 0.05, 0.1, 0.125, 0.1, 0.1, 0.1, 0.1]}
+    calibration = {
+        "runs": {
+            "a longer run": {"overrides": [], "evals": evals},
+            "Transformer++, longer": {"overrides": [], **longer},
+            "gated_delta, batched": {
+                "overrides": ["train.batch_size=16"],
+                "evals": {"1500": one_length},
+                "train_minutes": 24,
+                "answer_position_accuracy_teacher_forced": probe,
+            },
+        }
+    }
     path = report_root / "results" / "experiments" / "niah_calibration.json"
     path.write_text(json.dumps(calibration))
     assert report.main() == 0
@@ -213,11 +229,19 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
         "a longer run: exact match 0.000 at step 500 (answer-token accuracy 0.250 over the "
         "lengths, 0.375 at the training length" in text
     )
-    # the cell's answer-token budget (steps x batch x 8) and the longest Transformer++ run's
+    # a run evaluated at one length gives that length's accuracy only, and its probe's range
+    assert (
+        "gated_delta, batched: exact match 0.000 at step 1500 (answer-token accuracy 0.375 at "
+        "the training length; chance about 0.21; fed the true previous tokens, its digits were "
+        "right 0.05-0.12 of the time" in text
+    )
+    # the cell's answer-token budget (steps x batch x 8), the longest Transformer++ run's and
+    # the longest gated_delta run's (its own batch size)
     train = report.cell_config("niah", "gated_delta").train
     assert f"see {train.steps * train.batch_size * 8:,} of them" in text
     tokens = 700 * train.batch_size * 8
     assert f"700 steps of Transformer++ ({tokens:,} answer tokens, 9 minutes" in text
+    assert f"gated_delta run saw {1500 * 16 * 8:,} answer tokens (besides the prompt's, 24" in text
     assert ("No model learned the retrieval" in text) == (accuracy == 0.0)
     assert f"| gated_delta | {accuracy:.3f} | {accuracy:.3f} |" in text
 
