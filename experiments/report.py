@@ -238,7 +238,14 @@ def niah_calibration(learned: bool) -> str:
         digits = (
             f"; fed the true previous tokens, its digits were right "
             f"{min(probe['values'][1:]):.2f}-{max(probe['values'][1:]):.2f} of the time per "
-            "position, chance 0.1 (an ad-hoc probe, recorded in the JSON)"
+            "position, chance 0.1"
+            + (
+                f", and {min(probe['train_values'][1:]):.2f}-{max(probe['train_values'][1:]):.2f}"
+                " on its own training examples, so it did not memorize them either"
+                if "train_values" in probe
+                else ""
+            )
+            + " (an ad-hoc probe, recorded in the JSON)"
             if probe
             else ""
         )

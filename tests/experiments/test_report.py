@@ -207,7 +207,11 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
     evals = {"500": {"accuracy": 0.0, "token_accuracy": 0.25, "by_length": by_length}}
     longer = {"evals": {"300": evals["500"], "700": evals["500"]}, "train_minutes": 9}
     one_length = {"accuracy": 0.0, "token_accuracy": 0.2, "by_length": {"512": by_length["512"]}}
-    probe = {"note": "ad hoc", "values": [1.0, 0.05, 0.1, 0.125, 0.1, 0.1, 0.1, 0.1]}
+    probe = {
+        "note": "ad hoc",
+        "values": [1.0, 0.05, 0.1, 0.125, 0.1, 0.1, 0.1, 0.1],
+        "train_values": [1.0, 0.2, 0.1, 0.3, 0.1, 0.1, 0.1, 0.1],
+    }
     calibration = {
         "runs": {
             "a longer run": {"overrides": [], "evals": evals},
@@ -233,7 +237,8 @@ def test_niah_section_setting_and_calibration(report_root, accuracy):
     assert (
         "gated_delta, batched: exact match 0.000 at step 1500 (answer-token accuracy 0.375 at "
         "the training length; chance about 0.21; fed the true previous tokens, its digits were "
-        "right 0.05-0.12 of the time" in text
+        "right 0.05-0.12 of the time per position, chance 0.1, and 0.10-0.30 on its own "
+        "training examples" in text
     )
     # the cell's answer-token budget (steps x batch x 8), the longest Transformer++ run's and
     # the longest gated_delta run's (its own batch size)
