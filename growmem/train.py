@@ -43,6 +43,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # from_env joined the process group, so close leaves it
 
     @property
     def main(self) -> bool:
@@ -55,9 +56,17 @@ class Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()
+        if owns_group:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(dist.get_rank(), world_size, local_rank, owns_group)
+
+    def close(self) -> None:
+        """Leave the process group from_env joined. Left to interpreter exit, gloo's threads
+        can be torn down while still joinable, and the rank aborts after a finished run."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -188,8 +197,18 @@ def train(
     """
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
-    settings = config.train
     env = Distributed.from_env()
+    try:
+        return _train_in(env, config, resume, stop_after)
+    finally:
+        env.close()
+
+
+def _train_in(
+    env: Distributed, config: RunConfig, resume: bool | str, stop_after: int | None
+) -> Path | None:
+    """`train`'s body, run by a process that has joined its launch (``env``)."""
+    settings = config.train
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
