@@ -219,6 +219,28 @@ def niah_setting() -> str:
     )
 
 
+def _probe_text(probe: dict | None) -> str:
+    """The teacher-forced per-position accuracy of a calibration run's answer digits (an
+    ad-hoc probe recorded in the JSON: ``values`` held out, ``train_values`` on training
+    examples; position 0 is the answer's leading space)."""
+    if not probe:
+        return ""
+
+    def digit_range(values: list[float]) -> str:
+        return f"{min(values[1:]):.2f}-{max(values[1:]):.2f}"
+
+    text = (
+        f"; fed the true previous tokens, its digits were right {digit_range(probe['values'])} "
+        "of the time per position, chance 0.1"
+    )
+    if "train_values" in probe:
+        text += (
+            f", and {digit_range(probe['train_values'])} on its own training examples, so it "
+            "did not memorize them either"
+        )
+    return text + " (an ad-hoc probe, recorded in the JSON)"
+
+
 def niah_calibration(learned: bool) -> str:
     """What the S-NIAH calibration runs (results/experiments/niah_calibration.json) showed,
     and how few answer tokens the cells train on; learned: whether any cell retrieves at its
@@ -234,21 +256,7 @@ def niah_calibration(learned: bool) -> str:
         over = (
             f"{last['token_accuracy']:.3f} over the lengths, " if len(last["by_length"]) > 1 else ""
         )
-        probe = run.get("answer_position_accuracy_teacher_forced")
-        digits = (
-            f"; fed the true previous tokens, its digits were right "
-            f"{min(probe['values'][1:]):.2f}-{max(probe['values'][1:]):.2f} of the time per "
-            "position, chance 0.1"
-            + (
-                f", and {min(probe['train_values'][1:]):.2f}-{max(probe['train_values'][1:]):.2f}"
-                " on its own training examples, so it did not memorize them either"
-                if "train_values" in probe
-                else ""
-            )
-            + " (an ad-hoc probe, recorded in the JSON)"
-            if probe
-            else ""
-        )
+        digits = _probe_text(run.get("answer_position_accuracy_teacher_forced"))
         parts.append(
             f"{name}: exact match {last['accuracy']:.3f} at step {step} (answer-token "
             f"accuracy {over}{at_train['token_accuracy']:.3f} at the training length; chance "
@@ -264,6 +272,7 @@ def niah_calibration(learned: bool) -> str:
     # sequence make a comparable count, and its transitions are in the MQAR calibration above
     train = cell_config("niah", "gated_delta").train
     answer_tokens = 8
+    mqar_transition = 100_000  # answer tokens gated_delta's MQAR transition took (400 x 32 x 8)
     cell_tokens = train.steps * train.batch_size * answer_tokens
 
     def answer_tokens_seen(run: dict) -> int:
@@ -289,8 +298,9 @@ def niah_calibration(learned: bool) -> str:
         minutes = f", {most['train_minutes']} minutes" if "train_minutes" in most else ""
         longer += (
             f", and the longest gated_delta run saw {answer_tokens_seen(most):,} answer tokens "
-            f"(besides the prompt's{minutes}), about twice what its MQAR transition took, with "
-            "its digits still at chance, so the count of answer tokens is not the whole obstacle"
+            f"(besides the prompt's{minutes}), {answer_tokens_seen(most) / mqar_transition:.1f}x "
+            "what its MQAR transition took, with its digits still at chance, so the count of "
+            "answer tokens is not the whole obstacle"
         )
     if longer:
         longer += (
@@ -303,7 +313,8 @@ def niah_calibration(learned: bool) -> str:
         + "; ".join(parts)
         + f". Each example supervises only its answer's {answer_tokens} tokens: a cell's "
         f"{train.steps} steps of {train.batch_size} examples see {cell_tokens:,} of them. On "
-        "MQAR, with 8 supervised tokens per sequence too, gated_delta needed about 100,000 "
+        f"MQAR, with 8 supervised tokens per sequence too, gated_delta needed about "
+        f"{mqar_transition:,} "
         "(400 steps of 32) and Transformer++ 330,000-540,000 (1300-2100 steps) to pass the "
         f"phase transition, at an eighth of S-NIAH's context{longer}."
     )
