@@ -95,13 +95,17 @@ def _mqar_small_state() -> list[Cell]:
     return cells
 
 
+# S-NIAH cells: the presets' training (fresh examples every step), evaluation at the end only.
+NIAH = ["train.eval_every=0", "task.num_eval_examples=10"]
+
+
 def _niah() -> list[Cell]:
-    short = ["train.steps=600", "train.batch_size=8", "task.num_eval_examples=10"]
+    post_training_mc = [["--post-training-mc", "256"]]
     return [
-        Cell("Transformer++", "niah_transformer", short),
-        Cell("gated_delta", "niah_gated_delta", short, evals=[["--post-training-mc", "256"]]),
-        Cell("gated_delta+grm", "niah_gated_delta_grm", short),
-        Cell("gated_delta+ssc", "niah_gated_delta_ssc", short),
+        Cell("Transformer++", "niah_transformer", NIAH),
+        Cell("gated_delta", "niah_gated_delta", NIAH, evals=post_training_mc),
+        Cell("gated_delta+grm", "niah_gated_delta_grm", NIAH),
+        Cell("gated_delta+ssc", "niah_gated_delta_ssc", NIAH),
     ]
 
 

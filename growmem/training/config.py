@@ -70,8 +70,7 @@ class NIAHTask:
         haystack: "noise" or "essay" (default per variant).
         tokenizer: "byte" or a saved tokenizer directory.
         train_on_prompt: train every token of an example (language-modelling loss), not only
-            the answer's. The haystack's repeats teach the copying the answer needs, from far
-            more labelled tokens than the answer's 8.
+            the answer's.
     """
 
     name: str = "niah"
