@@ -340,6 +340,16 @@ def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:
                 ]
                 lines.append(f"| {label} | {len(results)} | {' | '.join(cells)} |")
         lines.append("")
+    # 10 examples per length make the tables coarse; the training loss on the answer's tokens
+    # (fresh examples, so held out) shows which cells left the plateau of the digits' prior
+    losses = ", ".join(
+        f"{model} {mean_std([r['final_loss'] for r in results])}" for model, results in niah.items()
+    )
+    lines += [
+        "Training loss on the answer's tokens at the last step (a batch of 16 unseen "
+        f"examples; the digits' prior gives 7 ln(10) / 8 = 2.01): {losses}.",
+        "",
+    ]
 
 
 def mqar_section(
@@ -797,10 +807,14 @@ def _load_view(grid: dict[str, dict[int, dict[tuple[int, int], float]]]) -> list
     return [(f"at {longest} tokens, {pairs[0]}-{pairs[-1]} pairs", scores)]
 
 
-def _niah_claim_4(niah: dict[str, list[dict]]) -> str:
-    """Claim 4 on S-NIAH: MC against the base at the longest length, where both learned the
-    retrieval at the training length; otherwise which models did learn it."""
-    # exact match per (model or model + extra evaluation) and length, mean over seeds
+# S-NIAH answer-token accuracy (teacher-forced) that counts as having learned the retrieval
+# when no model's exact match does: over half the answer's 8 tokens, where chance is about 0.21.
+NIAH_TOKENS_LEARNED = 0.5
+
+
+def _niah_scores(niah: dict[str, list[dict]], metric: str) -> dict[str, dict[int, float]]:
+    """``metric`` per evaluation length, mean over seeds, for every model and every model's
+    extra evaluation (labelled ``"model, args"``)."""
     scores = {}
     for model, results in niah.items():
         views = {model: [r["eval"] for r in results]}
@@ -810,26 +824,39 @@ def _niah_claim_4(niah: dict[str, list[dict]]) -> str:
         for label, evals in views.items():
             lengths = [row["length"] for row in evals[0]["lengths"]]
             scores[label] = {
-                n: mean([e["lengths"][i]["accuracy"] for e in evals]) for i, n in enumerate(lengths)
+                n: mean([e["lengths"][i][metric] for e in evals]) for i, n in enumerate(lengths)
             }
-    first, last = min(next(iter(scores.values()))), max(next(iter(scores.values())))
-    learned = {m: s for m, s in scores.items() if s[first] >= LEARNED}
+    return scores
+
+
+def _niah_claim_4(niah: dict[str, list[dict]]) -> str:
+    """Claim 4 on S-NIAH: MC against the base at the longest length, where the base learned
+    the retrieval at the training length; otherwise which models did learn it. Exact match
+    decides when a model reached an exact match of LEARNED, else answer-token accuracy."""
+    exact = _niah_scores(niah, "accuracy")
+    first, last = min(next(iter(exact.values()))), max(next(iter(exact.values())))
+    if any(s[first] >= LEARNED for s in exact.values()):
+        scores, metric, threshold = exact, "exact match", LEARNED
+    else:
+        scores = _niah_scores(niah, "token_accuracy")
+        metric, threshold = "answer-token accuracy", NIAH_TOKENS_LEARNED
+    learned = {m: s for m, s in scores.items() if s[first] >= threshold}
     base = next((m for m in niah if m != "Transformer++" and "+" not in m), None)
     if base in learned:
         parts = [
             f"{'post-training MC' if m.startswith(base + ', ') else m} {s[last]:.3f}: "
             + ("reproduced" if s[last] > learned[base][last] + 0.02 else "not reproduced")
-            for m, s in learned.items()
+            for m, s in scores.items()
             if m.startswith(base) and m != base
         ]
         return (
-            f"S-NIAH at {last} tokens (trained at {first}): base {learned[base][last]:.3f}, "
-            + ", ".join(parts)
+            f"S-NIAH {metric} at {last} tokens (trained at {first}): base "
+            f"{learned[base][last]:.3f}, " + ", ".join(parts)
         )
     if not learned:
         return (
             "S-NIAH inconclusive: no model (Transformer++ included) learned the retrieval at "
-            "its training length within the budget"
+            f"its training length within the budget (no {metric} of {threshold} or more)"
         )
     shown = ", ".join(
         f"{m} {s[first]:.3f} at {first} and {s[last]:.3f} at {last} tokens"
@@ -838,8 +865,15 @@ def _niah_claim_4(niah: dict[str, list[dict]]) -> str:
     if any(m != "Transformer++" for m in learned):
         why = f"{base} did not, so Memory Caching has no base to be compared with"
     else:
-        why = f"no recurrent model reached an exact match of {LEARNED} within the budget"
-    return f"S-NIAH not testable: only {shown} learned the retrieval at {first} tokens; {why}"
+        best = max((m for m in scores if m != "Transformer++"), key=lambda m: scores[m][first])
+        why = (
+            f"no recurrent model reached {threshold} (best {best}, {scores[best][first]:.3f} at "
+            f"{first} tokens)"
+        )
+    return (
+        f"S-NIAH not testable: by {metric} (at least {threshold} at {first} tokens) only "
+        f"{shown} learned the retrieval; {why}"
+    )
 
 
 def _claim_4(
