@@ -867,9 +867,12 @@ def _niah_claim_4(niah: dict[str, list[dict]]) -> str:
     else:
         best = max((m for m in scores if m != "Transformer++"), key=lambda m: scores[m][first])
         why = (
-            f"no recurrent model reached {threshold} (best {best}, {scores[best][first]:.3f} at "
-            f"{first} tokens)"
+            f"no recurrent model reached {threshold} (best {best}: {scores[best][first]:.3f} at "
+            f"{first} and {scores[best][last]:.3f} at {last} tokens"
         )
+        if best != base:
+            why += f"; {base} {scores[base][first]:.3f} and {scores[base][last]:.3f}"
+        why += ")"
     return (
         f"S-NIAH not testable: by {metric} (at least {threshold} at {first} tokens) only "
         f"{shown} learned the retrieval; {why}"

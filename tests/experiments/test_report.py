@@ -278,7 +278,10 @@ def test_niah_calibration_summarises_fixed_set_runs_and_fresh_data_probes(report
          "retrieval at its training length within the budget (no answer-token accuracy of 0.5"),
         (0.6, 0.0, 0.0, "S-NIAH not testable: by exact match (at least 0.1 at 512 tokens) only "
          "Transformer++ 0.600 at 512 and 0.600 at 1024 tokens learned the retrieval; no "
-         "recurrent model reached 0.1 (best gated_delta, 0.000 at 512 tokens)"),
+         "recurrent model reached 0.1 (best gated_delta: 0.000 at 512 and 0.000 at 1024 "
+         "tokens)"),
+        (0.6, 0.0, 0.05, "(best gated_delta+grm: 0.050 at 512 and 0.050 at 1024 tokens; "
+         "gated_delta 0.000 and 0.000)"),
         (0.6, 0.0, 0.5, "gated_delta did not, so Memory Caching has no base"),
         (0.6, 0.4, 0.5, "S-NIAH exact match at 1024 tokens (trained at 512): base 0.400, "
          "post-training MC 0.400: not reproduced, gated_delta+grm 0.500: reproduced"),
