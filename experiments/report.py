@@ -274,12 +274,13 @@ def _fresh_data_probes(probes: dict) -> str:
     if short and recurrent[short[0]] and not any(recurrent[n] for n in longer):
         text += (
             " So fresh examples let softmax attention learn, while gated_delta stayed at the "
-            "digits' prior at 380 and 512 tokens whatever its decay, head size, write strength, "
-            "learning rate or Memory Caching, and even with the needle 40 tokens before the "
-            "question; it left the plateau only when the whole example was 260 tokens. So what "
-            "slows it seems to be the amount of text it has written by the answer, not the "
-            "needle's distance (two probes, one seed: a lead, not a finding). The cells' "
-            "steps are what the experiment's hour allows for its four cells."
+            "digits' prior for 400 steps at 380 and 512 tokens whatever its decay, head size, "
+            "write strength, learning rate or Memory Caching, and even with the needle 40 tokens "
+            "before the question; within those steps it left the plateau only when the whole "
+            "example was 260 tokens. So what slows it seems to be the amount of text it has "
+            "written by the answer, not the needle's distance (two probes, one seed: a lead, "
+            "not a finding). The cells' steps are what the experiment's hour allows for its "
+            "four cells."
         )
     return text
 
@@ -310,7 +311,32 @@ def niah_calibration() -> str:
     )
     if "fresh_data_probes" in calibration:
         text += "\n\n" + _fresh_data_probes(calibration["fresh_data_probes"])
+    if "longer_runs" in calibration:
+        text += "\n\n" + _longer_runs(calibration["longer_runs"]["runs"])
     return text
+
+
+def _longer_runs(runs: dict) -> str:
+    """The cells' settings with more steps: answer-token accuracy at the first and last
+    evaluation length and exact match at each evaluation, and the last training loss."""
+    parts = []
+    for name, run in runs.items():
+        evals = []
+        for step, e in sorted(run["evals"].items(), key=lambda item: int(item[0])):
+            (first, at_first), *_, (last, at_last) = e["by_length"].items()
+            evals.append(
+                f"step {step}: {at_first['token_accuracy']:.3f} at {first} and "
+                f"{at_last['token_accuracy']:.3f} at {last} tokens (exact match "
+                f"{e['accuracy']:.3f})"
+            )
+        step, loss = max(run["loss"].items(), key=lambda item: int(item[0]))
+        parts.append(f"{name}: " + ", ".join(evals) + f", training loss {loss:.3f} at step {step}")
+    return (
+        "Longer runs (the cells' settings with twice the steps, seed 0; "
+        "results/experiments/niah_calibration.json, `longer_runs`), answer-token accuracy: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:

@@ -266,6 +266,16 @@ def test_niah_calibration_summarises_fixed_set_runs_and_fresh_data_probes(report
     )
     assert "gated_delta, 512 tokens (lr 3e-3): token accuracy 0.220 at step 100, on the" in text
     assert "it left the plateau only when the whole example was 260 tokens" in text
+    assert "Longer runs" not in text
+    longer = niah_calibration_json(recurrent_learned_long=False)
+    by_length = {"512": {"token_accuracy": 0.5}, "4096": {"token_accuracy": 0.25}}
+    evals = {"1000": {"accuracy": 0.1, "by_length": by_length}}
+    longer["longer_runs"] = {"runs": {"base, 2000": {"evals": evals, "loss": {"2000": 1.5}}}}
+    path.write_text(json.dumps(longer))
+    assert (
+        "base, 2000: step 1000: 0.500 at 512 and 0.250 at 4096 tokens (exact match 0.100), "
+        "training loss 1.500 at step 2000." in report.niah_calibration()
+    )
     # the reading needs every longer gated_delta probe on the plateau
     path.write_text(json.dumps(niah_calibration_json(recurrent_learned_long=True)))
     assert "only when the whole example" not in report.niah_calibration()
