@@ -339,6 +339,17 @@ def _longer_runs(runs: dict) -> str:
     )
 
 
+def _niah_views(niah: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every S-NIAH model's evaluations over seeds, and each extra evaluation of it
+    (labelled ``"model, args"``)."""
+    views = {}
+    for model, results in niah.items():
+        views[model] = [r["eval"] for r in results]
+        for name in results[0]["evals"]:
+            views[f"{model}, {name}"] = [r["evals"][name] for r in results]
+    return views
+
+
 def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:
     """The S-NIAH tables: exact match and answer-token accuracy per evaluation length."""
     lines += [niah_setting(), "", niah_calibration(), ""]
@@ -353,18 +364,11 @@ def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:
             f"| model | seeds | {' | '.join(str(n) for n in lengths)} |",
             f"|---|---|{'---|' * len(lengths)}",
         ]
-        for model, results in niah.items():
-            for label, evals in (
-                (model, [r["eval"] for r in results]),
-                *(
-                    (f"{model}, {name}", [r["evals"][name] for r in results])
-                    for name in results[0]["evals"]
-                ),
-            ):
-                cells = [
-                    mean_std([e["lengths"][i][metric] for e in evals]) for i in range(len(lengths))
-                ]
-                lines.append(f"| {label} | {len(results)} | {' | '.join(cells)} |")
+        for label, evals in _niah_views(niah).items():
+            cells = [
+                mean_std([e["lengths"][i][metric] for e in evals]) for i in range(len(lengths))
+            ]
+            lines.append(f"| {label} | {len(evals)} | {' | '.join(cells)} |")
         lines.append("")
     # 10 examples per length make the tables coarse; the training loss on the answer's tokens
     # (fresh examples, so held out) shows which cells left the plateau of the digits' prior
@@ -839,19 +843,13 @@ NIAH_TOKENS_LEARNED = 0.5
 
 
 def _niah_scores(niah: dict[str, list[dict]], metric: str) -> dict[str, dict[int, float]]:
-    """``metric`` per evaluation length, mean over seeds, for every model and every model's
-    extra evaluation (labelled ``"model, args"``)."""
+    """``metric`` per evaluation length, mean over seeds, for every view of `_niah_views`."""
     scores = {}
-    for model, results in niah.items():
-        views = {model: [r["eval"] for r in results]}
-        views |= {
-            f"{model}, {name}": [r["evals"][name] for r in results] for name in results[0]["evals"]
+    for label, evals in _niah_views(niah).items():
+        lengths = [row["length"] for row in evals[0]["lengths"]]
+        scores[label] = {
+            n: mean([e["lengths"][i][metric] for e in evals]) for i, n in enumerate(lengths)
         }
-        for label, evals in views.items():
-            lengths = [row["length"] for row in evals[0]["lengths"]]
-            scores[label] = {
-                n: mean([e["lengths"][i][metric] for e in evals]) for i, n in enumerate(lengths)
-            }
     return scores
 
 
