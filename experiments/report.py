@@ -214,9 +214,9 @@ def niah_setting() -> str:
         f"{model['num_heads']} heads, {task.tokenizer} tokens; S-NIAH-{task.variant} (a 7-digit "
         f"value hidden in a repeated noise haystack), trained at {task.seq_len} tokens with the "
         f"loss on {loss}, {task.num_train_examples:,} examples (each seen once), AdamW "
-        f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps; Transformer++ "
-        f"{tpp.steps} steps at {tpp.lr:g}, because softmax attention leaves its plateau later; "
-        f"segment {model['segment_size']} for Memory Caching. Exact match of the generated "
+        f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++: "
+        f"{tpp.steps} steps at {tpp.lr:g}); segment {model['segment_size']} for Memory "
+        "Caching. Exact match of the generated "
         f"value, and the teacher-forced accuracy of the answer's 8 tokens (a space and 7 "
         f"digits; chance about (1 + 7 x 0.1) / 8 = 0.21), over {task.num_eval_examples} needle "
         "depths per length. Command: "
@@ -279,8 +279,7 @@ def _fresh_data_probes(probes: dict) -> str:
             "before the question; within those steps it left the plateau only when the whole "
             "example was 260 tokens. So what slows it seems to be the amount of text it has "
             "written by the answer, not the needle's distance (two probes, one seed: a lead, "
-            "not a finding). The cells' steps are what the experiment's hour allows for its "
-            "four cells."
+            "not a finding)."
         )
     return text
 
@@ -311,13 +310,13 @@ def niah_calibration() -> str:
     )
     if "fresh_data_probes" in calibration:
         text += "\n\n" + _fresh_data_probes(calibration["fresh_data_probes"])
-    if "longer_runs" in calibration:
-        text += "\n\n" + _longer_runs(calibration["longer_runs"]["runs"])
+    if "shorter_runs" in calibration:
+        text += "\n\n" + _shorter_runs(calibration["shorter_runs"]["runs"])
     return text
 
 
-def _longer_runs(runs: dict) -> str:
-    """The cells' settings with more steps: answer-token accuracy at the first and last
+def _shorter_runs(runs: dict) -> str:
+    """The cells' settings with fewer steps: answer-token accuracy at the first and last
     evaluation length and exact match at each evaluation, and the last training loss."""
     parts = []
     for name, run in runs.items():
@@ -332,10 +331,9 @@ def _longer_runs(runs: dict) -> str:
         step, loss = max(run["loss"].items(), key=lambda item: int(item[0]))
         parts.append(f"{name}: " + ", ".join(evals) + f", training loss {loss:.3f} at step {step}")
     return (
-        "Longer runs (the cells' settings with twice the steps, seed 0; "
-        "results/experiments/niah_calibration.json, `longer_runs`), answer-token accuracy: "
-        + "; ".join(parts)
-        + "."
+        "With half the steps (the cells' settings otherwise, so a faster decay of the "
+        "learning rate; seed 0; results/experiments/niah_calibration.json, `shorter_runs`), "
+        "answer-token accuracy: " + "; ".join(parts) + "."
     )
 
 
@@ -352,7 +350,22 @@ def _niah_views(niah: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:
     """The S-NIAH tables: exact match and answer-token accuracy per evaluation length."""
-    lines += [niah_setting(), "", niah_calibration(), ""]
+    # minutes a cell trains, from its steps and mean token rate (a cell resumed or trained
+    # elsewhere has no wall time of its own in the JSON)
+    minutes = []
+    for model, results in niah.items():
+        config = cell_config("niah", model)
+        tokens = config.train.batch_size * config.task.seq_len  # per step
+        minutes += [r["steps"] * tokens / r["tokens_per_s"] / 60 for r in results]
+    span = f"{min(minutes):.0f}-{max(minutes):.0f}"
+    if round(min(minutes)) == round(max(minutes)):
+        span = f"{min(minutes):.0f}"
+    cost = (
+        f" Training takes {span} minutes a cell on one thread "
+        f"(from the cells' token rates), {sum(minutes) / len(minutes) * len(niah) / 2:.0f} "
+        "minutes a seed with two cells at a time."
+    )
+    lines += [niah_setting() + cost, "", niah_calibration(), ""]
     lengths = [r["length"] for r in next(iter(niah.values()))[0]["eval"]["lengths"]]
     for metric, title in (
         ("accuracy", "Exact match of the generated value"),

@@ -95,17 +95,20 @@ def _mqar_small_state() -> list[Cell]:
     return cells
 
 
-# S-NIAH cells: the presets' training (fresh examples every step), evaluation at the end only.
-NIAH = ["train.eval_every=0", "task.num_eval_examples=10"]
+# S-NIAH cells: the presets' training (fresh examples every step). The recurrent cells are
+# also evaluated halfway, at step 1000 (with 1000 steps in all only the cached ones had begun
+# to leave the digits' prior; results/experiments/niah_calibration.json).
+NIAH = ["task.num_eval_examples=10"]
+NIAH_RECURRENT = [*NIAH, "train.eval_every=1000"]
 
 
 def _niah() -> list[Cell]:
     post_training_mc = [["--post-training-mc", "256"]]
     return [
-        Cell("Transformer++", "niah_transformer", NIAH),
-        Cell("gated_delta", "niah_gated_delta", NIAH, evals=post_training_mc),
-        Cell("gated_delta+grm", "niah_gated_delta_grm", NIAH),
-        Cell("gated_delta+ssc", "niah_gated_delta_ssc", NIAH),
+        Cell("Transformer++", "niah_transformer", [*NIAH, "train.eval_every=0"]),
+        Cell("gated_delta", "niah_gated_delta", NIAH_RECURRENT, evals=post_training_mc),
+        Cell("gated_delta+grm", "niah_gated_delta_grm", NIAH_RECURRENT),
+        Cell("gated_delta+ssc", "niah_gated_delta_ssc", NIAH_RECURRENT),
     ]
 
 

@@ -199,6 +199,8 @@ def fake_niah_result(model: str, accuracy: float, evals: tuple[str, ...] = ()) -
         "model": model,
         "seed": 0,
         "final_loss": 2.0 - accuracy,
+        "steps": 2000,
+        "tokens_per_s": 8192.0,
         "eval": {"lengths": lengths},
         "evals": extra,
     }
@@ -266,11 +268,11 @@ def test_niah_calibration_summarises_fixed_set_runs_and_fresh_data_probes(report
     )
     assert "gated_delta, 512 tokens (lr 3e-3): token accuracy 0.220 at step 100, on the" in text
     assert "it left the plateau only when the whole example was 260 tokens" in text
-    assert "Longer runs" not in text
+    assert "With half the steps" not in text
     longer = niah_calibration_json(recurrent_learned_long=False)
     by_length = {"512": {"token_accuracy": 0.5}, "4096": {"token_accuracy": 0.25}}
     evals = {"1000": {"accuracy": 0.1, "by_length": by_length}}
-    longer["longer_runs"] = {"runs": {"base, 2000": {"evals": evals, "loss": {"2000": 1.5}}}}
+    longer["shorter_runs"] = {"runs": {"base, 2000": {"evals": evals, "loss": {"2000": 1.5}}}}
     path.write_text(json.dumps(longer))
     assert (
         "base, 2000: step 1000: 0.500 at 512 and 0.250 at 4096 tokens (exact match 0.100), "
@@ -316,8 +318,11 @@ def test_niah_section_tables_and_claim_4(report_root, tpp, base, grm, verdict):
     assert report.main() == 0
     text = (report_root / "docs" / "results.md").read_text()
     tpp_train = report.cell_config("niah", "Transformer++").train
-    assert "Setting: the `niah_gated_delta` preset with `train.eval_every=0" in text
-    assert f"Transformer++ {tpp_train.steps} steps at {tpp_train.lr:g}" in text
+    assert "Setting: the `niah_gated_delta` preset with `task.num_eval_examples=10" in text
+    assert f"(Transformer++: {tpp_train.steps} steps at {tpp_train.lr:g})" in text
+    # 2000 steps of 16 x 512 tokens at 8192 tokens/s; 3 models, 2 at a time
+    assert "Training takes 33 minutes a cell on one thread" in text
+    assert "50 minutes a seed with two cells at a time" in text
     assert f"| gated_delta | 1 | {base:.3f} | {base:.3f} |" in text  # exact match
     token = min(1.0, 0.25 + 4 * base)
     assert f"| gated_delta | 1 | {token:.3f} | {token:.3f} |" in text  # answer tokens
