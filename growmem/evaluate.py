@@ -70,7 +70,8 @@ def evaluate_niah(
     haystack: str | None = None,
     bf16: bool = False,
 ) -> dict[str, Any]:
-    """Exact-match retrieval of the needle's value, generated greedily, at each length, and
+    """Exact-match retrieval of the needle's value, generated greedily for as many tokens as
+    the answer has, at each length, and
     the teacher-forced accuracy of the answer's tokens (partial credit: a model that gets 5 of
     7 digits right scores 0 on exact match but 5/7 here).
 
@@ -100,10 +101,13 @@ def evaluate_niah(
                 forced = model(torch.tensor([example.input_ids + example.answer_ids])).logits
                 predicted = forced[0, prompt_len - 1 : prompt_len - 1 + len(answer)].argmax(-1)
                 token_hits.append((predicted == answer).float().mean().item())
+                # as many tokens as the answer has: the models are not trained to end an
+                # answer, so the tokens after it are arbitrary (often more digits, which would
+                # make a right value fail the whole-token match)
                 out = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
-                    max_new_tokens=len(example.answer_ids) + 2,
+                    max_new_tokens=len(example.answer_ids),
                     do_sample=False,
                     pad_token_id=tokenizer.pad_id,
                     eos_token_id=tokenizer.eos_id,

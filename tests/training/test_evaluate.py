@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import torch
@@ -34,3 +35,24 @@ def test_niah_exact_match_and_token_accuracy_are_scored_separately():
     assert results["accuracy"] == 0.0  # what it generates is never the needle
     assert results["token_accuracy"] == 1.0  # teacher-forced it predicts every answer token
     assert [r["token_accuracy"] for r in results["lengths"]] == [1.0, 1.0]
+
+
+class NeedleCopier(NextTokenOracle):
+    """Generating, it copies the needle's value from the prompt and goes on with more digits,
+    as a model never trained to end its answer does; it honours ``max_new_tokens``."""
+
+    def __init__(self, tokenizer: ByteTokenizer):
+        super().__init__(tokenizer.vocab_size, [])
+        self.tokenizer = tokenizer
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **_) -> torch.Tensor:
+        value = re.search(r"is: (\d+)\.", self.tokenizer.decode(input_ids[0].tolist()))[1]
+        answer = self.tokenizer.encode(f" {value}99")[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([answer])], dim=1)
+
+
+def test_niah_generation_stops_at_the_answer_length():
+    tokenizer = ByteTokenizer()
+    model = NeedleCopier(tokenizer)
+    results = evaluate_niah(model, tokenizer, variant=1, lengths=[400], num_examples=3, seed=0)
+    assert results["accuracy"] == 1.0  # the digits after the value are not generated
