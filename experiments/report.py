@@ -216,9 +216,10 @@ def niah_setting() -> str:
         f"loss on {loss}, {task.num_train_examples:,} examples (each seen once), AdamW "
         f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++: "
         f"{tpp.steps} steps at {tpp.lr:g}); segment {model['segment_size']} for Memory "
-        "Caching. Exact match of the generated "
-        f"value, and the teacher-forced accuracy of the answer's 8 tokens (a space and 7 "
-        f"digits; chance about (1 + 7 x 0.1) / 8 = 0.21), over {task.num_eval_examples} needle "
+        "Caching. Exact match of the value generated greedily for as many tokens as the "
+        "answer has (the models are not trained to end it), and the teacher-forced "
+        "accuracy of the answer's 8 tokens (a space and 7 digits; chance about "
+        f"(1 + 7 x 0.1) / 8 = 0.21), over {task.num_eval_examples} needle "
         "depths per length. Command: "
         "`python -m experiments.sweep niah && python -m experiments.report`."
     )
