@@ -71,9 +71,9 @@ def evaluate_niah(
     bf16: bool = False,
 ) -> dict[str, Any]:
     """Exact-match retrieval of the needle's value, generated greedily for as many tokens as
-    the answer has, at each length, and
-    the teacher-forced accuracy of the answer's tokens (partial credit: a model that gets 5 of
-    7 digits right scores 0 on exact match but 5/7 here).
+    the answer has, at each length, and the teacher-forced accuracy of the answer's tokens
+    (partial credit: a model that gets 5 of 7 digits right scores 0 on exact match but 5/7
+    here).
 
     Examples come from a seed stream disjoint from training's (``fold_seed(seed, 1, length)``)
     with needle depths on an even grid.
