@@ -307,7 +307,9 @@ def niah_calibration() -> str:
         "language-modelling loss on the haystack too): "
         + "; ".join(parts)
         + ". The last three, probed, predicted a fixed digit per answer position (the "
-        "digits' prior) on held-out and training examples alike."
+        "digits' prior) on held-out and training examples alike. The exact matches of the "
+        "calibration runs here were scored while generation ran 2 tokens past the answer, "
+        "which fails a right value followed by more digits, so they undercount."
     )
     if "fresh_data_probes" in calibration:
         text += "\n\n" + _fresh_data_probes(calibration["fresh_data_probes"])
