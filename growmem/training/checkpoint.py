@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +57,22 @@ def _write_folder_atomic(final: Path, write) -> None:
     """Run ``write(tmp)`` on a fresh hidden sibling folder, then put it in ``final``'s place
     (an existing ``final`` is moved aside first and removed last)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    # the name is known before the folder exists, so a Ctrl-C at any point up to the move
+    # (even inside the mkdir) leaves no hidden folder behind
+    tmp = final.parent / f".{final.name}-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir()
         write(tmp)
+        if not final.exists():
+            os.replace(tmp, final)
+            return
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
-        os.replace(final, stale / final.name)
-        os.replace(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, final)
+    stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
+    os.replace(final, stale / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(stale)
 
 
 def save_model_folder(
