@@ -340,6 +340,14 @@ def _shorter_runs(runs: dict) -> str:
     )
 
 
+def training_minutes(experiment: str, result: dict) -> float:
+    """Minutes one cell of ``experiment`` trained, from its steps and mean token rate: a cell
+    resumed, or trained elsewhere and adopted, has no wall time of its own in its JSON."""
+    config = cell_config(experiment, result["model"])
+    tokens = config.train.batch_size * config.task.seq_len  # per step
+    return result["steps"] * tokens / result["tokens_per_s"] / 60
+
+
 def _niah_views(niah: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Every S-NIAH model's evaluations over seeds, and each extra evaluation of it
     (labelled ``"model, args"``)."""
@@ -353,13 +361,7 @@ def _niah_views(niah: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def niah_section(lines: list[str], niah: dict[str, list[dict]]) -> None:
     """The S-NIAH tables: exact match and answer-token accuracy per evaluation length."""
-    # minutes a cell trains, from its steps and mean token rate (a cell resumed or trained
-    # elsewhere has no wall time of its own in the JSON)
-    minutes = []
-    for model, results in niah.items():
-        config = cell_config("niah", model)
-        tokens = config.train.batch_size * config.task.seq_len  # per step
-        minutes += [r["steps"] * tokens / r["tokens_per_s"] / 60 for r in results]
+    minutes = [training_minutes("niah", r) for results in niah.values() for r in results]
     span = f"{min(minutes):.0f}-{max(minutes):.0f}"
     if round(min(minutes)) == round(max(minutes)):
         span = f"{min(minutes):.0f}"
@@ -736,6 +738,56 @@ def efficiency_section(lines: list[str]) -> dict:
     return found
 
 
+# minutes an experiment may take on this 2-core CPU, the budget the settings were sized to
+BUDGET_MINUTES = 60
+
+
+def cost_section(lines: list[str], experiments: list[str]) -> None:
+    """Training minutes of every swept experiment, from its cells' token rates, against
+    `BUDGET_MINUTES`; the wall time assumes the sweep's two cells at a time."""
+    rows = []
+    for name in experiments:
+        runs = load_experiment(name)
+        if not runs:
+            continue
+        minutes = {m: [training_minutes(name, r) for r in results] for m, results in runs.items()}
+        total = sum(sum(v) for v in minutes.values())
+        seeds = sorted({r["seed"] for results in runs.values() for r in results})
+        longest = max(minutes, key=lambda m: max(minutes[m]))
+        rows.append((name, len(runs), len(seeds), total, longest, max(minutes[longest])))
+    if not rows:
+        return
+    lines += [
+        "## 5. Cost",
+        "",
+        "Training time of each experiment, from every cell's steps and mean token rate (one "
+        "thread a cell, evaluation not included), against a budget of "
+        f"{BUDGET_MINUTES} minutes an experiment on this 2-core CPU. The wall time assumes "
+        "the sweep's two cells at a time.",
+        "",
+        "| experiment | models | seeds | cell-minutes | wall minutes | a seed | longest cell |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, models, seeds, total, longest, longest_minutes in rows:
+        lines.append(
+            f"| {name} | {models} | {seeds} | {total:.0f} | {total / 2:.0f} | "
+            f"{total / 2 / seeds:.0f} | {longest}, {longest_minutes:.0f} min |"
+        )
+    over = [row for row in rows if row[3] / 2 > BUDGET_MINUTES]
+    if over:
+        lines += [
+            "",
+            "Over the budget: "
+            + ", ".join(f"{row[0]} ({row[3] / 2:.0f} minutes)" for row in over)
+            + ". Each cell is sized to learn its task (Transformer++ needs thousands of steps "
+            "to pass MQAR's phase transition, S-NIAH's recurrent cells 2000 steps to leave the "
+            "digits' prior, and titans trains at a fraction of gated_delta's token rate), and "
+            "an experiment multiplies that by its models and three seeds. A rerun skips the "
+            "cells whose JSON exists, so `make results` can be finished across sittings.",
+        ]
+    lines.append("")
+
+
 def _common_seeds(
     scores: dict[str, dict[int, float]], models: list[str]
 ) -> tuple[dict[str, float], list[int]]:
@@ -1048,6 +1100,7 @@ def main() -> int:
         lines += ["Not measured yet: run `python -m experiments.sweep niah`.", ""]
     bits = lm_section(lines)
     efficiency = efficiency_section(lines)
+    cost_section(lines, ["mqar", "mqar_small_state", "niah", "lm"])
     verdicts(lines, trained, extrapolation, niah, efficiency, bits)
     (DOCS / "results.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'results.md'}")

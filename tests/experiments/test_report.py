@@ -29,6 +29,7 @@ def fake_result(model: str, accuracies: list[float], seed: int) -> dict:
     return {
         "model": model,
         "seed": seed,
+        "steps": 1600,
         "tokens_per_s": 1000.0,
         "eval": {"accuracy": sum(accuracies) / 4, "slices": slices},
         "evals": evals,
@@ -39,6 +40,7 @@ def fake_lm_result(model: str, bits_per_byte: float, seed: int) -> dict:
     return {
         "model": model,
         "seed": seed,
+        "steps": 300,
         "tokens_per_s": 500.0,
         "eval": {"bits_per_byte": bits_per_byte, "perplexity": 2**bits_per_byte},
         "evals": {},
@@ -137,6 +139,8 @@ def test_report_tables_plot_and_verdicts(results_dir):
     assert "gated_delta 2.500 bits/byte, gated_delta+grm 2.250 (seed 0): reproduced" in text
     assert "| gated_delta | 2 | 2.250 ± 0.354 |" in text  # the table keeps both seeds
     assert "| gated_delta+grm, segment 32 | 1 | 2.000 |" in text
+    # 19 MQAR runs of 1600 steps x 32 x 64 tokens at 1000 tokens/s: 54.6 minutes each
+    assert "| mqar | 9 | 3 | 1038 | 519 | 173 | Transformer++, 55 min |" in text
 
 
 def test_every_sweep_cell_has_a_distinct_result_path():
@@ -390,3 +394,29 @@ def test_titans_calibration_quotes_the_probe(report_root):
     assert "1.60 s at mini-batch 16, 0.20 s at 2 and 0.10 s at 1" in text
     assert "is 1e+03 at mini-batch 1 and 2e+03 at 2, against 1.6e+04 at 16" in text
     assert "leave recall at 0.243 with mini-batch 2" in text
+
+
+def test_cost_section_sums_training_minutes_against_the_budget(report_root):
+    # 2000 steps of 16 x 512 tokens at 8192 tokens/s: 2000 s, 33.3 minutes a cell
+    for model, seeds in (("gated_delta", (0, 1)), ("gated_delta+grm", (0,))):
+        path = report_root / "results" / "experiments" / "niah" / sweep.slug(model)
+        path.mkdir(parents=True)
+        for seed in seeds:
+            result = {**fake_niah_result(model, 0.5), "seed": seed}
+            (path / f"seed{seed}.json").write_text(json.dumps(result))
+    lines = []
+    report.cost_section(lines, ["niah", "lm"])  # lm has no results: no row
+    text = "\n".join(lines)
+    assert "| niah | 2 | 2 | 100 | 50 | 25 | gated_delta, 33 min |" in text
+    assert "| lm |" not in text
+    assert "Over the budget" not in text  # 50 wall minutes
+    slow = {**fake_niah_result("gated_delta+grm", 0.5), "seed": 1, "tokens_per_s": 1024.0}
+    (path / "seed1.json").write_text(json.dumps(slow))  # 8 x slower: 267 minutes
+    lines = []
+    report.cost_section(lines, ["niah"])
+    text = "\n".join(lines)
+    assert "| niah | 2 | 2 | 367 | 183 | 92 | gated_delta+grm, 267 min |" in text
+    assert "Over the budget: niah (183 minutes)." in text
+    lines = []
+    report.cost_section(lines, ["lm"])
+    assert lines == []
