@@ -1,0 +1,61 @@
+"""Where a result came from: package versions and the git commit, recorded in every results
+file and run folder so that a number can be traced to the code and the releases that made it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+# The packages whose behaviour a growmem result depends on.
+PACKAGES = ("growmem", "torch", "transformers", "tokenizers", "safetensors", "numpy")
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each of ``PACKAGES`` (None when one is not installed)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@functools.cache
+def git_commit() -> dict[str, str | bool | None]:
+    """The commit of the growmem checkout this module runs from and whether its tracked files
+    differ from it (``dirty``); both None outside a growmem git checkout (an installed wheel)."""
+    if not (REPOSITORY / ".git").exists() or not (REPOSITORY / "growmem").is_dir():
+        return {"commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPOSITORY), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(REPOSITORY), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def provenance() -> dict:
+    """Versions, commit and Python of this process: the block every results file records."""
+    return {
+        "versions": package_versions(),
+        "git": git_commit(),
+        "python": platform.python_version(),
+    }
