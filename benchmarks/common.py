@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 
+from growmem.utils.provenance import write_json as write_results
 from growmem.utils.timing import fwd_bwd, time_interleaved
 
 __all__ = [
@@ -68,10 +68,6 @@ def machine() -> dict:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    """Write ``payload`` plus the machine description to results/NAME.json atomically."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``payload`` plus the machine description, package versions and git commit to
+    results/NAME.json atomically."""
+    return write_results(RESULTS / f"{name}.json", {"machine": machine(), **payload})

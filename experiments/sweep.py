@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from growmem.utils.provenance import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "experiments"
 RUNS = ROOT / "runs" / "experiments"
@@ -203,12 +205,7 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
         "eval": json.loads((out / "model" / "eval.json").read_text()),
         "evals": evals,
     }
-    path = result_path(experiment, cell, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(result_path(experiment, cell, seed), result)
 
 
 def main(argv: list[str] | None = None) -> int:

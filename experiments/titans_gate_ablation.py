@@ -15,7 +15,6 @@ optimiser and schedule. The residual run reproduces the sweep cell's logged loss
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from growmem.tasks._common import IGNORE_INDEX
 from growmem.train import build_optimizer
 from growmem.training.config import RunConfig, load_config
 from growmem.training.data import TaskData, build_task_data
+from growmem.utils.provenance import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "experiments" / "titans_gate_ablation.json"
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "curves": {agg: train_curve(agg, args.steps, args.seed) for agg in args.aggregations},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

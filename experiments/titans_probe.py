@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.deep.api import deep_memory
 from growmem.ops.linear.api import linear_memory
 from growmem.tasks.mqar import MQARConfig, generate_mqar
+from growmem.utils.provenance import write_json
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "experiments" / "titans_probe.json"
 
@@ -256,14 +256,13 @@ def main(argv: list[str] | None = None) -> None:
             f"outer gradient norm at init, mini-batch {row['mini_batch']:>2}, "
             f"eta_max {row['eta_max']}: {row['norm']:.4g}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     probes = {
         "storage": storage,
         "read_path": read_path,
         "step_seconds": step,
         "outer_gradient_norm": gradient,
     }
-    args.out.write_text(json.dumps(probes, indent=1))
+    write_json(args.out, probes)
     print(f"wrote {args.out}")
 
 
