@@ -1,32 +1,54 @@
-# One-command set-up: every target creates or reuses .venv and installs what it needs.
+# One-command set-up: every target creates or reuses .venv and installs what it needs, at the
+# exact versions CI tested (constraints.txt; regenerate it with tools/constraints.sh).
 # GPU users: make test TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.growmem-installed
+TEST_STAMP := $(VENV)/.growmem-test-installed
+LINT_PATHS := growmem tests benchmarks experiments tools
 
-.PHONY: install demo test lint bench results clean
+.PHONY: install demo test test-latest lint bench results clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
+
+# the tests also exercise the lm-eval adapter: install that extra too
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev,lm-eval]"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m growmem.demo --out runs/demo
 
-test: $(STAMP)
-	$(PY) -m ruff check growmem tests benchmarks experiments
+test: $(TEST_STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest -n 2 -q
 
+# The newest releases of every dependency (upper bounds and constraints ignored; torch still
+# from TORCH), in a venv of its own, then the whole suite: drift shows here before users meet it.
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || \
+		$(LATEST_VENV)/bin/python -m pip install $(TORCH_INDEX) "$(TORCH)"
+	$(LATEST_VENV)/bin/python -m pip install --no-deps -e .
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager \
+		$$($(PYTHON) tools/latest_requirements.py dev lm-eval | sed 's/.*/"&"/')
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E "^(torch|transformers|tokenizers|lm.eval)=="
+	$(LATEST_VENV)/bin/python -m pytest -n 2 -q
+
 lint: $(STAMP)
-	$(PY) -m ruff check growmem tests benchmarks experiments
-	$(PY) -m ruff format --check growmem tests benchmarks experiments
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_linear_memory
@@ -52,4 +74,4 @@ results/experiments/titans_probe.json: | $(STAMP)
 	$(PY) -m experiments.titans_probe
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .ruff_cache
