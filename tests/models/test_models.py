@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from growmem.models import GrowMemCache, GrowMemConfig, GrowMemForCausalLM, GrowMemModel
+from growmem.models import CACHE_FIELD, GrowMemCache, GrowMemConfig, GrowMemForCausalLM, GrowMemModel
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
@@ -56,11 +56,11 @@ def token_ids(B=2, T=21, seed=1):
 def decode_logits(model, ids, prefill):
     """Logits of a prefill of ``prefill`` tokens, then one token at a time."""
     out = model(ids[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
+    logits, cache = [out.logits], getattr(out, CACHE_FIELD)
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
     return torch.cat(logits, 1), cache
 
 
@@ -223,7 +223,7 @@ def test_init_scales_the_residual_output_projections():
 
 def test_cache_bytes_equal_the_layers_state_sizes():
     model, ids = make_model("gated_delta", "ssc", attn_layers=[1]), token_ids(B=1, T=19)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
     expected = sum(block.mixer.state_size(19, dtype=torch.float64) for block in model.model.layers)
     assert cache.nbytes() == expected
 
