@@ -209,14 +209,24 @@ def test_beam_search_with_cache_equals_without(rule, aggregation, extra):
 def test_left_padded_batch_generates_each_prompt_alone(rule, aggregation, extra):
     model = make_model(rule, aggregation, **extra)
     assert_depends_on_context(model)
-    lengths = [5, 11, 8]
+    lengths = [4, 9, 6]
     ids, mask = left_padded(lengths, seed=4)
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
-    assert torch.equal(batch, decode_with_cache(model, ids, mask, 9, greedy_pick))
-    assert torch.equal(batch, decode_recomputing(model, ids, mask, 9, greedy_pick))
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    assert torch.equal(batch, decode_with_cache(model, ids, mask, 7, greedy_pick))
+    assert torch.equal(batch, decode_recomputing(model, ids, mask, 7, greedy_pick))
     for i, n in enumerate(lengths):
-        alone = model.generate(ids[i : i + 1, -n:], max_new_tokens=9, do_sample=False)
+        alone = model.generate(ids[i : i + 1, -n:], max_new_tokens=7, do_sample=False)
         assert torch.equal(batch[i, ids.shape[1] :], alone[0, n:])
+
+
+def test_generate_from_inputs_embeds_continues_like_from_ids():
+    model = make_model("titans", "ssc", attn_layers=[0])
+    assert_depends_on_context(model)
+    ids = prompts(T=6, seed=6)
+    from_ids = model.generate(ids, max_new_tokens=6, do_sample=False)
+    embeds = model.get_input_embeddings()(ids).detach()
+    # with inputs_embeds generate returns the new tokens only
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=6), from_ids[:, 6:])
 
 
 def test_generate_and_forward_emit_no_warning():
