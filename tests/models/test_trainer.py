@@ -115,3 +115,26 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         assert eval_loss == pytest.approx(trained.eval()(**stacked).loss.item(), rel=1e-12)
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in records] == []
+
+
+def test_prediction_with_the_cache_on_returns_logits_only(tmp_path):
+    """With use_cache=True the outputs hold the cache, which the Trainer must leave out of the
+    predictions (config.keys_to_ignore_at_inference names it as the installed version does)."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=8,
+        use_cache=True,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = make_model()
+    data = examples()
+    prediction = Trainer(model=model, args=args).predict(data)
+    stacked = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    with torch.no_grad():
+        expected = model.eval()(**stacked)
+    assert prediction.predictions.shape == (8, 12, VOCAB)
+    assert rel_err(torch.from_numpy(prediction.predictions), expected.logits) < 1e-12
+    assert prediction.metrics["test_loss"] == pytest.approx(expected.loss.item(), rel=1e-12)
