@@ -174,6 +174,9 @@ class GrowMemModel(GrowMemPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """Run the blocks over new tokens, continuing ``cache`` when given.
 
+        Accepts exactly the keyword arguments that ``generate`` passes (transformers 5.23 to
+        5.25); any other is a TypeError.
+
         Args:
             input_ids: [B, T] integer token ids in [0, vocab_size), B, T >= 1 (or
                 ``inputs_embeds`` [B, T, hidden_size], floating point).
@@ -184,7 +187,8 @@ class GrowMemModel(GrowMemPreTrainedModel):
             output_attentions: only None/False: growmem's mixers have no attention weights.
             output_hidden_states: also return every block's input and the final output.
             return_dict: False returns a tuple (the output's fields that are not None).
-            past_key_values: the name transformers before 5.24 gives ``cache``; pass one.
+            past_key_values: ``cache`` under the name transformers before 5.24 passes it by;
+                give at most one of the two.
 
         Returns:
             BaseModelOutputWithPast: last_hidden_state [B, T, hidden_size], the cache (under
