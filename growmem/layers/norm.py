@@ -8,7 +8,15 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dim with a learned scale (computed in fp32)."""
+    """Root-mean-square norm over the last dim with a learned scale.
+
+    Computed in fp32 for fp32 and lower precisions, in float64 for float64 inputs; the output
+    has the input's dtype.
+
+    Args:
+        dim: size of the last dim.
+        eps: added to the mean square.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,9 +24,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64
+        y = x.to(dtype)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(dtype)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):

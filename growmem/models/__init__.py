@@ -6,7 +6,7 @@ Importing this package registers the classes with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from growmem.models.cache import GrowMemCache
+from growmem.models.cache import CACHE_FIELD, GrowMemCache
 from growmem.models.configuration import RULES, GrowMemConfig
 from growmem.models.modeling import GrowMemForCausalLM, GrowMemModel, GrowMemPreTrainedModel
 
@@ -15,6 +15,7 @@ AutoModel.register(GrowMemConfig, GrowMemModel, exist_ok=True)
 AutoModelForCausalLM.register(GrowMemConfig, GrowMemForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CACHE_FIELD",
     "RULES",
     "GrowMemCache",
     "GrowMemConfig",

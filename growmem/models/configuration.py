@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
+from growmem.models.cache import CACHE_FIELD
 from growmem.ops.caching import check_caching_choices
 from growmem.ops.checks import LINEAR_RULES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
@@ -53,7 +54,8 @@ class GrowMemConfig(PreTrainedConfig):
     """
 
     model_type = "growmem"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # output fields the Trainer leaves out of predictions: the cache, under the installed name
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [CACHE_FIELD]
 
     def __init__(
         self,

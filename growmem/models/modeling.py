@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import ClassVar
 
@@ -14,8 +15,43 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from growmem.layers import Attention, MemoryCachingAttention, RMSNorm, SwiGLU
 from growmem.layers.checks import padding_mask
-from growmem.models.cache import GrowMemCache
+from growmem.models.cache import CACHE_FIELD, GrowMemCache
 from growmem.models.configuration import GrowMemConfig
+from growmem.ops.checks import check_tensor
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+# GrowMemConfig arguments that shape neither a model's state nor what it computes per token
+# (top_k is the alias of ssc_top_k): caches carry over between models differing only in these.
+_NOT_IN_FINGERPRINT = frozenset(
+    {
+        "self",
+        "kwargs",
+        "top_k",
+        "use_cache",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "initializer_range",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    }
+)
+
+
+def cache_fingerprint(config: GrowMemConfig) -> dict:
+    """The configuration a GrowMemCache is built for: every GrowMemConfig argument except
+    those in ``_NOT_IN_FINGERPRINT`` (so that a new config option is included by default)."""
+    names = inspect.signature(type(config).__init__).parameters
+    return {n: getattr(config, n, None) for n in names if n not in _NOT_IN_FINGERPRINT}
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed as ``cache`` or under its older name ``past_key_values`` (transformers
+    before 5.24 passes that one during generate)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as cache or as past_key_values (its older name), not both")
+    return past_key_values if cache is None else cache
 
 
 class GrowMemBlock(nn.Module):
@@ -128,57 +164,67 @@ class GrowMemModel(GrowMemPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: GrowMemCache | None = None,
+        cache: GrowMemCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Run the blocks over new tokens, continuing ``past_key_values`` when given.
+        past_key_values: GrowMemCache | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the blocks over new tokens, continuing ``cache`` when given.
+
+        Accepts exactly the keyword arguments that ``generate`` passes (transformers 5.23 to
+        5.25); any other is a TypeError.
 
         Args:
-            input_ids: [B, T] token ids in [0, vocab_size) (or ``inputs_embeds`` [B, T, hidden]).
+            input_ids: [B, T] integer token ids in [0, vocab_size), B, T >= 1 (or
+                ``inputs_embeds`` [B, T, hidden_size], floating point).
             attention_mask: [B, T] or [B, past + T] (as ``generate`` passes it): 1 for real
                 tokens, 0 for padding. Real tokens' outputs do not depend on the padding.
-            past_key_values: the GrowMemCache of an earlier call, or None.
+            cache: the GrowMemCache of an earlier call of this model, or None.
             use_cache: return the cache (default: config.use_cache, off while training).
+            output_attentions: only None/False: growmem's mixers have no attention weights.
             output_hidden_states: also return every block's input and the final output.
+            return_dict: False returns a tuple (the output's fields that are not None).
+            past_key_values: ``cache`` under the name transformers before 5.24 passes it by;
+                give at most one of the two.
+
+        Returns:
+            BaseModelOutputWithPast: last_hidden_state [B, T, hidden_size], the cache (under
+            the field name of the installed transformers, ``CACHE_FIELD``) when
+            ``use_cache``, hidden_states when ``output_hidden_states``.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-                raise ValueError(
-                    f"input_ids must have shape [B, T >= 1], got {tuple(input_ids.shape)}"
-                )
-            if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise ValueError(f"input_ids must hold integer ids, got dtype {input_ids.dtype}")
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values "
-                    f"in [{low}, {high}]"
-                )
-            inputs_embeds = self.embed_tokens(input_ids)
+        cache = _one_cache(cache, past_key_values)
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True is not supported: growmem's mixers compute no "
+                "attention weights"
+            )
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         B, T, _ = inputs_embeds.shape
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, GrowMemCache):
-            raise ValueError(
-                "past_key_values must be a GrowMemCache (the one a growmem model returned), got "
-                f"{type(past_key_values).__name__}"
+        if cache is not None:
+            if not isinstance(cache, GrowMemCache):
+                raise ValueError(
+                    "cache (past_key_values) must be a GrowMemCache (the one a growmem model "
+                    f"returned), got {type(cache).__name__}"
+                )
+            cache.check_compatible(
+                len(self.layers), inputs_embeds.dtype, cache_fingerprint(self.config)
             )
-        past = 0 if past_key_values is None else past_key_values.seen_tokens
+        past = 0 if cache is None else cache.seen_tokens
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past + T} (cached {past} + new {T}) exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         mask = self._new_tokens_mask(attention_mask, B, past, T)
-        cache = past_key_values
         if use_cache and cache is None:
-            cache = GrowMemCache(self.config.num_hidden_layers)
+            cache = GrowMemCache(
+                len(self.layers), inputs_embeds.dtype, cache_fingerprint(self.config)
+            )
 
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
@@ -198,11 +244,43 @@ class GrowMemModel(GrowMemPreTrainedModel):
             all_hidden.append(hidden_states)
         if use_cache:
             cache.seen_tokens = past + T
-        return BaseModelOutputWithPast(
+        out = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """Check the token input and return its embeddings [B, T, hidden_size]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            check_tensor("inputs_embeds", inputs_embeds, 3, "[B, T, hidden_size]")
+            B, T, width = inputs_embeds.shape
+            if B == 0 or T == 0 or width != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape [B >= 1, T >= 1, hidden_size="
+                    f"{self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"input_ids must be a [B, T] tensor of token ids, got {type(input_ids).__name__}"
+            )
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids must have shape [B >= 1, T >= 1], got {tuple(input_ids.shape)}"
+            )
+        if input_ids.dtype not in _INTEGER_DTYPES:
+            raise ValueError(f"input_ids must hold integer ids, got dtype {input_ids.dtype}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values "
+                f"in [{low}, {high}]"
+            )
+        return self.embed_tokens(input_ids)
 
     @staticmethod
     def _new_tokens_mask(attention_mask, B: int, past: int, T: int) -> torch.Tensor | None:
@@ -226,6 +304,9 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
     """GrowMemModel with a language-modelling head; computes the shifted next-token loss."""
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+    # forward takes num_items_in_batch: the Trainer passes it and then leaves the loss unscaled
+    # under gradient accumulation (forward has no **kwargs it could infer this from)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: GrowMemConfig):
         super().__init__(config)
@@ -249,29 +330,43 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: GrowMemCache | None = None,
+        cache: GrowMemCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        num_items_in_batch: torch.Tensor | int | None = None,
+        past_key_values: GrowMemCache | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits of the next token at every (or the last ``logits_to_keep``) position.
 
+        Accepts exactly the keyword arguments that ``generate`` and the Hugging Face
+        ``Trainer`` pass (transformers 5.23 to 5.25); any other is a TypeError.
+
         Args:
-            labels: [B, T] targets aligned with input_ids; the loss is the mean cross-entropy
-                of predicting labels[:, t + 1] at position t, ignoring -100.
+            labels: [B, T] targets aligned with input_ids; the loss is the cross-entropy of
+                predicting labels[:, t + 1] at position t, ignoring -100: the mean over the
+                batch's targets, or their sum divided by ``num_items_in_batch``.
             logits_to_keep: compute logits for the last this many positions only (0: all).
+            num_items_in_batch: the number of targets (labels[:, 1:] != -100) of all the
+                batches of one optimizer step, as the Trainer passes it with gradient
+                accumulation, so that the accumulated loss is the mean over the whole step.
             Others as in ``GrowMemModel.forward``.
+
+        Returns:
+            CausalLMOutputWithPast: loss (when labels), logits [B, T or logits_to_keep, vocab],
+            the cache (field ``CACHE_FIELD``) and hidden_states as in ``GrowMemModel``.
         """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
@@ -290,10 +385,14 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).to(loss_dtype),
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
-        return CausalLMOutputWithPast(
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+        return out if return_dict is not False else out.to_tuple()

@@ -2,10 +2,10 @@
 
 Tiny models (2 layers, width 32) in float64 unless stated: for every rule (the Transformer++
 baseline and a hybrid included) and every aggregation, a full forward equals prefill +
-token-by-token decoding; generate() with a cache equals generate() without one (greedy,
-sampling and beam search); a left-padded batch generates what each prompt generates alone;
-padding never changes real tokens' logits; save/load round trips; the Auto classes; the loss;
-the init; bad input.
+token-by-token decoding; padding never changes real tokens' logits; save/load round trips; the
+Auto classes; the loss; the init; the keyword arguments forward accepts; bad input.
+generate() is tested in test_generation.py, the cache in test_cache.py, the Trainer in
+test_trainer.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from growmem.models import GrowMemCache, GrowMemConfig, GrowMemForCausalLM, GrowMemModel
+from growmem.models import (
+    CACHE_FIELD,
+    GrowMemCache,
+    GrowMemConfig,
+    GrowMemForCausalLM,
+    GrowMemModel,
+)
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
@@ -56,11 +62,11 @@ def token_ids(B=2, T=21, seed=1):
 def decode_logits(model, ids, prefill):
     """Logits of a prefill of ``prefill`` tokens, then one token at a time."""
     out = model(ids[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
+    logits, cache = [out.logits], getattr(out, CACHE_FIELD)
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
     return torch.cat(logits, 1), cache
 
 
@@ -89,67 +95,6 @@ def test_decoding_equals_full_forward_float64(rule, extra, aggregation):
 def test_decoding_equals_full_forward_float32(rule, extra):
     model, ids = make_model(rule, "ssc", dtype=torch.float32, **extra), token_ids()
     assert rel_err(decode_logits(model, ids, prefill=5)[0], model(ids).logits) < 1e-5
-
-
-@pytest.mark.parametrize(("rule", "extra"), MODELS, ids=MODEL_IDS)
-def test_greedy_generate_with_cache_equals_without(rule, extra):
-    model, ids = make_model(rule, "ssc", **extra), token_ids(T=9)
-    with_cache = model.generate(ids, max_new_tokens=12, do_sample=False)
-    without = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
-    assert with_cache.shape == (2, 21)
-    assert torch.equal(with_cache, without)
-
-
-def test_sampling_with_cache_equals_without():
-    model, ids = make_model("gated_delta", "grm"), token_ids(T=6)
-    runs = []
-    for use_cache in (True, False):
-        torch.manual_seed(5)
-        runs.append(
-            model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, use_cache=use_cache)
-        )
-    assert torch.equal(runs[0], runs[1])
-
-
-@pytest.mark.parametrize(
-    ("rule", "extra"), [("gated_delta", {}), ("titans", {}), ("attention", {})]
-)
-def test_beam_search_with_cache_equals_without(rule, extra):
-    model, ids = make_model(rule, "ssc", **extra), token_ids(T=7)
-    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
-    assert torch.equal(
-        model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs)
-    )
-
-
-def left_padded(prompts):
-    """A left-padded batch (pad id 0) and its attention mask."""
-    T = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
-    return ids, mask
-
-
-@pytest.mark.parametrize(
-    ("rule", "aggregation", "extra"),
-    [
-        ("gated_delta", "grm", {}),
-        ("swla", "ssc", {}),
-        ("titans", "soup", {}),
-        ("attention", "none", {"attn_window": 5}),
-        ("gated_delta", "ssc", {"attn_layers": [0]}),
-    ],
-)
-def test_left_padded_batch_generates_each_prompt_alone(rule, aggregation, extra):
-    model = make_model(rule, aggregation, **extra)
-    prompts = [token_ids(1, n, seed=n)[0] for n in (5, 13, 9)]
-    ids, mask = left_padded(prompts)
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    for i, p in enumerate(prompts):
-        alone = model.generate(p[None], max_new_tokens=10, do_sample=False)
-        assert torch.equal(batch[i, ids.shape[1] :], alone[0, len(p) :])
 
 
 @pytest.mark.parametrize(("rule", "extra"), MODELS, ids=MODEL_IDS)
@@ -208,6 +153,18 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
     assert no_grad == []
 
 
+def test_loss_with_num_items_in_batch_is_the_sum_over_that_count():
+    """The Trainer's contract under gradient accumulation: sum of the batch's losses divided by
+    the number of targets of the whole step (here 3 times this batch's)."""
+    model, ids = make_model(), token_ids()
+    labels = ids.clone()
+    labels[0, :7] = -100
+    items = int((labels[:, 1:] != -100).sum())
+    mean = model(ids, labels=labels).loss
+    for count in (3 * items, torch.tensor(3 * items), torch.tensor(3.0 * items)):
+        assert rel_err(model(ids, labels=labels, num_items_in_batch=count).loss, mean / 3) < 1e-14
+
+
 def test_init_scales_the_residual_output_projections():
     model = make_model(dtype=torch.float32)
     for block in model.model.layers:
@@ -223,7 +180,7 @@ def test_init_scales_the_residual_output_projections():
 
 def test_cache_bytes_equal_the_layers_state_sizes():
     model, ids = make_model("gated_delta", "ssc", attn_layers=[1]), token_ids(B=1, T=19)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
     expected = sum(block.mixer.state_size(19, dtype=torch.float64) for block in model.model.layers)
     assert cache.nbytes() == expected
 
@@ -256,7 +213,81 @@ def test_bad_forward_inputs():
         model(ids, attention_mask=torch.ones(2, 6, 1))
     with pytest.raises(ValueError, match="past_key_values"):
         model(ids, past_key_values=(torch.zeros(1),))
+    with pytest.raises(ValueError, match=r"^cache .*GrowMemCache"):
+        model(ids, cache=(torch.zeros(1),))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         make_model(max_position_embeddings=5)(ids)
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=ids[:, :3])
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model()
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.bool, torch.complex64, torch.float32, torch.float16], ids=str
+)
+def test_input_ids_of_a_non_integer_dtype(dtype):
+    model, ids = make_model(), token_ids(T=6)
+    with pytest.raises(ValueError, match=f"input_ids must hold integer ids, got dtype {dtype}"):
+        model(ids.to(dtype))
+
+
+@pytest.mark.parametrize("model_class", [GrowMemForCausalLM, GrowMemModel])
+def test_empty_batch_or_sequence_is_a_named_error(model_class):
+    model = make_model()
+    model = model if model_class is GrowMemForCausalLM else model.model
+    for shape in ((0, 5), (2, 0)):
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[B >= 1, T >= 1\]"):
+            model(torch.zeros(shape, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[B >= 1, T >= 1"):
+            model(inputs_embeds=torch.zeros(*shape, 32, dtype=torch.float64))
+
+
+def test_inputs_embeds_of_the_wrong_width_or_dtype():
+    model, ids = make_model(), token_ids(T=6)
+    embeds = model.model.embed_tokens(ids)  # [2, 6, 32]
+    assert rel_err(model(inputs_embeds=embeds).logits, model(ids).logits) == 0
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape .*hidden_size=32"):
+        model(inputs_embeds=embeds[..., :31])
+    with pytest.raises(ValueError, match="inputs_embeds must be a floating-point tensor"):
+        model(inputs_embeds=ids[..., None].expand(2, 6, 32))
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[B, T, hidden_size\]"):
+        model(inputs_embeds=embeds[0])
+
+
+@pytest.mark.parametrize("model_class", [GrowMemForCausalLM, GrowMemModel])
+def test_forward_rejects_unknown_keyword_arguments(model_class):
+    """No **kwargs: a misspelt or unsupported argument is a TypeError naming it, not ignored."""
+    model = make_model()
+    model = model if model_class is GrowMemForCausalLM else model.model
+    ids = token_ids(T=6)
+    for name in ("attn_mask", "position_ids", "cache_params"):
+        with pytest.raises(TypeError, match=name):
+            model(ids, **{name: None})
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+
+
+def test_cache_and_past_key_values_are_one_argument():
+    model, ids = make_model(), token_ids(T=6)
+
+    def prefill():
+        return getattr(model(ids[:, :4], use_cache=True), CACHE_FIELD)
+
+    cache = prefill()
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, 4:], cache=cache, past_key_values=cache)
+    via_alias = model(ids[:, 4:], past_key_values=prefill(), use_cache=True)
+    via_cache = model(ids[:, 4:], cache=cache, use_cache=True)
+    assert torch.equal(via_alias.logits, via_cache.logits)
+    assert getattr(via_alias, CACHE_FIELD).get_seq_length() == 6
+
+
+def test_return_dict_false_returns_the_fields_as_a_tuple():
+    model, ids = make_model(), token_ids(T=6)
+    out = model(ids, labels=ids, use_cache=True)
+    loss, logits, cache = model(ids, labels=ids, use_cache=True, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    assert isinstance(cache, GrowMemCache)
+    hidden, cache = model.model(ids, use_cache=True, return_dict=False)
+    assert torch.equal(hidden, model.model(ids).last_hidden_state)
