@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from benchmarks.common import MODELS, RESULTS, build_model, write_json
+from growmem.models import CACHE_FIELD
 
 BASELINE = "transformer++"
 
@@ -33,16 +34,15 @@ def bench_context(models: dict, L: int, steps: int) -> dict:
     caches, prefill_s = {}, {}
     for name, model in models.items():
         t0 = time.perf_counter()
-        caches[name] = model(prompt, use_cache=True).past_key_values
+        caches[name] = getattr(model(prompt, use_cache=True), CACHE_FIELD)
         prefill_s[name] = time.perf_counter() - t0
     token = prompt[:, -1:]
     step_s: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(steps + 1):  # the first round warms up
         for name, model in models.items():
             t0 = time.perf_counter()
-            caches[name] = model(
-                token, past_key_values=caches[name], use_cache=True
-            ).past_key_values
+            out = model(token, cache=caches[name], use_cache=True)
+            caches[name] = getattr(out, CACHE_FIELD)
             step_s[name].append(time.perf_counter() - t0)
     base_step = statistics.median(step_s[BASELINE][1:])
     base_bytes = caches[BASELINE].nbytes()
