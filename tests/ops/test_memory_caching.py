@@ -19,9 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from growmem.ops import MemoryCache, linear_memory, log_segments, memory_caching
+from growmem.ops.caching import api as caching_api
 from growmem.ops.caching.select import log_bucket_bounds, log_buckets
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES
-from tests.helpers import aggregation_inits, make_inputs, make_u, rel_err
+from tests.helpers import (
+    aggregation_inits,
+    assert_finite_and_equal,
+    make_inputs,
+    make_u,
+    nan_from,
+    rel_err,
+)
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "loglinear", "mean")
 GATED = ("grm", "soup", "ssc", "loglinear")
@@ -435,6 +443,81 @@ def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
             assert rel_err(o_mix[:, t0:], o[:, t0:]) > 1e-3
 
 
+def _past_loss_run(named: dict, rule: str, t0: int, **kw):
+    """o, the cache and the gradients of a random functional of the outputs before t0."""
+    gates = {n: x for n, x in named.items() if n in RULE_GATES[rule]}
+    o, cache = memory_caching(
+        named["q"],
+        named["k"],
+        named["v"],
+        named["u"],
+        rule=rule,
+        **gates,
+        initial_state=named["initial_state"],
+        output_cache=True,
+        **kw,
+    )
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(5), dtype=o.dtype)
+    grads = torch.autograd.grad((o[:, :t0] * w).sum(), list(named.values()), allow_unused=True)
+    return o.detach(), cache, dict(zip(named, grads, strict=True))
+
+
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+def test_nan_in_future_tokens_does_not_reach_the_past(rule, aggregation, init):
+    """NaN at tokens >= t0 of one input: the outputs before t0 and the gradients of a loss on
+    them are those of the clean run, and the outputs from t0 on are NaN. t0 = 12 lies in the
+    chunk [8, 16) after the segment end 10, whose cached state those tokens read."""
+    T, t0 = 29, 12
+    kw = dict(aggregation=aggregation, init=init, segment_size=5, chunk_size=8, top_k=2)
+    inp = make(rule, T, seed=8, requires_grad=True)
+    clean = inp.leaves()
+    o, _, grads = _past_loss_run(clean, rule, t0, **kw)
+    for poisoned in ("v", "k", "q", "u") if aggregation in GATED else ("v", "k", "q"):
+        bad = {**clean, poisoned: nan_from(clean[poisoned], t0)}
+        o_bad, cache, grads_bad = _past_loss_run(bad, rule, t0, **kw)
+        assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], f"{poisoned}: outputs before t0")
+        assert torch.isnan(o_bad[:, t0:]).all(), poisoned
+        for name, g in grads.items():
+            if g is None:  # u when the aggregation does not read it
+                assert grads_bad[name] is None
+            else:
+                assert_finite_and_equal(grads_bad[name], g, f"{poisoned}: grad {name}")
+        # a corrupt memory stays corrupt: the cache a stream continues from is NaN
+        corrupt = poisoned in ("k", "v")
+        assert torch.isnan(cache.online_state).all() == corrupt, poisoned
+        assert torch.isfinite(cache.online_state).all() != corrupt, poisoned
+
+
+@pytest.mark.parametrize("aggregation", ["none", "grm"])
+def test_nan_gates_with_value_checks_off_do_not_reach_the_past(aggregation, monkeypatch):
+    """NaN gates are rejected by the value checks (see the bad-input table); with those
+    checks switched off (they synchronise with the device), the gates are kept causal too."""
+    monkeypatch.setattr(caching_api, "check_values", lambda rule, gates, inputs=(): False)
+    T, t0 = 29, 12
+    kw = dict(aggregation=aggregation, segment_size=5, chunk_size=8)
+    clean = make("swla", T, seed=8, requires_grad=True).leaves()
+    o, _, grads = _past_loss_run(clean, "swla", t0, **kw)
+    for poisoned in RULE_GATES["swla"]:
+        bad = {**clean, poisoned: nan_from(clean[poisoned], t0)}
+        o_bad, _, grads_bad = _past_loss_run(bad, "swla", t0, **kw)
+        assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], f"{poisoned}: outputs before t0")
+        assert torch.isnan(o_bad[:, t0:]).all()
+        for name, g in grads.items():
+            if g is not None:
+                assert_finite_and_equal(grads_bad[name], g, f"{poisoned}: grad {name}")
+
+
+def test_nan_in_a_prefill_makes_the_continued_stream_nan():
+    inp = make("gated_delta", 20, seed=9)
+    inp.v[:, 15] = float("nan")
+    kw = dict(aggregation="grm", segment_size=4)
+    o, cache = inp.part(0, 18).run(output_cache=True, **kw)
+    assert torch.isfinite(o[:, :15]).all() and torch.isnan(o[:, 15:]).all()
+    o2 = inp.part(18, 20).run(with_state=False, cache=cache, **kw)
+    assert torch.isnan(o2).all()
+
+
 # --------------------------------------------------------------------------------------------
 # 4. streaming == parallel
 # --------------------------------------------------------------------------------------------
@@ -687,6 +770,8 @@ BAD_INPUTS = {
     "unknown impl": (arg("impl"), lambda: _with(impl="triton")),
     "chunk_size 0": (arg("chunk_size"), lambda: _with(chunk_size=0)),
     "g missing": (arg("g"), lambda: _with(g=None)),
+    "g nan": (arg("g"), lambda: _with(g=torch.full((2, 6, 3), float("nan")))),
+    "beta nan": (arg("beta"), lambda: _with(beta=torch.full((2, 6, 3), float("nan")))),
 }
 
 
