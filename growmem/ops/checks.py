@@ -87,6 +87,11 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
         )
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
+    # (an empty batch, B = 0, is fine: its outputs and states are empty)
+    if H < 1 or Dk < 1:
+        raise ValueError(f"q must have H >= 1 heads of Dk >= 1 dims, got shape {tuple(q.shape)}")
+    if v.shape[-1] < 1:
+        raise ValueError(f"v must have Dv >= 1 dims, got shape {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, T, H, Dk, v.shape[-1]

@@ -455,6 +455,13 @@ BAD_INPUTS = {
     "beta inf": ("beta", lambda: _with(beta=torch.full((2, 6, 3), math.inf))),
     "lam nan": ("lam", lambda: _with("swla", lam=torch.full((2, 6, 3), math.nan))),
     "unknown impl": ("impl", lambda: _with(impl="triton")),
+    "no heads": (
+        "q",
+        lambda: _with(
+            q=torch.randn(2, 6, 0, 4), k=torch.randn(2, 6, 0, 4), v=torch.randn(2, 6, 0, 5)
+        ),
+    ),
+    "Dv 0": ("v", lambda: _with(v=torch.randn(2, 6, 3, 0))),
 }
 
 
@@ -465,6 +472,17 @@ def test_bad_input_raises_value_error_naming_argument(case):
     q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
     with pytest.raises(ValueError, match=r"^" + re.escape(name) + r"\b"):
         linear_memory(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("boundary", [None, 4])
+def test_empty_batch_gives_empty_outputs_and_states(rule, boundary):
+    q, k, v, gates, s0 = make_inputs(rule, 0, 9, H, 5, 4, torch.float64, 0, True)
+    o, states = run(q, k, v, gates, s0, rule=rule, boundary=boundary, chunk_size=4)
+    assert o.shape == (0, 9, H, 4)
+    assert states.shape == ((0, H, 4, 5) if boundary is None else (0, 3, H, 4, 5))
+    (o.sum() + states.sum()).backward()
+    assert q.grad.shape == q.shape and s0.grad.shape == s0.shape
 
 
 def test_good_inputs_of_bad_input_table_run():

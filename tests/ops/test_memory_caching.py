@@ -770,6 +770,13 @@ BAD_INPUTS = {
     "unknown impl": (arg("impl"), lambda: _with(impl="triton")),
     "chunk_size 0": (arg("chunk_size"), lambda: _with(chunk_size=0)),
     "g missing": (arg("g"), lambda: _with(g=None)),
+    "no heads": (
+        arg("q"),
+        lambda: _with(
+            q=torch.randn(2, 6, 0, 4), k=torch.randn(2, 6, 0, 4), v=torch.randn(2, 6, 0, 5)
+        ),
+    ),
+    "Dk 0": (arg("q"), lambda: _with(q=torch.randn(2, 6, 3, 0), k=torch.randn(2, 6, 3, 0))),
     "g nan": (arg("g"), lambda: _with(g=torch.full((2, 6, 3), float("nan")))),
     "beta nan": (arg("beta"), lambda: _with(beta=torch.full((2, 6, 3), float("nan")))),
 }
@@ -797,8 +804,8 @@ def test_good_inputs_of_bad_input_table_run(aggregation):
         assert torch.equal(_call(_with(aggregation, u=None)), o)
 
 
-def _continue(cache, aggregation="grm", b=2, T=3, **changes):
-    inp = make("gated_delta", T, 4, 5, seed=1, b=b, h=3, dtype=torch.float32)
+def _continue(cache, aggregation="grm", b=2, T=3, dtype=torch.float32, **changes):
+    inp = make("gated_delta", T, 4, 5, seed=1, b=b, h=3, dtype=dtype)
     kw = dict(rule="gated_delta", aggregation=aggregation, cache=cache)
     if "segments" not in changes:
         kw["segment_size"] = 4
@@ -822,6 +829,7 @@ def grm_cache():
         dict(segment_size=5),
         dict(summary="sum"),
         dict(gate_scale=0.3),
+        dict(dtype=torch.float64),  # the cache holds float32 states
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -829,6 +837,30 @@ def test_cache_of_another_configuration_is_rejected(grm_cache, changes):
     _continue(grm_cache)  # the same configuration continues
     with pytest.raises(ValueError, match=r"^cache\b"):
         _continue(grm_cache, **changes)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cache_in_float32_continued_in_bfloat16_runs(grm_cache, T):
+    # bf16 inputs compute in float32 (as under autocast): the same states
+    o = _continue(grm_cache, T=T, dtype=torch.bfloat16)
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_empty_batch_gives_empty_outputs_and_cache(aggregation):
+    inp = make("swla", 11, b=0, requires_grad=True)
+    kw = dict(aggregation=aggregation, segment_size=4, chunk_size=4, top_k=2)
+    o, cache = inp.run(output_cache=True, **kw)
+    assert o.shape == (0, 11, H, 4)
+    assert cache.seen_tokens == 11 and cache.config.batch_size == 0
+    assert cache.online_state.shape == (0, H, 4, 5)
+    assert cache.num_cached == (0 if aggregation == "none" else 2)
+    o.sum().backward()
+    assert all(x.grad is None or x.grad.shape == x.shape for x in inp.leaves().values())
+    for a, b in ((11, 12), (12, 15)):  # a decode step, then a chunk
+        part = make("swla", 15, b=0).part(a, b)
+        o, cache = part.run(with_state=False, cache=cache, output_cache=True, **kw)
+        assert o.shape == (0, b - a, H, 4) and cache.seen_tokens == b
 
 
 def test_cache_must_be_a_memory_cache():

@@ -169,6 +169,7 @@ def memory_caching(
                 f"{seen + T}; when streaming, pass the whole stream's segment "
                 "lengths (e.g. log_segments(total))"
             )
+    dtype = compute_dtype(q)
     config = CachingConfig(
         rule=rule,
         aggregation=aggregation,
@@ -181,6 +182,7 @@ def memory_caching(
         num_heads=H,
         key_dim=Dk,
         value_dim=Dv,
+        dtype=dtype,
         deep=(mini_batch, bool(norm), max_grad_norm, float(eps), Dh) if deep else None,
     )
     gates = {
@@ -192,7 +194,6 @@ def memory_caching(
         # guarded path that keeps them causal (one token has no future: no need).
         reads = (q, u) if aggregation in GATED_AGGREGATIONS else (q,)
         finite = check_values(rule, gates, (*reads, k, v) if impl == "chunk" and T > 1 else ())
-    dtype = compute_dtype(q)
 
     if impl == "reference":
         if streaming:

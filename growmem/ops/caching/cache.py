@@ -24,6 +24,7 @@ class CachingConfig:
     num_heads: int
     key_dim: int
     value_dim: int
+    dtype: torch.dtype  # of the states: float32, or float64 for float64 inputs
     # deep memories only: (mini_batch, norm, max_grad_norm, eps, hidden dim of the MLP)
     deep: tuple | None = None
 
