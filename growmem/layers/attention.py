@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
-from growmem.ops.checks import check_positive_int
+from growmem.ops.checks import check_positive_float, check_positive_int
 
 
 class _SlotBuffer:
@@ -173,8 +173,7 @@ class Attention(nn.Module):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         if window is not None:
             check_positive_int("window", window)
-        if not rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        check_positive_float("rope_theta", rope_theta)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.window, self.rope_theta, self.layer_idx = window, float(rope_theta), layer_idx
         inner = num_heads * head_dim
@@ -187,7 +186,14 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
 
     def _layer_config(self) -> tuple:
-        return (self.hidden_size, self.num_heads, self.head_dim, self.window)
+        """The settings a cache must have been built with, as (name, value) pairs."""
+        return (
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("head_dim", self.head_dim),
+            ("window", self.window),
+            ("rope_theta", self.rope_theta),
+        )
 
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the layer's cache holds after T tokens of ``batch_size`` unpadded rows."""
@@ -234,6 +240,12 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         new = (k, v, valid, positions)
         if cache is not None:
+            if cache.keys.dtype != v.dtype:  # appending would round silently
+                raise ValueError(
+                    f"cache holds keys and values in {cache.keys.dtype}, this call computes "
+                    f"{v.dtype} ones: continue a cache in the dtype (and autocast setting) "
+                    "that built it"
+                )
             cache = cache.append(new)
             k, v, key_valid, key_positions = cache.keys, cache.values, cache.valid, cache.positions
         else:

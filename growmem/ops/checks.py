@@ -133,15 +133,18 @@ _TITANS_BETA = (lambda x: (x >= 0) & (x <= 1), "must lie in [0, 1] (titans' mome
 
 
 def check_values(
-    rule: str, gates: dict[str, torch.Tensor | None], inputs: tuple[torch.Tensor, ...] = ()
+    inputs: tuple[torch.Tensor, ...] = (),
+    gates: dict[str, torch.Tensor | None] | None = None,
+    rule: str | None = None,
 ) -> bool:
     """Every check that reads tensor values, in one host synchronisation.
 
     Reading values synchronises with the device, so all such checks live here, to be switched
-    off on the hot path as one. They are: the range of each per-token gate (g, beta, lam, eta;
-    None is skipped), an error when violated; and whether ``inputs`` (q, k, v, u) are finite,
-    which is not an error: a NaN there makes the outputs that read it NaN, and the scans then
-    take a slower path that keeps it from reaching earlier outputs (linear/nonfinite.py).
+    off on the hot path as one. They are: the range of each per-token gate of ``rule`` (g,
+    beta, lam, eta; None is skipped), an error when violated; and whether ``inputs`` (e.g. q,
+    k, v, u) are finite, which is not an error: a NaN there makes the outputs that read it
+    NaN, and the token-mixing ops then take a slower path that keeps it from reaching
+    earlier outputs and their gradients (ops/linear/nonfinite.py).
 
     Returns:
         True when every tensor of ``inputs`` is finite. (A sum that overflows counts as
@@ -150,7 +153,7 @@ def check_values(
     Raises:
         ValueError naming the first gate with a value outside its range.
     """
-    present = {name: x for name, x in gates.items() if x is not None}
+    present = {name: x for name, x in (gates or {}).items() if x is not None}
     rules = {
         name: _TITANS_BETA if (rule, name) == ("titans", "beta") else _GATE_VALUES[name]
         for name in present

@@ -343,7 +343,7 @@ def test_nan_in_future_tokens_does_not_reach_the_past(rule, poisoned, t0):
 def test_nan_gates_with_value_checks_off_do_not_reach_the_past(rule, monkeypatch):
     """NaN gates are rejected by the value checks (see the bad-input table); with those
     checks switched off (they synchronise with the device), the gates are kept causal too."""
-    monkeypatch.setattr(linear_api, "check_values", lambda rule, gates, inputs=(): False)
+    monkeypatch.setattr(linear_api, "check_values", lambda *args: False)
     for name in RULE_GATES[rule]:
         _check_nan_causality(rule, name, 21)
 

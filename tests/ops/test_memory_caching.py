@@ -493,7 +493,7 @@ def test_nan_in_future_tokens_does_not_reach_the_past(rule, aggregation, init):
 def test_nan_gates_with_value_checks_off_do_not_reach_the_past(aggregation, monkeypatch):
     """NaN gates are rejected by the value checks (see the bad-input table); with those
     checks switched off (they synchronise with the device), the gates are kept causal too."""
-    monkeypatch.setattr(caching_api, "check_values", lambda rule, gates, inputs=(): False)
+    monkeypatch.setattr(caching_api, "check_values", lambda *args: False)
     T, t0 = 29, 12
     kw = dict(aggregation=aggregation, segment_size=5, chunk_size=8)
     clean = make("swla", T, seed=8, requires_grad=True).leaves()

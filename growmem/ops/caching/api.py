@@ -193,7 +193,7 @@ def memory_caching(
         # The scans and reads mix a call's tokens in matmuls: non-finite inputs take the
         # guarded path that keeps them causal (one token has no future: no need).
         reads = (q, u) if aggregation in GATED_AGGREGATIONS else (q,)
-        finite = check_values(rule, gates, (*reads, k, v) if impl == "chunk" and T > 1 else ())
+        finite = check_values((*reads, k, v) if impl == "chunk" and T > 1 else (), gates, rule)
 
     if impl == "reference":
         if streaming:

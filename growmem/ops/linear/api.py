@@ -88,7 +88,7 @@ def linear_memory(
     gates = {n: x for n, x in (("g", g), ("beta", beta), ("lam", lam)) if x is not None}
     # The chunk form mixes a chunk's tokens in matmuls: non-finite inputs take the guarded
     # path that keeps them causal (one token has no future: no need).
-    finite = check_values(rule, gates, (q, k, v) if impl == "chunk" and T > 1 else ())
+    finite = check_values((q, k, v) if impl == "chunk" and T > 1 else (), gates, rule)
 
     ends = None if boundary is None else segment_ends(T, boundary)
     kwargs = dict(initial_state=initial_state, ends=ends, prev_kv=prev_kv)
