@@ -165,7 +165,12 @@ def check_values(
     bad = torch.stack(flags).tolist()  # the one host synchronisation
     for name, is_bad in zip(present, bad[: len(present)], strict=True):
         if is_bad:
-            raise ValueError(f"{name} {rules[name][1]}")
+            # a layer's gates are bounded functions of its activations: only a NaN or inf
+            # there puts them out of range
+            raise ValueError(
+                f"{name} {rules[name][1]}; from a layer, this means its activations "
+                "(hidden_states) hold NaN or inf"
+            )
     return not any(bad[len(present) :])
 
 
