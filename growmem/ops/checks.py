@@ -98,7 +98,8 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
 
 
 def check_gates(rule: str, B: int, T: int, H: int, **gates) -> None:
-    """Check that exactly the gates ``rule`` needs are given, each of shape [B, T, H]."""
+    """Check that exactly the gates ``rule`` needs are given, each of shape [B, T, H] (their
+    values: ``check_values``)."""
     check_choice("rule", rule, LINEAR_RULES)
     needed = RULE_GATES[rule]
     for name, x in gates.items():
