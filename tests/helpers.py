@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +81,18 @@ def make_u(
 def aggregation_inits(aggregations, inits=("continuous", "independent")) -> list[tuple[str, str]]:
     """The (aggregation, init) pairs that fit together: loglinear needs init="continuous"."""
     return [(a, i) for a in aggregations for i in inits if a != "loglinear" or i == "continuous"]
+
+
+def nan_from(x: torch.Tensor, t0: int, t1: int | None = None) -> torch.Tensor:
+    """A leaf copy of x [B, T, ...] with NaN at tokens t0..t1-1 (to the end when t1 is None),
+    requiring grad as x does."""
+    y = x.detach().clone()
+    y[:, t0:t1] = math.nan
+    return y.requires_grad_(x.requires_grad)
+
+
+def assert_finite_and_equal(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-12):
+    """a is finite and equals b (b finite): relative error below ``tol``."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: not finite"
+    assert torch.equal(a, b) or rel_err(a, b) < tol, f"{what}: rel err {rel_err(a, b):.3e}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
-from growmem.ops.checks import check_positive_int
+from growmem.ops.checks import check_positive_float, check_positive_int, check_values
 
 
 class _SlotBuffer:
@@ -173,8 +174,7 @@ class Attention(nn.Module):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         if window is not None:
             check_positive_int("window", window)
-        if not rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        check_positive_float("rope_theta", rope_theta)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.window, self.rope_theta, self.layer_idx = window, float(rope_theta), layer_idx
         inner = num_heads * head_dim
@@ -187,7 +187,14 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
 
     def _layer_config(self) -> tuple:
-        return (self.hidden_size, self.num_heads, self.head_dim, self.window)
+        """The settings a cache must have been built with, as (name, value) pairs."""
+        return (
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("head_dim", self.head_dim),
+            ("window", self.window),
+            ("rope_theta", self.rope_theta),
+        )
 
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the layer's cache holds after T tokens of ``batch_size`` unpadded rows."""
@@ -232,14 +239,30 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q, k = q.to(v.dtype), k.to(v.dtype)
+        # SDPA reads masked keys with weight 0 (0 · NaN = NaN): non-finite inputs take the
+        # guarded path (one token has no other token of its call to reach)
+        finite = T == 1 or check_values((q, k, v))
+        if not finite:  # a NaN at padding is never read: store padding finite
+            pad = ~valid[:, None, :, None]
+            k, v = (torch.where(pad, torch.nan_to_num(t, 0.0, 0.0, 0.0), t) for t in (k, v))
         new = (k, v, valid, positions)
         if cache is not None:
+            if cache.keys.dtype != v.dtype:  # appending would round silently
+                raise ValueError(
+                    f"cache holds keys and values in {cache.keys.dtype}, this call computes "
+                    f"{v.dtype} ones: continue a cache in the dtype (and autocast setting) "
+                    "that built it"
+                )
             cache = cache.append(new)
             k, v, key_valid, key_positions = cache.keys, cache.values, cache.valid, cache.positions
         else:
             key_valid, key_positions = valid, positions
         padded = not bool(key_valid.all())
-        if not padded and self.window is None and cache is None:
+        if not finite:
+            o = self._attend_nonfinite(
+                q, k, v, self._mask(valid, positions, key_valid, key_positions)
+            )
+        elif not padded and self.window is None and cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif not padded and self.window is None and T == 1:
             o = F.scaled_dot_product_attention(q, k, v)
@@ -248,7 +271,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = o.transpose(1, 2).reshape(B, T, H * D)
         if not bool(valid.all()):
-            o = o * valid[..., None]
+            o = o.masked_fill(~valid[..., None], 0.0)  # (not a product: a pad may be NaN)
         o = self.o_proj(o)
         if not use_cache:
             return o, None
@@ -261,6 +284,22 @@ class Attention(nn.Module):
         )
         cache = AttentionLayerCache(buffer, start, length, seen, self._layer_config())
         return o, cache if self.window is None else cache.drop_unreachable(self.window)
+
+    @staticmethod
+    def _attend_nonfinite(q, k, v, allowed) -> torch.Tensor:
+        """SDPA when q [B, H, T, D] or the keys and values k, v [B, H, S, D] hold NaN or inf.
+
+        It runs on the inputs with the non-finite tokens zeroed, then sets to NaN the outputs
+        of the queries that are non-finite or attend (``allowed`` [B, 1, T, S]) a non-finite
+        key or value; their gradient is 0, so no NaN reaches an earlier token's either.
+        """
+        ok_q = torch.isfinite(q).all(-1)  # [B, H, T]
+        ok_kv = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # [B, H, S]
+        q = torch.where(ok_q[..., None], q, 0.0)
+        k, v = (torch.where(ok_kv[..., None], t, 0.0) for t in (k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        reads_bad = ~ok_q | (allowed & ~ok_kv[:, :, None, :]).any(-1)  # [B, H, T]
+        return o.masked_fill(reads_bad[..., None], math.nan)
 
     def _mask(self, valid, positions, key_valid, key_positions) -> torch.Tensor:
         """[B, 1, T, S + T] bool: which key slots each query may attend to.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from growmem.ops.checks import check_bool, check_positive_float, check_positive_int
+
 
 def check_hidden_states(hidden_states, hidden_size: int) -> None:
     """hidden_states must be a [B, T >= 1, hidden_size] tensor."""
@@ -19,8 +21,45 @@ def check_hidden_states(hidden_states, hidden_size: int) -> None:
         )
 
 
+def check_memory_options(
+    *,
+    conv_size,
+    chunk_size,
+    expansion,
+    mini_batch,
+    eta_max,
+    max_grad_norm,
+    norm_eps,
+    use_short_conv,
+    qk_norm,
+    mlp_norm,
+) -> None:
+    """Check the options of a MemoryCachingAttention layer that stand on their own (also
+    those of the deep rules, whatever the rule: a configuration holds them all)."""
+    for name, x in (
+        ("conv_size", conv_size),
+        ("chunk_size", chunk_size),
+        ("expansion", expansion),
+        ("mini_batch", mini_batch),
+    ):
+        check_positive_int(name, x)
+    check_positive_float("eta_max", eta_max)
+    check_positive_float("max_grad_norm", max_grad_norm, allow_none=True)
+    check_positive_float("norm_eps", norm_eps)
+    for name, x in (
+        ("use_short_conv", use_short_conv),
+        ("qk_norm", qk_norm),
+        ("mlp_norm", mlp_norm),
+    ):
+        check_bool(name, x)
+
+
 def check_layer_cache(cache, cache_type: type, batch_size: int, layer_config: tuple) -> None:
-    """A cache handed to a layer must be of its type, batch size and configuration."""
+    """A cache handed to a layer must be of its type, batch size and configuration.
+
+    Args:
+        layer_config: the layer's settings as (name, value) pairs.
+    """
     if cache is None:
         return
     if not isinstance(cache, cache_type):
@@ -30,10 +69,13 @@ def check_layer_cache(cache, cache_type: type, batch_size: int, layer_config: tu
             f"cache holds batch size {cache.batch_size}, hidden_states has {batch_size}"
         )
     if cache.layer_config != layer_config:
-        raise ValueError(
-            "cache was built by a layer of another configuration: "
-            f"{cache.layer_config} != {layer_config}"
-        )
+        built, here = dict(cache.layer_config), dict(layer_config)
+        diffs = [
+            f"{name}: cache has {built.get(name)!r}, layer has {here.get(name)!r}"
+            for name in {**built, **here}
+            if built.get(name) != here.get(name)
+        ]
+        raise ValueError("cache was built by a layer of another configuration: " + "; ".join(diffs))
 
 
 def padding_mask(mask, batch_size: int, length: int, device) -> torch.Tensor | None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from growmem.ops.checks import check_values
 
 
 class ShortConvolution(nn.Module):
@@ -41,13 +45,20 @@ class ShortConvolution(nn.Module):
 
         Returns (y [B, T, D], the new state [B, K - 1, D]).
         """
-        B, _, D = x.shape
+        B, T, D = x.shape
         K = self.kernel_size
         if state is None:
             state = x.new_zeros(B, K - 1, D)
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K - 1 + T, D]
-        T = x.shape[1]
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        new_state = xs[:, xs.shape[1] - (K - 1) :]
+        if T > 1 and not check_values((x,)):
+            return self._forward_nonfinite(x, state), new_state
+        return self._conv(xs, T), new_state
+
+    def _conv(self, xs: torch.Tensor, T: int) -> torch.Tensor:
+        """SiLU(causal conv) of the last T positions of xs [B, K - 1 + T, D]: [B, T, D]."""
+        K, D = self.kernel_size, xs.shape[-1]
+        weight, bias = self.weight.to(xs.dtype), self.bias.to(xs.dtype)
         if T <= self.SHIFTED_SUM_MAX_TOKENS:
             # y_t = bias + Σ_j w_j x_{t + j}: for a few tokens (decoding) K multiply-adds cost
             # less than a oneDNN convolution call
@@ -56,4 +67,22 @@ class ShortConvolution(nn.Module):
                 y = y + xs[:, j : j + T] * weight[:, 0, j]
         else:
             y = F.conv1d(xs.transpose(1, 2), weight, bias, groups=D).transpose(1, 2)
-        return F.silu(y), xs[:, xs.shape[1] - (K - 1) :]
+        return F.silu(y)
+
+    def _forward_nonfinite(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The output when x holds NaN or inf: it is NaN exactly where its window reads one.
+
+        The forward alone would be causal, but the backward of SiLU at a NaN output is NaN
+        even for a zero gradient, and the transposed convolution would carry it to the
+        gradients of earlier inputs. So the convolution runs on x with its non-finite entries
+        zeroed, and the outputs whose window reads one are set to NaN afterwards (their
+        gradient is 0).
+        """
+        K = self.kernel_size
+        finite = torch.isfinite(x)  # [B, T, D]
+        y = self._conv(
+            torch.cat([state.to(x.dtype), torch.where(finite, x, 0.0)], dim=1), x.shape[1]
+        )
+        bad = F.pad((~finite).transpose(1, 2).to(x.dtype), (K - 1, 0))  # [B, D, K - 1 + T]
+        reads_bad = F.max_pool1d(bad, K, stride=1).transpose(1, 2) > 0  # [B, T, D]
+        return y.masked_fill(reads_bad, math.nan)

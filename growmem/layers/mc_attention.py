@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
+from growmem.layers.checks import (
+    check_hidden_states,
+    check_layer_cache,
+    check_memory_options,
+    padding_mask,
+)
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
 from growmem.ops.caching import MemoryCache, check_caching_choices, memory_caching
@@ -151,8 +156,18 @@ class MemoryCachingAttention(nn.Module):
         check_caching_choices(aggregation, init, summary)
         check_positive_int("segment_size", segment_size)
         check_positive_int("top_k", top_k)
-        check_positive_int("chunk_size", chunk_size)
-        check_positive_int("conv_size", conv_size)
+        check_memory_options(
+            conv_size=conv_size,
+            chunk_size=chunk_size,
+            expansion=expansion,
+            mini_batch=mini_batch,
+            eta_max=eta_max,
+            max_grad_norm=max_grad_norm,
+            norm_eps=norm_eps,
+            use_short_conv=use_short_conv,
+            qk_norm=qk_norm,
+            mlp_norm=mlp_norm,
+        )
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(
@@ -176,14 +191,6 @@ class MemoryCachingAttention(nn.Module):
             self.conv = ShortConvolution(3 * inner, conv_size)
         self.deep = rule in DEEP_RULES
         if self.deep:
-            check_positive_int("expansion", expansion)
-            check_positive_int("mini_batch", mini_batch)
-            if (
-                not isinstance(eta_max, (int, float))
-                or isinstance(eta_max, bool)
-                or not eta_max > 0
-            ):
-                raise ValueError(f"eta_max must be a positive number, got {eta_max!r}")
             self.mini_batch, self.eta_max = mini_batch, float(eta_max)
             self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
             Dh = expansion * head_dim
@@ -287,8 +294,31 @@ class MemoryCachingAttention(nn.Module):
         return out, (self._cache(B, new_groups) if use_cache else None)
 
     def _layer_config(self) -> tuple:
-        conv = self.conv.kernel_size if self.use_short_conv else 0
-        return (self.hidden_size, self.num_heads, self.head_dim, conv)
+        """The settings a cache must have been built with, as (name, value) pairs: those
+        that shape its state or what is written to it (the memory op checks its own again;
+        chunk_size and norm_eps do neither)."""
+        settings = dict(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            conv_size=self.conv.kernel_size if self.use_short_conv else 0,
+            rule=self.rule,
+            aggregation=self.aggregation,
+            segment_size=self.segment_size,
+            top_k=self.top_k if self.aggregation == "ssc" else None,  # only ssc reads it
+            init=self.init,
+            summary=self.summary,
+            qk_norm=self.qk_norm,
+        )
+        if self.deep:
+            settings.update(
+                expansion=self.W1_0.shape[-1] // self.head_dim,
+                mini_batch=self.mini_batch,
+                eta_max=self.eta_max,
+                mlp_norm=self.mlp_norm,
+                max_grad_norm=self.max_grad_norm,
+            )
+        return tuple(settings.items())
 
     def _cache(self, batch_size: int, groups: list[RowGroup]) -> MemoryCachingLayerCache:
         return MemoryCachingLayerCache(batch_size, groups, self._layer_config())

@@ -6,9 +6,17 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
+from growmem.layers.checks import check_memory_options
 from growmem.models.cache import CACHE_FIELD
 from growmem.ops.caching import check_caching_choices
-from growmem.ops.checks import LINEAR_RULES, check_choice, check_positive_int
+from growmem.ops.checks import (
+    LINEAR_RULES,
+    check_bool,
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 from growmem.ops.deep import DEEP_RULES
 
 ATTENTION = "attention"
@@ -33,9 +41,9 @@ class GrowMemConfig(PreTrainedConfig):
         rule: linear | decay | delta | gated_delta | swla | dla | titans | attention.
         aggregation: none | residual | grm | soup | ssc | loglinear | mean (memory layers).
         segment_size: tokens per cached segment.
-        top_k: caches ssc reads per token. Stored as ``ssc_top_k`` (also accepted as an
-            argument), because transformers reads a model config's ``top_k`` as the top-k of
-            sampling.
+        top_k: caches ssc reads per token (default 2). Stored as ``ssc_top_k`` (also
+            accepted as an argument; pass one of the two), because transformers reads a
+            model config's ``top_k`` as the top-k of sampling.
         init: continuous | independent (memory at each segment start).
         summary: mean | sum (segment key summaries).
         attn_layers: indices of the layers that use softmax attention (hybrids).
@@ -91,22 +99,44 @@ class GrowMemConfig(PreTrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         use_cache: bool = True,
-        ssc_top_k: int = 2,
+        ssc_top_k: int | None = None,
         **kwargs,
     ):
+        # top_k is the argument's name everywhere else; the error names the one passed
+        if top_k is not None and ssc_top_k is not None and top_k != ssc_top_k:
+            raise ValueError(
+                f"top_k ({top_k!r}) and ssc_top_k ({ssc_top_k!r}) name one setting: pass one"
+            )
         if top_k is not None:
-            ssc_top_k = top_k
-        top_k = ssc_top_k
+            check_positive_int("top_k", top_k)
+        else:
+            ssc_top_k = 2 if ssc_top_k is None else ssc_top_k
+            check_positive_int("ssc_top_k", ssc_top_k)
+        top_k = ssc_top_k if top_k is None else top_k
         for name, value in (
             ("vocab_size", vocab_size),
             ("hidden_size", hidden_size),
             ("num_hidden_layers", num_hidden_layers),
             ("num_heads", num_heads),
             ("segment_size", segment_size),
-            ("top_k", top_k),
             ("max_position_embeddings", max_position_embeddings),
         ):
             check_positive_int(name, value)
+        check_memory_options(
+            conv_size=conv_size,
+            chunk_size=chunk_size,
+            expansion=expansion,
+            mini_batch=mini_batch,
+            eta_max=eta_max,
+            max_grad_norm=max_grad_norm,
+            norm_eps=norm_eps,
+            use_short_conv=use_short_conv,
+            qk_norm=qk_norm,
+            mlp_norm=mlp_norm,
+        )
+        check_nonnegative_float("initializer_range", initializer_range)
+        check_bool("tie_word_embeddings", tie_word_embeddings)
+        check_bool("use_cache", use_cache)
         check_choice("rule", rule, RULES)
         check_caching_choices(aggregation, init, summary)
         if head_dim is None:
@@ -129,8 +159,7 @@ class GrowMemConfig(PreTrainedConfig):
                 )
         if attn_window is not None:
             check_positive_int("attn_window", attn_window)
-        if not rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        check_positive_float("rope_theta", rope_theta)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_heads, self.head_dim = (
             num_hidden_layers,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LINEAR_RULES = ("linear", "decay", "delta", "gated_delta", "swla")
@@ -41,6 +43,32 @@ def check_positive_int(name: str, x, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int, got {x!r}")
 
 
+def _is_real(x) -> bool:
+    """A finite int or float (bools are not numbers here)."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_positive_float(name: str, x, allow_none: bool = False) -> None:
+    """``x`` must be a finite number > 0 (an int or float; None too when ``allow_none``)."""
+    if x is None and allow_none:
+        return
+    if not (_is_real(x) and x > 0):
+        expected = "a positive finite number" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+
+
+def check_nonnegative_float(name: str, x) -> None:
+    """``x`` must be a finite number >= 0 (an int or float)."""
+    if not (_is_real(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+
+
+def check_bool(name: str, x) -> None:
+    """``x`` must be True or False (not a string such as 'no', nor a number)."""
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+
+
 def check_choice(name: str, x, choices) -> None:
     if x not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {x!r}")
@@ -59,13 +87,19 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
         )
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
+    # (an empty batch, B = 0, is fine: its outputs and states are empty)
+    if H < 1 or Dk < 1:
+        raise ValueError(f"q must have H >= 1 heads of Dk >= 1 dims, got shape {tuple(q.shape)}")
+    if v.shape[-1] < 1:
+        raise ValueError(f"v must have Dv >= 1 dims, got shape {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, T, H, Dk, v.shape[-1]
 
 
 def check_gates(rule: str, B: int, T: int, H: int, **gates) -> None:
-    """Check that exactly the gates ``rule`` needs are given, each of shape [B, T, H]."""
+    """Check that exactly the gates ``rule`` needs are given, each of shape [B, T, H] (their
+    values: ``check_values``)."""
     check_choice("rule", rule, LINEAR_RULES)
     needed = RULE_GATES[rule]
     for name, x in gates.items():
@@ -74,16 +108,71 @@ def check_gates(rule: str, B: int, T: int, H: int, **gates) -> None:
                 raise ValueError(f"{name} is required by rule {rule!r}: a [B, T, H] tensor")
             check_tensor(name, x, 3, "[B, T, H]")
             check_shape(name, x, (B, T, H), "[B, T, H]")
-            # The chunk form takes differences of cumulative log-decays: -inf would give NaN.
-            if name == "g" and not bool(torch.isfinite(x).all()):
-                raise ValueError(
-                    "g must be finite (a_t = exp(g_t) > 0); for a hard reset use "
-                    "a large negative value such as -30"
-                )
         elif x is not None:
             raise ValueError(
                 f"{name} is not used by rule {rule!r} (it reads {list(needed)}); pass {name}=None"
             )
+
+
+# What each per-token gate's values must satisfy, and why. The chunk forms take differences of
+# cumulative log-decays (-inf would give NaN); beta, lam and eta scale writes, so a NaN in one
+# would poison the memory from that token on. Titans' beta is a momentum, kept in [0, 1].
+_GATE_VALUES = {
+    "g": (
+        lambda x: torch.isfinite(x),
+        "must be finite (a_t = exp(g_t) > 0); for a hard reset use a large negative value "
+        "such as -30",
+    ),
+    "beta": (lambda x: torch.isfinite(x), "must be finite (write strength)"),
+    "lam": (lambda x: torch.isfinite(x), "must be finite (current-token write strength)"),
+    "eta": (
+        lambda x: torch.isfinite(x) & (x >= 0),
+        "must be finite and >= 0 (inner learning rates)",
+    ),
+}
+_TITANS_BETA = (lambda x: (x >= 0) & (x <= 1), "must lie in [0, 1] (titans' momentum)")
+
+
+def check_values(
+    inputs: tuple[torch.Tensor, ...] = (),
+    gates: dict[str, torch.Tensor | None] | None = None,
+    rule: str | None = None,
+) -> bool:
+    """Every check that reads tensor values, in one host synchronisation.
+
+    Reading values synchronises with the device, so all such checks live here, to be switched
+    off on the hot path as one. They are: the range of each per-token gate of ``rule`` (g,
+    beta, lam, eta; None is skipped), an error when violated; and whether ``inputs`` (e.g. q,
+    k, v, u) are finite, which is not an error: a NaN there makes the outputs that read it
+    NaN, and the token-mixing ops then take a slower path that keeps it from reaching
+    earlier outputs and their gradients (ops/linear/nonfinite.py).
+
+    Returns:
+        True when every tensor of ``inputs`` is finite. (A sum that overflows counts as
+        non-finite: that only costs the slower path.)
+
+    Raises:
+        ValueError naming the first gate with a value outside its range.
+    """
+    present = {name: x for name, x in (gates or {}).items() if x is not None}
+    rules = {
+        name: _TITANS_BETA if (rule, name) == ("titans", "beta") else _GATE_VALUES[name]
+        for name in present
+    }
+    flags = [~rules[name][0](x).all() for name, x in present.items()]
+    flags += [~torch.isfinite(x.sum()) for x in inputs]  # one pass each, no full-size mask
+    if not flags:
+        return True
+    bad = torch.stack(flags).tolist()  # the one host synchronisation
+    for name, is_bad in zip(present, bad[: len(present)], strict=True):
+        if is_bad:
+            # a layer's gates are bounded functions of its activations: only a NaN or inf
+            # there puts them out of range
+            raise ValueError(
+                f"{name} {rules[name][1]}; from a layer, this means its activations "
+                "(hidden_states) hold NaN or inf"
+            )
+    return not any(bad[len(present) :])
 
 
 def check_state(name: str, x, expected: tuple[int, ...], layout: str) -> None:

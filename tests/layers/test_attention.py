@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from growmem.layers import Attention, AttentionLayerCache
-from tests.helpers import rel_err
+from tests.helpers import assert_finite_and_equal, nan_from, rel_err
 
 HIDDEN, HEADS = 24, 2  # head_dim 12
 TOL = 1e-12
@@ -163,6 +163,8 @@ def test_gradients_flow_through_the_cache_path():
         ({"head_dim": 7}, "head_dim must be even"),
         ({"window": 0}, "window"),
         ({"rope_theta": -1.0}, "rope_theta"),
+        ({"rope_theta": math.inf}, "^rope_theta"),
+        ({"rope_theta": "1e4"}, "^rope_theta"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -181,3 +183,66 @@ def test_bad_call_arguments():
         layer(x[:1], cache=cache)
     with pytest.raises(ValueError, match="another configuration"):
         make_layer(window=2)(x, cache=cache)
+    with pytest.raises(ValueError, match=r"^cache\b.*rope_theta"):
+        Attention(HIDDEN, HEADS, rope_theta=1e4).double()(x, cache=cache)
+    with pytest.raises(ValueError, match=r"^cache\b.*float64"):  # cache in float32
+        make_layer()(x, cache=make_layer().float()(x.float(), use_cache=True)[1])
+
+
+def test_empty_batch_gives_empty_outputs_and_cache():
+    layer, cache = make_layer(window=3), None
+    for T in (5, 1, 3):  # a prefill, a decode step, a chunk
+        o, cache = layer(
+            inputs(B=0, T=T), attention_mask=torch.ones(0, T), cache=cache, use_cache=True
+        )
+        assert o.shape == (0, T, HIDDEN) and cache.batch_size == 0
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in the future never reaches the past
+# --------------------------------------------------------------------------------------------
+
+
+def _past_loss_run(layer, x, t0, mask=None):
+    """Outputs and d/dx of a random functional of the outputs before t0."""
+    x = x.detach().requires_grad_()
+    o, _ = layer(x, attention_mask=mask)
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
+    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
+    return o.detach(), grad
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["aligned", "padded"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_nan_in_future_tokens_does_not_reach_the_past(window, padded):
+    t0 = 11
+    layer, x = make_layer(window), inputs(B=2, T=19)
+    mask = None
+    if padded:  # left padding of row 0, which holds NaN: it must never be read either
+        mask = torch.ones(2, 19, dtype=torch.long)
+        mask[0, :3] = 0
+    o, grad = _past_loss_run(layer, x, t0, mask)
+    x_bad = nan_from(x, t0)
+    if padded:
+        x_bad[0, :3] = float("nan")
+    o_bad, grad_bad = _past_loss_run(layer, x_bad, t0, mask)
+    assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], "outputs before t0")
+    assert torch.isnan(o_bad[:, t0:]).all()
+    assert_finite_and_equal(grad_bad[:, :t0], grad[:, :t0], "d/dx before t0")
+
+
+def test_nan_token_reaches_only_the_queries_that_attend_it():
+    """Streamed with a cache: a NaN at token 4 with a window of 3 spoils tokens 4 to 6 only."""
+    layer, x = make_layer(window=3), inputs(B=1, T=12)
+    o_clean, _ = layer(x)
+    x_bad = nan_from(x, 4, 5)
+    o, cache = layer(x_bad[:, :6], use_cache=True)
+    outs = [o]
+    for a, b in ((6, 7), (7, 9), (9, 12)):  # a decode step, then chunks
+        o, cache = layer(x_bad[:, a:b], cache=cache, use_cache=True)
+        outs.append(o)
+    o = torch.cat(outs, 1)
+    spoiled = torch.zeros(12, dtype=torch.bool)
+    spoiled[4:7] = True
+    assert torch.isnan(o[0, spoiled]).all()
+    assert_finite_and_equal(o[:, ~spoiled], o_clean[:, ~spoiled], "other outputs", 1e-10)

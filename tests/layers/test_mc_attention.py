@@ -19,7 +19,7 @@ from growmem.layers import (
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import aggregation_inits, rel_err
+from tests.helpers import aggregation_inits, assert_finite_and_equal, nan_from, rel_err
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
 
@@ -546,6 +546,18 @@ BAD_INIT = {
     "mini_batch 0": (arg("mini_batch"), dict(rule="dla", mini_batch=0)),
     "eta_max 0": (arg("eta_max"), dict(rule="titans", eta_max=0.0)),
     "eta_max negative": (arg("eta_max"), dict(rule="dla", eta_max=-0.1)),
+    # the deep rules' options are checked whatever the rule (a configuration holds them all)
+    "expansion 0 matrix rule": (arg("expansion"), dict(expansion=0)),
+    "mini_batch 0 matrix rule": (arg("mini_batch"), dict(mini_batch=0)),
+    "eta_max 0 matrix rule": (arg("eta_max"), dict(eta_max=0)),
+    "eta_max inf": (arg("eta_max"), dict(rule="dla", eta_max=float("inf"))),
+    "eta_max nan": (arg("eta_max"), dict(rule="titans", eta_max=float("nan"))),
+    "max_grad_norm negative": (arg("max_grad_norm"), dict(rule="titans", max_grad_norm=-1.0)),
+    "norm_eps 0": (arg("norm_eps"), dict(norm_eps=0.0)),
+    "norm_eps negative": (arg("norm_eps"), dict(norm_eps=-1e-6)),
+    "use_short_conv 'no'": (arg("use_short_conv"), dict(use_short_conv="no")),
+    "qk_norm 0": (arg("qk_norm"), dict(qk_norm=0)),
+    "mlp_norm 'yes'": (arg("mlp_norm"), dict(rule="titans", mlp_norm="yes")),
 }
 
 
@@ -558,6 +570,7 @@ def test_bad_constructor_argument(case):
 
 def test_good_constructor_arguments_run():
     MemoryCachingAttention(**GOOD_INIT)
+    MemoryCachingAttention(**GOOD_INIT, rule="titans", max_grad_norm=None, eta_max=1)
     layer = MemoryCachingAttention(**{**GOOD_INIT, "hidden_size": 30, "num_heads": 4}, head_dim=8)
     assert layer.head_dim == 8
     o, _ = layer(torch.randn(1, 3, 30))
@@ -618,16 +631,22 @@ def test_bad_forward_argument(case):
         dict(init="independent"),
         dict(conv_size=2),
         dict(use_short_conv=False),
+        dict(rule="delta"),
+        dict(summary="sum"),
+        dict(qk_norm=False),
+        dict(head_dim=8),
+        dict(dtype=torch.float64),  # the cache holds float32 states
     ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_cache_of_another_configuration_is_rejected(changes):
     layer = make_layer(dtype=torch.float32)
-    other = make_layer(**changes, dtype=torch.float32)
+    other = make_layer(**{"dtype": torch.float32, **changes})
     x = randx(2, 10, dtype=torch.float32)
     _, cache = layer(x, use_cache=True)
     layer(x[:, :2], cache=cache)  # the layer that built it continues it
     with pytest.raises(ValueError, match=arg("cache")):
-        other(x[:, :2], cache=cache)
+        other(x[:, :2].to(other.in_proj.weight.dtype), cache=cache)
 
 
 def test_good_forward_arguments_run():
@@ -638,6 +657,85 @@ def test_good_forward_arguments_run():
     assert o.shape == (3, 6, HIDDEN)
     o, _ = layer(**_forward_kwargs(layer, dict(attention_mask=ones.float())))
     assert o.shape == (3, 6, HIDDEN)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_empty_batch_gives_empty_outputs_and_cache(aggregation, masked):
+    layer = make_layer("swla", aggregation)
+    cache = None
+    for T in (9, 1, 4):  # a prefill, a decode step, a chunk
+        mask = torch.ones(0, T, dtype=torch.long) if masked else None
+        o, cache = layer(randx(0, T), attention_mask=mask, cache=cache, use_cache=True)
+        assert o.shape == (0, T, HIDDEN)
+        assert cache.batch_size == 0 and cache.nbytes() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in the future never reaches the past
+# --------------------------------------------------------------------------------------------
+
+
+def _past_loss_run(layer, x, t0, mask=None):
+    """Outputs and d/dx of a random functional of the outputs before t0."""
+    x = x.detach().requires_grad_()
+    o, _ = layer(x, attention_mask=mask)
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
+    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
+    return o.detach(), grad
+
+
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+def test_nan_in_future_tokens_does_not_reach_the_past(rule, aggregation, init):
+    """q, k, v, u and the output gate NaN from token t0 on (through the short conv; the
+    decay and write gates stay finite, as NaN gates are rejected): the outputs before t0 and
+    the gradients of a loss on them are those of the clean run. t0 = 27 follows the segment
+    end 24 inside the chunk [16, 32)."""
+    t0 = 27
+    layer = make_layer(rule, aggregation, init)
+    x = randx(2, T_FULL)
+    o, grad = _past_loss_run(layer, x, t0)
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[:, t0:] = float("nan")
+        return out
+
+    handle = layer.in_proj.register_forward_hook(poison)
+    try:
+        o_bad, grad_bad = _past_loss_run(layer, x, t0)
+    finally:
+        handle.remove()
+    assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], "outputs before t0")
+    assert torch.isnan(o_bad[:, t0:]).all()
+    assert_finite_and_equal(grad_bad, grad, "d/dx")
+
+
+@pytest.mark.parametrize(("rule", "gate"), [("decay", "g"), ("delta", "beta"), ("swla", "g")])
+def test_nan_hidden_states_under_gates_are_a_named_error(rule, gate):
+    """A rule's gates are bounded functions of the activations: out of range means NaN."""
+    x = randx(1, 9)
+    x[0, 5] = float("nan")
+    with pytest.raises(ValueError, match=rf"^{gate}\b.*hidden_states\) hold NaN or inf"):
+        make_layer(rule)(x)
+
+
+@pytest.mark.parametrize("aggregation", ["none", "grm", "ssc"])
+def test_nan_hidden_states_do_not_reach_the_past_or_real_tokens(aggregation):
+    """The linear rule has no gates: NaN hidden states from t0 on, and NaN at padding."""
+    t0 = 27
+    layer = make_layer("linear", aggregation)
+    x = randx(3, T_FULL)
+    o, grad = _past_loss_run(layer, x, t0)
+    o_bad, grad_bad = _past_loss_run(layer, nan_from(x, t0), t0)
+    assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], "outputs before t0")
+    assert torch.isnan(o_bad[:, t0:]).all()
+    assert_finite_and_equal(grad_bad[:, :t0], grad[:, :t0], "d/dx before t0")
+    mask = mask_from_lengths(T_FULL, LAYOUTS["middle"])
+    o, _ = layer(x, attention_mask=mask)
+    o_bad, _ = layer(x.masked_fill(mask[..., None] == 0, float("nan")), attention_mask=mask)
+    assert_finite_and_equal(o_bad, o, "outputs with NaN at the padding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,6 +778,32 @@ def test_short_conv_is_causal_with_window_k(K):
         expected = torch.zeros(12, dtype=torch.bool)
         expected[s : s + K] = True
         assert torch.equal(changed, expected), s
+
+
+@pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("T", [6, 12])  # the shifted sum (T <= 8) and F.conv1d
+def test_short_conv_nan_reaches_only_its_window(K, T):
+    """A NaN input at (s, channel 2): outputs NaN exactly at s..s+K-1 of channel 2, all else
+    and the gradients of a loss on the outputs before s as without it."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(5, K).double()
+    x = torch.randn(1, T, 5, dtype=torch.float64, requires_grad=True)
+    s = 4
+    x_bad = x.detach().clone()
+    x_bad[0, s, 2] = float("nan")
+    x_bad.requires_grad_()
+    results, state0 = [], torch.randn(1, K - 1, 5, dtype=torch.float64)
+    for inp in (x, x_bad):
+        y, state = conv(inp, state0)
+        (grad,) = torch.autograd.grad(y[:, :s].sum(), inp)
+        results.append((y.detach(), state, grad))
+    (y, state, grad), (y_bad, state_bad, grad_bad) = results
+    expected = torch.zeros_like(y, dtype=torch.bool)
+    expected[0, s : s + K, 2] = True
+    assert torch.equal(torch.isnan(y_bad), expected)
+    assert torch.equal(y_bad[~expected], y[~expected])
+    assert torch.equal(grad_bad, grad)
+    assert torch.equal(torch.isnan(state_bad).any(), torch.tensor(s >= T - (K - 1)))
 
 
 def test_short_conv_state_is_the_previous_inputs():

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from growmem.ops import linear_memory
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES
-from tests.helpers import make_inputs, rel_err
+from growmem.ops.linear import api as linear_api
+from tests.helpers import assert_finite_and_equal, make_inputs, nan_from, rel_err
 
 B, H, DK, DV = 2, 2, 24, 40
 TOL64 = 1e-9
@@ -284,6 +285,81 @@ def test_future_tokens_do_not_change_past_outputs(rule):
     assert rel_err(o_mix[:, t:], o[:, t:]) > 1e-3
 
 
+# A NaN in the future must not reach the past: the chunk form mixes a chunk's tokens in
+# matmuls (0 · NaN = NaN), and every backward pairs zero adjoints with later activations.
+NAN_T, NAN_ENDS = 37, (7, 14, 21, 28, 35, 37)  # boundary 7, chunks of 16
+
+
+def _past_loss_run(named: dict, rule: str, t0: int):
+    """o, states and the gradients of a random functional of the outputs before t0."""
+    gates = {n: x for n, x in named.items() if n in RULE_GATES[rule]}
+    o, states = linear_memory(
+        named["q"],
+        named["k"],
+        named["v"],
+        rule=rule,
+        **gates,
+        initial_state=named["initial_state"],
+        chunk_size=16,
+        boundary=7,
+    )
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(5), dtype=o.dtype)
+    grads = torch.autograd.grad((o[:, :t0] * w).sum(), list(named.values()))
+    return o.detach(), states.detach(), dict(zip(named, grads, strict=True))
+
+
+def _nan_inputs(rule: str, poisoned: str, t0: int, t1: int | None = None):
+    """(clean, poisoned) named leaves: NaN in input ``poisoned`` at tokens t0..t1-1."""
+    q, k, v, gates, s0 = make_inputs(rule, B, NAN_T, H, 5, 4, torch.float64, 4, True)
+    clean = dict(q=q, k=k, v=v, **gates, initial_state=s0)
+    return clean, {**clean, poisoned: nan_from(clean[poisoned], t0, t1)}
+
+
+def _check_nan_causality(rule: str, poisoned: str, t0: int):
+    clean, bad = _nan_inputs(rule, poisoned, t0)
+    o, states, grads = _past_loss_run(clean, rule, t0)
+    o_bad, states_bad, grads_bad = _past_loss_run(bad, rule, t0)
+    assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], "outputs before t0")
+    # from a key, value or gate on the memory is corrupt; a query only spoils its own output
+    assert torch.isnan(o_bad[:, t0:]).all()
+    before = torch.tensor(NAN_ENDS) <= t0
+    assert_finite_and_equal(states_bad[:, before], states[:, before], "states before t0")
+    if poisoned == "q":
+        assert_finite_and_equal(states_bad[:, ~before], states[:, ~before], "states")
+    else:
+        assert torch.isnan(states_bad[:, ~before]).all()
+    for name, g in grads.items():  # (0 at the tokens from t0 on, in both runs)
+        assert_finite_and_equal(grads_bad[name], g, f"grad {name}")
+
+
+@pytest.mark.parametrize("t0", [1, 21])
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+def test_nan_in_future_tokens_does_not_reach_the_past(rule, poisoned, t0):
+    _check_nan_causality(rule, poisoned, t0)
+
+
+@pytest.mark.parametrize("rule", ["decay", "gated_delta", "swla"])
+def test_nan_gates_with_value_checks_off_do_not_reach_the_past(rule, monkeypatch):
+    """NaN gates are rejected by the value checks (see the bad-input table); with those
+    checks switched off (they synchronise with the device), the gates are kept causal too."""
+    monkeypatch.setattr(linear_api, "check_values", lambda *args: False)
+    for name in RULE_GATES[rule]:
+        _check_nan_causality(rule, name, 21)
+
+
+@pytest.mark.parametrize("rule", ["linear", "gated_delta", "swla"])
+def test_nan_query_spoils_only_its_own_output(rule):
+    t0 = 21
+    clean, bad = _nan_inputs(rule, "q", t0, t0 + 1)
+    o, states, _ = _past_loss_run(clean, rule, t0)
+    o_bad, states_bad, _ = _past_loss_run(bad, rule, t0)
+    assert torch.isnan(o_bad[:, t0]).all()
+    keep = torch.arange(NAN_T) != t0
+    assert_finite_and_equal(o_bad[:, keep], o[:, keep], "other outputs")
+    assert_finite_and_equal(states_bad, states, "states")
+
+
 # --------------------------------------------------------------------------------------------
 # dtypes and autocast
 # --------------------------------------------------------------------------------------------
@@ -373,7 +449,19 @@ BAD_INPUTS = {
         lambda: _with("swla", prev_kv=(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), None)),
     ),
     "g infinite": ("g", lambda: _with(g=torch.full((2, 6, 3), -math.inf))),
+    "g nan": ("g", lambda: _with(g=torch.full((2, 6, 3), math.nan))),
+    "beta nan delta": ("beta", lambda: _with("delta", beta=torch.full((2, 6, 3), math.nan))),
+    "beta nan gated_delta": ("beta", lambda: _with(beta=torch.full((2, 6, 3), math.nan))),
+    "beta inf": ("beta", lambda: _with(beta=torch.full((2, 6, 3), math.inf))),
+    "lam nan": ("lam", lambda: _with("swla", lam=torch.full((2, 6, 3), math.nan))),
     "unknown impl": ("impl", lambda: _with(impl="triton")),
+    "no heads": (
+        "q",
+        lambda: _with(
+            q=torch.randn(2, 6, 0, 4), k=torch.randn(2, 6, 0, 4), v=torch.randn(2, 6, 0, 5)
+        ),
+    ),
+    "Dv 0": ("v", lambda: _with(v=torch.randn(2, 6, 3, 0))),
 }
 
 
@@ -384,6 +472,17 @@ def test_bad_input_raises_value_error_naming_argument(case):
     q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
     with pytest.raises(ValueError, match=r"^" + re.escape(name) + r"\b"):
         linear_memory(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("boundary", [None, 4])
+def test_empty_batch_gives_empty_outputs_and_states(rule, boundary):
+    q, k, v, gates, s0 = make_inputs(rule, 0, 9, H, 5, 4, torch.float64, 0, True)
+    o, states = run(q, k, v, gates, s0, rule=rule, boundary=boundary, chunk_size=4)
+    assert o.shape == (0, 9, H, 4)
+    assert states.shape == ((0, H, 4, 5) if boundary is None else (0, 3, H, 4, 5))
+    (o.sum() + states.sum()).backward()
+    assert q.grad.shape == q.shape and s0.grad.shape == s0.shape
 
 
 def test_good_inputs_of_bad_input_table_run():

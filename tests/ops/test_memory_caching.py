@@ -19,9 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from growmem.ops import MemoryCache, linear_memory, log_segments, memory_caching
+from growmem.ops.caching import api as caching_api
 from growmem.ops.caching.select import log_bucket_bounds, log_buckets
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES
-from tests.helpers import aggregation_inits, make_inputs, make_u, rel_err
+from tests.helpers import (
+    aggregation_inits,
+    assert_finite_and_equal,
+    make_inputs,
+    make_u,
+    nan_from,
+    rel_err,
+)
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "loglinear", "mean")
 GATED = ("grm", "soup", "ssc", "loglinear")
@@ -435,6 +443,81 @@ def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
             assert rel_err(o_mix[:, t0:], o[:, t0:]) > 1e-3
 
 
+def _past_loss_run(named: dict, rule: str, t0: int, **kw):
+    """o, the cache and the gradients of a random functional of the outputs before t0."""
+    gates = {n: x for n, x in named.items() if n in RULE_GATES[rule]}
+    o, cache = memory_caching(
+        named["q"],
+        named["k"],
+        named["v"],
+        named["u"],
+        rule=rule,
+        **gates,
+        initial_state=named["initial_state"],
+        output_cache=True,
+        **kw,
+    )
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(5), dtype=o.dtype)
+    grads = torch.autograd.grad((o[:, :t0] * w).sum(), list(named.values()), allow_unused=True)
+    return o.detach(), cache, dict(zip(named, grads, strict=True))
+
+
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+def test_nan_in_future_tokens_does_not_reach_the_past(rule, aggregation, init):
+    """NaN at tokens >= t0 of one input: the outputs before t0 and the gradients of a loss on
+    them are those of the clean run, and the outputs from t0 on are NaN. t0 = 12 lies in the
+    chunk [8, 16) after the segment end 10, whose cached state those tokens read."""
+    T, t0 = 29, 12
+    kw = dict(aggregation=aggregation, init=init, segment_size=5, chunk_size=8, top_k=2)
+    inp = make(rule, T, seed=8, requires_grad=True)
+    clean = inp.leaves()
+    o, _, grads = _past_loss_run(clean, rule, t0, **kw)
+    for poisoned in ("v", "k", "q", "u") if aggregation in GATED else ("v", "k", "q"):
+        bad = {**clean, poisoned: nan_from(clean[poisoned], t0)}
+        o_bad, cache, grads_bad = _past_loss_run(bad, rule, t0, **kw)
+        assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], f"{poisoned}: outputs before t0")
+        assert torch.isnan(o_bad[:, t0:]).all(), poisoned
+        for name, g in grads.items():
+            if g is None:  # u when the aggregation does not read it
+                assert grads_bad[name] is None
+            else:
+                assert_finite_and_equal(grads_bad[name], g, f"{poisoned}: grad {name}")
+        # a corrupt memory stays corrupt: the cache a stream continues from is NaN
+        corrupt = poisoned in ("k", "v")
+        assert torch.isnan(cache.online_state).all() == corrupt, poisoned
+        assert torch.isfinite(cache.online_state).all() != corrupt, poisoned
+
+
+@pytest.mark.parametrize("aggregation", ["none", "grm"])
+def test_nan_gates_with_value_checks_off_do_not_reach_the_past(aggregation, monkeypatch):
+    """NaN gates are rejected by the value checks (see the bad-input table); with those
+    checks switched off (they synchronise with the device), the gates are kept causal too."""
+    monkeypatch.setattr(caching_api, "check_values", lambda *args: False)
+    T, t0 = 29, 12
+    kw = dict(aggregation=aggregation, segment_size=5, chunk_size=8)
+    clean = make("swla", T, seed=8, requires_grad=True).leaves()
+    o, _, grads = _past_loss_run(clean, "swla", t0, **kw)
+    for poisoned in RULE_GATES["swla"]:
+        bad = {**clean, poisoned: nan_from(clean[poisoned], t0)}
+        o_bad, _, grads_bad = _past_loss_run(bad, "swla", t0, **kw)
+        assert_finite_and_equal(o_bad[:, :t0], o[:, :t0], f"{poisoned}: outputs before t0")
+        assert torch.isnan(o_bad[:, t0:]).all()
+        for name, g in grads.items():
+            if g is not None:
+                assert_finite_and_equal(grads_bad[name], g, f"{poisoned}: grad {name}")
+
+
+def test_nan_in_a_prefill_makes_the_continued_stream_nan():
+    inp = make("gated_delta", 20, seed=9)
+    inp.v[:, 15] = float("nan")
+    kw = dict(aggregation="grm", segment_size=4)
+    o, cache = inp.part(0, 18).run(output_cache=True, **kw)
+    assert torch.isfinite(o[:, :15]).all() and torch.isnan(o[:, 15:]).all()
+    o2 = inp.part(18, 20).run(with_state=False, cache=cache, **kw)
+    assert torch.isnan(o2).all()
+
+
 # --------------------------------------------------------------------------------------------
 # 4. streaming == parallel
 # --------------------------------------------------------------------------------------------
@@ -687,6 +770,15 @@ BAD_INPUTS = {
     "unknown impl": (arg("impl"), lambda: _with(impl="triton")),
     "chunk_size 0": (arg("chunk_size"), lambda: _with(chunk_size=0)),
     "g missing": (arg("g"), lambda: _with(g=None)),
+    "no heads": (
+        arg("q"),
+        lambda: _with(
+            q=torch.randn(2, 6, 0, 4), k=torch.randn(2, 6, 0, 4), v=torch.randn(2, 6, 0, 5)
+        ),
+    ),
+    "Dk 0": (arg("q"), lambda: _with(q=torch.randn(2, 6, 3, 0), k=torch.randn(2, 6, 3, 0))),
+    "g nan": (arg("g"), lambda: _with(g=torch.full((2, 6, 3), float("nan")))),
+    "beta nan": (arg("beta"), lambda: _with(beta=torch.full((2, 6, 3), float("nan")))),
 }
 
 
@@ -712,8 +804,8 @@ def test_good_inputs_of_bad_input_table_run(aggregation):
         assert torch.equal(_call(_with(aggregation, u=None)), o)
 
 
-def _continue(cache, aggregation="grm", b=2, T=3, **changes):
-    inp = make("gated_delta", T, 4, 5, seed=1, b=b, h=3, dtype=torch.float32)
+def _continue(cache, aggregation="grm", b=2, T=3, dtype=torch.float32, **changes):
+    inp = make("gated_delta", T, 4, 5, seed=1, b=b, h=3, dtype=dtype)
     kw = dict(rule="gated_delta", aggregation=aggregation, cache=cache)
     if "segments" not in changes:
         kw["segment_size"] = 4
@@ -737,6 +829,7 @@ def grm_cache():
         dict(segment_size=5),
         dict(summary="sum"),
         dict(gate_scale=0.3),
+        dict(dtype=torch.float64),  # the cache holds float32 states
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -744,6 +837,30 @@ def test_cache_of_another_configuration_is_rejected(grm_cache, changes):
     _continue(grm_cache)  # the same configuration continues
     with pytest.raises(ValueError, match=r"^cache\b"):
         _continue(grm_cache, **changes)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cache_in_float32_continued_in_bfloat16_runs(grm_cache, T):
+    # bf16 inputs compute in float32 (as under autocast): the same states
+    o = _continue(grm_cache, T=T, dtype=torch.bfloat16)
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_empty_batch_gives_empty_outputs_and_cache(aggregation):
+    inp = make("swla", 11, b=0, requires_grad=True)
+    kw = dict(aggregation=aggregation, segment_size=4, chunk_size=4, top_k=2)
+    o, cache = inp.run(output_cache=True, **kw)
+    assert o.shape == (0, 11, H, 4)
+    assert cache.seen_tokens == 11 and cache.config.batch_size == 0
+    assert cache.online_state.shape == (0, H, 4, 5)
+    assert cache.num_cached == (0 if aggregation == "none" else 2)
+    o.sum().backward()
+    assert all(x.grad is None or x.grad.shape == x.shape for x in inp.leaves().values())
+    for a, b in ((11, 12), (12, 15)):  # a decode step, then a chunk
+        part = make("swla", 15, b=0).part(a, b)
+        o, cache = part.run(with_state=False, cache=cache, output_cache=True, **kw)
+        assert o.shape == (0, b - a, H, 4) and cache.seen_tokens == b
 
 
 def test_cache_must_be_a_memory_cache():

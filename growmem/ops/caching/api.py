@@ -16,11 +16,13 @@ from growmem.ops.caching.select import GATED_AGGREGATIONS
 from growmem.ops.checks import (
     check_choice,
     check_gates,
+    check_positive_float,
     check_positive_int,
     check_qkv,
     check_shape,
     check_state,
     check_tensor,
+    check_values,
 )
 from growmem.ops.deep.api import DEEP_RULES, check_deep_args, check_deep_state
 from growmem.ops.deep.mlp import DeepState
@@ -110,7 +112,10 @@ def memory_caching(
             with lengths that are multiples of mini_batch the grid is deep_memory's).
 
     Returns:
-        o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True.
+        o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True. On the matrix
+        memories a NaN or inf in q, k, v or u never reaches an earlier output: from a
+        non-finite k or v on, outputs and the returned cache are NaN; a non-finite q or u
+        spoils its own output only (linear/nonfinite.py).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     deep = rule in DEEP_RULES
@@ -147,13 +152,7 @@ def memory_caching(
         check_shape("u", u, (B, T, H, Dk), "[B, T, H, Dk] like q")
     if gate_scale is None:
         gate_scale = 1.0 / math.sqrt(Dk)
-    elif (
-        isinstance(gate_scale, bool)
-        or not isinstance(gate_scale, (int, float))
-        or not math.isfinite(gate_scale)
-        or gate_scale <= 0
-    ):
-        raise ValueError(f"gate_scale must be a positive finite number, got {gate_scale!r}")
+    check_positive_float("gate_scale", gate_scale)
 
     if cache is not None and not isinstance(cache, MemoryCache):
         raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
@@ -170,6 +169,7 @@ def memory_caching(
                 f"{seen + T}; when streaming, pass the whole stream's segment "
                 "lengths (e.g. log_segments(total))"
             )
+    dtype = compute_dtype(q)
     config = CachingConfig(
         rule=rule,
         aggregation=aggregation,
@@ -182,12 +182,18 @@ def memory_caching(
         num_heads=H,
         key_dim=Dk,
         value_dim=Dv,
+        dtype=dtype,
         deep=(mini_batch, bool(norm), max_grad_norm, float(eps), Dh) if deep else None,
     )
     gates = {
         n: x for n, x in (("eta", eta), ("g", g), ("beta", beta), ("lam", lam)) if x is not None
     }
-    dtype = compute_dtype(q)
+    finite = True  # the deep rules check their own inputs (deep/api.py)
+    if not deep:
+        # The scans and reads mix a call's tokens in matmuls: non-finite inputs take the
+        # guarded path that keeps them causal (one token has no future: no need).
+        reads = (q, u) if aggregation in GATED_AGGREGATIONS else (q,)
+        finite = check_values((*reads, k, v) if impl == "chunk" and T > 1 else (), gates, rule)
 
     if impl == "reference":
         if streaming:
@@ -252,7 +258,7 @@ def memory_caching(
         if deep:
             o, new_cache = deep_memory_caching_forward(*args, init_weights)
         else:
-            o, new_cache = memory_caching_forward(*args, chunk_size=chunk_size)
+            o, new_cache = memory_caching_forward(*args, chunk_size=chunk_size, finite=finite)
     o = o.to(q.dtype)
     return (o, new_cache) if output_cache else o
 

@@ -24,6 +24,7 @@ class CachingConfig:
     num_heads: int
     key_dim: int
     value_dim: int
+    dtype: torch.dtype  # of the states: float32, or float64 for float64 inputs
     # deep memories only: (mini_batch, norm, max_grad_norm, eps, hidden dim of the MLP)
     deep: tuple | None = None
 
@@ -78,7 +79,7 @@ class MemoryCache:
         """The cache of the batch rows ``index`` (a 1-D long tensor), e.g. to split a batch or
         to reorder beams."""
         changes = {
-            f.name: _map_tensors(getattr(self, f.name), lambda x: x.index_select(0, index))
+            f.name: map_tensors(getattr(self, f.name), lambda x: x.index_select(0, index))
             for f in fields(self)
             if f.name != "config"
         }
@@ -136,14 +137,14 @@ def _tensors(value):
             yield from _tensors(x)
 
 
-def _map_tensors(value, fn):
+def map_tensors(value, fn):
     """``value`` with ``fn`` applied to each of its tensors (structure kept)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
-        return type(value)(*(_map_tensors(x, fn) for x in value))
+        return type(value)(*(map_tensors(x, fn) for x in value))
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(x, fn) for x in value)
+        return type(value)(map_tensors(x, fn) for x in value)
     if isinstance(value, dict):
-        return {n: _map_tensors(x, fn) for n, x in value.items()}
+        return {n: map_tensors(x, fn) for n, x in value.items()}
     return value

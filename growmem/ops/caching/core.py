@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import fields, replace
 
 import torch
 
-from growmem.ops.caching.cache import CachingConfig, MemoryCache
+from growmem.ops.caching.cache import CachingConfig, MemoryCache, map_tensors
 from growmem.ops.caching.reads import mixed_read, sparse_read
 from growmem.ops.caching.select import (
     GATED_AGGREGATIONS,
@@ -32,6 +33,7 @@ from growmem.ops.caching.select import (
 )
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_step
+from growmem.ops.linear.nonfinite import NonFiniteGuard, poison
 
 
 def empty_cache(config: CachingConfig, initial_state, dtype, device) -> MemoryCache:
@@ -243,16 +245,27 @@ def _log_bucket_gates(us, score_online, cached_summaries, n_tok, summary: str):
     return gamma, idx, valid.expand(B, H, T, L)
 
 
-def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_size: int = 64):
+def memory_caching_forward(
+    q, k, v, u, gates: dict, cache: MemoryCache, chunk_size: int = 64, finite: bool = True
+):
     """Consume T tokens after ``cache``; returns (o [B, T, H, Dv], the updated cache).
 
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] or None (gate projections);
         gates: the rule's per-token gates ([B, T, H] each), in the compute dtype.
         cache: the state after the earlier tokens (``empty_cache`` for a fresh sequence).
+        finite: whether q, k, v, u and the gates are known to be finite; False runs the
+            guarded path, where a non-finite input never reaches an earlier output.
     """
     cfg = cache.config
     T = q.shape[1]
+    guard = None
+    if not finite:  # keep the non-finite inputs causal (linear/nonfinite.py)
+        reads = dict(q=q) if cfg.aggregation not in GATED_AGGREGATIONS else dict(q=q, u=u)
+        guard = NonFiniteGuard(reads, dict(k=k, v=v, **gates))
+        q, u = guard.reads["q"], guard.reads.get("u", u)
+        gates = dict(guard.writes)
+        k, v = gates.pop("k"), gates.pop("v")
     cache = _close_open_segment(cache)
     t0 = cache.seen_tokens
     pieces = cfg.plan.pieces(t0, T)
@@ -313,4 +326,17 @@ def memory_caching_forward(q, k, v, u, gates: dict, cache: MemoryCache, chunk_si
         prev_kv=(k[:, -1].clone(), v[:, -1].clone()) if cfg.rule == "swla" else None,
         initial_state=cache.initial_state,
     )
+    if guard is not None:
+        o, new_cache = guard.output(o), _poison_cache(new_cache, guard.stream)
     return o, new_cache
+
+
+def _poison_cache(cache: MemoryCache, corrupt: torch.Tensor) -> MemoryCache:
+    """The cache with NaN in every state of the rows and heads whose memory is ``corrupt``
+    [B, H] (a non-finite write): a stream that continues it stays NaN, as its memory is."""
+    changes = {
+        f.name: map_tensors(getattr(cache, f.name), lambda x: poison(x, corrupt))
+        for f in fields(cache)
+        if f.name not in ("config", "initial_state")
+    }
+    return replace(cache, **changes)

@@ -175,12 +175,8 @@ def sparse_read(Q, St, idx, w, valid):
     rows = token_rows.reshape(-1)[live][order]
     weights = w.reshape(-1)[live][order]
     group_ids, counts = torch.unique_consecutive(groups, return_counts=True)
-    out = SparseRead.apply(
-        Q.reshape(B * H * T, Dk),
-        St2,
-        weights,
-        rows,
-        group_ids.tolist(),
-        counts.tolist(),
-    )
+    group_ids, counts = group_ids.tolist(), counts.tolist()
+    if not counts:  # nothing routed: an empty batch
+        return Q.new_zeros(B, H, T, Dv)
+    out = SparseRead.apply(Q.reshape(B * H * T, Dk), St2, weights, rows, group_ids, counts)
     return out.view(B, H, T, Dv)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from growmem.ops.checks import check_gates, check_positive_int, check_qkv, check_state
+from growmem.ops.checks import (
+    check_gates,
+    check_positive_int,
+    check_qkv,
+    check_state,
+    check_values,
+)
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_memory_reference
+from growmem.ops.linear.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import autocast_off
 
 
@@ -55,7 +62,13 @@ def linear_memory(
     Returns:
         o: [B, T, H, Dv] in q's dtype. states: the final state [B, H, Dv, Dk] when boundary is
         None, else [B, ceil(T / boundary), H, Dv, Dk]; states are float32 (float64 for float64
-        inputs), also under autocast.
+        inputs), also under autocast. A NaN or inf in q, k or v never reaches an earlier
+        output or state (linear/nonfinite.py): from a non-finite k or v on, outputs and
+        states are NaN; a non-finite q spoils its own output only.
+
+    Raises:
+        ValueError naming the argument, for bad shapes or options and for gates out of range
+        (g, beta, lam must be finite).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
@@ -72,14 +85,26 @@ def linear_memory(
     if impl not in ("chunk", "reference"):
         raise ValueError(f"impl must be 'chunk' or 'reference', got {impl!r}")
 
+    gates = {n: x for n, x in (("g", g), ("beta", beta), ("lam", lam)) if x is not None}
+    # The chunk form mixes a chunk's tokens in matmuls: non-finite inputs take the guarded
+    # path that keeps them causal (one token has no future: no need).
+    finite = check_values((q, k, v) if impl == "chunk" and T > 1 else (), gates, rule)
+
     ends = None if boundary is None else segment_ends(T, boundary)
-    kwargs = dict(
-        rule=rule, g=g, beta=beta, lam=lam, initial_state=initial_state, ends=ends, prev_kv=prev_kv
-    )
+    kwargs = dict(initial_state=initial_state, ends=ends, prev_kv=prev_kv)
     # States accumulate in fp32 (fp64 for fp64 inputs): autocast must not lower the scan.
     with autocast_off(q.device.type):
-        if impl == "chunk":
-            o, states = chunk_linear_memory(q, k, v, chunk_size=chunk_size, **kwargs)
-        else:
-            o, states = linear_memory_reference(q, k, v, **kwargs)
+        if impl == "reference":  # the literal recurrence, NaN included
+            o, states = linear_memory_reference(q, k, v, rule=rule, **gates, **kwargs)
+            return o.to(q.dtype), states
+        guard = None if finite else NonFiniteGuard(dict(q=q), dict(k=k, v=v, **gates))
+        if guard is not None:
+            q, gates = guard.reads["q"], guard.writes
+            k, v = gates.pop("k"), gates.pop("v")
+        o, states = chunk_linear_memory(
+            q, k, v, rule=rule, chunk_size=chunk_size, **gates, **kwargs
+        )
+    if guard is not None:
+        o = guard.output(o)
+        states = poison(states, guard.stream) if ends is None else guard.states_after(states, ends)
     return o.to(q.dtype), states
