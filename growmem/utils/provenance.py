@@ -4,6 +4,8 @@ file and run folder so that a number can be traced to the code and the releases 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -59,3 +61,19 @@ def provenance() -> dict:
         "git": git_commit(),
         "python": platform.python_version(),
     }
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` as JSON atomically (a reader sees the old or the new
+    file), with a ``provenance`` block first.
+
+    Args:
+        path: the file to (re)write; its folder is created.
+        payload: JSON-serialisable results (a ``provenance`` key in it is replaced).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
