@@ -22,7 +22,14 @@ import torch
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def _at_least(low: int):
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
     """An argparse type: an integer >= ``low``."""
 
     def parse(text: str) -> int:
@@ -168,7 +175,7 @@ def cmd_configs(_args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="growmem", description=__doc__.split("\n")[0])
+    parser = Parser(prog="growmem", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model from a YAML config")
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--stop-after",
-        type=_at_least(1),
+        type=int_at_least(1),
         metavar="STEP",
         help="end the session after STEP with a checkpoint (continue later with --resume)",
     )
@@ -199,25 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
     p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")
     p.add_argument(
-        "--lengths", type=_at_least(1), nargs="+", help="sequence lengths to evaluate at"
+        "--lengths", type=int_at_least(1), nargs="+", help="sequence lengths to evaluate at"
     )
     p.add_argument(
         "--kv-pairs",
-        type=_at_least(1),
+        type=int_at_least(1),
         nargs="+",
         help="mqar: key-value pairs to test with (slices need length >= 4 * pairs)",
     )
     p.add_argument(
         "--post-training-mc",
-        type=_at_least(1),
+        type=int_at_least(1),
         metavar="SEGMENT",
         help="read the memory through Memory Caching (uniform mean over segments of SEGMENT "
         "tokens) at inference only",
     )
     p.add_argument(
-        "--max-blocks", type=_at_least(0), default=0, help="lm: blocks to score (0: task's)"
+        "--max-blocks", type=int_at_least(0), default=0, help="lm: blocks to score (0: task's)"
     )
-    p.add_argument("--threads", type=_at_least(0), default=0, help="torch threads (0: default)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: default)")
     p.add_argument(
         "--device",
         default="auto",
