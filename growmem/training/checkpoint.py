@@ -43,8 +43,12 @@ CHECKSUMS = "SHA256SUMS"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"  # every temporary file or folder this module makes starts with it
 _STEP_NAME = re.compile(r"step_\d+")
-# what versions before TMP_PREFIX left: ".step_00000005-1a2b3c4d", ".model-1a2b3c4d", ".stale-..."
-_OLD_TEMPORARY = re.compile(r"\.((step_\d+|model)-[0-9a-f]{8}|stale-.+)")
+# what versions before TMP_PREFIX left: ".step_00000005-1a2b3c4d", ".model-1a2b3c4d"
+_OLD_TEMPORARY = re.compile(r"\.(step_\d+|model)-[0-9a-f]{8}")
+# a complete earlier version of folder NAME, moved aside for its replacement: the folder
+# itself, or (versions before TMP_PREFIX) a folder holding it
+_STALE = re.compile(r"\.tmp-stale-(?P<name>[^-]+)-[0-9a-f]{8}")
+_OLD_STALE = re.compile(r"\.stale-(?P<name>[^-]+)-.+")
 
 
 class ChecksumError(ValueError):
@@ -58,23 +62,29 @@ def _temporary(folder: Path, name: str) -> Path:
 
 def remove_temporaries(folder: Path) -> list[str]:
     """Delete the hidden temporary files and folders an interrupted write left in ``folder``
-    (a killed process never runs its own clean-up). Only the one process writing the run may
-    call it: another writer's temporaries would go too.
+    (a killed process never runs its own clean-up). An earlier version of a folder that was
+    moved aside for a replacement that never arrived is put back instead. Only the one
+    process writing the run may call this: another writer's temporaries would go too.
 
     Returns:
-        The names removed.
+        The names removed or put back.
     """
-    removed = []
-    if not Path(folder).is_dir():
-        return removed
-    for entry in sorted(Path(folder).iterdir()):
-        if entry.name.startswith(TMP_PREFIX) or _OLD_TEMPORARY.fullmatch(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry.name)
-    return removed
+    folder = Path(folder)
+    handled = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        stale = _STALE.fullmatch(entry.name) or _OLD_STALE.fullmatch(entry.name)
+        if stale:
+            previous = entry if stale.re is _STALE else entry / stale["name"]
+            if not (folder / stale["name"]).exists() and previous.is_dir():
+                os.replace(previous, folder / stale["name"])
+        elif not (entry.name.startswith(TMP_PREFIX) or _OLD_TEMPORARY.fullmatch(entry.name)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+        handled.append(entry.name)
+    return handled
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -71,7 +71,7 @@ def load_yaml(data: bytes | str, source: str) -> Any:
     except yaml.reader.ReaderError as error:  # a control character: no line mark of its own
         line = data[: error.position].count("\n") + 1
         raise ValueError(
-            f"{source}, line {line}: character {error.character!r} is not allowed in YAML"
+            f"{source}, line {line}: character #x{error.character:04x} is not allowed in YAML"
         ) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -311,8 +311,12 @@ def _check_range(
         below = v < low or (open_low and v == low)
         above = v > high or (open_high and v == high)
         if not math.isfinite(v) or below or above:
-            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+            if high == math.inf:
+                expected = f"{'>' if open_low else '>='} {low}"
+            else:
+                expected = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            finite = " and finite" if isinstance(v, float) else ""
+            raise ValueError(f"{name} must be {expected}{finite}, got {value!r}")
 
 
 # Lower bounds of the counts: a step count or size is >= 1, an interval may be 0 (off).

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from growmem.cli import main
 from growmem.train import train
-from growmem.training.checkpoint import latest_checkpoint, read_run_config
+from growmem.training.checkpoint import latest_checkpoint, read_run_config, remove_temporaries
 from growmem.utils.provenance import provenance
 
 from .common import (
@@ -372,3 +372,15 @@ def test_a_checkpoint_killed_mid_write_leaves_nothing_after_the_next_start(stopp
     left = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()]]
     assert [name for name in left if name.startswith(".")] == [".lock"]
     assert latest_checkpoint(out).name == "step_00000004"
+
+
+def test_a_folder_moved_aside_for_a_replacement_that_never_came_is_put_back(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(out, train={"steps": 2}))
+    before = snapshot(out / "model")
+    # killed between moving the old model aside and moving its replacement in
+    (out / "model").rename(out / ".tmp-stale-model-0123abcd")
+    (out / ".tmp-model-89abcdef").mkdir()
+    assert remove_temporaries(out) == [".tmp-model-89abcdef", ".tmp-stale-model-0123abcd"]
+    assert snapshot(out / "model") == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
