@@ -184,17 +184,26 @@ def train(
 ) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
-    Under torchrun every process runs this; rank 0 logs, evaluates and writes checkpoints.
-    With ``resume`` the run continues from its latest checkpoint and reproduces exactly the
-    metrics an uninterrupted run would have written.
+    Under torchrun every process runs this; rank 0 logs, evaluates, writes checkpoints and
+    holds the run folder's lock. With ``resume`` the run continues from its latest checkpoint
+    and reproduces exactly the metrics an uninterrupted run would have written.
 
     Args:
         config: the run.
-        resume: True: continue from the run folder's latest checkpoint. "auto": continue
-            when the folder has a checkpoint, else start (over: a run that stopped before its
-            first checkpoint is begun afresh); for scripts that rerun until done.
+        resume: True: continue from the run folder's latest checkpoint; settings that would
+            change the run's course are refused, the others applied and reported
+            (`growmem.training.rundir.check_resume`). False: start; a folder holding a
+            checkpoint is refused, one whose run stopped before its first checkpoint is
+            started over. "auto": continue when the folder has a checkpoint, else start; for
+            scripts that rerun until done.
         stop_after: end this session after that step with a checkpoint (for time-sliced or
             preemptible jobs; continue with ``resume``); returns None then.
+
+    Raises:
+        ValueError: bad arguments, a folder this session may not start or continue in, or a
+            damaged checkpoint (`ChecksumError` among them), each named.
+        OSError: the folder is in use by another run (`RunFolderInUse`), not writable, or a
+            write failed (a full disk), named; the last checkpoint is intact.
     """
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
