@@ -26,25 +26,3 @@ def test_outside_a_checkout_the_commit_is_none(tmp_path, monkeypatch):
         assert provenance.git_commit() == {"commit": None, "dirty": None}
     finally:
         provenance.git_commit.cache_clear()
-
-
-def test_write_json_records_provenance_and_leaves_no_temporary(tmp_path):
-    import json
-
-    path = provenance.write_json(tmp_path / "sub" / "result.json", {"accuracy": 0.5})
-    record = json.loads(path.read_text())
-    assert record["accuracy"] == 0.5
-    assert record["provenance"] == provenance.provenance()
-    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
-
-
-def test_benchmark_json_records_machine_and_provenance(tmp_path, monkeypatch):
-    import json
-
-    from benchmarks import common
-
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    record = json.loads(common.write_json("bench", {"rows": [1]}).read_text())
-    assert record["rows"] == [1]
-    assert record["machine"]["threads"] >= 1
-    assert record["provenance"]["versions"]["torch"] is not None
