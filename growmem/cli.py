@@ -1,9 +1,12 @@
 """The ``growmem`` command: train and evaluate models.
 
-growmem train CONFIG [--set section.key=value ...] [--resume]
+growmem train CONFIG [--set section.key=value ...] [--resume | --auto-resume]
 growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...]
-             [--post-training-mc SEGMENT]
+             [--post-training-mc SEGMENT] [--device DEVICE]
 growmem configs
+
+Errors in what it is given (a config, a folder, a damaged file, a full disk) are reported on
+one line, ``growmem COMMAND: error: ...``, with exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +20,28 @@ from pathlib import Path
 import torch
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 def resolve_config(name: str) -> Path:
@@ -50,23 +75,35 @@ def cmd_eval(args) -> int:
     from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, plot_results
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
-    from growmem.training.checkpoint import load_weights, read_run_config
+    from growmem.training.checkpoint import (
+        CONFIG_FILE,
+        load_weights,
+        read_run_config,
+        verify_checksums,
+    )
     from growmem.training.config import TASK_TYPES, build_config
     from growmem.training.data import mqar_data
+    from growmem.training.device import resolve_device
+    from growmem.training.rundir import ensure_folder
+    from growmem.utils.provenance import write_json
 
     folder = Path(args.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
+    device = resolve_device(args.device, "--device")
     recorded = read_run_config(folder)
     run = build_config({k: recorded[k] for k in ("model", "task", "train")})
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a complete model folder")
+    verify_checksums(folder, [CONFIG_FILE])
     config = GrowMemConfig.from_pretrained(folder)
     label = ""
-    if args.post_training_mc:
+    if args.post_training_mc is not None:
         config.aggregation, config.segment_size = "mean", args.post_training_mc
         label = f"-mc{args.post_training_mc}"
     model = GrowMemForCausalLM(config)
     load_weights(folder, model)
-    model.eval()
+    model.to(device).eval()
 
     task_name = args.task or run.task.name
     if args.kv_pairs and task_name != "mqar":
@@ -96,6 +133,7 @@ def cmd_eval(args) -> int:
             f"--lengths up to {max(lengths)} exceed the model's max_position_embeddings="
             f"{config.max_position_embeddings}"
         )
+    out = ensure_folder(args.out or folder, "--out")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if task_name == "mqar":
         if lengths:
@@ -121,11 +159,8 @@ def cmd_eval(args) -> int:
             load_corpus(task.corpus, task.eval_split), tokenizer, seq_len
         )
         results = evaluate_lm(model, blocks, max_blocks=args.max_blocks or task.eval_blocks)
-    out = Path(args.out) if args.out else folder
     name = f"eval-{task_name}{label}"
-    path = out / f"{name}.json"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = write_json(out / f"{name}.json", results)
     plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     print(json.dumps(summary))
@@ -140,7 +175,7 @@ def cmd_configs(_args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="growmem", description=__doc__.split("\n")[0])
+    parser = Parser(prog="growmem", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model from a YAML config")
@@ -152,15 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set train.steps=200",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument(
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    resume.add_argument(
         "--auto-resume",
         action="store_true",
         help="continue when out_dir has a checkpoint, else start (over)",
     )
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=int_at_least(1),
         metavar="STEP",
         help="end the session after STEP with a checkpoint (continue later with --resume)",
     )
@@ -169,22 +205,31 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("eval", help="evaluate a saved model folder")
     p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
     p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")
-    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to evaluate at")
+    p.add_argument(
+        "--lengths", type=int_at_least(1), nargs="+", help="sequence lengths to evaluate at"
+    )
     p.add_argument(
         "--kv-pairs",
-        type=int,
+        type=int_at_least(1),
         nargs="+",
         help="mqar: key-value pairs to test with (slices need length >= 4 * pairs)",
     )
     p.add_argument(
         "--post-training-mc",
-        type=int,
+        type=int_at_least(1),
         metavar="SEGMENT",
         help="read the memory through Memory Caching (uniform mean over segments of SEGMENT "
         "tokens) at inference only",
     )
-    p.add_argument("--max-blocks", type=int, default=0, help="lm: blocks to score (0: task's)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--max-blocks", type=int_at_least(0), default=0, help="lm: blocks to score (0: task's)"
+    )
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: default)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to evaluate: auto (cuda if available, else cpu), cpu, cuda, cuda:N, ...",
+    )
     p.add_argument("--out", help="folder for eval-*.json and .png (default: the model folder)")
     p.set_defaults(run=cmd_eval)
 
@@ -194,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"growmem {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        # bad input or a file system that refuses (missing, read-only, full): one line
+        message = " ".join(str(error).split())
+        print(f"growmem {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

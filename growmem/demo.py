@@ -10,7 +10,6 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,6 +21,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from growmem.cli import Parser, int_at_least, resolve_config
+from growmem.training.config import load_config
 
 MODELS = {
     "Transformer++": "mqar_transformer",
@@ -45,30 +47,57 @@ def launch(preset: str, out: Path, overrides: list[str]) -> subprocess.Popen:
     return process
 
 
+def check_overrides(root: Path, overrides: list[str]) -> None:
+    """Load every preset with ``overrides`` as its training will (before anything starts).
+
+    Raises:
+        ValueError: an override that a preset's config refuses.
+    """
+    for preset in MODELS.values():
+        load_config(resolve_config(preset), [*overrides, f"train.out_dir={root / preset}"])
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines else ""
+
+
 def run_all(root: Path, jobs: int, overrides: list[str]) -> None:
-    """Train every model not trained yet, ``jobs`` at a time."""
+    """Train every model not trained yet, ``jobs`` at a time.
+
+    Raises:
+        RuntimeError: a training failed (the others are stopped): its model, log and last
+            log line.
+    """
     pending = [
         (name, preset)
         for name, preset in MODELS.items()
         if not (root / preset / "model" / "eval.json").is_file()
     ]
     running: list[tuple[str, Path, subprocess.Popen, float]] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, preset = pending.pop(0)
-            out = root / preset
-            print(f"training {name} ({preset}) -> {out}", flush=True)
-            running.append((name, out, launch(preset, out, overrides), time.time()))
-        time.sleep(1)
-        for item in list(running):
-            name, out, process, start = item
-            if process.poll() is None:
-                continue
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, preset = pending.pop(0)
+                out = root / preset
+                print(f"training {name} ({preset}) -> {out}", flush=True)
+                running.append((name, out, launch(preset, out, overrides), time.time()))
+            time.sleep(1)
+            for item in list(running):
+                name, out, process, start = item
+                if process.poll() is None:
+                    continue
+                process.log.close()
+                running.remove(item)
+                if process.returncode != 0:
+                    log = out / "train.log"
+                    raise RuntimeError(f"training {name} failed ({_last_line(log)}); see {log}")
+                print(f"  {name} done in {time.time() - start:.0f} s", flush=True)
+    finally:  # a failure or Ctrl-C: no training goes on unattended (each resumes later)
+        for _, _, process, _ in running:
+            process.terminate()
+            process.wait()
             process.log.close()
-            running.remove(item)
-            if process.returncode != 0:
-                raise RuntimeError(f"training {name} failed; see {out / 'train.log'}")
-            print(f"  {name} done in {time.time() - start:.0f} s", flush=True)
 
 
 def report(root: Path) -> Path:
@@ -104,9 +133,9 @@ def report(root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="growmem demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo", help="folder of the demo's runs")
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
+    parser.add_argument("--jobs", type=int_at_least(1), default=2, help="trainings at a time")
     parser.add_argument(
         "--set",
         action="append",
@@ -117,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.out)
     start = time.time()
-    run_all(root, max(1, args.jobs), args.set)
+    try:
+        check_overrides(root, args.set)
+        run_all(root, args.jobs, args.set)
+    except (ValueError, OSError) as error:
+        print(f"growmem demo: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"growmem demo: error: {error}", file=sys.stderr)
+        return 1
     report(root)
     print(f"demo took {time.time() - start:.0f} s")
     return 0

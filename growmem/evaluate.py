@@ -1,5 +1,9 @@
 """Evaluation of growmem language models on the tasks: MQAR recall, S-NIAH retrieval, language
-modelling (loss, perplexity, bits per byte, perplexity by position), with plots."""
+modelling (loss, perplexity, bits per byte, perplexity by position), with plots.
+
+The evaluations run where the model is: every input goes to the model's device and bf16
+autocast is that device's; the scores are gathered on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +33,18 @@ from growmem.tasks import (
 )
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``: its ``device`` (Hugging Face models), else its parameters'
+    (the CPU for a model without any)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def evaluate_mqar(
@@ -43,10 +57,11 @@ def evaluate_mqar(
         "num_kv_pairs", "accuracy"}]}.
     """
     model.eval()
+    device = model_device(model)
 
     def predict(ids: torch.Tensor) -> torch.Tensor:
-        with _autocast(bf16):
-            return model(input_ids=ids, use_cache=False).logits.argmax(-1)
+        with _autocast(device, bf16):
+            return model(input_ids=ids.to(device), use_cache=False).logits.argmax(-1).cpu()
 
     accuracy = mqar_accuracy_by_slice(predict, slices, batch_size=batch_size)
     rows = [
@@ -83,6 +98,7 @@ def evaluate_niah(
         [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]}.
     """
     model.eval()
+    device = model_device(model)
     rows = []
     for length in lengths:
         examples = niah_dataset(
@@ -95,11 +111,13 @@ def evaluate_niah(
         )
         hits, token_hits = [], []
         for example in examples:
-            ids = torch.tensor([example.input_ids])  # [1, T]
+            ids = torch.tensor([example.input_ids]).to(device)  # [1, T]
+            with_answer = torch.tensor([example.input_ids + example.answer_ids]).to(device)
             prompt_len, answer = len(example.input_ids), torch.tensor(example.answer_ids)
-            with _autocast(bf16):
-                forced = model(torch.tensor([example.input_ids + example.answer_ids])).logits
+            with _autocast(device, bf16):
+                forced = model(with_answer).logits  # [1, T + A, V]
                 predicted = forced[0, prompt_len - 1 : prompt_len - 1 + len(answer)].argmax(-1)
+                predicted = predicted.cpu()
                 token_hits.append((predicted == answer).float().mean().item())
                 # as many tokens as the answer has: the models are not trained to end an
                 # answer, so the tokens after it are arbitrary (often more digits, which would
@@ -147,6 +165,7 @@ def evaluate_lm(
         positions 1..T-1 into ``position_buckets`` equal ranges.
     """
     model.eval()
+    device = model_device(model)
     T = blocks.seq_len
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     position_nll = torch.zeros(T - 1, dtype=torch.float64)
@@ -154,13 +173,12 @@ def evaluate_lm(
     for batch in blocks.eval_batches(batch_size):
         if max_blocks and seen >= max_blocks:
             break
-        ids = batch["input_ids"][: max_blocks - seen if max_blocks else None]
+        ids = batch["input_ids"][: max_blocks - seen if max_blocks else None].to(device)
         num_bytes = batch["num_bytes"][: ids.shape[0]]
-        with _autocast(bf16):
+        with _autocast(device, bf16):
             logits = model(input_ids=ids, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
-        ).double()  # [B, T - 1]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = nll.cpu().double()  # [B, T - 1]; on the CPU, as not every device has float64
         total_nll += float(nll.sum())
         total_tokens += nll.numel()
         total_bytes += int(num_bytes.sum())

@@ -24,16 +24,25 @@ from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import IGNORE_INDEX
 from growmem.training.checkpoint import (
-    latest_checkpoint,
     load_trainer_state,
     load_weights,
-    read_run_config,
     save_checkpoint,
     save_model_folder,
     write_text_atomic,
 )
-from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, build_config
+from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
+from growmem.training.device import resolve_device, restore_rng_states, rng_states
+from growmem.training.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RunLock,
+    RunPlan,
+    checkpoint_step,
+    plan_run,
+    trim_metrics,
+)
+from growmem.utils.provenance import provenance
 
 
 @dataclass
@@ -49,17 +58,22 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    @staticmethod
+    def launch() -> tuple[int, int]:
+        """(world size, local rank) of this process as torchrun describes them, (1, 0) for a
+        plain launch."""
+        return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
     @classmethod
-    def from_env(cls) -> Distributed:
-        """Join the process group torchrun describes in the environment (gloo on CPU, nccl on
-        GPU); a plain launch is a world of one."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    def from_env(cls, device: torch.device) -> Distributed:
+        """Join the process group torchrun describes in the environment (nccl for GPU
+        ``device``s, gloo otherwise); a plain launch is a world of one."""
+        world_size, local_rank = cls.launch()
         if world_size == 1:
             return cls()
         owns_group = not dist.is_initialized()
         if owns_group:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), world_size, local_rank, owns_group)
 
     def close(self) -> None:
@@ -77,6 +91,30 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def on_main(self, fn, share: bool = True):
+        """``fn()`` run by rank 0 while the others wait; an error of rank 0 is raised on
+        every rank (the others would otherwise wait at their next collective until its
+        timeout).
+
+        Args:
+            fn: what rank 0 does.
+            share: give ``fn``'s result to every rank (else the others get None).
+        """
+        if self.world_size == 1:
+            return fn()
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as caught:
+                error = caught
+        payload = [(result if share else None, error)]
+        dist.broadcast_object_list(payload, src=0)
+        shared, error = payload[0]
+        if error is not None:
+            raise error
+        return result if self.main else shared
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -141,92 +179,75 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
     )
 
 
-def _prepare_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
-    """Record the run config; refuse to mix runs in one folder."""
-    recorded = out / "config.yaml"
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if recorded.is_file():
-        previous = build_config(yaml.safe_load(recorded.read_text())).to_dict()
-        if not resume:
-            raise ValueError(
-                f"{out} already holds a run; pass --resume to continue it or choose another "
-                "train.out_dir (nothing was overwritten)"
-            )
-        if (
-            previous["model"] != config.to_dict()["model"]
-            or previous["task"] != config.to_dict()["task"]
-        ):
-            raise ValueError(
-                f"--resume: {out} holds a run of another model or task; its config is {recorded}"
-            )
-    if resume and latest_checkpoint(out) is None:  # checked before config.yaml is written
-        raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
-    write_text_atomic(recorded, text)
-
-
-def _metrics_file(out: Path, start_step: int) -> Path:
-    """metrics.jsonl, cut back on resume to the lines written up to the checkpoint of
-    ``start_step`` (a step's lines all come before its checkpoint)."""
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= start_step
-        ]
-        write_text_atomic(path, "".join(line + "\n" for line in keep))
-    return path
-
-
 def train(
     config: RunConfig, resume: bool | str = False, stop_after: int | None = None
 ) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
-    Under torchrun every process runs this; rank 0 logs, evaluates and writes checkpoints.
-    With ``resume`` the run continues from its latest checkpoint and reproduces exactly the
-    metrics an uninterrupted run would have written.
+    Under torchrun every process runs this; rank 0 logs, evaluates, writes checkpoints and
+    holds the run folder's lock. With ``resume`` the run continues from its latest checkpoint
+    and reproduces exactly the metrics an uninterrupted run would have written.
 
     Args:
         config: the run.
-        resume: True: continue from the run folder's latest checkpoint. "auto": continue
-            when the folder has a checkpoint, else start (over: a run that stopped before its
-            first checkpoint is begun afresh); for scripts that rerun until done.
+        resume: True: continue from the run folder's latest checkpoint; settings that would
+            change the run's course are refused, the others applied and reported
+            (`growmem.training.rundir.check_resume`). False: start; a folder holding a
+            checkpoint is refused, one whose run stopped before its first checkpoint is
+            started over. "auto": continue when the folder has a checkpoint, else start; for
+            scripts that rerun until done.
         stop_after: end this session after that step with a checkpoint (for time-sliced or
             preemptible jobs; continue with ``resume``); returns None then.
+
+    Raises:
+        ValueError: bad arguments, a folder this session may not start or continue in, or a
+            damaged checkpoint (`ChecksumError` among them), each named.
+        OSError: the folder is in use by another run (`RunFolderInUse`), not writable, or a
+            write failed (a full disk), named; the last checkpoint is intact.
     """
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
-    env = Distributed.from_env()
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    world_size, local_rank = Distributed.launch()
+    device = resolve_device(config.train.device, "train.device", local_rank, world_size)
+    env = Distributed.from_env(device)
+    # rank 0 alone writes the run folder, and holds its lock for the whole run
+    lock = RunLock(config.train.out_dir) if env.main else None
     try:
-        return _train_in(env, config, resume, stop_after)
+        return _train_in(env, device, lock, config, resume, stop_after)
     finally:
+        if lock is not None:
+            lock.release()
         env.close()
 
 
+def _say(env: Distributed, notes: list[str]) -> None:
+    """Tell the user (once, from rank 0) what a session did with its run folder."""
+    for note in notes if env.main else []:
+        print(f"growmem train: {note}", flush=True)
+
+
 def _train_in(
-    env: Distributed, config: RunConfig, resume: bool | str, stop_after: int | None
+    env: Distributed,
+    device: torch.device,
+    lock: RunLock | None,
+    config: RunConfig,
+    resume: bool | str,
+    stop_after: int | None,
 ) -> Path | None:
-    """`train`'s body, run by a process that has joined its launch (``env``)."""
+    """`train`'s body, run by a process that has joined its launch (``env``) on ``device``."""
     settings = config.train
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives and "cuda" tensors use this GPU
     out = Path(settings.out_dir)
-    if resume == "auto":
-        resume = (out / "checkpoints" / "latest").is_file()
-        if not resume and env.main:  # nothing to resume: whatever the folder logged is void
-            (out / "config.yaml").unlink(missing_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    elif resume not in (True, False):
-        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
-    if env.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _prepare_run_dir(out, config, resume)
-    env.barrier()
+    plan: RunPlan = env.on_main(lambda: plan_run(out, config, resume, env.world_size, lock))
+    _say(env, plan.notes)
 
-    data = build_task_data(config.task, settings.seed, out) if env.main else None
-    env.barrier()  # rank 0 trains a BPE or fills the token cache first; the others reuse it
+    # rank 0 first: it trains a BPE or fills the token cache, which the others then reuse
+    data = env.on_main(lambda: build_task_data(config.task, settings.seed, out), share=False)
     if not env.main:
         data = build_task_data(config.task, settings.seed, out)
     model_config = GrowMemConfig(vocab_size=data.vocab_size, **config.model)
@@ -239,21 +260,25 @@ def _train_in(
     model = GrowMemForCausalLM(model_config).to(device)
     optimizer, scheduler = build_optimizer(model, settings)
     start_step = 0
-    if resume:
-        folder = latest_checkpoint(out)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
-        recorded = read_run_config(folder)
-        if recorded["model"] != config.model or recorded["task"] != config.to_dict()["task"]:
-            raise ValueError(f"--resume: checkpoint {folder} is from another model or task")
-        load_weights(folder, model)
-        state = load_trainer_state(folder)
+    if plan.checkpoint is not None:
+        load_weights(plan.checkpoint, model)
+        state = load_trainer_state(plan.checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state, device)
         start_step = state["step"]
-    run_config = config.to_dict()
-    metrics_path = _metrics_file(out, start_step) if env.main else None
+        if start_step != checkpoint_step(plan.checkpoint):
+            raise ValueError(f"checkpoint {plan.checkpoint} holds the state of step {start_step}")
+
+    def record_run() -> list[str]:
+        """config.yaml of this session; metrics cut back to the checkpoint's step."""
+        write_text_atomic(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return trim_metrics(out / METRICS_FILE, start_step)
+
+    _say(env, env.on_main(record_run, share=False))
+    # what every checkpoint and the final model record (run.yaml)
+    run_config = {**config.to_dict(), "processes": env.world_size}
+    metrics_path = out / METRICS_FILE
     ddp = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if env.world_size > 1
@@ -265,7 +290,7 @@ def _train_in(
             trainer_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+                **rng_states(device),
             }
             save_checkpoint(
                 out,
@@ -280,8 +305,12 @@ def _train_in(
 
     def log(record: dict) -> None:
         if env.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk, say: name the file
+                message = f"could not append to {metrics_path} ({error.strerror or error})"
+                raise OSError(error.errno, message) from error
 
     bar = tqdm(
         total=settings.steps,
@@ -377,7 +406,7 @@ def _train_in(
     if env.main:
         results = evaluate_run(model, data, config)
         log({"step": settings.steps, "eval": results})
-        eval_json = json.dumps(results, indent=2) + "\n"
+        eval_json = json.dumps({"provenance": provenance(), **results}, indent=2) + "\n"
         save_model_folder(final, model, run_config, data.tokenizer, {"eval.json": eval_json})
     env.barrier()
     return final

@@ -1,7 +1,12 @@
 """growmem.demo end to end with tiny settings: trains the four models, prints the table,
-writes the plot, and a rerun reuses the finished runs."""
+writes the plot, and a rerun reuses the finished runs; bad overrides and failed trainings."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
 
 from growmem import demo
 
@@ -28,3 +33,37 @@ def test_demo_trains_reports_and_reuses_runs(tmp_path, capsys):
     assert (tmp_path / "mqar_demo.png").stat().st_size > 0
     assert demo.main(args) == 0  # everything trained: nothing is retrained
     assert "training" not in capsys.readouterr().out
+
+
+def test_bad_override_is_refused_before_any_training(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path / "demo"), "--set", "train.lr=-1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["growmem demo: error: train.lr must be > 0.0 and finite, got -1.0"]
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(SystemExit) as exit:
+        demo.main(["--jobs", "0"])
+    assert exit.value.code == 2
+    assert "argument --jobs: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_failed_training_stops_the_others(tmp_path, capsys, monkeypatch):
+    started = []
+
+    def fake_launch(preset, out, overrides):
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / "train.log", "a")  # noqa: SIM115 -- closed by run_all
+        if preset == demo.MODELS["Transformer++"]:
+            code = "print('growmem train: error: out of ideas'); raise SystemExit(2)"
+        else:
+            code = "import time; time.sleep(120)"
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)
+        process.log = log
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(demo, "launch", fake_launch)
+    assert demo.main(["--out", str(tmp_path), "--jobs", "2"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("growmem demo: error: training Transformer++ failed")
+    assert "(growmem train: error: out of ideas)" in error
+    assert len(started) == 2 and started[1].poll() is not None  # stopped, not left running

@@ -3,18 +3,24 @@
 A run folder holds ``checkpoints/step_<N>/`` folders and a ``checkpoints/latest`` file naming
 the newest. A checkpoint is written into a hidden temporary folder and renamed into place,
 then ``latest`` is replaced (``os.replace``), so an interruption at any moment leaves the
-previous checkpoint whole and ``latest`` pointing at a complete one.
+previous checkpoint whole and ``latest`` pointing at a complete one. What a process killed
+outright (SIGKILL, power loss) leaves behind is a hidden ``.tmp-`` entry, removed by
+`remove_temporaries` when the run next starts or saves.
 
 A checkpoint holds the model (``config.json`` + ``model.safetensors``, loadable by
-``from_pretrained``), the run config (``run.yaml``), the tokenizer when the task has one, and
-``trainer_state.pt``: step, optimizer, scheduler and RNG states.
+``from_pretrained``), the run config with the provenance of the code that wrote it
+(``run.yaml``), the tokenizer when the task has one, ``trainer_state.pt`` (step, optimizer,
+scheduler and RNG states) and ``SHA256SUMS``: the sha256 of every other file (the format of
+``sha256sum``), checked when a file is loaded so that a damaged file is refused, not used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,30 +29,147 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from growmem.models import GrowMemForCausalLM
+from growmem.training.config import load_yaml
+from growmem.utils.provenance import provenance
 
 RUN_FILE = "run.yaml"
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CHECKSUMS = "SHA256SUMS"
 LATEST = "latest"
+TMP_PREFIX = ".tmp-"  # every temporary file or folder this module makes starts with it
+_STEP_NAME = re.compile(r"step_\d+")
+# what versions before TMP_PREFIX left: ".step_00000005-1a2b3c4d", ".model-1a2b3c4d"
+_OLD_TEMPORARY = re.compile(r"\.(step_\d+|model)-[0-9a-f]{8}")
+# a complete earlier version of folder NAME, moved aside for its replacement: the folder
+# itself, or (versions before TMP_PREFIX) a folder holding it
+_STALE = re.compile(r"\.tmp-stale-(?P<name>[^-]+)-[0-9a-f]{8}")
+_OLD_STALE = re.compile(r"\.stale-(?P<name>[^-]+)-.+")
+
+
+class ChecksumError(ValueError):
+    """A file of a checkpoint or model folder differs from the sha256 recorded when it was
+    written (bit rot, a partial copy, an edit), or is missing."""
+
+
+def _temporary(folder: Path, name: str) -> Path:
+    return folder / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete the hidden temporary files and folders an interrupted write left in ``folder``
+    (a killed process never runs its own clean-up). An earlier version of a folder that was
+    moved aside for a replacement that never arrived is put back instead. Only the one
+    process writing the run may call this: another writer's temporaries would go too.
+
+    Returns:
+        The names removed or put back.
+    """
+    folder = Path(folder)
+    handled = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        stale = _STALE.fullmatch(entry.name) or _OLD_STALE.fullmatch(entry.name)
+        if stale:
+            previous = entry if stale.re is _STALE else entry / stale["name"]
+            if not (folder / stale["name"]).exists() and previous.is_dir():
+                os.replace(previous, folder / stale["name"])
+        elif not (entry.name.startswith(TMP_PREFIX) or _OLD_TEMPORARY.fullmatch(entry.name)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+        handled.append(entry.name)
+    return handled
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step (a reader sees the old or the new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    tmp = _temporary(path.parent, path.name)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    """``SHA256SUMS`` of every file below ``folder`` (``sha256sum -c SHA256SUMS`` checks it)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def verify_checksums(folder: Path, names: list[str] | None = None) -> None:
+    """Check files of ``folder`` against its ``SHA256SUMS``.
+
+    Folders written before growmem recorded checksums have none and pass unchecked.
+
+    Args:
+        folder: a checkpoint or model folder.
+        names: the files to check (paths relative to ``folder``); None: every listed file.
+            A name the list does not hold is not checked (a file added later, e.g. eval-*.json).
+
+    Raises:
+        ChecksumError: a file differs from its recorded sha256, or is missing; or the
+            ``SHA256SUMS`` file itself is damaged.
+    """
+    listing = Path(folder) / CHECKSUMS
+    if not listing.is_file():
+        return
+    recorded = {}
+    for number, line in enumerate(listing.read_bytes().splitlines(), 1):
+        digest, sep, name = line.decode("utf-8", "replace").partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ChecksumError(f"{listing}, line {number}: not a '<sha256>  <file>' line")
+        recorded[name] = digest
+    for name in recorded if names is None else [n for n in names if n in recorded]:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ChecksumError(f"{path} is missing (it is listed in {listing})")
+        if _sha256(path) != recorded[name]:
+            raise ChecksumError(
+                f"{path} differs from the sha256 recorded in {listing} when it was written: "
+                "the file is damaged (or was edited); it is not used"
+            )
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """transformers draws a "Writing model shards" bar for every save; a run's output has its
+    own progress display (or none: ``train.progress=false``)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_model_files(
     folder: Path, model: GrowMemForCausalLM, run_config: dict[str, Any], tokenizer=None
 ) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    record = dict(run_config)
+    with _no_hf_progress_bars():
+        model.save_pretrained(folder, safe_serialization=True)
+    record = {**run_config, "provenance": provenance()}
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer")
         record["tokenizer_fingerprint"] = tokenizer.fingerprint()
@@ -54,23 +177,32 @@ def _write_model_files(
 
 
 def _write_folder_atomic(final: Path, write) -> None:
-    """Run ``write(tmp)`` on a fresh hidden sibling folder, then put it in ``final``'s place
-    (an existing ``final`` is moved aside first and removed last)."""
+    """Run ``write(tmp)`` on a fresh hidden sibling folder, record its checksums, then put it
+    in ``final``'s place (an existing ``final`` is moved aside first and removed last).
+
+    Raises:
+        OSError: a write failed (a full disk, say); ``final`` is as it was and no temporary
+            is left behind.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     # the name is known before the folder exists, so a Ctrl-C at any point up to the move
     # (even inside the mkdir) leaves no hidden folder behind
-    tmp = final.parent / f".{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = _temporary(final.parent, final.name)
     try:
         tmp.mkdir()
         write(tmp)
+        _write_checksums(tmp)
         if not final.exists():
             os.replace(tmp, final)
             return
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):  # say which folder, and that nothing was lost
+            message = f"could not write {final} ({error.strerror or error}); it is unchanged"
+            raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
         raise
-    stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
-    os.replace(final, stale / final.name)
+    stale = _temporary(final.parent, f"stale-{final.name}")
+    os.replace(final, stale)
     os.replace(tmp, final)
     shutil.rmtree(stale)
 
@@ -103,13 +235,15 @@ def save_checkpoint(
     tokenizer=None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, drop all but ``keep``.
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, drop all but ``keep``
+    (and what an earlier, killed save left behind).
 
     Returns:
         The checkpoint folder.
     """
-    root = run_dir / "checkpoints"
+    root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
+    remove_temporaries(root)
 
     def write(tmp: Path) -> None:
         _write_model_files(tmp, model, run_config, tokenizer)
@@ -124,24 +258,50 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder ``checkpoints/latest`` names, or None when the run has none."""
-    pointer = run_dir / "checkpoints" / LATEST
+    """The folder ``checkpoints/latest`` names, or None when the run has none.
+
+    Raises:
+        ValueError: ``latest`` names something other than a ``step_N`` folder of
+            ``checkpoints/`` (a path elsewhere, say).
+        FileNotFoundError: the folder it names does not exist.
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    folder = run_dir / "checkpoints" / pointer.read_text().strip()
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    if not _STEP_NAME.fullmatch(name):
+        raise ValueError(
+            f"{pointer} must name a step_N folder of {root}, got {name[:80]!r}; write the name "
+            "of the checkpoint to resume from into it"
+        )
+    folder = root / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{pointer} names {folder.name}, which does not exist")
     return folder
 
 
 def read_run_config(folder: Path) -> dict[str, Any]:
-    """The run config recorded in a model or checkpoint folder."""
+    """The run config recorded in a model or checkpoint folder (``run.yaml``), checked.
+
+    Raises:
+        FileNotFoundError: no run.yaml (not a growmem model or checkpoint folder).
+        ValueError: a damaged run.yaml (checksum, YAML, or no model/task/train sections).
+    """
     path = Path(folder) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a growmem model or checkpoint folder (no {RUN_FILE})"
+        hint = (
+            f"; did you mean {Path(folder) / 'model'}?" if (Path(folder) / "model").is_dir() else ""
         )
-    return yaml.safe_load(path.read_text())
+        raise FileNotFoundError(
+            f"{folder} is not a growmem model or checkpoint folder (no {RUN_FILE}){hint}"
+        )
+    verify_checksums(folder, [RUN_FILE])
+    record = load_yaml(path.read_bytes(), str(path))
+    sections = ("model", "task", "train")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), dict) for k in sections):
+        raise ValueError(f"{path} is damaged: expected the mappings {list(sections)}")
+    return record
 
 
 def load_weights(folder: Path, model: GrowMemForCausalLM) -> None:
@@ -149,11 +309,13 @@ def load_weights(folder: Path, model: GrowMemForCausalLM) -> None:
 
     Raises:
         FileNotFoundError: the weights file is missing.
+        ChecksumError: the file differs from the sha256 recorded when it was written.
         ValueError: a truncated or corrupt file, or weights of another model.
     """
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
+    verify_checksums(folder, [WEIGHTS_FILE])
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as error:
@@ -172,10 +334,17 @@ def load_weights(folder: Path, model: GrowMemForCausalLM) -> None:
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of a checkpoint folder (step, optimizer, scheduler, RNG)."""
+    """``trainer_state.pt`` of a checkpoint folder (step, optimizer, scheduler, RNG).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ChecksumError: it differs from the sha256 recorded when it was written.
+        ValueError: a truncated or corrupt file.
+    """
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint trainer state not found: {path}")
+    verify_checksums(folder, [STATE_FILE])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged pickles

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +15,27 @@ from typing import Any
 import yaml
 
 from growmem.models import GrowMemConfig
+from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string; this loader reads it as a float."""
+    """Safe YAML (plain values only) that reads ``3e-4`` (no dot; a string in YAML 1.1) as a
+    float and refuses a key given twice in one mapping (the later value would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader refuses it below, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -25,6 +43,47 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def load_yaml(data: bytes | str, source: str) -> Any:
+    """Parse YAML text of a config or run file, with errors on one line that name the source
+    and the line (no multi-line excerpt with a ``^`` marker).
+
+    Args:
+        data: the text, or the bytes of a file (which must be UTF-8).
+        source: what the text is, for messages: a path or ``--set key=value``.
+
+    Raises:
+        ValueError: bytes that are not UTF-8 text, malformed YAML, a key given twice, or a
+            tag that is not a plain value (``!!python/...``: configs hold data, not objects).
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{source}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
+                "expected a YAML file"
+            ) from None
+    try:
+        return yaml.load(data, Loader=_Loader)
+    except yaml.reader.ReaderError as error:  # a control character: no line mark of its own
+        line = data[: error.position].count("\n") + 1
+        raise ValueError(
+            f"{source}, line {line}: character #x{error.character:04x} is not allowed in YAML"
+        ) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = error.problem or error.context
+        if not isinstance(error, yaml.constructor.ConstructorError):
+            problem = f"not valid YAML: {problem}"
+        elif "tag" in problem:
+            problem += " (a config holds plain values: no !!python/ or other object tags)"
+        raise ValueError(f"{source}{where}: {problem}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source}: {' '.join(str(error).split())}") from None
 
 
 @dataclass
@@ -136,6 +195,8 @@ class TrainSettings:
         keep_checkpoints: most recent checkpoints kept.
         threads: torch threads per process (0: torch's default).
         progress: show a progress bar.
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" (under torchrun each
+            process takes cuda:LOCAL_RANK) or another torch device such as "cuda:1" or "mps".
     """
 
     out_dir: str = "runs/default"
@@ -157,6 +218,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     threads: int = 0
     progress: bool = True
+    device: str = "auto"
 
 
 @dataclass
@@ -189,31 +251,138 @@ def _check_keys(section: str, given: dict, valid: list[str]) -> None:
         )
 
 
+def _convert(value: Any, hint: Any) -> Any:
+    """``value`` as of type ``hint`` (int, float, bool, str, list[X], unions with None); an
+    int where a float is expected becomes a float.
+
+    Raises:
+        TypeError: the value is not of that type.
+    """
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(value, option)
+            except TypeError:
+                pass
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            return [_convert(v, typing.get_args(hint)[0]) for v in value]
+    elif isinstance(value, bool) or hint is bool:
+        if isinstance(value, bool) and hint is bool:
+            return value
+    elif hint is float and isinstance(value, int):
+        return float(value)
+    elif isinstance(value, hint):
+        return value
+    raise TypeError(f"{value!r} is not of type {hint}")
+
+
 def _typed(section: str, cls: type, values: dict) -> Any:
-    """Instantiate dataclass ``cls`` from ``values``, checking key names and value types."""
+    """Instantiate dataclass ``cls`` from ``values``, checking key names and value types
+    (the fields' annotations)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _check_keys(section, values, list(fields))
-    defaults = cls()
+    hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        default = getattr(defaults, key)
-        if default is None or value is None:
-            continue
-        expected = type(default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif expected is int and isinstance(value, list) and key == "num_kv_pairs":
-            continue
-        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{section}.{key} must be of type {expected.__name__}, got {value!r}")
+        try:
+            values[key] = _convert(value, hints[key])
+        except TypeError:
+            raise ValueError(
+                f"{section}.{key} must be of type {fields[key].type}, got {value!r}"
+            ) from None
     return cls(**values)
+
+
+def _check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """``value`` (a number or a list of them) is finite and lies between ``low`` and
+    ``high`` (the bounds included unless ``open_low`` / ``open_high``)."""
+    for v in value if isinstance(value, list) else [value]:
+        below = v < low or (open_low and v == low)
+        above = v > high or (open_high and v == high)
+        if not math.isfinite(v) or below or above:
+            if high == math.inf:
+                expected = f"{'>' if open_low else '>='} {low}"
+            else:
+                expected = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            finite = " and finite" if isinstance(v, float) else ""
+            raise ValueError(f"{name} must be {expected}{finite}, got {value!r}")
+
+
+# Lower bounds of the counts: a step count or size is >= 1, an interval may be 0 (off).
+_TRAIN_AT_LEAST = {
+    "steps": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "log_every": 1,
+    "keep_checkpoints": 1,
+    "eval_every": 0,
+    "checkpoint_every": 0,
+    "warmup_steps": 0,
+    "threads": 0,
+    "seed": 0,
+}
+_TASK_AT_LEAST = {
+    "vocab_size": 1,
+    "seq_len": 1,
+    "num_kv_pairs": 1,
+    "num_train_examples": 1,
+    "test_seq_lens": 1,
+    "test_num_kv_pairs": 1,
+    "num_test_examples": 1,
+    "eval_lengths": 1,
+    "num_eval_examples": 1,
+    "bpe_vocab_size": 1,
+    "eval_blocks": 0,
+}
+
+
+def _check_train(train: TrainSettings) -> None:
+    for key, low in _TRAIN_AT_LEAST.items():
+        _check_range(f"train.{key}", getattr(train, key), low)
+    _check_range("train.lr", train.lr, 0.0, open_low=True)
+    _check_range("train.eps", train.eps, 0.0, open_low=True)
+    _check_range("train.min_lr_ratio", train.min_lr_ratio, 0.0, 1.0)
+    _check_range("train.weight_decay", train.weight_decay, 0.0)
+    _check_range("train.grad_clip", train.grad_clip, 0.0)
+    if len(train.betas) != 2:
+        raise ValueError(f"train.betas must be two numbers [beta1, beta2], got {train.betas!r}")
+    _check_range("train.betas", train.betas, 0.0, 1.0, open_high=True)
+    if not train.out_dir.strip():
+        raise ValueError("train.out_dir must name a folder, got an empty string")
+    parse_device(train.device, "train.device")
+
+
+def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
+    for key, low in _TASK_AT_LEAST.items():
+        value = getattr(task, key, None)
+        if value is not None:
+            _check_range(f"task.{key}", value, low)
+    if isinstance(task, NIAHTask):
+        if task.variant not in (1, 2, 3):
+            raise ValueError(f"task.variant must be 1, 2 or 3, got {task.variant}")
+        if task.haystack not in (None, "noise", "essay"):
+            raise ValueError(f"task.haystack must be 'noise' or 'essay', got {task.haystack!r}")
+    if isinstance(task, LMTask) and task.eval_split not in ("val", "test"):
+        raise ValueError(f"task.eval_split must be 'val' or 'test', got {task.eval_split!r}")
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """A RunConfig from a dict with sections model, task and train (all keys checked).
 
     Raises:
-        ValueError: an unknown section or key (listing the valid ones), a wrong value type,
-            an unknown task name, or model settings GrowMemConfig rejects.
+        ValueError: an unknown section or key (listing the valid ones), a wrong value type or
+            range, an unknown task name, or model settings GrowMemConfig rejects.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"a config must be a mapping of sections, got {type(raw).__name__}")
@@ -231,19 +400,19 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     if task_name not in TASK_TYPES:
         raise ValueError(f"task.name must be one of {list(TASKS)}, got {task_name!r}")
     task = _typed("task", TASK_TYPES[task_name], sections["task"])
+    _check_task(task)
     train = _typed("train", TrainSettings, sections["train"])
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-        if getattr(train, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    _check_train(train)
     return RunConfig(model=model, task=task, train=train)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` (value parsed as YAML) -> (["section", "key"], value)."""
     key, sep, value = text.partition("=")
-    if not sep or not key or "." not in key:
+    keys = key.split(".")
+    if not sep or len(keys) < 2 or not all(keys):
         raise ValueError(f"--set expects section.key=value (e.g. train.lr=3e-4), got {text!r}")
-    return key.split("."), yaml.load(value, Loader=_Loader)
+    return keys, load_yaml(value, f"--set {text}")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -273,17 +442,17 @@ def read_yaml_config(path: Path, presets: Path | None = None, _seen: tuple = ())
         raise FileNotFoundError(f"config file not found: {path}")
     if path.resolve() in _seen:
         raise ValueError(f"config {path}: its chain of base configs loops back to itself")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"config {path} is not valid YAML: {error}") from error
+    raw = load_yaml(path.read_bytes(), f"config {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     bases = raw.pop("base", None)
     if bases is None:
         return raw
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"config {path}: base must name a config or a list of them, got {bases!r}")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         candidates = [path.parent / base, path.parent / f"{base}.yaml"]
         if presets is not None:
             candidates += [presets / base, presets / f"{base}.yaml"]

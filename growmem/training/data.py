@@ -153,8 +153,6 @@ def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
 
 
 def lm_data(task: LMTask, out_dir: Path) -> TaskData:
-    if task.eval_split not in ("val", "test"):
-        raise ValueError(f"task.eval_split must be 'val' or 'test', got {task.eval_split!r}")
     tokenizer = lm_tokenizer(task, out_dir)
     cache_dir = Path(task.cache_dir) if task.cache_dir else out_dir.parent / ".token_cache"
     blocks = {

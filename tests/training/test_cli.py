@@ -1,13 +1,20 @@
-"""The growmem command: configs, train, eval and its error reporting."""
+"""The growmem command: configs, train, eval, and its errors: whatever it is given, a bad input
+is one line naming it, with exit status 2."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
+import warnings
 
 import pytest
+import torch
 
 from growmem.cli import CONFIGS, main
+from growmem.models import GrowMemForCausalLM
 from growmem.tasks import BPETokenizer
 
 from .common import raw_config, text_corpus, write_yaml
@@ -175,3 +182,230 @@ def test_eval_tokenizer_mismatch(tmp_path, capsys):
     shutil.rmtree(model / "tokenizer")
     assert main(["eval", str(model)]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The single line a failed command printed to stderr (no traceback, no ``^`` excerpt)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"growmem {command}: error: "), lines
+    assert "^" not in lines[0] and "Traceback" not in lines[0]
+    return lines[0]
+
+
+def fails(capsys, argv: list[str], *expected: str) -> str:
+    """Run the command, which must fail with exit status 2 and one line naming ``expected``."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    assert code == 2
+    line = one_line_error(capsys, argv[0])
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: {hidden_size: 16\ntrain: [\n", ["line 2, column 6: not valid YAML: expected"]),
+        (
+            "train:\n  lr: !!python/object/apply:os.system ['true']\n",
+            ["line 2, column 7", "!!python"],
+        ),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", ["line 3, column 3: duplicate key 'lr'"]),
+        ("model:\n  rule: \x00\n", ["line 2: character #x0000 is not allowed"]),
+        ("base: 5\n", ["base must name a config or a list of them, got 5"]),
+    ],
+    ids=["syntax", "python-tag", "duplicate-key", "nul", "base-int"],
+)
+def test_bad_config_file(tmp_path, capsys, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    fails(capsys, ["train", str(path)], f"config {path}", *expected)
+
+
+def test_binary_config_file(tmp_path, capsys):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"model:\n  rule: linear\n" + bytes(range(128, 256)))
+    fails(capsys, ["train", str(path)], f"config {path}, line 3: not UTF-8 text (byte 0x80)")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.betas=[0.9]", "train.betas must be two numbers [beta1, beta2], got [0.9]"),
+        ("train.betas=[a, b]", "train.betas must be of type list[float], got ['a', 'b']"),
+        ("train.betas=[0.9, 1.0]", "train.betas must be in [0.0, 1.0)"),
+        ("train.lr=!!python/object/apply:os.system [true]", "--set train.lr=!!python"),
+        ("train.betas=[0.9", "--set train.betas=[0.9, line 1, column 5: not valid YAML"),
+        ("train.eval_every=-1", "train.eval_every must be >= 0, got -1"),
+        ("train.checkpoint_every=-2", "train.checkpoint_every must be >= 0, got -2"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("train.threads=-1", "train.threads must be >= 0"),
+        ("train.seed=-1", "train.seed must be >= 0"),
+        ("train.steps=null", "train.steps must be of type int, got None"),
+        ("train.lr=.nan", "train.lr must be > 0.0 and finite, got nan"),
+        ("train.lr=.inf", "train.lr must be > 0.0 and finite, got inf"),
+        ("train.eps=0", "train.eps must be > 0.0"),
+        ("train.weight_decay=-1", "train.weight_decay must be >= 0.0"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio must be in [0.0, 1.0]"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0.0"),
+        ("train.out_dir=''", "train.out_dir must name a folder"),
+        ("train.device=tpu", "train.device must be 'auto', 'cpu', 'cuda'"),
+        ("task.test_seq_lens=abc", "task.test_seq_lens must be of type list[int] | None"),
+        ("task.num_kv_pairs=[a]", "task.num_kv_pairs must be of type int | list[int]"),
+        ("task.num_test_examples=0", "task.num_test_examples must be >= 1"),
+        ("train..lr=1", "--set expects section.key=value"),
+    ],
+)
+def test_bad_setting(tmp_path, capsys, override, expected):
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    fails(capsys, ["train", str(cfg), "--set", override], expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ({"name": "niah", "variant": 7}, "task.variant must be 1, 2 or 3, got 7"),
+        ({"name": "niah", "haystack": "hay"}, "task.haystack must be 'noise' or 'essay'"),
+        ({"name": "lm", "eval_split": "train"}, "task.eval_split must be 'val' or 'test'"),
+        ({"name": "niah", "eval_lengths": [0]}, "task.eval_lengths must be >= 1, got [0]"),
+    ],
+)
+def test_bad_task_setting(tmp_path, capsys, task, expected):
+    raw = raw_config(tmp_path / "run")
+    raw["task"] = task
+    fails(capsys, ["train", str(write_yaml(tmp_path / "c.yaml", raw))], expected)
+
+
+def test_output_folder_that_cannot_be_used(tmp_path, capsys, monkeypatch):
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    (tmp_path / "a-file").write_text("")
+    out = ["--set", f"train.out_dir={tmp_path / 'a-file'}"]
+    fails(capsys, ["train", str(cfg), *out], "a-file is a file, not a folder")
+    out = ["--set", f"train.out_dir={tmp_path / 'a-file' / 'run'}"]
+    fails(capsys, ["train", str(cfg), *out], "train.out_dir: cannot create the folder")
+
+    # a read-only folder (tests may run as root, whom permissions do not stop: the refusal
+    # is made by the file system calls themselves)
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr(os, "mkdir", refused)
+    out = ["--set", f"train.out_dir={read_only / 'run'}"]
+    fails(capsys, ["train", str(cfg), *out], "cannot create the folder", "Permission denied")
+    monkeypatch.undo()
+    open_file = os.open
+
+    def open_refusing_the_lock(path, *args, **kwargs):
+        return (refused if str(path).endswith(".lock") else open_file)(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_refusing_the_lock)
+    out = ["--set", f"train.out_dir={read_only}"]
+    fails(capsys, ["train", str(cfg), *out], f"cannot write in the run folder {read_only}")
+    assert list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--lengths", "0"], "argument --lengths: expected an integer >= 1, got '0'"),
+        (["--kv-pairs", "0"], "argument --kv-pairs: expected an integer >= 1"),
+        (["--max-blocks", "-1"], "argument --max-blocks: expected an integer >= 0"),
+        (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
+        (["--post-training-mc", "0"], "argument --post-training-mc: expected an integer >= 1"),
+        (["--device", "tpu"], "--device must be 'auto', 'cpu', 'cuda'"),
+    ],
+)
+def test_bad_eval_argument(mqar_run, capsys, args, expected):
+    fails(capsys, ["eval", str(mqar_run / "model"), *args], expected)
+
+
+def test_eval_on_a_machine_without_the_device(mqar_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails(capsys, ["eval", str(mqar_run / "model"), "--device", "cuda"], "CUDA is not available")
+
+
+def test_eval_moves_the_model_to_the_device(mqar_run, tmp_path, monkeypatch):
+    """--device reaches the model (``to`` is recorded; the CPU stands for the device)."""
+    moved = []
+    to = GrowMemForCausalLM.to
+
+    def recording_to(self, *args, **kwargs):
+        moved.append(args)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(GrowMemForCausalLM, "to", recording_to)
+    assert main(["eval", str(mqar_run / "model"), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert moved == [(torch.device("cpu"),)]
+
+
+def test_train_and_eval_errors_in_what_they_are_given_are_one_line(mqar_run, tmp_path, capsys):
+    fails(capsys, ["eval", str(mqar_run)], "no run.yaml", f"did you mean {mqar_run / 'model'}?")
+    (tmp_path / "a-file").write_text("")
+    fails(capsys, ["eval", str(mqar_run / "model"), "--out", str(tmp_path / "a-file")], "--out")
+    fails(capsys, ["train", "mqar", "--resume", "--auto-resume"], "not allowed with argument")
+    fails(capsys, ["train", "mqar", "--stop-after", "0"], "expected an integer >= 1")
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            lambda m: (m / "run.yaml").write_text("model: {hidden_size: 16\n"),
+            "line 2, column 1: not valid YAML",
+        ),
+        (
+            lambda m: (m / "run.yaml").write_text("- 1\n"),
+            "run.yaml is damaged: expected the mappings",
+        ),
+        (lambda m: (m / "run.yaml").write_text("model: {}\n"), "run.yaml is damaged"),
+        (lambda m: (m / "config.json").write_text("{not json"), "config.json"),
+        (lambda m: (m / "config.json").unlink(), "has no config.json: not a complete model folder"),
+    ],
+    ids=["run-yaml-syntax", "run-yaml-list", "run-yaml-sections", "config-json", "no-config-json"],
+)
+def test_damaged_model_folder(mqar_run, tmp_path, capsys, damage, expected):
+    """Damaged files of an older folder (no SHA256SUMS) are named; with checksums, the
+    checksum names them first."""
+    model = tmp_path / "model"
+    shutil.copytree(mqar_run / "model", model)
+    damage(model)
+    fails(
+        capsys,
+        ["eval", str(model)],
+        "differs from the sha256" if (model / "config.json").is_file() else expected,
+    )
+    (model / "SHA256SUMS").unlink()
+    fails(capsys, ["eval", str(model)], expected)
+
+
+def test_no_warning_or_stray_output_from_train_and_eval(tmp_path, capfd):
+    """Neither a Python warning (deprecations included) nor a transformers log record, nor a
+    progress bar of transformers' saves, while training and evaluating."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run", train={"steps": 2}))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["train", str(cfg)]) == 0
+            model = str(tmp_path / "run" / "model")
+            assert main(["eval", model, "--out", str(tmp_path / "eval")]) == 0
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in records] == []
+    assert capfd.readouterr().err == ""

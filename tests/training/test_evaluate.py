@@ -1,14 +1,21 @@
-"""growmem.evaluate: scoring rules checked against stub models whose answers are known."""
+"""growmem.evaluate: scoring rules checked against stub models whose answers are known, and
+evaluation on the model's device."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from growmem.evaluate import evaluate_niah
-from growmem.tasks import ByteTokenizer
+from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, model_device
+from growmem.models import GrowMemConfig, GrowMemForCausalLM
+from growmem.tasks import ByteTokenizer, MQARConfig, TokenBlocks, mqar_splits
+
+from .common import TINY_MODEL
 
 
 class NextTokenOracle(torch.nn.Module):
@@ -56,3 +63,99 @@ def test_niah_generation_stops_at_the_answer_length():
     model = NeedleCopier(tokenizer)
     results = evaluate_niah(model, tokenizer, variant=1, lengths=[400], num_examples=3, seed=0)
     assert results["accuracy"] == 1.0  # the digits after the value are not generated
+
+
+# ---------------------------------------------------------------- the model's device
+
+
+class OnFakeGPU(torch.Tensor):
+    """A CPU tensor that stands for one moved to a GPU (see the fake_gpu fixture); what is
+    computed from it is one too."""
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU without a GPU: ``Tensor.to("cuda...")`` marks the tensor (``OnFakeGPU``)
+    instead of moving it, and ``torch.autocast`` records its device type. Returns that list
+    of device types."""
+    to = torch.Tensor.to
+
+    def marking_to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+            return self.as_subclass(OnFakeGPU)
+        return to(self, *args, **kwargs)
+
+    autocasts = []
+
+    def recording_autocast(device_type, *args, **kwargs):
+        autocasts.append(device_type)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.Tensor, "to", marking_to)
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    return autocasts
+
+
+def on_fake_gpu(model: torch.nn.Module, monkeypatch) -> list[bool]:
+    """Make ``model`` report cuda:0 as its device and record, for every call of its forward
+    and generate, whether every tensor argument was moved there."""
+    cuda = property(lambda self: torch.device("cuda", 0))
+    monkeypatch.setattr(type(model), "device", cuda, raising=False)
+    moved = []
+
+    def recording(method):
+        def call(*args, **kwargs):
+            tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+            moved.append(bool(tensors) and all(isinstance(t, OnFakeGPU) for t in tensors))
+            return method(*args, **kwargs)
+
+        return call
+
+    model.forward = recording(model.forward)
+    if hasattr(model, "generate"):
+        model.generate = recording(model.generate)
+    return moved
+
+
+def tiny_model(vocab_size: int) -> GrowMemForCausalLM:
+    torch.manual_seed(0)
+    return GrowMemForCausalLM(GrowMemConfig(vocab_size=vocab_size, **TINY_MODEL))
+
+
+def test_mqar_and_lm_inputs_reach_the_model_on_its_device(fake_gpu, monkeypatch):
+    model = tiny_model(vocab_size=259)
+    moved = on_fake_gpu(model, monkeypatch)
+    splits = mqar_splits(
+        [MQARConfig(vocab_size=32, seq_len=32, num_kv_pairs=2, num_examples=4)],
+        [MQARConfig(vocab_size=32, seq_len=32, num_kv_pairs=2, num_examples=4)],
+        seed=0,
+    )
+    results = evaluate_mqar(model, splits.test, batch_size=2, bf16=True)
+    assert 0.0 <= results["accuracy"] <= 1.0
+    assert moved == [True, True]  # two batches
+    blocks = TokenBlocks.from_documents(["the memory of a model " * 20] * 3, ByteTokenizer(), 32)
+    results = evaluate_lm(model, blocks, batch_size=2, bf16=True)
+    assert results["blocks"] > 2 and math.isfinite(results["loss"])
+    assert moved[2:] and all(moved)
+    assert set(fake_gpu) == {"cuda"}  # autocast for the model's device type
+
+
+def test_niah_inputs_reach_the_model_on_its_device(fake_gpu, monkeypatch):
+    tokenizer = ByteTokenizer()
+    model = NextTokenOracle(tokenizer.vocab_size, tokenizer.encode(" 1"))
+    moved = on_fake_gpu(model, monkeypatch)
+    results = evaluate_niah(
+        model, tokenizer, variant=1, lengths=[400], num_examples=2, seed=0, bf16=True
+    )
+    assert results["token_accuracy"] == 1.0
+    assert moved == [True] * 4  # forward and generate of two examples
+    assert set(fake_gpu) == {"cuda"}
+
+
+def test_model_device():
+    assert model_device(tiny_model(32)) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2).to(torch.float64)) == torch.device("cpu")
+    assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    assert model_device(on_meta) == torch.device("meta")

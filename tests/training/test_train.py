@@ -21,12 +21,14 @@ from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import BPETokenizer, load_tokenizer
 from growmem.train import train
 from growmem.training.checkpoint import (
+    ChecksumError,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
     read_run_config,
     save_checkpoint,
 )
+from growmem.utils.provenance import provenance
 
 from .common import (
     PYTHON,
@@ -96,6 +98,7 @@ def test_mqar_end_to_end(tmp_path):
         assert torch.equal(value, model.state_dict()[name]), name
 
     results = json.loads((final / "eval.json").read_text())
+    assert results.pop("provenance") == provenance()
     slices = {(s["seq_len"], s["num_kv_pairs"]): s["accuracy"] for s in results["slices"]}
     assert set(slices) == {(32, 1), (32, 2), (48, 1), (48, 2)}
     assert all(0.0 <= a <= 1.0 for a in slices.values())
@@ -471,6 +474,16 @@ def test_truncated_or_foreign_checkpoint_is_refused(tmp_path):
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ChecksumError, match=r"model\.safetensors differs from the sha256"):
+        load_weights(folder, model)
+    state = folder / "trainer_state.pt"
+    raw = state.read_bytes()
+    state.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ChecksumError, match=r"trainer_state\.pt differs from the sha256"):
+        load_trainer_state(folder)
+
+    # without checksums (a folder of an older growmem) the formats' own checks remain
+    (folder / "SHA256SUMS").unlink()
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_weights(folder, model)
     path.write_bytes(b"")
@@ -479,10 +492,6 @@ def test_truncated_or_foreign_checkpoint_is_refused(tmp_path):
     path.unlink()
     with pytest.raises(FileNotFoundError):
         load_weights(folder, model)
-
-    state = folder / "trainer_state.pt"
-    raw = state.read_bytes()
-    state.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_trainer_state(folder)
 
