@@ -24,7 +24,7 @@ class CachingConfig:
     num_heads: int
     key_dim: int
     value_dim: int
-    # deep memories only: (mini_batch, norm, max_grad_norm, eps, hidden dim of the MLP)
+    # deep memories only: (mini_batch, norm, max_grad_norm, eps, decay_to, hidden dim of the MLP)
     deep: tuple | None = None
 
     def check_matches(self, other: CachingConfig) -> None:
