@@ -751,6 +751,18 @@ def test_good_inputs_of_bad_input_table_run(rule):
     check_state_fields(s, rule, (2, 2, 3), d=4, dh=8)
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("boundary", [None, 4])
+def test_empty_batch_gives_empty_outputs_and_states(rule, impl, boundary):
+    inp = make_deep_inputs(rule, 10, b=0, requires_grad=True)
+    o, s = inp.run(mini_batch=4, boundary=boundary, impl=impl)
+    assert o.shape == (0, 10, H, D)
+    check_state_fields(s, rule, (0, H) if boundary is None else (0, 3, H))
+    o.sum().backward()  # the graph holds: the initial weights get a (zero) gradient
+    assert inp.W1.grad is not None and inp.W1.grad.abs().sum() == 0
+
+
 # --------------------------------------------------------------------------------------------
 # initial-state fields, momentum floor
 # --------------------------------------------------------------------------------------------

@@ -933,6 +933,19 @@ def test_bad_input_raises_value_error_naming_argument(case):
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("rule", RULES)
+def test_empty_batch_gives_empty_outputs(rule, aggregation):
+    inp = make(rule, 13, b=0)
+    kw = dict(aggregation=aggregation, segment_size=4, mini_batch=2)
+    o, cache = inp.run(output_cache=True, **kw)
+    assert o.shape == (0, 13, H, D)
+    assert cache.seen_tokens == 13 and cache.last_state.W1.shape[0] == 0
+    o2 = inp.part(0, 1).run(with_state=False, cache=cache, **kw)  # and the stream goes on
+    assert o2.shape == (0, 1, H, D)
+    assert inp.run(impl="reference", **kw).shape == (0, 13, H, D)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("rule", RULES)
 def test_good_inputs_of_bad_input_table_run(rule, aggregation):
     """The table's base calls are valid: each case breaks one thing."""
     o = _call(_with(rule, aggregation=aggregation))

@@ -219,11 +219,18 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     if scan.kept is not None:  # [P - 1, B, H, ...] -> [B, H, P - 1, ...]
         new = [x.permute(1, 2, 0, 3, 4) for x in scan.kept[:2]]
         W1c, W2c = (torch.cat([c, x], 2) for c, x in zip(cache.states[:2], new, strict=True))
-        bad = guard.after([extra + b for _, b in pieces[:-1]]).transpose(1, 2)  # [B, H, P - 1]
-        kept_states = DeepState(
-            *(torch.cat([c, poison(x, bad)], 2) for c, x in zip(cache.states[:2], new, strict=True))
-        )
-        kept_summaries = torch.cat([cache.summaries, poison(cached_summaries[:, :, n0:], bad)], 2)
+        kept_states = DeepState(W1c, W2c)
+        bad = guard.after([extra + b for _, b in pieces[:-1]])  # [B, P - 1, H] or None
+        if bad is not None:  # the stream's copies, NaN after a non-finite write
+            bad = bad.transpose(1, 2)  # [B, H, P - 1]
+            kept_states = DeepState(
+                *(
+                    torch.cat([c, poison(x, bad)], 2)
+                    for c, x in zip(cache.states[:2], new, strict=True)
+                )
+            )
+            new_summaries = poison(cached_summaries[:, :, n0:], bad)
+            kept_summaries = torch.cat([cache.summaries, new_summaries], 2)
     soup = None
     if cfg.aggregation == "soup" and N:
         soup = _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype)
@@ -256,7 +263,8 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         )
         o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)
     # soup's output is the scan's own (it read the mixed weights)
-    o = poison(o, guard.outputs[:, extra:])
+    if guard.outputs is not None:
+        o = poison(o, guard.outputs[:, extra:])
 
     last_len = grid[-1]
     partial = last_len < mini_batch
@@ -264,7 +272,8 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     if partial:  # as given: the next call's guard sees a non-finite one again
         new_pending = {n: x[:, x.shape[1] - last_len :].clone() for n, x in raw.items() if n != "q"}
     total = extra + T
-    bad_final, bad_entry = guard.after([total, total - last_len]).unbind(1)  # [B, H] each
+    bad = guard.after([total, total - last_len])  # [B, 2, H] or None
+    bad_final, bad_entry = (None, None) if bad is None else bad.unbind(1)  # [B, H] each
     final = scan.final.map(lambda x: poison(x, bad_final))
     return o, replace(
         cache,

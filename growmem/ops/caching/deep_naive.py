@@ -56,7 +56,7 @@ def deep_memory_caching_reference(
     u = guard.reads.get("u")
     u = None if u is None else u.to(dtype)
     W1_0, W2_0, S1_0, S2_0 = start_state(init_weights, initial_state, rule, B, dtype)
-    target = decay_target(rule, decay_to, init_weights, B, dtype)
+    target = decay_target(rule, decay_to, init_weights, dtype)
     seg_starts = set(itertools.accumulate(lengths[:-1]))
 
     W1, W2, S1, S2 = W1_0, W2_0, S1_0, S2_0

@@ -246,8 +246,9 @@ def deep_memory(
                 **kwargs,
             )
             states = final if ends is None else stacked
-    if ends is None:  # [B, H, ...]: the state after every token
-        states = states.map(lambda x: poison(x, guard.written[:, -1]))
-    else:  # [B, len(ends), H, ...]
-        states = states.map(lambda x: poison(x, guard.after(ends)))
+    bad = guard.after([T] if ends is None else ends)  # [B, 1 or len(ends), H] or None
+    if bad is not None:
+        if ends is None:  # [B, H, ...]: the state after every token
+            bad = bad[:, 0]
+        states = states.map(lambda x: poison(x, bad))
     return guard.output(o).to(q.dtype), states

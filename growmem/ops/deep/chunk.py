@@ -40,6 +40,7 @@ from growmem.ops.deep.mlp import (
     clamp_momentum,
     decay_target,
     gelu,
+    head_matmul,
     layer_norm,
     start_state,
 )
@@ -90,7 +91,7 @@ class DeepScan(NamedTuple):
     the clamped steps; C [.., b, b] (dla: [b, b]), alpha, rho [.., b] (titans; else None);
     kept: DeepState of [len(end_batches), B, H, ...], the states leaving the requested
     mini-batches (None without any); final: the state leaving the
-    last mini-batch; last_entry: the state entering it; target: (W1_0, W2_0) [B, H, ...] that
+    last mini-batch; last_entry: the state entering it; target: (W1_0, W2_0) [H, ...] that
     titans' decay pulls toward, or None.
     """
 
@@ -189,7 +190,7 @@ def deep_scan(
         raise ValueError(f"end_batches must be increasing, got {end_batches}")
     inner = mini_batch if mini_batch is not None and mini_batch < b else None
     duals = (C, alpha, rho) if inner and titans else ()
-    target = decay_target(rule, decay_to, init_weights, B, dtype)
+    target = decay_target(rule, decay_to, init_weights, dtype)
     entries, (d1, h, d2, w), kept, final = scan(
         rule, K, V, step, leave, init, reset, resets, end_batches, norm, eps, max_grad_norm,
         fused, inner, duals, target,
@@ -245,7 +246,7 @@ def online_read(scan: DeepScan, norm=True, eps=1e-5, soup=None) -> torch.Tensor:
             alpha, rho = groups["alpha"][i].unsqueeze(-1), groups["rho"][i].unsqueeze(-1)
             z = z + alpha * (Q @ W2.transpose(-1, -2)) + rho * (Q @ S2.transpose(-1, -2))
             if scan.target is not None:  # what the decay moved toward W_0
-                z = z + (1.0 - alpha) * (Q @ scan.target[1].transpose(-1, -2))
+                z = z + (1.0 - alpha) * head_matmul(Q, scan.target[1].transpose(-1, -2))
         else:
             z = z + Q @ W2.transpose(-1, -2)
         if soup is None:
@@ -257,7 +258,7 @@ def online_read(scan: DeepScan, norm=True, eps=1e-5, soup=None) -> torch.Tensor:
         if titans:
             y = y + alpha * (hq @ W1.transpose(-1, -2)) + rho * (hq @ S1.transpose(-1, -2))
             if scan.target is not None:
-                y = y + (1.0 - alpha) * (hq @ scan.target[0].transpose(-1, -2))
+                y = y + (1.0 - alpha) * head_matmul(hq, scan.target[0].transpose(-1, -2))
         else:
             y = y + hq @ W1.transpose(-1, -2)
         if soup is not None:

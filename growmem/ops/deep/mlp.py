@@ -61,12 +61,23 @@ def start_state(init_weights, initial_state, rule: str, B: int, dtype) -> DeepSt
 DECAY_TARGETS = ("init", "zero")
 
 
-def decay_target(rule, decay_to, init_weights, B, dtype):
-    """The weights titans' decay pulls toward, expanded over the batch ([B, H, ...] each), or
-    None when it pulls toward zero (and for dla, which has no decay)."""
+def decay_target(rule, decay_to, init_weights, dtype):
+    """The weights titans' decay pulls toward, (W1_0 [H, Dv, Dh], W2_0 [H, Dh, Dk]) shared by
+    the batch, or None when it pulls toward zero (and for dla, which has no decay)."""
     if rule != "titans" or decay_to == "zero":
         return None
-    return expand_weights(init_weights, B, dtype)
+    return tuple(w.to(dtype) for w in init_weights)
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., H, L, Din] @ w [H, Din, Dout] -> [..., H, L, Dout] as one bmm over the heads:
+    a broadcasting matmul would copy w for every leading index (and sum as many copies of
+    its gradient)."""
+    H, L, Din = x.shape[-3:]
+    lead = x.shape[:-3]
+    n = math.prod(lead) * L
+    out = torch.bmm(x.movedim(-3, 0).reshape(H, n, Din), w)  # [H, n, Dout]
+    return out.view(H, *lead, L, w.shape[-1]).movedim(0, -3)
 
 
 def clamp_momentum(beta: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def deep_memory_reference(
     dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     W1, W2, S1, S2 = start_state(init_weights, initial_state, rule, B, dtype)
-    target = decay_target(rule, decay_to, init_weights, B, dtype)
+    target = decay_target(rule, decay_to, init_weights, dtype)
     starts = set(itertools.accumulate([0, *batch_lengths[:-1]]))
     end_set = set(ends or ())
     outputs, recorded = [], []

@@ -30,13 +30,18 @@ def _finite_tokens(x: torch.Tensor) -> torch.Tensor:
     return ok.all(-1) if x.dim() == 4 else ok
 
 
-def poison(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x with NaN where ``mask`` (x's leading dims) is True."""
+def poison(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x with NaN where ``mask`` (x's leading dims) is True; x itself when mask is None."""
+    if mask is None:
+        return x
     return x.masked_fill(mask.view(*mask.shape, *(1,) * (x.dim() - mask.dim())), math.nan)
 
 
 class NonFiniteGuard:
     """Zeroes the tokens with a non-finite input and marks what they reach.
+
+    With every input finite (one host synchronisation tells) the guard does nothing, so the
+    common case costs one pass over the inputs.
 
     Args:
         reads: tensors a token only reads the memory with (q, u; None entries are skipped).
@@ -46,19 +51,22 @@ class NonFiniteGuard:
     Attributes:
         reads, writes: the same dicts with every token that had a non-finite input (in any
             of the dict's tensors) zeroed; no gradient reaches the zeroed entries.
-        written: [B, T, H] bool, a non-finite write at or before token t.
-        outputs: [B, T, H] bool, the outputs that must be NaN.
+        written: [B, T, H] bool, a non-finite write at or before token t (None: all finite).
+        outputs: [B, T, H] bool, the outputs that must be NaN (None: all finite).
     """
 
     def __init__(self, reads: dict, writes: dict):
-        reads = {n: x for n, x in reads.items() if x is not None}
-        writes = {n: x for n, x in writes.items() if x is not None}
-        ok_read = _all_finite(reads.values())
-        ok_write = _all_finite(writes.values())
+        self.reads = {n: x for n, x in reads.items() if x is not None}
+        self.writes = {n: x for n, x in writes.items() if x is not None}
+        self.written = self.outputs = None
+        tensors = [*self.reads.values(), *self.writes.values()]
+        if bool(torch.stack([torch.isfinite(x).all() for x in tensors]).all()):
+            return
+        ok_read, ok_write = _all_finite(self.reads.values()), _all_finite(self.writes.values())
         # a bad read is zeroed in the reads only: the token's write stays, so later outputs
         # are those of a run without the bad read
-        self.reads = {n: _zero_where_not(x, ok_read) for n, x in reads.items()}
-        self.writes = {n: _zero_where_not(x, ok_write) for n, x in writes.items()}
+        self.reads = {n: _zero_where_not(x, ok_read) for n, x in self.reads.items()}
+        self.writes = {n: _zero_where_not(x, ok_write) for n, x in self.writes.items()}
         self.written = (~ok_write).cumsum(1) > 0  # [B, T, H]
         self.outputs = self.written | ~ok_read
 
@@ -66,9 +74,12 @@ class NonFiniteGuard:
         """o [B, T, H, D] with NaN at the outputs that read a non-finite input."""
         return poison(o, self.outputs)
 
-    def after(self, counts) -> torch.Tensor:
+    def after(self, counts) -> torch.Tensor | None:
         """[B, len(counts), H] bool: a non-finite write among the first ``counts[i]`` tokens
-        (counts >= 0), i.e. the states recorded after those tokens must be NaN."""
+        (counts >= 0), i.e. the states recorded after those tokens must be NaN; None when
+        every input is finite."""
+        if self.written is None:
+            return None
         B, _, H = self.written.shape
         written = torch.cat([self.written.new_zeros(B, 1, H), self.written], 1)
         return written[:, torch.as_tensor(list(counts), device=written.device)]

@@ -36,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from growmem.ops.deep.mlp import gelu, gelu_grad, layer_norm, layer_norm_backward
+from growmem.ops.deep.mlp import gelu, gelu_grad, head_matmul, layer_norm, layer_norm_backward
 
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -114,8 +114,8 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm,
 
     state: the block's entry (W1, W2[, S1, S2]); dual: titans' (C [.., b, b], α, ρ [.., b]),
     the coefficients of the weights after each row; () for dla (α = 1, ρ = 0, C = 1 on j <= t).
-    target: (W1_0, W2_0) that titans' decay pulls toward, or None (toward zero).
-    Returns (d1, hk, d2, w) as ``_factors`` (without the backward's extras).
+    target: (W1_0 [H, Dv, Dh], W2_0 [H, Dh, Dk]) that titans' decay pulls toward, or None
+    (toward zero). Returns (d1, hk, d2, w) as ``_factors`` (without the backward's extras).
     """
     titans = rule == "titans"
     W1, W2 = state[:2]
@@ -132,7 +132,7 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm,
         S1 = _SharedWeight.apply(S1, acc_s)
         if target is not None:
             T1, T2 = target
-            KT2 = K @ T2.transpose(-1, -2)  # [.., b, Dh]
+            KT2 = head_matmul(K, T2.transpose(-1, -2))  # [.., b, Dh]
     KK = K @ K.transpose(-1, -2)  # [.., b, b]
     d1s, hks, d2s, ws = [], [], [], []
     for r in range(0, b, inner):
@@ -154,7 +154,7 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm,
         if a is not None:
             yk = a * yk + p * _RowsTimesShared.apply(hk, S1, acc_s, True)
             if target is not None:
-                yk = yk + (1.0 - a) * (hk @ T1.transpose(-1, -2))
+                yk = yk + (1.0 - a) * head_matmul(hk, T1.transpose(-1, -2))
         if r:
             yk = yk + (cw * (hk @ hp.transpose(-1, -2))) @ d1p
         nk, rstd = layer_norm(yk, eps) if norm else (yk, None)
@@ -164,7 +164,7 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm,
         if a is not None:
             e = a * e + p * _RowsTimesShared.apply(d1, S1, acc_s, False)
             if target is not None:
-                e = e + (1.0 - a) * (d1 @ T1)
+                e = e + (1.0 - a) * head_matmul(d1, T1)
         if r:
             e = e + (cw * (d1 @ d1p.transpose(-1, -2))) @ hp
         d2 = e * gelu_grad(z)  # dℓ/dz
@@ -256,7 +256,7 @@ class ScanFunction(torch.autograd.Function):
     apply(spec, K, V, step, *coefs, *target, *init, *reset) with spec = (rule, resets, ends,
     norm, eps, max_grad_norm, has_target), K, V [NB, B, H, b, D], step [NB, B, H, b], coefs
     (titans: c, m [NB, B, H, b], a, p, β [NB, B, H, 1]; dla: none), target: (W1_0, W2_0)
-    [B, H, ...] that titans' decay pulls toward (empty when it pulls toward zero), init and
+    [H, ...] that titans' decay pulls toward (empty when it pulls toward zero), init and
     reset: the state (W1, W2[, S1, S2]) at the start and after every reset (reset: empty
     without resets).
     Returns (*entries [NB, ...], d1, hk, d2, w, *kept [len(ends), ...], *final).
@@ -389,8 +389,8 @@ def _step_backward(
         D1, D2 = W1, W2  # what the decay scales: the weights, or their departure from target
         if target is not None:
             D1, D2 = W1 - target[0], W2 - target[1]
-            g_target[0] += (1.0 - a_) * L1
-            g_target[1] += (1.0 - a_) * L2
+            g_target[0] += ((1.0 - a_) * L1).sum(0)  # shared by the batch
+            g_target[1] += ((1.0 - a_) * L2).sum(0)
         gcoef = [
             w * gcw,
             w * gmw,
@@ -469,7 +469,7 @@ def scan(
     blocks. fused: ScanFunction (True) or the plain autograd loop. inner: rows per gradient
     mini-batch inside a block (None: the whole block), run under plain autograd; duals:
     titans' dual-form coefficients for it, (C [NB, B, H, b, b], α, ρ [NB, B, H, b]); target:
-    (W1_0, W2_0) [B, H, ...] that titans' decay pulls toward, or None (toward zero).
+    (W1_0, W2_0) [H, ...] that titans' decay pulls toward, or None (toward zero).
 
     Returns (entries, (d1, hk, d2, w), kept, final): entries a list of [NB, B, H, ...] state
     tensors, kept a list of [len(ends), B, H, ...] ones (empty without ends), final a list.
