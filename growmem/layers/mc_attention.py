@@ -21,6 +21,7 @@ from growmem.ops.caching import MemoryCache, check_caching_choices, memory_cachi
 from growmem.ops.caching.select import GATED_AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
+from growmem.ops.deep.mlp import DECAY_TARGETS
 
 # Per-token gates of the deep rules: eta (inner learning rate), g (weight decay), beta
 # (momentum).
@@ -123,6 +124,9 @@ class MemoryCachingAttention(nn.Module):
         eta_max: deep rules: bound of the inner learning rate.
         max_grad_norm: deep rules: per-token soft clamp of the inner gradient norm.
         mlp_norm: deep rules: LayerNorm on the MLP memory's output.
+        decay_to: titans: what its decay forgets toward, "init" (the learned initial MLP
+            weights) or "zero" (Titans' equation read literally; chaotic at long context with
+            mlp_norm, see docs/design.md).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class MemoryCachingAttention(nn.Module):
         eta_max: float = 0.1,
         max_grad_norm: float | None = 1.0,
         mlp_norm: bool = True,
+        decay_to: str = "init",
     ):
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
@@ -193,6 +198,8 @@ class MemoryCachingAttention(nn.Module):
         if self.deep:
             self.mini_batch, self.eta_max = mini_batch, float(eta_max)
             self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
+            check_choice("decay_to", decay_to, DECAY_TARGETS)
+            self.decay_to = decay_to
             Dh = expansion * head_dim
             self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
             # learned initial memory: M(x) = x + N(W1 GELU(W2 x)), per head
@@ -357,6 +364,7 @@ class MemoryCachingAttention(nn.Module):
                 mini_batch=self.mini_batch,
                 norm=self.mlp_norm,
                 max_grad_norm=self.max_grad_norm,
+                decay_to=self.decay_to,
             )
         o, memory = memory_caching(
             q,

@@ -30,11 +30,13 @@ def test_read_path_ratio_grows_with_the_inner_learning_rate():
     assert math.isfinite(low) and 0 < low < high
 
 
-def test_small_mini_batches_at_a_large_inner_rate_explode_the_outer_gradient():
+def test_small_mini_batches_at_a_large_inner_rate_keep_the_outer_gradient_bounded():
+    """With titans' decay toward the initial weights (issue 21) mini-batch 1 at an inner rate
+    bound of 1.0 no longer explodes the outer gradient (7e5 with the decay toward zero)."""
     stable = titans_probe.outer_gradient_norm(mini_batch=1, eta_max=0.1)
-    chaotic = titans_probe.outer_gradient_norm(mini_batch=1, eta_max=1.0)
+    large_rate = titans_probe.outer_gradient_norm(mini_batch=1, eta_max=1.0)
     one_batch = titans_probe.outer_gradient_norm(mini_batch=16, eta_max=1.0)
-    assert stable < 10 and one_batch < 10 and chaotic > 100 * stable
+    assert stable < 10 and one_batch < 10 and large_rate < 10 * stable
 
 
 def test_main_writes_every_probe(tmp_path, monkeypatch):

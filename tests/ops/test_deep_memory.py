@@ -22,6 +22,8 @@ from growmem.ops import DeepState, deep_memory
 from tests.helpers import rel_err
 
 RULES = ("dla", "titans")
+# every (rule, decay_to) pair: dla has no decay
+RULE_DECAYS = [("dla", "init"), ("titans", "init"), ("titans", "zero")]
 B, H, D, DH = 2, 2, 6, 24
 TOL64 = 1e-9
 FIELDS = ("W1", "W2", "S1", "S2")
@@ -198,15 +200,16 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
 @pytest.mark.parametrize(("T", "mini_batch", "with_state", "boundary"), CONFIGS)
 def test_chunk_matches_reference_float64(
-    rule, norm, max_grad_norm, T, mini_batch, with_state, boundary
+    rule, decay_to, norm, max_grad_norm, T, mini_batch, with_state, boundary
 ):
     seed = 100 * T + mini_batch
     kw = dict(mini_batch=mini_batch, norm=norm, max_grad_norm=max_grad_norm, boundary=boundary)
+    kw["decay_to"] = decay_to
     results = {}
     for impl in ("chunk", "reference"):
         inp = make_deep_inputs(rule, T, seed=seed, requires_grad=True, with_state=with_state)
@@ -229,13 +232,16 @@ def test_chunk_matches_reference_float64(
     assert set(g_c) == expected
     for name, gr in g_r.items():
         gc = g_c[name]
-        if with_state and name.startswith("init "):
-            # the initial weights are not read when an initial_state is given
+        if with_state and name.startswith("init ") and (rule, decay_to) != ("titans", "init"):
+            # the initial weights are not read when an initial_state is given (titans' decay
+            # toward them reads them)
             assert gc is None and gr is None, f"grad {name} should be None"
             continue
         assert gc is not None and gr is not None, f"grad {name} is None"
-        # (titans from zero momentum with T = 1: β_0 multiplies Σ_{-1} = 0)
-        if not (name == "beta" and T == 1 and not with_state):
+        # titans from zero momentum with T = 1: β_0 multiplies Σ_{-1} = 0, and a_0 the
+        # departure of W_0 from the decay's target W_0 (zero with decay_to="init")
+        first_from_init = T == 1 and not with_state
+        if not (first_from_init and (name == "beta" or (name, decay_to) == ("g", "init"))):
             assert gr.abs().sum() > 0, f"reference gradient of {name} is zero"
         assert_close(gc, gr, TOL64, f"grad {name}")
 
@@ -267,9 +273,12 @@ def test_initial_state_none_is_init_weights_and_zero_momentum():
 # --------------------------------------------------------------------------------------------
 
 
-def plain_recurrence(inp: Inputs, norm: bool, max_grad_norm, eps: float = 1e-5):
+def plain_recurrence(
+    inp: Inputs, norm: bool, max_grad_norm, eps: float = 1e-5, decay_to: str = "init"
+):
     """W_t from W_{t-1} with the gradient at W_{t-1}; o_t = M_{W_t}(q_t). Written from
-    DESIGN.md section 2 with torch.autograd for the inner gradient."""
+    DESIGN.md section 2 with torch.autograd for the inner gradient; titans' decay pulls toward
+    the initial weights (decay_to="init") or toward zero."""
     titans = inp.rule == "titans"
     Bn, T = inp.q.shape[:2]
 
@@ -297,22 +306,26 @@ def plain_recurrence(inp: Inputs, norm: bool, max_grad_norm, eps: float = 1e-5):
             a = inp.g[:, t].exp()[..., None, None]
             b = inp.beta[:, t][..., None, None]
             S1, S2 = b * S1 - lr * G1, b * S2 - lr * G2
-            W1, W2 = a * W1 + S1, a * W2 + S2
+            if decay_to == "init":
+                W1, W2 = inp.W1 + a * (W1 - inp.W1) + S1, inp.W2 + a * (W2 - inp.W2) + S2
+            else:
+                W1, W2 = a * W1 + S1, a * W2 + S2
         else:
             W1, W2 = W1 - lr * G1, W2 - lr * G2
         outs.append(memory(inp.q[:, t], W1, W2))
     return torch.stack(outs, 1), DeepState(W1, W2, S1, S2)
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
 @pytest.mark.parametrize("impl", ["chunk", "reference"])
-def test_mini_batch_one_is_plain_recurrence(rule, norm, max_grad_norm, impl):
+def test_mini_batch_one_is_plain_recurrence(rule, decay_to, norm, max_grad_norm, impl):
     T = 9
     inp = make_deep_inputs(rule, T, seed=41, requires_grad=True)
-    o_p, s_p = plain_recurrence(inp, norm, max_grad_norm)
-    o, s = inp.run(mini_batch=1, norm=norm, max_grad_norm=max_grad_norm, impl=impl)
+    o_p, s_p = plain_recurrence(inp, norm, max_grad_norm, decay_to=decay_to)
+    kw = dict(norm=norm, max_grad_norm=max_grad_norm, decay_to=decay_to, impl=impl)
+    o, s = inp.run(mini_batch=1, **kw)
     assert_close(o, o_p, 1e-10, "o")
     assert_states_close(s, s_p, 1e-10, "final state")
 
@@ -331,7 +344,7 @@ def test_mini_batch_one_is_plain_recurrence(rule, norm, max_grad_norm, impl):
         assert gb.abs().sum() > 0, f"gradient of {name} is zero"
         assert_close(ga, gb, 1e-10, f"grad {name}")
     # and the mini-batch form is a different model (the comparison above is not vacuous)
-    o4, _ = inp.run(mini_batch=4, norm=norm, max_grad_norm=max_grad_norm, impl=impl)
+    o4, _ = inp.run(mini_batch=4, **kw)
     assert rel_err(o4, o_p) > 1e-4
 
 
@@ -378,14 +391,15 @@ def gelu_prime(z):
     return torch.special.ndtr(z) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
-def mini_batch_by_hand(inp: Inputs, mb: int):
+def mini_batch_by_hand(inp: Inputs, mb: int, decay_to: str = "init"):
     """The mini-batch read convention written out without norm: the inner gradients of a
     mini-batch are all taken at its entry weights W,
 
         M_W(x) = x + W1 σ(W2 x),  e = dℓ/dM (dla: -v; titans: 2 (M_W(k) - v)),
         ∇_W1 ℓ = e σ(W2 k)^T,     ∇_W2 ℓ = (W1^T e ⊙ σ'(W2 k)) k^T,
 
-    then applied token by token (titans: momentum and decay), and o_t = M_{W_t}(q_t)."""
+    then applied token by token (titans: momentum, and decay toward the initial weights or
+    toward zero), and o_t = M_{W_t}(q_t)."""
     titans = inp.rule == "titans"
     Bn, T = inp.q.shape[:2]
     W1 = inp.W1.unsqueeze(0).expand(Bn, *inp.W1.shape)
@@ -409,7 +423,11 @@ def mini_batch_by_hand(inp: Inputs, mb: int):
                 a = inp.g[:, t].exp()[..., None, None]
                 b = inp.beta[:, t][..., None, None]
                 S1, S2 = b * S1 - lr * G1, b * S2 - lr * G2
-                W1, W2 = a * W1 + S1, a * W2 + S2
+                if decay_to == "init":
+                    W1 = inp.W1 + a * (W1 - inp.W1) + S1
+                    W2 = inp.W2 + a * (W2 - inp.W2) + S2
+                else:
+                    W1, W2 = a * W1 + S1, a * W2 + S2
             else:
                 W1, W2 = W1 - lr * G1, W2 - lr * G2
             q = inp.q[:, t]
@@ -417,13 +435,13 @@ def mini_batch_by_hand(inp: Inputs, mb: int):
     return torch.stack(outs, 1), W1, W2
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize("impl", ["chunk", "reference"])
 @pytest.mark.parametrize(("T", "mb"), [(12, 12), (12, 4), (10, 4), (10, 1)])
-def test_gradients_at_mini_batch_entry_weights(rule, impl, T, mb):
+def test_gradients_at_mini_batch_entry_weights(rule, decay_to, impl, T, mb):
     inp = make_deep_inputs(rule, T, seed=19)
-    o_hand, W1, W2 = mini_batch_by_hand(inp, mb)
-    o, s = inp.run(mini_batch=mb, norm=False, impl=impl)
+    o_hand, W1, W2 = mini_batch_by_hand(inp, mb, decay_to)
+    o, s = inp.run(mini_batch=mb, norm=False, impl=impl, decay_to=decay_to)
     assert_close(o, o_hand, 1e-12, "o")
     assert_close(s.W1, W1, 1e-12, "W1")
     assert_close(s.W2, W2, 1e-12, "W2")
@@ -646,8 +664,6 @@ BAD_INPUTS = {
     "beta wrong shape": ("beta", lambda: _with(beta=torch.zeros(2, 6))),
     "g given to dla": ("g", lambda: _with("dla", g=torch.zeros(2, 6, 3))),
     "beta given to dla": ("beta", lambda: _with("dla", beta=torch.zeros(2, 6, 3))),
-    "g -inf": ("g", lambda: _with(g=torch.full((2, 6, 3), -math.inf))),
-    "g nan": ("g", lambda: _with(g=torch.full((2, 6, 3), math.nan))),
     "init_weights one tensor": ("init_weights", lambda: _with(init_weights=torch.randn(3, 4, 8))),
     "init_weights triple": (
         "init_weights",
@@ -701,6 +717,16 @@ BAD_INPUTS = {
     "max_grad_norm negative": ("max_grad_norm", lambda: _with(max_grad_norm=-1.0)),
     "max_grad_norm inf": ("max_grad_norm", lambda: _with(max_grad_norm=math.inf)),
     "max_grad_norm bool": ("max_grad_norm", lambda: _with(max_grad_norm=True)),
+    "eps 0": ("eps", lambda: _with(eps=0.0)),
+    "eps negative": ("eps", lambda: _with(eps=-1e-5)),
+    "eps nan": ("eps", lambda: _with(eps=math.nan)),
+    "eps inf": ("eps", lambda: _with(eps=math.inf)),
+    "eps string": ("eps", lambda: _with(eps="1e-5")),
+    "eps None": ("eps", lambda: _with(eps=None)),
+    "eps bool": ("eps", lambda: _with(eps=True)),
+    "eps tensor": ("eps", lambda: _with(eps=torch.tensor(1e-5))),
+    "unknown decay_to": ("decay_to", lambda: _with(decay_to="one")),
+    "decay_to None": ("decay_to", lambda: _with("dla", g=None, beta=None, decay_to=None)),
     "unknown impl": ("impl", lambda: _with(impl="triton")),
 }
 
@@ -723,6 +749,18 @@ def test_good_inputs_of_bad_input_table_run(rule):
     o, s = deep_memory(q, k, v, mini_batch=4, boundary=4, max_grad_norm=1, **kw)
     assert o.shape == (2, 6, 3, 4)
     check_state_fields(s, rule, (2, 2, 3), d=4, dh=8)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("boundary", [None, 4])
+def test_empty_batch_gives_empty_outputs_and_states(rule, impl, boundary):
+    inp = make_deep_inputs(rule, 10, b=0, requires_grad=True)
+    o, s = inp.run(mini_batch=4, boundary=boundary, impl=impl)
+    assert o.shape == (0, 10, H, D)
+    check_state_fields(s, rule, (0, H) if boundary is None else (0, 3, H))
+    o.sum().backward()  # the graph holds: the initial weights get a (zero) gradient
+    assert inp.W1.grad is not None and inp.W1.grad.abs().sum() == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,7 +801,7 @@ def test_titans_zero_beta_is_the_documented_floor_in_both_paths():
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("beta", -0.5), ("beta", 1.5), ("eta", -0.1), ("eta", float("nan"))]
+    ("name", "value"), [("beta", -0.5), ("beta", 1.5), ("eta", -0.1), ("eta", -1e-30)]
 )
 def test_gate_values_out_of_range_raise(name, value):
     inp = make_deep_inputs("titans", 6, seed=1)
@@ -771,3 +809,76 @@ def test_gate_values_out_of_range_raise(name, value):
     bad[:, 2] = value
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         dataclasses.replace(inp, **{name: bad}).run(mini_batch=4)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. non-finite inputs stay causal
+# --------------------------------------------------------------------------------------------
+
+HEAD = 1  # the head that receives the non-finite entries
+
+
+def poison_rows(inp: Inputs, names, s: int, value: float) -> Inputs:
+    """inp (as fresh leaves) with ``value`` at token s, head HEAD, in input names[i] of batch
+    row i (one entry each)."""
+    fields = ("q", "k", "v", "eta", "g", "beta")
+    fresh = {n: getattr(inp, n) for n in fields}
+    fresh = {n: None if x is None else x.detach().clone() for n, x in fresh.items()}
+    for row, name in enumerate(names):
+        if fresh[name].dim() == 4:
+            fresh[name][row, s, HEAD, 1] = value
+        else:
+            fresh[name][row, s, HEAD] = value
+    return dataclasses.replace(
+        inp, **{n: None if x is None else x.requires_grad_() for n, x in fresh.items()}
+    )
+
+
+def earlier_grads(inp: Inputs, s: int, **kw):
+    """Output, states, and the gradients of the inputs of a loss on the outputs before s."""
+    o, states = inp.run(**kw)
+    w = torch.randn(o[:, :s].shape, generator=torch.Generator().manual_seed(2), dtype=o.dtype)
+    named = {n: x for n, x in inp.leaves().items() if not n.startswith("init")}
+    grads = torch.autograd.grad((o[:, :s] * w).sum(), list(named.values()), allow_unused=True)
+    return o.detach(), states, dict(zip(named, grads, strict=True))
+
+
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("mb", [3, 8])  # blocks of mini-batches; one block per mini-batch
+@pytest.mark.parametrize("value", [math.nan, -math.inf])
+def test_non_finite_input_reaches_no_earlier_output(rule, decay_to, impl, mb, value):
+    """A NaN or inf at token s (batch row i: in input i, head HEAD) leaves every earlier
+    output, state and gradient of a loss on earlier outputs as in the clean run, and the other
+    head untouched; a non-finite write makes the head's outputs and states NaN from s on, a
+    non-finite query only its own output."""
+    T, s = 13, 6  # s inside a mini-batch for both mini-batch sizes
+    names = ["q", "k", "v", "eta"] + (["g", "beta"] if rule == "titans" else [])
+    kw = dict(mini_batch=mb, boundary=mb, decay_to=decay_to, max_grad_norm=1.0, impl=impl)
+    clean = make_deep_inputs(rule, T, b=len(names), seed=61, requires_grad=True)
+    o_c, states_c, grads_c = earlier_grads(clean, s, **kw)
+    o, states, grads = earlier_grads(poison_rows(clean, names, s, value), s, **kw)
+    assert torch.equal(o[:, :s], o_c[:, :s]), "an earlier output changed"
+    other = 1 - HEAD
+    assert torch.equal(o[:, :, other], o_c[:, :, other]), "the other head changed"
+    after = torch.tensor(list(range(mb, T + 1, mb)) + ([T] if T % mb else [])) > s
+    for row, name in enumerate(names):
+        if name == "q":  # a read: only its own output
+            assert o[row, s, HEAD].isnan().all()
+            keep = [t for t in range(T) if t != s]
+            assert torch.equal(o[row, keep, HEAD], o_c[row, keep, HEAD])
+        else:
+            assert o[row, s:, HEAD].isnan().all(), f"{name}: a later output is not NaN"
+        for field, x, x_c in zip(FIELDS, states, states_c, strict=True):
+            if x is None:
+                continue
+            assert torch.equal(x[:, :, other], x_c[:, :, other]), f"{field} of the other head"
+            if name == "q":
+                assert torch.equal(x[row, :, HEAD], x_c[row, :, HEAD]), f"{name}: {field}"
+            else:
+                assert x[row, after, HEAD].isnan().all(), f"{name}: {field} after s is finite"
+            before = x[row, ~after, HEAD], x_c[row, ~after, HEAD]
+            assert torch.equal(*before), f"{name}: {field} before s changed"
+    for n, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"gradient of {n} is not finite"
+        assert_close(grad, grads_c[n], 1e-12, f"gradient of {n}")

@@ -358,6 +358,17 @@ EXTRA_CASES = [
     _case("titans", "soup", "independent", 1, segments=[1], mini_batch=3),
     # gate_scale
     _case("titans", "soup", "continuous", 29, gate_scale=0.7, segment_size=8, mini_batch=4),
+    # titans' decay toward zero (the default pulls toward the initial weights)
+    *(
+        _case("titans", agg, init, 29, decay_to="zero", segments=[7, 12, 10], mini_batch=3, **kw)
+        for agg, init, kw in [
+            ("none", "continuous", {}),
+            ("grm", "independent", {}),
+            ("soup", "continuous", {}),
+            ("ssc", "continuous", {"with_state": True}),
+            ("mean", "independent", {"norm": False}),
+        ]
+    ),
 ]
 
 
@@ -708,6 +719,7 @@ def test_streaming_log_segments_equals_parallel(rule, aggregation, init):
         dict(mini_batch=1),
         dict(mini_batch=5),
         dict(mini_batch=16),
+        dict(decay_to="zero"),
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -861,9 +873,7 @@ BAD_INPUTS = {
     "g missing (titans)": (arg("g"), lambda: _with(g=None)),
     "beta missing (titans)": (arg("beta"), lambda: _with(beta=None)),
     "eta negative": (arg("eta"), lambda: _with(eta=-torch.rand(2, 6, 3))),
-    "eta nan": (arg("eta"), lambda: _with(eta=torch.full((2, 6, 3), float("nan")))),
     "beta above 1": (arg("beta"), lambda: _with(beta=1.5 * torch.ones(2, 6, 3))),
-    "g not finite": (arg("g"), lambda: _with(g=torch.full((2, 6, 3), -float("inf")))),
     "eta given to a linear rule": (
         arg("eta"),
         lambda: _linear(eta=torch.rand(2, 6, 3)),
@@ -876,6 +886,12 @@ BAD_INPUTS = {
     "mini_batch float": (arg("mini_batch"), lambda: _with(mini_batch=2.0)),
     "max_grad_norm 0": (arg("max_grad_norm"), lambda: _with(max_grad_norm=0.0)),
     "max_grad_norm negative": (arg("max_grad_norm"), lambda: _with(max_grad_norm=-1.0)),
+    "eps 0": (arg("eps"), lambda: _with(eps=0.0)),
+    "eps negative": (arg("eps"), lambda: _with(eps=-1.0)),
+    "eps nan": (arg("eps"), lambda: _with(eps=float("nan"))),
+    "eps string": (arg("eps"), lambda: _with(eps="small")),
+    "eps None": (arg("eps"), lambda: _with(eps=None)),
+    "unknown decay_to": (arg("decay_to"), lambda: _with(decay_to="half")),
     "Dk != Dv": (arg("v"), lambda: _with(v=torch.randn(2, 6, 3, 5))),
     "initial_state a tensor": (
         arg("initial_state"),
@@ -913,6 +929,19 @@ def test_bad_input_raises_value_error_naming_argument(case):
     pattern, make_kwargs = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=pattern):
         _call(make_kwargs())
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("rule", RULES)
+def test_empty_batch_gives_empty_outputs(rule, aggregation):
+    inp = make(rule, 13, b=0)
+    kw = dict(aggregation=aggregation, segment_size=4, mini_batch=2)
+    o, cache = inp.run(output_cache=True, **kw)
+    assert o.shape == (0, 13, H, D)
+    assert cache.seen_tokens == 13 and cache.last_state.W1.shape[0] == 0
+    o2 = inp.part(0, 1).run(with_state=False, cache=cache, **kw)  # and the stream goes on
+    assert o2.shape == (0, 1, H, D)
+    assert inp.run(impl="reference", **kw).shape == (0, 13, H, D)
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
@@ -1179,3 +1208,94 @@ def test_backward_memory_grows_linearly_with_segment_count(aggregation):
         extra[T // size] = total - base
     assert extra[32] > 0
     assert extra[64] < 2.5 * extra[32], f"saved beyond the plain scan: {extra}"
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite inputs stay causal
+# --------------------------------------------------------------------------------------------
+
+HEAD = 1  # the head that receives the non-finite entries
+
+
+def poison_rows(inp: Inputs, names, s: int, value: float = float("nan")) -> Inputs:
+    """inp (as fresh leaves) with ``value`` at token s, head HEAD, in input names[i] of batch
+    row i (one entry each)."""
+    fields = ("q", "k", "v", "u", "eta", "g", "beta")
+    fresh = {n: getattr(inp, n) for n in fields}
+    fresh = {n: None if x is None else x.detach().clone() for n, x in fresh.items()}
+    for row, name in enumerate(names):
+        if fresh[name].dim() == 4:
+            fresh[name][row, s, HEAD, 1] = value
+        else:
+            fresh[name][row, s, HEAD] = value
+    return dataclasses.replace(
+        inp, **{n: None if x is None else x.requires_grad_() for n, x in fresh.items()}
+    )
+
+
+def earlier_grads(inp: Inputs, s: int, **kw):
+    """The output, and the gradients of the inputs of a loss on the outputs before token s."""
+    o = inp.run(**kw)
+    w = torch.randn(o[:, :s].shape, generator=torch.Generator().manual_seed(2), dtype=o.dtype)
+    named = {n: x for n, x in inp.leaves().items() if not n.startswith("init")}
+    grads = torch.autograd.grad((o[:, :s] * w).sum(), list(named.values()), allow_unused=True)
+    return o.detach(), dict(zip(named, grads, strict=True))
+
+
+def check_poisoned_outputs(o, o_c, names, s, what):
+    """Row i holds a NaN in input names[i] at token s, head HEAD: earlier outputs and the other
+    heads are those of the clean run o_c; a write makes the head's outputs NaN from s on, a
+    read (q, u) only at s."""
+    T = o.shape[1]
+    # (ssc routes the tokens of all rows and heads together, by the caches they select: a
+    # changed selection elsewhere may change the round-off of a token's read)
+    assert_close(o[:, :s], o_c[:, :s], 1e-14, f"{what}: an earlier output changed")
+    others = [h for h in range(o.shape[2]) if h != HEAD]
+    assert_close(o[:, :, others], o_c[:, :, others], 1e-14, f"{what}: another head changed")
+    for row, name in enumerate(names):
+        if name in ("q", "u"):  # reads: only their own output
+            assert o[row, s, HEAD].isnan().all(), f"{what}: NaN {name} not in its output"
+            keep = [t for t in range(T) if t != s]
+            assert_close(o[row, keep, HEAD], o_c[row, keep, HEAD], 1e-14, f"{what}: {name}")
+        else:
+            assert o[row, s:, HEAD].isnan().all(), f"{what}: after a NaN {name}, a finite output"
+
+
+@pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))
+@pytest.mark.parametrize("rule", RULES)
+def test_non_finite_input_reaches_no_earlier_output(rule, aggregation, init):
+    """A NaN at token s (after two cached segments) in any input leaves the earlier outputs
+    and the gradients of a loss on them as in the clean run, and the other heads untouched
+    (batch row i is poisoned in input i); both paths."""
+    T, s = 13, 9
+    kw = dict(aggregation=aggregation, init=init, top_k=1, segment_size=4, mini_batch=2)
+    names = ["q", "k", "v", "u", "eta"] + (["g", "beta"] if rule == "titans" else [])
+    for impl in ("chunk", "reference"):
+        clean = make(rule, T, seed=71, b=len(names), requires_grad=True)
+        o_c, grads_c = earlier_grads(clean, s, impl=impl, **kw)
+        o, grads = earlier_grads(poison_rows(clean, names, s), s, impl=impl, **kw)
+        check_poisoned_outputs(o, o_c, names, s, impl)
+        for n, grad in grads.items():
+            if grad is None:
+                assert grads_c[n] is None
+                continue
+            assert torch.isfinite(grad).all(), f"{impl}: gradient of {n} is not finite"
+            assert_close(grad, grads_c[n], 1e-12, f"{impl}: gradient of {n}")
+
+
+@pytest.mark.parametrize("aggregation", ["none", "grm", "soup", "ssc"])
+@pytest.mark.parametrize("s", [8, 9])  # left pending by the first call; inside its last block
+def test_non_finite_write_poisons_the_stream(aggregation, s):
+    """A stream cut right after a NaN continues as the parallel run does: NaN outputs after a
+    NaN write in that row and head (the pending tokens are kept as given, the states after
+    the write are NaN), and as the clean stream everywhere else."""
+    T = 13
+    names = ["k", "eta", "q", "u"]
+    kw = dict(aggregation=aggregation, top_k=1, segment_size=4, mini_batch=2)
+    clean = make("titans", T, seed=73, b=len(names))
+    o_c, _ = stream(clean, [s + 1], **kw)
+    o, cache = stream(poison_rows(clean, names, s), [s + 1], **kw)
+    check_poisoned_outputs(o, o_c, names, s, f"cut at {s + 1}")
+    poisoned = cache.last_state.W1[:, HEAD].isnan().flatten(1).all(1)  # [B]
+    assert poisoned.tolist() == [True, True, False, False]
+    assert torch.isfinite(cache.last_state.W1[:, 1 - HEAD]).all()

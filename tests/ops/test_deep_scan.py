@@ -35,7 +35,14 @@ def _inputs(rule, B=2, T=37, H=2, D=8, Dh=16, seed=0):
     return {n: None if t is None else t.requires_grad_() for n, t in x.items()}
 
 
-def _run(x, rule, lengths, fused, norm, max_grad_norm, resets=(), end_batches=(), mini_batch=None):
+# every (rule, decay_to) pair: dla has no decay
+RULE_DECAYS = [("titans", "init"), ("titans", "zero"), ("dla", "init")]
+
+
+def _run(
+    x, rule, lengths, fused, norm, max_grad_norm, resets=(), end_batches=(), mini_batch=None,
+    decay_to="init",
+):  # fmt: skip
     """Outputs of a scan + read ([B, T, H, D]), and a scalar touching every output of the
     scan."""
     reset = None
@@ -61,6 +68,7 @@ def _run(x, rule, lengths, fused, norm, max_grad_norm, resets=(), end_batches=()
         max_grad_norm=max_grad_norm,
         fused=fused,
         mini_batch=mini_batch,
+        decay_to=decay_to,
     )
     o = layout.to_tokens(online_read(scan, norm))
     gen = torch.Generator().manual_seed(1)
@@ -90,18 +98,19 @@ def _assert_same_function(x, rule, runs):
         assert err < 1e-10, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("rule", ["titans", "dla"])
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
 @pytest.mark.parametrize("resets", [(), (3,)])
-def test_fused_scan_matches_autograd_loop(rule, norm, max_grad_norm, resets):
+def test_fused_scan_matches_autograd_loop(rule, decay_to, norm, max_grad_norm, resets):
     lengths = [8, 8, 5, 8, 8]  # a short mini-batch in the middle (padding)
     kw = dict(norm=norm, max_grad_norm=max_grad_norm, resets=resets, end_batches=(1, 4))
+    kw["decay_to"] = decay_to
     runs = [(lengths, dict(fused=fused, **kw)) for fused in (True, False)]
     _assert_same_function(_inputs(rule), rule, runs)
 
 
-@pytest.mark.parametrize("rule", ["titans", "dla"])
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize(
     ("lengths", "kw"),
     [
@@ -109,7 +118,7 @@ def test_fused_scan_matches_autograd_loop(rule, norm, max_grad_norm, resets):
         ([6, 1], dict(end_batches=(0,), mini_batch=2)),  # blocks of mini-batches (_inner_factors)
     ],
 )
-def test_scan_gradcheck(rule, lengths, kw):
+def test_scan_gradcheck(rule, decay_to, lengths, kw):
     """Finite differences through the whole scan (second-order terms of the inner gradient)."""
     x = _inputs(rule, B=1, T=7, H=1, D=3, Dh=4, seed=3)
     names = [n for n, t in x.items() if t is not None]
@@ -117,7 +126,7 @@ def test_scan_gradcheck(rule, lengths, kw):
     def fn(*tensors):
         y = dict(zip(names, tensors, strict=True))
         y = {n: y.get(n) for n in x}
-        return _run(y, rule, lengths, True, True, 0.8, **kw)
+        return _run(y, rule, lengths, True, True, 0.8, decay_to=decay_to, **kw)
 
     assert torch.autograd.gradcheck(fn, tuple(x[n] for n in names), atol=1e-7, rtol=1e-6)
 
@@ -135,16 +144,16 @@ def test_scan_function_is_used_by_default():
     assert any(type(f).__name__ == f"{ScanFunction.__name__}Backward" for f in seen)
 
 
-@pytest.mark.parametrize("rule", ["titans", "dla"])
+@pytest.mark.parametrize(("rule", "decay_to"), RULE_DECAYS)
 @pytest.mark.parametrize(("norm", "max_grad_norm"), [(True, 0.5), (False, None)])
-def test_blocks_of_mini_batches_match_one_block_per_mini_batch(rule, norm, max_grad_norm):
+def test_blocks_of_mini_batches_match_one_block_per_mini_batch(rule, decay_to, norm, max_grad_norm):
     """A block holding several mini-batches (their weights in low-rank form) computes what
     one block per mini-batch does: outputs, kept and final states, every gradient. The blocks
     restart their grid at a partial mini-batch and at a reset, as segments make them."""
     x = _inputs(rule)
     blocks = [12, 7, 12, 6]  # mini-batches of 3: [3, 3, 3, 3], [3, 3, 1], [3] * 4, [3, 3]
     per_mini_batch = [3, 3, 3, 3, 3, 3, 1, 3, 3, 3, 3, 3, 3]
-    kw = dict(fused=True, norm=norm, max_grad_norm=max_grad_norm)
+    kw = dict(fused=True, norm=norm, max_grad_norm=max_grad_norm, decay_to=decay_to)
     runs = (
         (blocks, dict(resets=(2,), end_batches=(1, 3), mini_batch=3, **kw)),
         (per_mini_batch, dict(resets=(7,), end_batches=(6, 12), **kw)),

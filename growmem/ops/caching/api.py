@@ -73,6 +73,7 @@ def memory_caching(
     norm: bool = True,
     max_grad_norm: float | None = None,
     eps: float = 1e-5,
+    decay_to: str = "init",
 ) -> torch.Tensor | tuple[torch.Tensor, MemoryCache]:
     """A recurrent memory whose checkpoints at segment ends are cached and read later.
 
@@ -106,10 +107,11 @@ def memory_caching(
         cache: a MemoryCache from an earlier call: these tokens continue that stream.
         chunk_size: chunk length of the scans (a compute detail).
         impl: "chunk" (default) or "reference" (per-token loop; parallel calls only).
-        eta, init_weights, mini_batch (default 64), norm, max_grad_norm, eps: deep rules
-            only, as in ``deep_memory``. The mini-batch grid restarts at every segment start, so the
-            cached memories are the MLP weights at segment ends (any segment length works;
-            with lengths that are multiples of mini_batch the grid is deep_memory's).
+        eta, init_weights, mini_batch (default 64), norm, max_grad_norm, eps, decay_to: deep
+            rules only, as in ``deep_memory``. The mini-batch grid restarts at every segment
+            start, so the cached memories are the MLP weights at segment ends (any segment
+            length works; with lengths that are multiples of mini_batch the grid is
+            deep_memory's).
 
     Returns:
         o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True. On the matrix
@@ -122,7 +124,10 @@ def memory_caching(
     if deep:
         if lam is not None:
             raise ValueError(f"lam is not used by rule {rule!r}; pass lam=None")
-        Dh = check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm)
+        Dh = check_deep_args(
+            rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm, eps=eps,
+            decay_to=decay_to,
+        )  # fmt: skip
         mini_batch = 64 if mini_batch is None else mini_batch
         check_positive_int("mini_batch", mini_batch)
         check_deep_state("initial_state", initial_state, rule, B, H, Dk, Dv, Dh)
@@ -183,7 +188,7 @@ def memory_caching(
         key_dim=Dk,
         value_dim=Dv,
         dtype=dtype,
-        deep=(mini_batch, bool(norm), max_grad_norm, float(eps), Dh) if deep else None,
+        deep=(mini_batch, bool(norm), max_grad_norm, float(eps), decay_to, Dh) if deep else None,
     )
     gates = {
         n: x for n, x in (("eta", eta), ("g", g), ("beta", beta), ("lam", lam)) if x is not None
@@ -225,6 +230,7 @@ def memory_caching(
                 norm=norm,
                 max_grad_norm=max_grad_norm,
                 eps=eps,
+                decay_to=decay_to,
                 **common,
             )
         else:

@@ -25,7 +25,7 @@ class CachingConfig:
     key_dim: int
     value_dim: int
     dtype: torch.dtype  # of the states: float32, or float64 for float64 inputs
-    # deep memories only: (mini_batch, norm, max_grad_norm, eps, hidden dim of the MLP)
+    # deep memories only: (mini_batch, norm, max_grad_norm, eps, decay_to, hidden dim of the MLP)
     deep: tuple | None = None
 
     def check_matches(self, other: CachingConfig) -> None:

@@ -7,6 +7,10 @@ state transitions never read a cache), then every read is batched: the online me
 mini-batches, the cached memories' per piece (soup mixes both inside the MLP). Tokens after
 the last mini-batch boundary are kept in the cache (``pending``) and recomputed by the next
 call, since their gradients are all taken at that boundary.
+
+Non-finite inputs stay causal (ops/deep/nonfinite.py): the call runs on finite numbers, then
+the outputs, the cached memories and the stream's state recorded after a non-finite write are
+NaN; the pending tokens are kept as given, so the next call finds a non-finite one again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from growmem.ops.caching.select import GATED_AGGREGATIONS, SPARSE_AGGREGATIONS
 from growmem.ops.deep.api import block_lengths, scan_block
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
+from growmem.ops.deep.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import compute_dtype
 
 GATE_NAMES = ("eta", "g", "beta")
@@ -87,7 +92,7 @@ def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
     there are few)."""
     B, H, T, D = Qh.shape
     N, k = states.W1.shape[2], idx.shape[-1]
-    w = w if valid is None else w * valid
+    w = w if valid is None else torch.where(valid, w, 0.0)
     bh = torch.arange(B * H, device=Qh.device).view(B, H, 1, 1)
     W1f = states.W1.reshape(B * H * N, *states.W1.shape[3:])
     W2f = states.W2.reshape(B * H * N, *states.W2.shape[3:])
@@ -106,6 +111,8 @@ def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
     groups, order = groups[live].sort(stable=True)
     rows = rows.reshape(-1)[live][order]
     weights = w.reshape(-1)[live][order]
+    if not len(groups):  # no token reads a cache (or an empty batch)
+        return Qh.new_zeros(B, H, T, D)
     gids, counts = torch.unique_consecutive(groups, return_counts=True)
     q_sel = Qh.reshape(B * H * T, D).index_select(0, rows)
     # one gather and unbind: indexing W1f[gid] per group would make autograd zero-fill and add
@@ -128,13 +135,33 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         [B, T, H] each; cache: the state after the earlier tokens; init_weights: (W1, W2).
     """
     cfg = cache.config
-    mini_batch, norm, max_grad_norm, eps, _ = cfg.deep
+    mini_batch, norm, max_grad_norm, eps, decay_to, _ = cfg.deep
     B, T, H, _ = q.shape
     cache = _close_open_segment(cache, init_weights)
     t0, n0 = cache.seen_tokens, cache.num_cached
     pieces = cfg.plan.pieces(t0, T)
     P = len(pieces)
     keep = cfg.aggregation != "none"
+
+    # The scan runs over the open mini-batch's earlier tokens (``extra``, recomputed) and this
+    # call's; every tensor below is in that token order, the call's tokens from ``extra`` on.
+    extra = cache.pending_tokens
+    raw = {"q": q, "k": k, "v": v, **gates}
+    if extra:
+        raw = {
+            n: torch.cat(
+                [cache.pending[n] if n != "q" else torch.zeros_like(cache.pending["k"]), x], 1
+            )
+            for n, x in raw.items()
+        }
+    reads = {"q": raw["q"]}
+    if u is not None:
+        reads["u"] = torch.cat([u.new_zeros(B, extra, *u.shape[2:]), u], 1) if extra else u
+    guard = NonFiniteGuard(reads, {n: x for n, x in raw.items() if n != "q"})
+    inputs = {**guard.reads, **guard.writes}
+    q, k = inputs["q"][:, extra:], inputs["k"][:, extra:]
+    u = inputs.get("u")
+    u = None if u is None else u[:, extra:]
 
     key_sums, counts = _key_summaries(k, pieces, cache)
     summaries = _summarize(key_sums, counts[None, :, None, None], cfg.summary)  # [B, T, H, D]
@@ -152,15 +179,6 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
 
     # One scan over the whole call: the mini-batch grid restarts at every piece start, and
     # with init="independent" every piece after the first starts from the initial state.
-    extra = cache.pending_tokens  # the open mini-batch's earlier tokens, recomputed
-    inputs = {"q": q, "k": k, "v": v, **gates}
-    if extra:
-        inputs = {
-            n: torch.cat(
-                [cache.pending[n] if n != "q" else torch.zeros_like(cache.pending["k"]), x], 1
-            )
-            for n, x in inputs.items()
-        }
     # scan blocks of whole mini-batches (scan.py); their grid restarts at every piece start
     block = scan_block(mini_batch, T + extra)
     grid, resets, ends, visible = [], [], [], []  # visible: caches each block reads
@@ -191,12 +209,28 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         max_grad_norm=max_grad_norm,
         eps=eps,
         mini_batch=mini_batch,
+        decay_to=decay_to,
     )
-    # the final weights of every finished segment join the caches
+    # the final weights of every finished segment join the caches: the reads use them as
+    # computed, the stream keeps them NaN after a non-finite write (the reads must stay finite:
+    # their backward would carry 0 · NaN to the earlier tokens)
     W1c, W2c = cache.states.W1, cache.states.W2  # [B, H, N, Dv, Dh], [B, H, N, Dh, Dk]
+    kept_states, kept_summaries = cache.states, cached_summaries
     if scan.kept is not None:  # [P - 1, B, H, ...] -> [B, H, P - 1, ...]
-        W1c = torch.cat([W1c, scan.kept.W1.permute(1, 2, 0, 3, 4)], 2)
-        W2c = torch.cat([W2c, scan.kept.W2.permute(1, 2, 0, 3, 4)], 2)
+        new = [x.permute(1, 2, 0, 3, 4) for x in scan.kept[:2]]
+        W1c, W2c = (torch.cat([c, x], 2) for c, x in zip(cache.states[:2], new, strict=True))
+        kept_states = DeepState(W1c, W2c)
+        bad = guard.after([extra + b for _, b in pieces[:-1]])  # [B, P - 1, H] or None
+        if bad is not None:  # the stream's copies, NaN after a non-finite write
+            bad = bad.transpose(1, 2)  # [B, H, P - 1]
+            kept_states = DeepState(
+                *(
+                    torch.cat([c, poison(x, bad)], 2)
+                    for c, x in zip(cache.states[:2], new, strict=True)
+                )
+            )
+            new_summaries = poison(cached_summaries[:, :, n0:], bad)
+            kept_summaries = torch.cat([cache.summaries, new_summaries], 2)
     soup = None
     if cfg.aggregation == "soup" and N:
         soup = _soup_inputs(q, gamma, W1c, W2c, pieces, n0, extra, layout, visible, dtype)
@@ -229,22 +263,26 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
         )
         o = gamma[..., -1:].transpose(1, 2) * o_online + read.transpose(1, 2)
     # soup's output is the scan's own (it read the mixed weights)
+    if guard.outputs is not None:
+        o = poison(o, guard.outputs[:, extra:])
 
     last_len = grid[-1]
     partial = last_len < mini_batch
     new_pending = None
-    if partial:
-        new_pending = {
-            n: x[:, x.shape[1] - last_len :].clone() for n, x in inputs.items() if n != "q"
-        }
+    if partial:  # as given: the next call's guard sees a non-finite one again
+        new_pending = {n: x[:, x.shape[1] - last_len :].clone() for n, x in raw.items() if n != "q"}
+    total = extra + T
+    bad = guard.after([total, total - last_len])  # [B, 2, H] or None
+    bad_final, bad_entry = (None, None) if bad is None else bad.unbind(1)  # [B, H] each
+    final = scan.final.map(lambda x: poison(x, bad_final))
     return o, replace(
         cache,
-        states=DeepState(W1c, W2c),
-        summaries=cached_summaries,
-        online_state=scan.last_entry if partial else scan.final,
-        last_state=scan.final,
+        states=kept_states,
+        summaries=kept_summaries,
+        online_state=scan.last_entry.map(lambda x: poison(x, bad_entry)) if partial else final,
+        last_state=final,
         pending=new_pending,
-        key_sum=key_sums[:, -1].clone(),
+        key_sum=poison(key_sums[:, -1], bad_final),
         segment_tokens=pieces[-1][1] - pieces[-1][0] + (cache.segment_tokens if P == 1 else 0),
         seen_tokens=t0 + T,
     )

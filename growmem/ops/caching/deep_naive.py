@@ -13,8 +13,9 @@ import itertools
 import torch
 
 from growmem.ops.caching.select import log_bucket_scores, select_top_k
-from growmem.ops.deep.mlp import DeepState, mlp_forward, start_state
+from growmem.ops.deep.mlp import DeepState, decay_target, mlp_forward, start_state
 from growmem.ops.deep.naive import token_step
+from growmem.ops.deep.nonfinite import NonFiniteGuard
 from growmem.ops.precision import compute_dtype
 
 
@@ -39,14 +40,23 @@ def deep_memory_caching_reference(
     norm,
     max_grad_norm,
     eps,
+    decay_to="init",
     initial_state=None,
 ):
-    """Memory Caching over a deep memory, token by token; returns o [B, T, H, D]."""
+    """Memory Caching over a deep memory, token by token; returns o [B, T, H, D].
+
+    Non-finite inputs are handled as by the fast path (ops/deep/nonfinite.py), so the two agree
+    on them too."""
     B, T, H, _ = q.shape
     dtype = compute_dtype(q)
+    guard = NonFiniteGuard({"q": q, "u": u}, {"k": k, "v": v, "eta": eta, "g": g, "beta": beta})
+    q, k, v = (guard.reads["q"], guard.writes["k"], guard.writes["v"])
+    eta, g, beta = (guard.writes.get(n) for n in ("eta", "g", "beta"))
     q, k, v = (x.to(dtype) for x in (q, k, v))
+    u = guard.reads.get("u")
     u = None if u is None else u.to(dtype)
     W1_0, W2_0, S1_0, S2_0 = start_state(init_weights, initial_state, rule, B, dtype)
+    target = decay_target(rule, decay_to, init_weights, dtype)
     seg_starts = set(itertools.accumulate(lengths[:-1]))
 
     W1, W2, S1, S2 = W1_0, W2_0, S1_0, S2_0
@@ -74,6 +84,7 @@ def deep_memory_caching_reference(
             norm,
             eps,
             max_grad_norm,
+            target,
         )
         key_sum, count = key_sum + k[:, t], count + 1
 
@@ -123,4 +134,4 @@ def deep_memory_caching_reference(
                 g_on = gamma[..., -1, None, None]
                 y = read(mix1 + g_on * W1, mix2 + g_on * W2)
         outputs.append(y)
-    return torch.stack(outputs, dim=1)
+    return guard.output(torch.stack(outputs, dim=1))

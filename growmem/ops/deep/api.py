@@ -15,8 +15,9 @@ from growmem.ops.checks import (
     check_tensor,
 )
 from growmem.ops.deep.chunk import chunk_deep_memory
-from growmem.ops.deep.mlp import DeepState
+from growmem.ops.deep.mlp import DECAY_TARGETS, DeepState
 from growmem.ops.deep.naive import deep_memory_reference
+from growmem.ops.deep.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import autocast_off
 
 DEEP_RULES = ("dla", "titans")
@@ -54,8 +55,14 @@ def block_lengths(T: int, mini_batch: int, block: int) -> list[int]:
     return lengths
 
 
-def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm):
-    """Checks shared by deep_memory and memory_caching on deep rules; returns Dh."""
+def check_deep_args(
+    rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm, *, eps, decay_to
+):  # fmt: skip
+    """Checks shared by deep_memory and memory_caching on deep rules; returns Dh.
+
+    Gate values are checked where they are finite: a NaN or inf is a failed activation
+    upstream, which the fast paths keep causal (nonfinite.py), not a bad argument.
+    """
     check_choice("rule", rule, DEEP_RULES)
     if Dk != Dv:
         raise ValueError(
@@ -75,12 +82,14 @@ def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_
             check_shape(name, x, (B, T, H), "[B, T, H]")
         elif x is not None:
             raise ValueError(f"{name} is not used by rule {rule!r}; pass {name}=None")
-    if not bool((torch.isfinite(eta) & (eta >= 0)).all()):
-        raise ValueError("eta must be finite and >= 0 (inner learning rates)")
-    if g is not None and not bool(torch.isfinite(g).all()):
-        raise ValueError("g must be finite (a_t = exp(g_t) > 0)")
-    if beta is not None and not bool(((beta >= 0) & (beta <= 1)).all()):
-        raise ValueError("beta must lie in [0, 1] (titans' momentum)")
+    ranges = [("eta", eta, eta < 0, "must be >= 0 (inner learning rates)")]
+    if beta is not None:
+        ranges.append(("beta", beta, (beta < 0) | (beta > 1), "must lie in [0, 1] (momentum)"))
+    # one host synchronisation for all gates
+    bad = torch.stack([(out & torch.isfinite(x)).any() for _, x, out, _ in ranges]).tolist()
+    for (name, _, _, expected), is_bad in zip(ranges, bad, strict=True):
+        if is_bad:
+            raise ValueError(f"{name} {expected}")
     if not isinstance(init_weights, (tuple, list)) or len(init_weights) != 2:
         raise ValueError("init_weights must be a pair (W1 [H, Dv, Dh], W2 [H, Dh, Dk])")
     W1, W2 = init_weights
@@ -96,6 +105,14 @@ def check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_
         or max_grad_norm <= 0
     ):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not math.isfinite(eps)
+        or eps <= 0
+    ):
+        raise ValueError(f"eps must be a positive finite number (LayerNorm epsilon), got {eps!r}")
+    check_choice("decay_to", decay_to, DECAY_TARGETS)
     return Dh
 
 
@@ -135,15 +152,21 @@ def deep_memory(
     norm: bool = True,
     max_grad_norm: float | None = None,
     eps: float = 1e-5,
+    decay_to: str = "init",
     impl: str = "chunk",
 ) -> tuple[torch.Tensor, DeepState]:
     """A deep (MLP) memory trained at test time, read at every token (DESIGN.md section 2).
 
     The memory is M_W(x) = x + N(W1 GELU(W2 x)) per head, N an optional LayerNorm.
     ``dla``: W_t = W_{t-1} - η_t ∇ℓ, ℓ = -<M(k_t), v_t>. ``titans``: Σ_t = β_t Σ_{t-1} - η_t ∇ℓ,
-    W_t = a_t W_{t-1} + Σ_t, ℓ = ||M(k_t) - v_t||². Within a mini-batch the gradients are
+    W_t = a_t W_{t-1} + (1 - a_t) W_0 + Σ_t, ℓ = ||M(k_t) - v_t||², W_0 = init_weights (the
+    decay forgets toward the learned initial memory). Within a mini-batch the gradients are
     taken at the weights the mini-batch starts from; token t reads the weights after its own
     update (mini_batch=1 is the exact per-token recurrence). See docs/design.md.
+
+    A NaN or inf in an input is taken for a failed activation upstream, not a bad argument:
+    every output and state after a non-finite k, v, eta, g or beta of a (row, head) is NaN
+    (a non-finite q: that token's output), and everything before it is unchanged (nonfinite.py).
 
     Args:
         q, k, v: [B, T, H, D] (L2-normalised q, k recommended).
@@ -159,7 +182,11 @@ def deep_memory(
             must be a multiple of mini_batch.
         norm: LayerNorm (without affine) on the MLP output.
         max_grad_norm: soft clamp: each token's step is scaled by min(1, c / ||∇ℓ||).
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon (> 0).
+        decay_to: titans only: "init" (default), the decay pulls the weights toward
+            init_weights; "zero": W_t = a_t W_{t-1} + Σ_t, Titans' equation read literally,
+            which is chaotic at long context with the norm (a 1e-12 change grows to order 1)
+            and forgets into a memory that stores nothing without it (docs/design.md).
         impl: "chunk" (mini-batch parallel, default) or "reference" (per-token loop).
 
     Returns:
@@ -167,7 +194,10 @@ def deep_memory(
         DeepState of [B, ceil(T / boundary), H, ...] tensors (fp32, fp64 for fp64 inputs).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    Dh = check_deep_args(rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm)
+    Dh = check_deep_args(
+        rule, B, T, H, Dk, Dv, eta, g, beta, init_weights, max_grad_norm, eps=eps,
+        decay_to=decay_to,
+    )  # fmt: skip
     check_deep_state("initial_state", initial_state, rule, B, H, Dk, Dv, Dh)
     check_positive_int("mini_batch", mini_batch)
     check_positive_int("boundary", boundary, allow_none=True)
@@ -184,19 +214,23 @@ def deep_memory(
             ends.append(T)
     kwargs = dict(
         rule=rule,
-        eta=eta,
-        g=g,
-        beta=beta,
         init_weights=init_weights,
         initial_state=initial_state,
         norm=norm,
         max_grad_norm=max_grad_norm,
         eps=eps,
+        decay_to=decay_to,
     )
+    # both paths run on finite inputs (nonfinite.py), so they agree on non-finite ones too
+    guard = NonFiniteGuard({"q": q}, {"k": k, "v": v, "eta": eta, "g": g, "beta": beta})
+    q, k, v = guard.reads["q"], guard.writes["k"], guard.writes["v"]
+    gates = {n: guard.writes.get(n) for n in ("eta", "g", "beta")}
     with autocast_off(q.device.type):
         if impl == "reference":
             lengths = mini_batch_lengths(T, mini_batch)
-            o, states = deep_memory_reference(q, k, v, batch_lengths=lengths, ends=ends, **kwargs)
+            o, states = deep_memory_reference(
+                q, k, v, batch_lengths=lengths, ends=ends, **gates, **kwargs
+            )
         else:
             lengths = block_lengths(T, mini_batch, scan_block(mini_batch, T, boundary))
             block_ends = list(itertools.accumulate(lengths))
@@ -205,10 +239,16 @@ def deep_memory(
                 q,
                 k,
                 v,
+                **gates,
                 batch_lengths=lengths,
                 end_batches=end_batches,
                 mini_batch=mini_batch,
                 **kwargs,
             )
             states = final if ends is None else stacked
-    return o.to(q.dtype), states
+    bad = guard.after([T] if ends is None else ends)  # [B, 1 or len(ends), H] or None
+    if bad is not None:
+        if ends is None:  # [B, H, ...]: the state after every token
+            bad = bad[:, 0]
+        states = states.map(lambda x: poison(x, bad))
+    return guard.output(o).to(q.dtype), states

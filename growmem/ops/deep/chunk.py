@@ -3,15 +3,17 @@
 Inside a mini-batch every inner gradient is taken at the entry weights W (read convention in
 naive.py), and momentum and decay are linear scans, so the weights after token t are
 
-    W_t = α_t W + ρ_t Σ + Σ_{j<=t} C[t, j] w_j ∇ℓ_j,     w_j = -η_j (times the norm clamp)
+    W_t = α_t W + (1 - α_t) W_0 + ρ_t Σ + Σ_{j<=t} C[t, j] w_j ∇ℓ_j,   w_j = -η_j (times the clamp)
 
-with α_t = Π_{i<=t} a_i, ρ_t = Σ_{l<=t} (Π_{i=l+1..t} a_i)(Π_{i<=l} β_i) and C = A @ Bm the
-composition of the decay and momentum scans (dla: α = 1, ρ = 0, C = 1 on j <= t). The
+with W_0 the weights the decay pulls toward (the learned initial weights; no such term when
+it pulls toward zero), α_t = Π_{i<=t} a_i, ρ_t = Σ_{l<=t} (Π_{i=l+1..t} a_i)(Π_{i<=l} β_i) and
+C = A @ Bm the composition of the decay and momentum scans (dla: α = 1, ρ = 0, C = 1 on
+j <= t). The
 gradients are rank one (∇_W1 ℓ_j = d1_j h_j^T, ∇_W2 ℓ_j = d2_j k_j^T), so reading M_{W_t}(q_t)
 never forms per-token weights:
 
-    z_t = α_t W2 q_t + ρ_t Σ2 q_t + Σ_j C[t, j] w_j (k_j·q_t) d2_j
-    y_t = α_t W1 σ(z_t) + ρ_t Σ1 σ(z_t) + Σ_j C[t, j] w_j (h_j·σ(z_t)) d1_j
+    z_t = α_t W2 q_t + (1 - α_t) W2_0 q_t + ρ_t Σ2 q_t + Σ_j C[t, j] w_j (k_j·q_t) d2_j
+    y_t = α_t W1 σ(z_t) + (1 - α_t) W1_0 σ(z_t) + ρ_t Σ1 σ(z_t) + Σ_j C[t, j] w_j (h_j·σ(z_t)) d1_j
     o_t = q_t + N(y_t)
 
 The work splits in two phases (``deep_scan``, then ``online_read``):
@@ -33,7 +35,15 @@ from typing import NamedTuple
 import torch
 
 from growmem.ops.deep.mixed import mixed_linear_read
-from growmem.ops.deep.mlp import DeepState, clamp_momentum, gelu, layer_norm, start_state
+from growmem.ops.deep.mlp import (
+    DeepState,
+    clamp_momentum,
+    decay_target,
+    gelu,
+    head_matmul,
+    layer_norm,
+    start_state,
+)
 from growmem.ops.deep.scan import scan
 from growmem.ops.precision import compute_dtype
 
@@ -81,7 +91,8 @@ class DeepScan(NamedTuple):
     the clamped steps; C [.., b, b] (dla: [b, b]), alpha, rho [.., b] (titans; else None);
     kept: DeepState of [len(end_batches), B, H, ...], the states leaving the requested
     mini-batches (None without any); final: the state leaving the
-    last mini-batch; last_entry: the state entering it.
+    last mini-batch; last_entry: the state entering it; target: (W1_0, W2_0) [H, ...] that
+    titans' decay pulls toward, or None.
     """
 
     Q: torch.Tensor
@@ -97,6 +108,7 @@ class DeepScan(NamedTuple):
     kept: DeepState | None
     final: DeepState
     last_entry: DeepState
+    target: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _decay_matrix(logs: torch.Tensor) -> torch.Tensor:
@@ -132,6 +144,7 @@ def deep_scan(
     eps=1e-5,
     fused=True,
     mini_batch=None,
+    decay_to="init",
 ) -> DeepScan:
     """The sequential part: every mini-batch's entry weights and inner-gradient factors.
 
@@ -142,7 +155,7 @@ def deep_scan(
         layout: the mini-batch layout of the T tokens.
         end_batches: mini-batches whose leaving state to keep (increasing).
         resets: mini-batches that start from ``reset_state`` instead of the running state.
-        norm, max_grad_norm, eps: see ``deep_memory``.
+        norm, max_grad_norm, eps, decay_to: see ``deep_memory``.
         fused: the scan as one autograd Function with a hand-written backward (scan.py), or
             (False) the same loop under plain autograd.
         mini_batch: tokens per gradient mini-batch when a block of the layout holds several
@@ -177,14 +190,15 @@ def deep_scan(
         raise ValueError(f"end_batches must be increasing, got {end_batches}")
     inner = mini_batch if mini_batch is not None and mini_batch < b else None
     duals = (C, alpha, rho) if inner and titans else ()
+    target = decay_target(rule, decay_to, init_weights, dtype)
     entries, (d1, h, d2, w), kept, final = scan(
         rule, K, V, step, leave, init, reset, resets, end_batches, norm, eps, max_grad_norm,
-        fused, inner, duals,
+        fused, inner, duals, target,
     )  # fmt: skip
     kept = _state(kept) if kept else None
     last_entry = _state([x[-1] for x in entries])
     entries, final = _state(entries), _state(final)
-    return DeepScan(Q, K, entries, d1, h, d2, w, C, alpha, rho, kept, final, last_entry)
+    return DeepScan(Q, K, entries, d1, h, d2, w, C, alpha, rho, kept, final, last_entry, target)
 
 
 def _state(tensors) -> DeepState:
@@ -196,7 +210,8 @@ def _group_sizes(scan: DeepScan) -> list[int]:
     """Sizes of consecutive mini-batch groups whose read temporaries stay near
     _READ_GROUP_ELEMENTS."""
     NB, B, H, b = scan.h.shape[:4]
-    size = max(1, _READ_GROUP_ELEMENTS // (B * H * b * max(scan.h.shape[-1], b)))
+    # (an empty batch, B = 0, reads in one group)
+    size = max(1, _READ_GROUP_ELEMENTS // max(1, B * H * b * max(scan.h.shape[-1], b)))
     return [min(size, NB - a) for a in range(0, NB, size)]
 
 
@@ -230,6 +245,8 @@ def online_read(scan: DeepScan, norm=True, eps=1e-5, soup=None) -> torch.Tensor:
         if titans:
             alpha, rho = groups["alpha"][i].unsqueeze(-1), groups["rho"][i].unsqueeze(-1)
             z = z + alpha * (Q @ W2.transpose(-1, -2)) + rho * (Q @ S2.transpose(-1, -2))
+            if scan.target is not None:  # what the decay moved toward W_0
+                z = z + (1.0 - alpha) * head_matmul(Q, scan.target[1].transpose(-1, -2))
         else:
             z = z + Q @ W2.transpose(-1, -2)
         if soup is None:
@@ -240,6 +257,8 @@ def online_read(scan: DeepScan, norm=True, eps=1e-5, soup=None) -> torch.Tensor:
         y = (Cw * (hq @ h.transpose(-1, -2))) @ d1  # W1_t applied to hq, same dual form
         if titans:
             y = y + alpha * (hq @ W1.transpose(-1, -2)) + rho * (hq @ S1.transpose(-1, -2))
+            if scan.target is not None:
+                y = y + (1.0 - alpha) * head_matmul(hq, scan.target[0].transpose(-1, -2))
         else:
             y = y + hq @ W1.transpose(-1, -2)
         if soup is not None:
@@ -262,9 +281,9 @@ def _cached_first_layer(hq, gamma, soup, visible) -> torch.Tensor:
         else:
             spans.append([j * b, (j + 1) * b, n])
     flat = hq.permute(1, 2, 0, 3, 4).reshape(B, H, G * b, Dh)
-    gam = gamma.permute(1, 2, 0, 3, 4).reshape(B, H, G * b, -1)
+    gam = gamma.permute(1, 2, 0, 3, 4).reshape(B, H, G * b, gamma.shape[-1])
     y = mixed_linear_read(flat, soup["W1_cached"], gam, [tuple(s) for s in spans])
-    return y.view(B, H, G, b, -1).permute(2, 0, 1, 3, 4)
+    return y.view(B, H, G, b, y.shape[-1]).permute(2, 0, 1, 3, 4)
 
 
 def chunk_deep_memory(
@@ -284,6 +303,7 @@ def chunk_deep_memory(
     max_grad_norm=None,
     eps=1e-5,
     mini_batch=None,
+    decay_to="init",
 ):
     """Deep memory over blocks of the given lengths (scan, then batched read).
 
@@ -293,7 +313,7 @@ def chunk_deep_memory(
         initial_state: DeepState of [B, H, ...] tensors, or None.
         batch_lengths: block lengths summing to T (each <= the longest).
         end_batches: indices of blocks whose leaving state to return (increasing).
-        norm, max_grad_norm, eps: see ``deep_memory``.
+        norm, max_grad_norm, eps, decay_to: see ``deep_memory``.
         mini_batch: tokens per gradient mini-batch inside a block (None: the whole block).
 
     Returns:
@@ -318,6 +338,7 @@ def chunk_deep_memory(
         max_grad_norm=max_grad_norm,
         eps=eps,
         mini_batch=mini_batch,
+        decay_to=decay_to,
     )
     O = layout.to_tokens(online_read(scan, norm, eps))  # [B, T, H, D]
     stacked = None if scan.kept is None else scan.kept.map(lambda x: x.transpose(0, 1))

@@ -15,7 +15,7 @@ _BLOCK_ELEMENTS = 1 << 21
 
 def blocks(n: int, per_cache: int) -> list[tuple[int, int]]:
     """Cache ranges [a, b) of at most _BLOCK_ELEMENTS // per_cache caches each."""
-    size = max(1, _BLOCK_ELEMENTS // per_cache)
+    size = max(1, _BLOCK_ELEMENTS // max(1, per_cache))  # per_cache = 0: an empty batch
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 

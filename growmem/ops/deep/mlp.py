@@ -34,16 +34,50 @@ class DeepState(NamedTuple):
         return DeepState(*(None if x is None else fn(x) for x in self))
 
 
+def expand_weights(init_weights, B: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learned initial weights (W1 [H, Dv, Dh], W2 [H, Dh, Dk]) as [B, H, ...] views."""
+    return tuple(w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
+
+
 def start_state(init_weights, initial_state, rule: str, B: int, dtype) -> DeepState:
     """The state a stream starts from: ``initial_state`` if given, else the learned initial
     weights (W1 [H, Dv, Dh], W2 [H, Dh, Dk]) expanded over the batch, and zero momentum for
     titans."""
     if initial_state is not None:
         return initial_state.map(lambda x: x.to(dtype))
-    W1, W2 = (w.to(dtype).unsqueeze(0).expand(B, *w.shape) for w in init_weights)
+    W1, W2 = expand_weights(init_weights, B, dtype)
     if rule == "titans":
         return DeepState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
     return DeepState(W1, W2)
+
+
+# Where titans' decay a_t pulls the weights: "init", the learned initial weights
+# (W_t = a_t W_{t-1} + (1 - a_t) W_0 + Σ_t), or "zero" (W_t = a_t W_{t-1} + Σ_t, Titans' equation
+# read literally). Decay toward zero shrinks the MLP's weights: with the output LayerNorm its read
+# does not change with their scale, so nothing is forgotten, but the inner loss's curvature
+# grows as 1/var(y) and the inner gradient steps turn unstable; without the norm the weights
+# reach the 2-layer MLP's zero saddle, where every inner gradient vanishes and nothing more is
+# stored (docs/design.md, "Decay toward the initial weights").
+DECAY_TARGETS = ("init", "zero")
+
+
+def decay_target(rule, decay_to, init_weights, dtype):
+    """The weights titans' decay pulls toward, (W1_0 [H, Dv, Dh], W2_0 [H, Dh, Dk]) shared by
+    the batch, or None when it pulls toward zero (and for dla, which has no decay)."""
+    if rule != "titans" or decay_to == "zero":
+        return None
+    return tuple(w.to(dtype) for w in init_weights)
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., H, L, Din] @ w [H, Din, Dout] -> [..., H, L, Dout] as one bmm over the heads:
+    a broadcasting matmul would copy w for every leading index (and sum as many copies of
+    its gradient)."""
+    H, L, Din = x.shape[-3:]
+    lead = x.shape[:-3]
+    n = math.prod(lead) * L
+    out = torch.bmm(x.movedim(-3, 0).reshape(H, n, Din), w)  # [H, n, Dout]
+    return out.view(H, *lead, L, w.shape[-1]).movedim(0, -3)
 
 
 def clamp_momentum(beta: torch.Tensor) -> torch.Tensor:

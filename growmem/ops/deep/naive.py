@@ -7,8 +7,10 @@ linear scans), and token t reads the weights after its own update:
 
     u_t = ∇ℓ(W_(m); k_t, v_t)                       (gradient at the mini-batch start)
     dla:    W_t = W_{t-1} - η_t u_t
-    titans: Σ_t = β_t Σ_{t-1} - η_t u_t,  W_t = a_t W_{t-1} + Σ_t
+    titans: Σ_t = β_t Σ_{t-1} - η_t u_t,  W_t = a_t W_{t-1} + (1 - a_t) W_0 + Σ_t
     o_t = M_{W_t}(q_t)
+
+with W_0 the learned initial weights (decay_to="init"; "zero" drops that term).
 
 With mini-batches of one token this is the plain recurrence of DESIGN.md section 2. The
 inner gradient here comes from torch.autograd (double backward for the outer gradients), so
@@ -21,7 +23,13 @@ import itertools
 
 import torch
 
-from growmem.ops.deep.mlp import DeepState, clamp_momentum, mlp_forward, start_state
+from growmem.ops.deep.mlp import (
+    DeepState,
+    clamp_momentum,
+    decay_target,
+    mlp_forward,
+    start_state,
+)
 from growmem.ops.precision import compute_dtype
 
 
@@ -41,6 +49,7 @@ def deep_memory_reference(
     norm=True,
     max_grad_norm=None,
     eps=1e-5,
+    decay_to="init",
 ):
     """Deep memory token by token.
 
@@ -52,7 +61,7 @@ def deep_memory_reference(
             zero momentum).
         batch_lengths: mini-batch lengths summing to T.
         ends: token counts after which to record the state (None: only the final state).
-        norm, max_grad_norm, eps: see ``deep_memory``.
+        norm, max_grad_norm, eps, decay_to: see ``deep_memory``.
 
     Returns:
         (o [B, T, H, D], states): the final DeepState ([B, H, ...]) if ends is None, else a
@@ -62,6 +71,7 @@ def deep_memory_reference(
     dtype = compute_dtype(q)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     W1, W2, S1, S2 = start_state(init_weights, initial_state, rule, B, dtype)
+    target = decay_target(rule, decay_to, init_weights, dtype)
     starts = set(itertools.accumulate([0, *batch_lengths[:-1]]))
     end_set = set(ends or ())
     outputs, recorded = [], []
@@ -81,6 +91,7 @@ def deep_memory_reference(
             norm,
             eps,
             max_grad_norm,
+            target,
         )
         out, _ = mlp_forward(q[:, t, :, None, :], W1, W2, norm, eps)
         outputs.append(out[:, :, 0])
@@ -94,9 +105,10 @@ def deep_memory_reference(
     )
 
 
-def token_step(rule, state, entry, t, k, v, eta, g, beta, norm, eps, max_grad_norm):
+def token_step(rule, state, entry, t, k, v, eta, g, beta, norm, eps, max_grad_norm, target):
     """Token t's update of ``state``, its inner gradient taken at the ``entry`` weights
-    (W1, W2) of its mini-batch; k, v: [B, T, H, D], eta, g, beta: [B, T, H] (or None)."""
+    (W1, W2) of its mini-batch; k, v: [B, T, H, D], eta, g, beta: [B, T, H] (or None);
+    target: the weights titans' decay pulls toward (``decay_target``)."""
     grads = token_gradient(rule, k[:, t], v[:, t], *entry, norm, eps)  # [B, H, ...]
     return token_update(
         rule,
@@ -106,14 +118,18 @@ def token_step(rule, state, entry, t, k, v, eta, g, beta, norm, eps, max_grad_no
         None if g is None else g[:, t],
         None if beta is None else beta[:, t],
         max_grad_norm,
+        target,
     )
 
 
-def token_update(rule, state: DeepState, grads, eta_t, g_t, beta_t, max_grad_norm) -> DeepState:
+def token_update(
+    rule, state: DeepState, grads, eta_t, g_t, beta_t, max_grad_norm, target=None
+) -> DeepState:
     """One token's update of the weights (and momentum) with its gradient ``grads``.
 
     eta_t, g_t, beta_t: [B, H] (g_t, beta_t titans only); the step -η_t is scaled by
-    min(1, max_grad_norm / ||grads||) when max_grad_norm is given.
+    min(1, max_grad_norm / ||grads||) when max_grad_norm is given. target: (W1_0, W2_0) that
+    the decay pulls toward, or None (toward zero).
     """
     W1, W2, S1, S2 = state
     step = -eta_t.to(W1.dtype)  # [B, H]
@@ -126,6 +142,9 @@ def token_update(rule, state: DeepState, grads, eta_t, g_t, beta_t, max_grad_nor
     a = torch.exp(g_t.to(W1.dtype))[..., None, None]
     b = clamp_momentum(beta_t.to(W1.dtype))[..., None, None]
     S1, S2 = b * S1 + step * grads[0], b * S2 + step * grads[1]
+    if target is not None:  # decay the departure from the initial weights
+        W1, W2 = (w0 + a * (w - w0) for w, w0 in zip((W1, W2), target, strict=True))
+        return DeepState(W1 + S1, W2 + S2, S1, S2)
     return DeepState(a * W1 + S1, a * W2 + S2, S1, S2)
 
 

@@ -6,10 +6,12 @@ entry weights (W1, W2) and titans' momentum (S1, S2):
     zk = K W2^T,  hk = σ(zk),  yk = hk W1^T,  nk = N(yk)               (the MLP on the keys)
     dO = 2(K + nk - V) (titans) or -V (dla),  d1 = N'(dO),  e = d1 W1,  d2 = e ⊙ σ'(zk)
     w = w0 / max(1, ||∇ℓ|| / c)                                          (soft clamp, optional)
-    titans: W' = a W + p S + Σ_j c_j w_j ∇ℓ_j,  S' = β S + Σ_j m_j w_j ∇ℓ_j   (∇ℓ_j rank one)
-    dla:    W' = W + Σ_j w_j ∇ℓ_j
+    titans: W' = a W + (1 - a) W_0 + p S + Σ_j c_j w_j ∇ℓ_j,  S' = β S + Σ_j m_j w_j ∇ℓ_j
+    dla:    W' = W + Σ_j w_j ∇ℓ_j                                        (∇ℓ_j rank one)
 
-with (c, m, a, p, β) the decay/momentum coefficients of the mini-batch's last row. The read
+with (c, m, a, p, β) the decay/momentum coefficients of the mini-batch's last row and W_0 the
+target of the decay (the learned initial weights; the term is absent when the decay pulls toward
+zero, see mlp.DECAY_TARGETS). The read
 (chunk.py) needs every entry state and (d1, hk, d2, w). Under plain autograd this loop records
 ~50 small ops per mini-batch and replays about twice as many in the backward; ``ScanFunction``
 runs the forward without recording, keeps (zk, e, nk, rstd, ||∇ℓ||) per mini-batch, and runs
@@ -20,7 +22,7 @@ A block may also hold several gradient mini-batches (``inner`` rows each, for mi
 too small to pay one weight update each): mini-batch i's gradients are then taken at the
 weights after the block's earlier rows, which the dual form gives without forming them,
 
-    W^(i) = α_e W + ρ_e S + Σ_{j<=e} C[e, j] w_j ∇ℓ_j,     e = the row before mini-batch i,
+    W^(i) = α_e W + (1 - α_e) W_0 + ρ_e S + Σ_{j<=e} C[e, j] w_j ∇ℓ_j,   e = the row before i,
 
 so the block's rows run mini-batch by mini-batch against low-rank corrections
 (``_inner_factors``) and only the state leaving the block is formed. That path runs under
@@ -34,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from growmem.ops.deep.mlp import gelu, gelu_grad, layer_norm, layer_norm_backward
+from growmem.ops.deep.mlp import gelu, gelu_grad, head_matmul, layer_norm, layer_norm_backward
 
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -106,13 +108,14 @@ class _RowsTimesShared(torch.autograd.Function):
         return grad @ (W if ctx.transpose else W.transpose(-1, -2)), None, None, None
 
 
-def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm):
+def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm, target=None):
     """``_factors`` for a block of gradient mini-batches of ``inner`` rows, each at the weights
     after the block's earlier rows (module docstring).
 
     state: the block's entry (W1, W2[, S1, S2]); dual: titans' (C [.., b, b], α, ρ [.., b]),
     the coefficients of the weights after each row; () for dla (α = 1, ρ = 0, C = 1 on j <= t).
-    Returns (d1, hk, d2, w) as ``_factors`` (without the backward's extras).
+    target: (W1_0 [H, Dv, Dh], W2_0 [H, Dh, Dk]) that titans' decay pulls toward, or None
+    (toward zero). Returns (d1, hk, d2, w) as ``_factors`` (without the backward's extras).
     """
     titans = rule == "titans"
     W1, W2 = state[:2]
@@ -127,6 +130,9 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
         KS2 = K @ S2.transpose(-1, -2)
         acc_s = []
         S1 = _SharedWeight.apply(S1, acc_s)
+        if target is not None:
+            T1, T2 = target
+            KT2 = head_matmul(K, T2.transpose(-1, -2))  # [.., b, Dh]
     KK = K @ K.transpose(-1, -2)  # [.., b, b]
     d1s, hks, d2s, ws = [], [], [], []
     for r in range(0, b, inner):
@@ -140,11 +146,15 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
             if titans:
                 a, p = alpha[..., r - 1 : r, None], rho[..., r - 1 : r, None]  # [.., 1, 1]
                 z = a * z + p * KS2[..., rows, :]
+                if target is not None:
+                    z = z + (1.0 - a) * KT2[..., rows, :]
             z = z + (cw * KK[..., rows, :r]) @ d2p
         hk = gelu(z)
         yk = _RowsTimesShared.apply(hk, W1, acc_w, True)  # hk W1ᵀ: [.., m, Dv]
         if a is not None:
             yk = a * yk + p * _RowsTimesShared.apply(hk, S1, acc_s, True)
+            if target is not None:
+                yk = yk + (1.0 - a) * head_matmul(hk, T1.transpose(-1, -2))
         if r:
             yk = yk + (cw * (hk @ hp.transpose(-1, -2))) @ d1p
         nk, rstd = layer_norm(yk, eps) if norm else (yk, None)
@@ -153,6 +163,8 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
         e = _RowsTimesShared.apply(d1, W1, acc_w, False)  # d1 W1^(i): [.., m, Dh]
         if a is not None:
             e = a * e + p * _RowsTimesShared.apply(d1, S1, acc_s, False)
+            if target is not None:
+                e = e + (1.0 - a) * head_matmul(d1, T1)
         if r:
             e = e + (cw * (d1 @ d1p.transpose(-1, -2))) @ hp
         d2 = e * gelu_grad(z)  # dℓ/dz
@@ -165,9 +177,9 @@ def _inner_factors(rule, K, V, w0, state, dual, inner, norm, eps, max_grad_norm)
     return tuple(torch.cat(x, -1 if x is ws else -2) for x in (d1s, hks, d2s, ws))
 
 
-def _update(K, d1, hk, d2, w, state, coef):
+def _update(K, d1, hk, d2, w, state, coef, target=None):
     """The state leaving the mini-batch: state (W1, W2[, S1, S2]); coef (c, m [b], a, p,
-    β [1]) for titans, () for dla."""
+    β [1]) for titans, () for dla; target: (W1_0, W2_0) the decay pulls toward, or None."""
     if not coef:  # dla: C[last, j] = 1 on real rows; padding rows have w = 0
         W1, W2 = state
         wc = w.unsqueeze(-1)
@@ -176,15 +188,19 @@ def _update(K, d1, hk, d2, w, state, coef):
     c, m, a, p, beta = coef
     cw, mw = (c * w).unsqueeze(-1), (m * w).unsqueeze(-1)  # [.., b, 1]
     a, p, beta = a[..., None], p[..., None], beta[..., None]
+    if target is not None:  # decay the departure from the target
+        W1, W2 = (w0 + a * (x - w0) for x, w0 in zip((W1, W2), target, strict=True))
+    else:
+        W1, W2 = a * W1, a * W2
     return (
-        a * W1 + p * S1 + (d1 * cw).transpose(-1, -2) @ hk,
-        a * W2 + p * S2 + (d2 * cw).transpose(-1, -2) @ K,
+        W1 + p * S1 + (d1 * cw).transpose(-1, -2) @ hk,
+        W2 + p * S2 + (d2 * cw).transpose(-1, -2) @ K,
         beta * S1 + (d1 * mw).transpose(-1, -2) @ hk,
         beta * S2 + (d2 * mw).transpose(-1, -2) @ K,
     )
 
 
-def _update_into(K, d1, hk, d2, w, state, coef, out):
+def _update_into(K, d1, hk, d2, w, state, coef, target, out):
     """``_update`` written into the tensors ``out`` (no grad; fewer temporaries)."""
     if not coef:
         wc = w.unsqueeze(-1)
@@ -197,13 +213,16 @@ def _update_into(K, d1, hk, d2, w, state, coef, out):
     a, p, beta = a[..., None], p[..., None], beta[..., None]
     for o, W, S, d, r in zip(out[:2], (W1, W2), (S1, S2), (d1, d2), (hk, K), strict=True):
         torch.matmul((d * cw).transpose(-1, -2), r, out=o).addcmul_(a, W).addcmul_(p, S)
+    if target is not None:
+        for o, w0 in zip(out[:2], target, strict=True):
+            o.addcmul_(1.0 - a, w0)
     for o, S, d, r in zip(out[2:], (S1, S2), (d1, d2), (hk, K), strict=True):
         torch.matmul((d * mw).transpose(-1, -2), r, out=o).addcmul_(beta, S)
 
 
 def scan_loop(
     rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, inner=None,
-    duals=(),
+    duals=(), target=None,
 ):  # fmt: skip
     """The scan under autograd (the Function's reference). Arguments as ``scan``."""
     state = init
@@ -217,12 +236,12 @@ def scan_loop(
         coef, dual = coef[:n_coef], coef[n_coef:]
         if inner:
             d1, hk, d2, w = _inner_factors(
-                rule, Km, Vm, w0, state, dual, inner, norm, eps, max_grad_norm
+                rule, Km, Vm, w0, state, dual, inner, norm, eps, max_grad_norm, target
             )
         else:
             d1, hk, d2, w, _ = _factors(rule, Km, Vm, w0, *state[:2], norm, eps, max_grad_norm)
         factors.append((d1, hk, d2, w))
-        state = _update(Km, d1, hk, d2, w, state, coef)
+        state = _update(Km, d1, hk, d2, w, state, coef, target)
         if mb in ends:
             kept.append(state)
     stacked = [torch.stack(x) for x in zip(*entries, strict=True)]
@@ -234,20 +253,24 @@ def scan_loop(
 class ScanFunction(torch.autograd.Function):
     """``scan_loop`` with a hand-written backward (see the module docstring).
 
-    apply(spec, K, V, step, *coefs, *init, *reset) with spec = (rule, resets, ends, norm, eps,
-    max_grad_norm), K, V [NB, B, H, b, D], step [NB, B, H, b], coefs (titans: c, m
-    [NB, B, H, b], a, p, β [NB, B, H, 1]; dla: none), init and reset: the state (W1, W2[, S1,
-    S2]) at the start and after every reset (reset: empty without resets).
+    apply(spec, K, V, step, *coefs, *target, *init, *reset) with spec = (rule, resets, ends,
+    norm, eps, max_grad_norm, has_target), K, V [NB, B, H, b, D], step [NB, B, H, b], coefs
+    (titans: c, m [NB, B, H, b], a, p, β [NB, B, H, 1]; dla: none), target: (W1_0, W2_0)
+    [H, ...] that titans' decay pulls toward (empty when it pulls toward zero), init and
+    reset: the state (W1, W2[, S1, S2]) at the start and after every reset (reset: empty
+    without resets).
     Returns (*entries [NB, ...], d1, hk, d2, w, *kept [len(ends), ...], *final).
     """
 
     @staticmethod
     def forward(ctx, spec, K, V, step, *rest):
-        rule, resets, ends, norm, eps, max_grad_norm = spec
+        rule, resets, ends, norm, eps, max_grad_norm, has_target = spec
         n_state = 4 if rule == "titans" else 2
         n_coef = 5 if rule == "titans" else 0
-        coefs, init = rest[:n_coef], rest[n_coef : n_coef + n_state]
-        reset = rest[n_coef + n_state :] or None
+        n_target = 2 if has_target else 0
+        coefs, rest = rest[:n_coef], rest[n_coef:]
+        target, rest = rest[:n_target] or None, rest[n_target:]
+        init, reset = rest[:n_state], rest[n_state:] or None
         NB = K.shape[0]
         # entry states written in place: slot mb + 1 receives the state leaving mb
         entry_stacks = [x.new_empty(NB, *x.shape) for x in init]
@@ -267,7 +290,7 @@ class ScanFunction(torch.autograd.Function):
                 out = [x.new_empty(x.shape) for x in state]
             else:
                 out = [e[mb + 1] for e in entry_stacks]
-            _update_into(Km, d1, hk, d2, w, state, coef, out)
+            _update_into(Km, d1, hk, d2, w, state, coef, target, out)
             if mb in ends:
                 kept.append(out)
         state = out
@@ -275,18 +298,19 @@ class ScanFunction(torch.autograd.Function):
         kept_stacks = [torch.stack(x) for x in zip(*kept, strict=True)] if kept else []
         ctx.spec, ctx.n_coef, ctx.n_state, ctx.has_reset = spec, n_coef, n_state, reset is not None
         ctx.internal = saved  # per mini-batch (zk, e, nk, rstd, gn): never exposed
-        ctx.save_for_backward(K, V, step, *coefs, *entry_stacks, *factor_stacks)
+        ctx.save_for_backward(K, V, step, *coefs, *(target or ()), *entry_stacks, *factor_stacks)
         return (*entry_stacks, *factor_stacks, *kept_stacks, *state)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        rule, resets, ends, norm, _, max_grad_norm = ctx.spec
+        rule, resets, ends, norm, _, max_grad_norm, has_target = ctx.spec
         n_coef, n_state = ctx.n_coef, ctx.n_state
         K, V, step, *rest = ctx.saved_tensors
-        coefs = rest[:n_coef]
-        entries = rest[n_coef : n_coef + n_state]
-        d1s, hks, d2s, ws = rest[n_coef + n_state :]
+        coefs, rest = rest[:n_coef], rest[n_coef:]
+        target, rest = (rest[:2], rest[2:]) if has_target else (None, rest)
+        entries = rest[:n_state]
+        d1s, hks, d2s, ws = rest[n_state:]
         NB = K.shape[0]
         g_entries = grads[:n_state]
         g_factors = grads[n_state : n_state + 4]
@@ -300,6 +324,7 @@ class ScanFunction(torch.autograd.Function):
         gK, gV, gstep = torch.empty_like(K), torch.empty_like(V), torch.empty_like(step)
         gcoefs = [torch.empty_like(c) for c in coefs]
         g_reset = None
+        g_target = [torch.zeros_like(x) for x in target] if has_target else []
         lam = [zeros_if_none(g, e[0]) for g, e in zip(g_final, entries, strict=True)]
         for mb in reversed(range(NB)):
             if mb in end_index:  # the kept state leaving this mini-batch
@@ -314,7 +339,7 @@ class ScanFunction(torch.autograd.Function):
             coef = [c[mb] for c in coefs]
             lam, gk, gv, gw0, gcoef = _step_backward(
                 rule, K[mb], V[mb], step[mb], state, coef, (d1, hk, d2, w),
-                ctx.internal[mb], gfac, lam, norm, max_grad_norm,
+                ctx.internal[mb], gfac, lam, norm, max_grad_norm, target, g_target,
             )  # fmt: skip
             gK[mb], gV[mb], gstep[mb] = gk, gv, gw0
             for gc, g in zip(gcoefs, gcoef, strict=True):
@@ -328,12 +353,15 @@ class ScanFunction(torch.autograd.Function):
                 g_reset = lam
                 lam = [torch.zeros_like(x) for x in lam]
         g_reset = (g_reset or [None] * n_state) if ctx.has_reset else []
-        return (None, gK, gV, gstep, *gcoefs, *lam, *g_reset)
+        return (None, gK, gV, gstep, *gcoefs, *g_target, *lam, *g_reset)
 
 
-def _step_backward(rule, K, V, w0, state, coef, factors, internal, gfac, lam, norm, clamp):
+def _step_backward(
+    rule, K, V, w0, state, coef, factors, internal, gfac, lam, norm, clamp, target, g_target
+):  # fmt: skip
     """Gradients of one mini-batch's factors and update, given the adjoint ``lam`` of the
-    state leaving it and gfac, the read's gradients of (d1, hk, d2, w) (None: zero).
+    state leaving it and gfac, the read's gradients of (d1, hk, d2, w) (None: zero). target:
+    the decay's target (W1_0, W2_0) or None; its gradient is added into ``g_target``.
 
     Returns (adjoint of the entry state, gK, gV, gw0, coefficient gradients)."""
     d1, hk, d2, w = factors
@@ -358,10 +386,15 @@ def _step_backward(rule, K, V, w0, state, coef, factors, internal, gfac, lam, no
         gmw = (d1 * B1).sum(-1) + (d2 * B2).sum(-1)
         gw = c * gcw + m * gmw
         a_, p_, b_ = a[..., None], p[..., None], beta[..., None]
+        D1, D2 = W1, W2  # what the decay scales: the weights, or their departure from target
+        if target is not None:
+            D1, D2 = W1 - target[0], W2 - target[1]
+            g_target[0] += ((1.0 - a_) * L1).sum(0)  # shared by the batch
+            g_target[1] += ((1.0 - a_) * L2).sum(0)
         gcoef = [
             w * gcw,
             w * gmw,
-            ((L1 * W1).sum((-1, -2)) + (L2 * W2).sum((-1, -2))).unsqueeze(-1),
+            ((L1 * D1).sum((-1, -2)) + (L2 * D2).sum((-1, -2))).unsqueeze(-1),
             ((L1 * S1).sum((-1, -2)) + (L2 * S2).sum((-1, -2))).unsqueeze(-1),
             ((M1 * S1).sum((-1, -2)) + (M2 * S2).sum((-1, -2))).unsqueeze(-1),
         ]
@@ -429,13 +462,14 @@ def _step_backward(rule, K, V, w0, state, coef, factors, internal, gfac, lam, no
 
 def scan(
     rule, K, V, step, coefs, init, reset, resets, ends, norm, eps, max_grad_norm, fused,
-    inner=None, duals=(),
+    inner=None, duals=(), target=None,
 ):  # fmt: skip
     """The deep scan. K, V [NB, B, H, b, D]; step [NB, B, H, b] (-η, padding 0); coefs: see
     ScanFunction; init, reset: states (reset None without resets); resets, ends: sets of
     blocks. fused: ScanFunction (True) or the plain autograd loop. inner: rows per gradient
     mini-batch inside a block (None: the whole block), run under plain autograd; duals:
-    titans' dual-form coefficients for it, (C [NB, B, H, b, b], α, ρ [NB, B, H, b]).
+    titans' dual-form coefficients for it, (C [NB, B, H, b, b], α, ρ [NB, B, H, b]); target:
+    (W1_0, W2_0) [H, ...] that titans' decay pulls toward, or None (toward zero).
 
     Returns (entries, (d1, hk, d2, w), kept, final): entries a list of [NB, B, H, ...] state
     tensors, kept a list of [len(ends), B, H, ...] ones (empty without ends), final a list.
@@ -443,11 +477,13 @@ def scan(
     n = len(init)
     resets, ends = frozenset(resets), frozenset(ends)
     if fused and inner is None:
-        spec = (rule, resets, ends, norm, eps, max_grad_norm)
-        out = ScanFunction.apply(spec, K, V, step, *coefs, *init, *(reset or ()))
+        spec = (rule, resets, ends, norm, eps, max_grad_norm, target is not None)
+        out = ScanFunction.apply(spec, K, V, step, *coefs, *(target or ()), *init, *(reset or ()))
     else:
         args = (resets, ends, norm, eps, max_grad_norm)
-        out = scan_loop(rule, K, V, step, coefs, init, reset, *args, inner=inner, duals=duals)
+        out = scan_loop(
+            rule, K, V, step, coefs, init, reset, *args, inner=inner, duals=duals, target=target
+        )
     entries, factors = list(out[:n]), tuple(out[n : n + 4])
     kept = list(out[n + 4 : n + 4 + n]) if ends else []
     return entries, factors, kept, list(out[len(out) - n :])
