@@ -45,6 +45,10 @@ from growmem.training.rundir import (
 from growmem.utils.provenance import provenance
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the gradients stopped being finite: the run cannot go on as configured."""
+
+
 @dataclass
 class Distributed:
     """This process's place in a torchrun launch (rank 0 of 1 without one)."""
@@ -357,12 +361,20 @@ def _train_in(
                 loss_sum += mb_loss.detach().double()
             clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            loss = float(env.all_sum(loss_sum) / labelled.clamp_min(1))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # every rank sees the same summed loss and gradients, so all stop here
+                raise TrainingDiverged(
+                    f"step {step + 1}: the loss is {loss} and the gradient norm "
+                    f"{float(grad_norm)}: the model's activations overflowed (NaN or inf); "
+                    "nothing was updated and the last checkpoint is intact: resume it with a "
+                    "lower train.lr, or set train.grad_clip"
+                )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss = float(env.all_sum(loss_sum) / labelled.clamp_min(1))
             window_tokens += ids.numel() * env.world_size
             done = step + 1
             if done % settings.log_every == 0 or done == settings.steps:

@@ -114,21 +114,11 @@ def check_gates(rule: str, B: int, T: int, H: int, **gates) -> None:
             )
 
 
-# What each per-token gate's values must satisfy, and why. The chunk forms take differences of
-# cumulative log-decays (-inf would give NaN); beta, lam and eta scale writes, so a NaN in one
-# would poison the memory from that token on. Titans' beta is a momentum, kept in [0, 1].
-_GATE_VALUES = {
-    "g": (
-        lambda x: torch.isfinite(x),
-        "must be finite (a_t = exp(g_t) > 0); for a hard reset use a large negative value "
-        "such as -30",
-    ),
-    "beta": (lambda x: torch.isfinite(x), "must be finite (write strength)"),
-    "lam": (lambda x: torch.isfinite(x), "must be finite (current-token write strength)"),
-    "eta": (
-        lambda x: torch.isfinite(x) & (x >= 0),
-        "must be finite and >= 0 (inner learning rates)",
-    ),
+# The range of each per-token gate's finite values, and why (a non-finite value is a failed
+# activation, carried causally like a non-finite q, k or v: ops/nonfinite.py). eta scales the
+# inner gradient steps, which must not ascend; titans' beta is a momentum, kept in [0, 1].
+_GATE_RANGES = {
+    "eta": (lambda x: x >= 0, "must be >= 0 (inner learning rates)"),
 }
 _TITANS_BETA = (lambda x: (x >= 0) & (x <= 1), "must lie in [0, 1] (titans' momentum)")
 
@@ -141,38 +131,41 @@ def check_values(
     """Every check that reads tensor values, in one host synchronisation.
 
     Reading values synchronises with the device, so all such checks live here, to be switched
-    off on the hot path as one. They are: the range of each per-token gate of ``rule`` (g,
-    beta, lam, eta; None is skipped), an error when violated; and whether ``inputs`` (e.g. q,
-    k, v, u) are finite, which is not an error: a NaN there makes the outputs that read it
-    NaN, and the token-mixing ops then take a slower path that keeps it from reaching
-    earlier outputs and their gradients (ops/linear/nonfinite.py).
+    off on the hot path as one. They are: the range of the finite values of each per-token
+    gate of ``rule`` (eta >= 0; titans' beta in [0, 1]; None is skipped), an error when
+    violated; and whether ``inputs`` (e.g. q, k, v, u) and the gates are finite, which is not
+    an error: a NaN or inf is a failed activation upstream, and the ops carry it causally
+    (ops/nonfinite.py: the outputs that read it are NaN, earlier ones and their gradients are
+    untouched).
 
     Returns:
-        True when every tensor of ``inputs`` is finite. (A sum that overflows counts as
-        non-finite: that only costs the slower path.)
+        True when every tensor of ``inputs`` and ``gates`` is finite. (A sum that overflows
+        counts as non-finite: that only costs the guarded path.)
 
     Raises:
-        ValueError naming the first gate with a value outside its range.
+        ValueError naming the first gate with a finite value outside its range.
     """
     present = {name: x for name, x in (gates or {}).items() if x is not None}
-    rules = {
-        name: _TITANS_BETA if (rule, name) == ("titans", "beta") else _GATE_VALUES[name]
+    ranges = {
+        name: _TITANS_BETA if (rule, name) == ("titans", "beta") else _GATE_RANGES[name]
         for name in present
+        if name in _GATE_RANGES or (rule, name) == ("titans", "beta")
     }
-    flags = [~rules[name][0](x).all() for name, x in present.items()]
-    flags += [~torch.isfinite(x.sum()) for x in inputs]  # one pass each, no full-size mask
+    # finite values out of range (a non-finite one is carried, not an error)
+    flags = [
+        (~ranges[name][0](x) & torch.isfinite(x)).any()
+        for name, x in present.items()
+        if name in ranges
+    ]
+    tensors = [*inputs, *present.values()]
+    flags += [~torch.isfinite(x.sum()) for x in tensors]  # one pass each, no full-size mask
     if not flags:
         return True
     bad = torch.stack(flags).tolist()  # the one host synchronisation
-    for name, is_bad in zip(present, bad[: len(present)], strict=True):
+    for name, is_bad in zip(ranges, bad[: len(ranges)], strict=True):
         if is_bad:
-            # a layer's gates are bounded functions of its activations: only a NaN or inf
-            # there puts them out of range
-            raise ValueError(
-                f"{name} {rules[name][1]}; from a layer, this means its activations "
-                "(hidden_states) hold NaN or inf"
-            )
-    return not any(bad[len(present) :])
+            raise ValueError(f"{name} {ranges[name][1]}")
+    return not any(bad[len(ranges) :])
 
 
 def check_state(name: str, x, expected: tuple[int, ...], layout: str) -> None:

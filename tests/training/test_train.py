@@ -548,3 +548,30 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path):
     assert [m["step"] for m in loss_lines(out)] == list(range(1, 61))
     assert (out / "model" / "eval.json").is_file()
     assert latest_checkpoint(out).name == "step_00000060"
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch, capsys):
+    """Step 3's loss is NaN (as after an overflow): the run stops with an error naming the
+    step, its last checkpoint intact, and the CLI prints it on one line."""
+    import growmem.train as train_module
+
+    cross_entropy, calls = train_module.F.cross_entropy, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", nan_at_step_3)
+    out = tmp_path / "run"
+    config = tiny_config(out, train={"checkpoint_every": 2})
+    with pytest.raises(train_module.TrainingDiverged, match=r"^step 3: the loss is nan"):
+        train(config)
+    assert [m["step"] for m in loss_lines(out)] == [1, 2]
+    assert (out / "checkpoints" / "step_00000002").is_dir()
+    calls.clear()
+    raw = raw_config(tmp_path / "cli", train={"checkpoint_every": 2})
+    code = main(["train", str(write_yaml(tmp_path / "cli.yaml", raw))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "step 3: the loss is nan" in err, err

@@ -116,8 +116,8 @@ def memory_caching(
     Returns:
         o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True. On the matrix
         memories a NaN or inf in q, k, v or u never reaches an earlier output: from a
-        non-finite k or v on, outputs and the returned cache are NaN; a non-finite q or u
-        spoils its own output only (linear/nonfinite.py).
+        non-finite k, v or gate on, outputs and the returned cache are NaN; a non-finite q or
+        u spoils its own output only (ops/nonfinite.py).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     deep = rule in DEEP_RULES
@@ -193,12 +193,13 @@ def memory_caching(
     gates = {
         n: x for n, x in (("eta", eta), ("g", g), ("beta", beta), ("lam", lam)) if x is not None
     }
-    finite = True  # the deep rules check their own inputs (deep/api.py)
-    if not deep:
-        # The scans and reads mix a call's tokens in matmuls: non-finite inputs take the
-        # guarded path that keeps them causal (one token has no future: no need).
-        reads = (q, u) if aggregation in GATED_AGGREGATIONS else (q,)
-        finite = check_values((*reads, k, v) if impl == "chunk" and T > 1 else (), gates, rule)
+    # The scans and reads mix a call's tokens in matmuls: non-finite inputs take the guarded
+    # path that keeps them causal (ops/nonfinite.py). A deep stream recomputes its open
+    # mini-batch's tokens with this call's, so they count too.
+    pending = cache.pending if deep and cache is not None and cache.pending else {}
+    inputs = (q, k, v, *pending.values()) + ((u,) if aggregation in GATED_AGGREGATIONS else ())
+    mixes = impl == "chunk" and T + (cache.pending_tokens if pending else 0) > 1
+    finite = check_values(inputs if mixes else (), gates, rule)
 
     if impl == "reference":
         if streaming:
@@ -262,7 +263,7 @@ def memory_caching(
             cache,
         )
         if deep:
-            o, new_cache = deep_memory_caching_forward(*args, init_weights)
+            o, new_cache = deep_memory_caching_forward(*args, init_weights, finite=finite)
         else:
             o, new_cache = memory_caching_forward(*args, chunk_size=chunk_size, finite=finite)
     o = o.to(q.dtype)

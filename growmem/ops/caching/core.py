@@ -33,7 +33,7 @@ from growmem.ops.caching.select import (
 )
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_step
-from growmem.ops.linear.nonfinite import NonFiniteGuard, poison
+from growmem.ops.nonfinite import NonFiniteGuard, poison
 
 
 def empty_cache(config: CachingConfig, initial_state, dtype, device) -> MemoryCache:
@@ -259,13 +259,12 @@ def memory_caching_forward(
     """
     cfg = cache.config
     T = q.shape[1]
-    guard = None
-    if not finite:  # keep the non-finite inputs causal (linear/nonfinite.py)
-        reads = dict(q=q) if cfg.aggregation not in GATED_AGGREGATIONS else dict(q=q, u=u)
-        guard = NonFiniteGuard(reads, dict(k=k, v=v, **gates))
-        q, u = guard.reads["q"], guard.reads.get("u", u)
-        gates = dict(guard.writes)
-        k, v = gates.pop("k"), gates.pop("v")
+    # keep non-finite inputs causal (ops/nonfinite.py); nothing to do when all are finite
+    reads = dict(q=q, u=u) if cfg.aggregation in GATED_AGGREGATIONS else dict(q=q)
+    guard = NonFiniteGuard(reads, dict(k=k, v=v, **gates), finite)
+    q, u = guard.reads["q"], guard.reads.get("u", u)
+    gates = dict(guard.writes)
+    k, v = gates.pop("k"), gates.pop("v")
     cache = _close_open_segment(cache)
     t0 = cache.seen_tokens
     pieces = cfg.plan.pieces(t0, T)
@@ -326,14 +325,15 @@ def memory_caching_forward(
         prev_kv=(k[:, -1].clone(), v[:, -1].clone()) if cfg.rule == "swla" else None,
         initial_state=cache.initial_state,
     )
-    if guard is not None:
-        o, new_cache = guard.output(o), _poison_cache(new_cache, guard.stream)
-    return o, new_cache
+    return guard.output(o), _poison_cache(new_cache, guard.stream)
 
 
-def _poison_cache(cache: MemoryCache, corrupt: torch.Tensor) -> MemoryCache:
+def _poison_cache(cache: MemoryCache, corrupt: torch.Tensor | None) -> MemoryCache:
     """The cache with NaN in every state of the rows and heads whose memory is ``corrupt``
-    [B, H] (a non-finite write): a stream that continues it stays NaN, as its memory is."""
+    [B, H] (a non-finite write): a stream that continues it stays NaN, as its memory is.
+    None: the cache itself."""
+    if corrupt is None:
+        return cache
     changes = {
         f.name: map_tensors(getattr(cache, f.name), lambda x: poison(x, corrupt))
         for f in fields(cache)

@@ -8,7 +8,7 @@ mini-batches, the cached memories' per piece (soup mixes both inside the MLP). T
 the last mini-batch boundary are kept in the cache (``pending``) and recomputed by the next
 call, since their gradients are all taken at that boundary.
 
-Non-finite inputs stay causal (ops/deep/nonfinite.py): the call runs on finite numbers, then
+Non-finite inputs stay causal (ops/nonfinite.py): the call runs on finite numbers, then
 the outputs, the cached memories and the stream's state recorded after a non-finite write are
 NaN; the pending tokens are kept as given, so the next call finds a non-finite one again.
 """
@@ -27,7 +27,7 @@ from growmem.ops.caching.select import GATED_AGGREGATIONS, SPARSE_AGGREGATIONS
 from growmem.ops.deep.api import block_lengths, scan_block
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, start_state
-from growmem.ops.deep.nonfinite import NonFiniteGuard, poison
+from growmem.ops.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import compute_dtype
 
 GATE_NAMES = ("eta", "g", "beta")
@@ -127,12 +127,16 @@ def _routed_mlp_read(Qh, states, idx, w, valid, norm, eps):
     return out.view(B, H, T, D)
 
 
-def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_weights):
+def deep_memory_caching_forward(
+    q, k, v, u, gates, cache: DeepMemoryCache, init_weights, finite: bool = True
+):
     """Consume T tokens after ``cache``; returns (o [B, T, H, D], the updated cache).
 
     Args:
         q, k, v: [B, T, H, D]; u: [B, T, H, D] or None; gates: eta (and g, beta for titans),
         [B, T, H] each; cache: the state after the earlier tokens; init_weights: (W1, W2).
+        finite: these inputs and the cache's pending tokens are known to be finite; False
+            runs the guarded path (ops/nonfinite.py).
     """
     cfg = cache.config
     mini_batch, norm, max_grad_norm, eps, decay_to, _ = cfg.deep
@@ -157,7 +161,7 @@ def deep_memory_caching_forward(q, k, v, u, gates, cache: DeepMemoryCache, init_
     reads = {"q": raw["q"]}
     if u is not None:
         reads["u"] = torch.cat([u.new_zeros(B, extra, *u.shape[2:]), u], 1) if extra else u
-    guard = NonFiniteGuard(reads, {n: x for n, x in raw.items() if n != "q"})
+    guard = NonFiniteGuard(reads, {n: x for n, x in raw.items() if n != "q"}, finite)
     inputs = {**guard.reads, **guard.writes}
     q, k = inputs["q"][:, extra:], inputs["k"][:, extra:]
     u = inputs.get("u")

@@ -13,9 +13,10 @@ import itertools
 import torch
 
 from growmem.ops.caching.select import log_bucket_scores, select_top_k
+from growmem.ops.checks import check_values
 from growmem.ops.deep.mlp import DeepState, decay_target, mlp_forward, start_state
 from growmem.ops.deep.naive import token_step
-from growmem.ops.deep.nonfinite import NonFiniteGuard
+from growmem.ops.nonfinite import NonFiniteGuard
 from growmem.ops.precision import compute_dtype
 
 
@@ -45,11 +46,13 @@ def deep_memory_caching_reference(
 ):
     """Memory Caching over a deep memory, token by token; returns o [B, T, H, D].
 
-    Non-finite inputs are handled as by the fast path (ops/deep/nonfinite.py), so the two agree
+    Non-finite inputs are handled as by the fast path (ops/nonfinite.py), so the two agree
     on them too."""
     B, T, H, _ = q.shape
     dtype = compute_dtype(q)
-    guard = NonFiniteGuard({"q": q, "u": u}, {"k": k, "v": v, "eta": eta, "g": g, "beta": beta})
+    writes = {"k": k, "v": v, "eta": eta, "g": g, "beta": beta}
+    finite = check_values(tuple(x for x in (q, u, *writes.values()) if x is not None))
+    guard = NonFiniteGuard({"q": q, "u": u}, writes, finite)
     q, k, v = (guard.reads["q"], guard.writes["k"], guard.writes["v"])
     eta, g, beta = (guard.writes.get(n) for n in ("eta", "g", "beta"))
     q, k, v = (x.to(dtype) for x in (q, k, v))

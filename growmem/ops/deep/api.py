@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 
 from growmem.ops.checks import (
     check_choice,
+    check_positive_float,
     check_positive_int,
     check_qkv,
     check_shape,
     check_tensor,
+    check_values,
 )
 from growmem.ops.deep.chunk import chunk_deep_memory
 from growmem.ops.deep.mlp import DECAY_TARGETS, DeepState
 from growmem.ops.deep.naive import deep_memory_reference
-from growmem.ops.deep.nonfinite import NonFiniteGuard, poison
+from growmem.ops.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import autocast_off
 
 DEEP_RULES = ("dla", "titans")
@@ -60,8 +61,8 @@ def check_deep_args(
 ):  # fmt: skip
     """Checks shared by deep_memory and memory_caching on deep rules; returns Dh.
 
-    Gate values are checked where they are finite: a NaN or inf is a failed activation
-    upstream, which the fast paths keep causal (nonfinite.py), not a bad argument.
+    Gate values are checked by ``check_values`` (a NaN or inf is a failed activation upstream,
+    which the fast paths keep causal: ops/nonfinite.py).
     """
     check_choice("rule", rule, DEEP_RULES)
     if Dk != Dv:
@@ -82,14 +83,6 @@ def check_deep_args(
             check_shape(name, x, (B, T, H), "[B, T, H]")
         elif x is not None:
             raise ValueError(f"{name} is not used by rule {rule!r}; pass {name}=None")
-    ranges = [("eta", eta, eta < 0, "must be >= 0 (inner learning rates)")]
-    if beta is not None:
-        ranges.append(("beta", beta, (beta < 0) | (beta > 1), "must lie in [0, 1] (momentum)"))
-    # one host synchronisation for all gates
-    bad = torch.stack([(out & torch.isfinite(x)).any() for _, x, out, _ in ranges]).tolist()
-    for (name, _, _, expected), is_bad in zip(ranges, bad, strict=True):
-        if is_bad:
-            raise ValueError(f"{name} {expected}")
     if not isinstance(init_weights, (tuple, list)) or len(init_weights) != 2:
         raise ValueError("init_weights must be a pair (W1 [H, Dv, Dh], W2 [H, Dh, Dk])")
     W1, W2 = init_weights
@@ -98,20 +91,8 @@ def check_deep_args(
     check_shape("init_weights[0]", W1, (H, Dv, Dh), "[H, Dv, Dh]")
     check_tensor("init_weights[1]", W2, 3, "[H, Dh, Dk]")
     check_shape("init_weights[1]", W2, (H, Dh, Dk), "[H, Dh, Dk]")
-    if max_grad_norm is not None and (
-        isinstance(max_grad_norm, bool)
-        or not isinstance(max_grad_norm, (int, float))
-        or not math.isfinite(max_grad_norm)
-        or max_grad_norm <= 0
-    ):
-        raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not math.isfinite(eps)
-        or eps <= 0
-    ):
-        raise ValueError(f"eps must be a positive finite number (LayerNorm epsilon), got {eps!r}")
+    check_positive_float("max_grad_norm", max_grad_norm, allow_none=True)
+    check_positive_float("eps", eps)  # the LayerNorm epsilon
     check_choice("decay_to", decay_to, DECAY_TARGETS)
     return Dh
 
@@ -166,7 +147,8 @@ def deep_memory(
 
     A NaN or inf in an input is taken for a failed activation upstream, not a bad argument:
     every output and state after a non-finite k, v, eta, g or beta of a (row, head) is NaN
-    (a non-finite q: that token's output), and everything before it is unchanged (nonfinite.py).
+    (a non-finite q: that token's output), and everything before it is unchanged
+    (ops/nonfinite.py).
 
     Args:
         q, k, v: [B, T, H, D] (L2-normalised q, k recommended).
@@ -221,8 +203,10 @@ def deep_memory(
         eps=eps,
         decay_to=decay_to,
     )
-    # both paths run on finite inputs (nonfinite.py), so they agree on non-finite ones too
-    guard = NonFiniteGuard({"q": q}, {"k": k, "v": v, "eta": eta, "g": g, "beta": beta})
+    # both paths run on finite inputs (ops/nonfinite.py), so they agree on non-finite ones too
+    writes = {"k": k, "v": v, "eta": eta, "g": g, "beta": beta}
+    finite = check_values((q, k, v), {n: writes[n] for n in ("eta", "g", "beta")}, rule)
+    guard = NonFiniteGuard({"q": q}, writes, finite)
     q, k, v = guard.reads["q"], guard.writes["k"], guard.writes["v"]
     gates = {n: guard.writes.get(n) for n in ("eta", "g", "beta")}
     with autocast_off(q.device.type):

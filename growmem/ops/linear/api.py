@@ -13,7 +13,7 @@ from growmem.ops.checks import (
 )
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_memory_reference
-from growmem.ops.linear.nonfinite import NonFiniteGuard, poison
+from growmem.ops.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import autocast_off
 
 
@@ -62,13 +62,12 @@ def linear_memory(
     Returns:
         o: [B, T, H, Dv] in q's dtype. states: the final state [B, H, Dv, Dk] when boundary is
         None, else [B, ceil(T / boundary), H, Dv, Dk]; states are float32 (float64 for float64
-        inputs), also under autocast. A NaN or inf in q, k or v never reaches an earlier
-        output or state (linear/nonfinite.py): from a non-finite k or v on, outputs and
-        states are NaN; a non-finite q spoils its own output only.
+        inputs), also under autocast. A NaN or inf in q, k, v or a gate never reaches an
+        earlier output or state (ops/nonfinite.py): from a non-finite k, v or gate on,
+        outputs and states are NaN; a non-finite q spoils its own output only.
 
     Raises:
-        ValueError naming the argument, for bad shapes or options and for gates out of range
-        (g, beta, lam must be finite).
+        ValueError naming the argument, for bad shapes or options.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_gates(rule, B, T, H, g=g, beta=beta, lam=lam)
@@ -97,14 +96,11 @@ def linear_memory(
         if impl == "reference":  # the literal recurrence, NaN included
             o, states = linear_memory_reference(q, k, v, rule=rule, **gates, **kwargs)
             return o.to(q.dtype), states
-        guard = None if finite else NonFiniteGuard(dict(q=q), dict(k=k, v=v, **gates))
-        if guard is not None:
-            q, gates = guard.reads["q"], guard.writes
-            k, v = gates.pop("k"), gates.pop("v")
+        guard = NonFiniteGuard(dict(q=q), dict(k=k, v=v, **gates), finite)
+        gates = dict(guard.writes)
+        q, k, v = guard.reads["q"], gates.pop("k"), gates.pop("v")
         o, states = chunk_linear_memory(
             q, k, v, rule=rule, chunk_size=chunk_size, **gates, **kwargs
         )
-    if guard is not None:
-        o = guard.output(o)
-        states = poison(states, guard.stream) if ends is None else guard.states_after(states, ends)
-    return o.to(q.dtype), states
+    states = poison(states, guard.stream) if ends is None else guard.states_after(states, ends)
+    return guard.output(o).to(q.dtype), states
