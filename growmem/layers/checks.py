@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from growmem.ops.checks import check_bool, check_positive_float, check_positive_int
+from growmem.ops.checks import check_bool, check_choice, check_positive_float, check_positive_int
+from growmem.ops.deep.mlp import DECAY_TARGETS
 
 
 def check_hidden_states(hidden_states, hidden_size: int) -> None:
@@ -33,6 +34,7 @@ def check_memory_options(
     use_short_conv,
     qk_norm,
     mlp_norm,
+    decay_to,
 ) -> None:
     """Check the options of a MemoryCachingAttention layer that stand on their own (also
     those of the deep rules, whatever the rule: a configuration holds them all)."""
@@ -52,6 +54,7 @@ def check_memory_options(
         ("mlp_norm", mlp_norm),
     ):
         check_bool(name, x)
+    check_choice("decay_to", decay_to, DECAY_TARGETS)
 
 
 def check_layer_cache(cache, cache_type: type, batch_size: int, layer_config: tuple) -> None:

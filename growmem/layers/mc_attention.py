@@ -21,7 +21,6 @@ from growmem.ops.caching import MemoryCache, check_caching_choices, memory_cachi
 from growmem.ops.caching.select import GATED_AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
-from growmem.ops.deep.mlp import DECAY_TARGETS
 
 # Per-token gates of the deep rules: eta (inner learning rate), g (weight decay), beta
 # (momentum).
@@ -172,6 +171,7 @@ class MemoryCachingAttention(nn.Module):
             use_short_conv=use_short_conv,
             qk_norm=qk_norm,
             mlp_norm=mlp_norm,
+            decay_to=decay_to,
         )
         if head_dim is None:
             if hidden_size % num_heads:
@@ -198,7 +198,6 @@ class MemoryCachingAttention(nn.Module):
         if self.deep:
             self.mini_batch, self.eta_max = mini_batch, float(eta_max)
             self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
-            check_choice("decay_to", decay_to, DECAY_TARGETS)
             self.decay_to = decay_to
             Dh = expansion * head_dim
             self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
@@ -324,6 +323,7 @@ class MemoryCachingAttention(nn.Module):
                 eta_max=self.eta_max,
                 mlp_norm=self.mlp_norm,
                 max_grad_norm=self.max_grad_norm,
+                decay_to=self.decay_to,
             )
         return tuple(settings.items())
 

@@ -57,8 +57,9 @@ class GrowMemConfig(PreTrainedConfig):
         use_cache: return a cache from forward when not training.
         use_short_conv, conv_size, qk_norm, chunk_size: memory layers' short convolution,
             L2-normalised q/k and scan chunk length.
-        expansion, mini_batch, eta_max, max_grad_norm, mlp_norm: deep rules' MLP memory
-            (see ``MemoryCachingAttention``).
+        expansion, mini_batch, eta_max, max_grad_norm, mlp_norm, decay_to: deep rules' MLP
+            memory (see ``MemoryCachingAttention``). Titans models trained before growmem's
+            decay toward the initial weights (docs/design.md) need ``decay_to="zero"``.
     """
 
     model_type = "growmem"
@@ -95,6 +96,7 @@ class GrowMemConfig(PreTrainedConfig):
         eta_max: float = 0.1,
         max_grad_norm: float | None = 1.0,
         mlp_norm: bool = True,
+        decay_to: str = "init",
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -133,6 +135,7 @@ class GrowMemConfig(PreTrainedConfig):
             use_short_conv=use_short_conv,
             qk_norm=qk_norm,
             mlp_norm=mlp_norm,
+            decay_to=decay_to,
         )
         check_nonnegative_float("initializer_range", initializer_range)
         check_bool("tie_word_embeddings", tie_word_embeddings)
@@ -180,6 +183,7 @@ class GrowMemConfig(PreTrainedConfig):
         self.use_short_conv, self.conv_size, self.qk_norm = use_short_conv, conv_size, qk_norm
         self.chunk_size, self.expansion, self.mini_batch = chunk_size, expansion, mini_batch
         self.eta_max, self.max_grad_norm, self.mlp_norm = eta_max, max_grad_norm, mlp_norm
+        self.decay_to = decay_to
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,

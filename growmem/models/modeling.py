@@ -92,6 +92,7 @@ class GrowMemBlock(nn.Module):
                 eta_max=config.eta_max,
                 max_grad_norm=config.max_grad_norm,
                 mlp_norm=config.mlp_norm,
+                decay_to=config.decay_to,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)

@@ -37,6 +37,7 @@ BAD = {
     "use_short_conv 'no'": ("use_short_conv", dict(use_short_conv="no")),
     "qk_norm 1": ("qk_norm", dict(qk_norm=1)),
     "mlp_norm 'false'": ("mlp_norm", dict(mlp_norm="false")),
+    "decay_to 'one'": ("decay_to", dict(decay_to="one")),
     "tie_word_embeddings 'no'": ("tie_word_embeddings", dict(tie_word_embeddings="no")),
     "use_cache 0": ("use_cache", dict(use_cache=0)),
     "rope_theta inf": ("rope_theta", dict(rope_theta=math.inf)),
@@ -71,3 +72,23 @@ def test_good_values_are_accepted():
     assert GrowMemConfig(**BASE).ssc_top_k == 2
     assert GrowMemConfig(**BASE, ssc_top_k=4).ssc_top_k == 4
     assert GrowMemConfig(**config.to_dict()).ssc_top_k == 3
+
+
+def test_decay_to_reaches_the_titans_layers():
+    """The model config chooses what titans' decay forgets toward; the two choices compute
+    different functions (the literal equation is kept for models trained with it)."""
+    import torch
+
+    from growmem.models import GrowMemForCausalLM
+
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for decay_to in ("init", "zero"):
+        config = GrowMemConfig(**BASE, rule="titans", aggregation="none", mini_batch=4,
+                               decay_to=decay_to)  # fmt: skip
+        assert GrowMemConfig(**config.to_dict()).decay_to == decay_to
+        torch.manual_seed(0)
+        model = GrowMemForCausalLM(config).double()
+        assert {layer.mixer.decay_to for layer in model.model.layers} == {decay_to}
+        logits[decay_to] = model(ids).logits
+    assert not torch.allclose(logits["init"], logits["zero"])
