@@ -34,15 +34,17 @@ test: $(TEST_STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest -n 2 -q
 
-# The newest releases of every dependency (upper bounds and constraints ignored; torch still
-# from TORCH), in a venv of its own, then the whole suite: drift shows here before users meet it.
+# The newest releases of every dependency (upper bounds and constraints ignored; torch as TORCH
+# says: TORCH=torch floats it too), in a venv of its own, then the whole suite: drift shows
+# here before users meet it.
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || \
 		$(LATEST_VENV)/bin/python -m pip install $(TORCH_INDEX) "$(TORCH)"
 	$(LATEST_VENV)/bin/python -m pip install --no-deps -e .
+	echo "$(TORCH)" > $(LATEST_VENV)/torch-constraint.txt
 	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager \
-		$$($(PYTHON) tools/latest_requirements.py dev lm-eval | sed 's/.*/"&"/')
+		-c $(LATEST_VENV)/torch-constraint.txt $$($(PYTHON) tools/latest_requirements.py dev lm-eval)
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E "^(torch|transformers|tokenizers|lm.eval)=="
 	$(LATEST_VENV)/bin/python -m pytest -n 2 -q
 

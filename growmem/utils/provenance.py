@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -18,11 +19,14 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def package_versions() -> dict[str, str | None]:
-    """Installed version of each of ``PACKAGES`` (None when one is not installed)."""
+    """Installed version of each of ``PACKAGES`` (None when one is not installed); an imported
+    package's own ``__version__`` when it has one, which names the build (torch's
+    ``2.14.1+cu130`` where the distribution says ``2.14.1``)."""
     versions = {}
     for name in PACKAGES:
+        module_version = getattr(sys.modules.get(name), "__version__", None)
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = str(module_version or metadata.version(name))
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions

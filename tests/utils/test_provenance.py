@@ -48,3 +48,13 @@ def test_benchmark_json_records_machine_and_provenance(tmp_path, monkeypatch):
     assert record["rows"] == [1]
     assert record["machine"]["threads"] >= 1
     assert record["provenance"]["versions"]["torch"] is not None
+
+
+def test_versions_are_plain_strings_for_yaml():
+    """torch.__version__ is a str subclass that yaml.safe_dump cannot represent."""
+    import torch  # noqa: F401  (imported: its own __version__ is used)
+    import yaml
+
+    versions = provenance.package_versions()
+    assert all(v is None or type(v) is str for v in versions.values())
+    assert yaml.safe_load(yaml.safe_dump(versions)) == versions
