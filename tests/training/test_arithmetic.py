@@ -217,7 +217,13 @@ def test_weight_decay_groups_by_name(case):
 
 
 def test_the_training_run_optimizes_those_groups(tmp_path, recorder):
-    train(tiny_config(tmp_path / "run", train={"steps": 1}))
+    """With the run's AdamW settings (none of them torch's defaults)."""
+    adamw = {"weight_decay": 0.03, "betas": [0.8, 0.9], "eps": 1e-7}
+    train(tiny_config(tmp_path / "run", train={"steps": 1, **adamw}))
+    groups = recorder.optimizer.param_groups
+    assert isinstance(recorder.optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in groups] == [0.03, 0.0]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7 for g in groups)
     decay, no_decay = group_names(recorder.optimizer, recorder.model)
     assert decay == layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "a", "b", "o")))
     assert "model.embed_tokens.weight" in no_decay and "model.layers.0.mixer.A_log" in no_decay

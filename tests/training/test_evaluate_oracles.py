@@ -134,9 +134,10 @@ def test_mqar_slice_accuracy_counts_every_row(mqar_slices):
 
 
 def documents() -> list[str]:
-    """Short ASCII documents, so that blocks hold end-of-document tokens (0 bytes)."""
+    """Short documents, so that blocks hold end-of-document tokens (0 bytes), with characters
+    of 2 and 3 UTF-8 bytes."""
     rng = random.Random(0)
-    words = ["the", "memory", "of", "a", "model", "grows", "cached", "state", "segment", "to"]
+    words = ["the", "mémoire", "of", "a", "model", "grows", "cached", "state", "→", "to"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(40)]
 
 
@@ -188,8 +189,11 @@ def test_lm_scores_equal_the_oracle(tokenizers, name, stub, max_blocks):
     scored = count if max_blocks == 0 else min(max_blocks, count)
     block = np.array([stream[i * 32 : i * 32 + SEQ_LEN] for i in range(scored)])  # [N, T]
     nll = oracle_nll(stub, block, V)
-    # the bytes of the scored text: every block's targets (tokens 1..T-1), decoded
-    num_bytes = sum(len(tokenizer.decode(b[1:].tolist()).encode("utf-8")) for b in block)
+    # the bytes of the scored text: the blocks' targets (tokens 1..T-1) follow each other in
+    # the stream, so they decode together (the range's ends cut no character: no U+FFFD)
+    text = tokenizer.decode(stream[1 : scored * 32 + 1])
+    assert "\ufffd" not in text and "é" in text and "→" in text
+    num_bytes = len(text.encode("utf-8"))
     tokens = scored * (SEQ_LEN - 1)
     assert num_bytes != tokens  # bits per byte differs from bits per token here
 
