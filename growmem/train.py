@@ -122,8 +122,10 @@ class Distributed:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, none on embeddings, norms,
-    biases, gate parameters or the memories' initial weights."""
+    """AdamW groups: weight decay on the projections' weight matrices (the gate projections
+    included, as in fla and Mamba), none on embeddings and the output head, norms, biases,
+    the decay rates (A_log, dt_bias), the short convolution's taps, or the deep memories'
+    initial weights (tensors of 3 dims)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
