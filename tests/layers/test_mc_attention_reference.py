@@ -30,7 +30,7 @@ TOL = 1e-10
 # real tokens of 4 rows of T slots: none, left, right and middle padding (row r's real tokens
 # are the first n of its unpadded sequence, so the unpadded reference covers them)
 SPANS = [[(0, T)], [(6, T)], [(0, 25)], [(0, 4), (9, 20), (30, 35)]]
-PIECES = [13] + [1, 2, 3] * 4  # a prefill, then decoding steps of 1-3 tokens (sums to T)
+PIECES = [22, 1, 2, 3, 1, 3, 2, 3]  # a prefill, then decoding steps of 1-3 tokens (sums to T)
 # (init, summary) rotated over the pairs so that each aggregation and each rule meets several
 INIT_SUMMARY = [
     ("continuous", "mean"),
@@ -62,7 +62,7 @@ def options(rule: str, aggregation: str, **overrides) -> dict:
         mini_batch=3,  # does not divide the segments: the grid restarts at each
         max_grad_norm=(0.8, None)[i % 2],
         mlp_norm=i % 4 != 0,  # off only with the clamp: unclamped it may diverge
-        decay_to=("init", "zero")[i % 2],
+        decay_to=("init", "zero")[i // 2 % 2],
     )
     return {**opts, "conv_size": 3 + i % 2, **overrides}
 
@@ -125,10 +125,13 @@ def stream(layer, x, mask=None):
         o, cache = layer(x[:, start : start + n], attention_mask=m, cache=cache, use_cache=True)
         outs.append(o)
         start += n
+    assert start == x.shape[1]
     return torch.cat(outs, 1)
 
 
 def check_against_reference(opts: dict, stream_unpadded: bool = True) -> None:
+    """The layer built with ``opts`` equals its reference: parallel and streamed, padded and
+    (streamed only when ``stream_unpadded``) unpadded."""
     layer = make_layer(opts)
     x = torch.randn(len(SPANS), T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
     with torch.no_grad():
@@ -152,7 +155,8 @@ PAIRS = [(r, a) for r in RULES for a in AGGREGATIONS]
 @pytest.mark.parametrize(("rule", "aggregation"), PAIRS)
 def test_layer_equals_reference(rule, aggregation):
     # the unpadded stream (one row group) on every other pair: the padded one covers the rest
-    check_against_reference(options(rule, aggregation), PAIRS.index((rule, aggregation)) % 2)
+    odd = PAIRS.index((rule, aggregation)) % 2 == 1
+    check_against_reference(options(rule, aggregation), stream_unpadded=odd)
 
 
 @pytest.mark.parametrize(
@@ -166,16 +170,3 @@ def test_layer_equals_reference(rule, aggregation):
 )
 def test_layer_equals_reference_other_options(rule, aggregation, overrides):
     check_against_reference(options(rule, aggregation, **overrides))
-
-
-def test_reference_sees_the_gates():
-    """The cases above are sharp: the gates of the reference are far from uniform and its
-    output changes with every gate parameter (a perturbation of 1e-3 moves it by > 1e-6)."""
-    opts = options("swla", "grm")
-    layer = make_layer(opts)
-    x = torch.randn(1, T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
-    base = reference(layer, opts, x)
-    for name in ("A_log", "dt_bias", "b_proj.bias", "l_proj.bias", "conv.bias"):
-        with torch.no_grad():
-            dict(layer.named_parameters())[name].add_(1e-3)
-        assert rel_err(reference(layer, opts, x), base) > 1e-6, name

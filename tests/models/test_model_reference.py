@@ -147,3 +147,57 @@ def test_left_padded_prefill_then_decoding_equals_reference(rule, aggregation, e
         expected = reference(model, sequences[r : r + 1, real])[0]
         assert rel_err(logits[r, real], expected) < TOL
         assert torch.all(logits[r, ~real] == 0)
+
+
+def decode(model, cache, mask, tokens, pieces):
+    """Feed ``tokens`` [B, n] in ``pieces`` after ``cache`` (whose slots have ``mask``), with
+    the whole mask so far; returns (logits [B, n, V], the cache, the mask)."""
+    logits, start = [], 0
+    for n in pieces:
+        mask = torch.cat([mask, torch.ones_like(tokens[:, :n])], 1)
+        out = model(tokens[:, start : start + n], attention_mask=mask, cache=cache, use_cache=True)
+        cache = getattr(out, CACHE_FIELD)
+        logits.append(out.logits)
+        start += n
+    return torch.cat(logits, 1), cache, mask
+
+
+# a matrix memory, a deep one (its open mini-batch is part of the cache), windowed attention
+# (its cache drops slots) and a hybrid of both
+REORDER = [0, 2, 5, 6]
+
+
+@pytest.mark.parametrize(
+    ("rule", "aggregation", "extra"),
+    [CASES[i] for i in REORDER],
+    ids=[CASE_IDS[i] for i in REORDER],
+)
+@torch.no_grad()
+def test_cache_reordered_while_decoding_equals_reference(rule, aggregation, extra):
+    """GrowMemCache.reorder_cache / batch_select_indices / batch_repeat_interleave between
+    decoding steps, as beam search does: after a left-padded prefill and 2 decoded tokens, the
+    rows of the reordered batch continue with tokens of their own (rows copied from one row
+    get different tokens, so a copy that shared state with another would show) and their
+    logits equal the reference of their whole sequences."""
+    model = make_model(rule, aggregation, **extra)
+    ids, before = random_ids(3, 9, seed=5), random_ids(3, 2, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = mask[2, :3] = 0
+    operations = [
+        ("reorder_cache", torch.tensor([2, 0, 2, 1]), [2, 0, 2, 1]),
+        ("batch_select_indices", torch.tensor([2, 0]), [2, 0]),
+        ("batch_repeat_interleave", 2, [0, 0, 1, 1, 2, 2]),
+    ]
+    for method, argument, rows in operations:
+        cache = getattr(model(ids * mask, attention_mask=mask, use_cache=True), CACHE_FIELD)
+        _, cache, seen = decode(model, cache, mask, before, [1, 1])
+        getattr(cache, method)(argument)
+        assert cache.batch_size == len(rows) and cache.get_seq_length() == 11
+        after = random_ids(len(rows), 3, seed=7)
+        logits, _, _ = decode(model, cache, seen[rows], after, [1, 2])
+        for r in set(rows):  # the copies of row r have equal lengths: one reference call
+            copies = [i for i, source in enumerate(rows) if source == r]
+            context = torch.cat([ids[r, mask[r].bool()], before[r]])
+            sequences = torch.cat([context.expand(len(copies), -1), after[copies]], 1)
+            expected = reference(model, sequences)[:, -3:]
+            assert rel_err(logits[copies], expected) < TOL, (method, r)
