@@ -1,0 +1,172 @@
+"""MemoryCachingAttention against a float64 re-implementation from its own weights.
+
+tests/reference.py rebuilds q, k, v, u, every gate and the output gate from the layer's
+parameters by the formulas of docs/design.md (a per-token loop for the short convolution), runs
+the per-token op references and applies the gated output norm and o_proj. Every (rule,
+aggregation) pair is compared at 1e-10 in float64: parallel unpadded, parallel with left,
+right and middle padding (real tokens equal the row's reference, padding outputs 0), and
+streamed (a prefill, then pieces of 1-3 tokens) with and without padding. The init, summary
+and the deep options rotate over the pairs; every parameter gets a random value (an init that
+happens to be symmetric, such as zero biases, could hide a wrong formula). Sizes are odd: 37
+tokens, segments of 5, head dim 5, width 11 (the heads' total 10 differs from it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from growmem.layers import MemoryCachingAttention
+from growmem.ops.caching import AGGREGATIONS
+from growmem.ops.checks import LINEAR_RULES
+from growmem.ops.deep import DEEP_RULES
+from tests.helpers import rel_err
+from tests.reference import memory_layer_reference
+
+RULES = LINEAR_RULES + DEEP_RULES
+HIDDEN, HEADS, HEAD_DIM = 11, 2, 5
+T, SEG = 37, 5
+TOL = 1e-10
+# real tokens of 4 rows of T slots: none, left, right and middle padding (row r's real tokens
+# are the first n of its unpadded sequence, so the unpadded reference covers them)
+SPANS = [[(0, T)], [(6, T)], [(0, 25)], [(0, 4), (9, 20), (30, 35)]]
+PIECES = [22, 1, 2, 3, 1, 3, 2, 3]  # a prefill, then decoding steps of 1-3 tokens (sums to T)
+# (init, summary) rotated over the pairs so that each aggregation and each rule meets several
+INIT_SUMMARY = [
+    ("continuous", "mean"),
+    ("independent", "sum"),
+    ("continuous", "sum"),
+    ("independent", "mean"),
+]
+
+
+def options(rule: str, aggregation: str, **overrides) -> dict:
+    """Every constructor option of the layer, non-default where it matters, for one pair."""
+    i = RULES.index(rule) + AGGREGATIONS.index(aggregation)
+    init, summary = INIT_SUMMARY[i % 4]
+    if aggregation == "loglinear":  # it reads buckets through the memory at their end
+        init = "continuous"
+    opts = dict(
+        rule=rule,
+        aggregation=aggregation,
+        num_heads=HEADS,
+        head_dim=HEAD_DIM,
+        segment_size=SEG,
+        top_k=2,
+        init=init,
+        summary=summary,
+        use_short_conv=True,
+        qk_norm=True,
+        norm_eps=1e-5,
+        eta_max=0.7,
+        mini_batch=3,  # does not divide the segments: the grid restarts at each
+        max_grad_norm=(0.8, None)[i % 2],
+        mlp_norm=i % 4 != 0,  # off only with the clamp: unclamped it may diverge
+        decay_to=("init", "zero")[i // 2 % 2],
+    )
+    return {**opts, "conv_size": 3 + i % 2, **overrides}
+
+
+def make_layer(opts: dict, seed: int = 0) -> MemoryCachingAttention:
+    """The layer in float64 with every parameter drawn at random (chunks of 8 tokens, so the
+    scans span several)."""
+    kw = {n: v for n, v in opts.items() if n != "num_heads"}
+    layer = MemoryCachingAttention(HIDDEN, opts["num_heads"], chunk_size=8, **kw).double()
+    gen = torch.Generator().manual_seed(seed)
+    # std of each parameter; means: A_log ~ 0 (A ~ 1), dt_bias ~ -1 (dt ~ 0.3), norm weight ~ 1
+    stds = {"A_log": 0.5, "dt_bias": 0.5, "o_norm.weight": 0.4, "conv.bias": 0.3}
+    means = {"dt_bias": -1.0, "o_norm.weight": 1.0}
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            std = stds.get(name, 1.0 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.5)
+            p.copy_(means.get(name, 0.0) + std * noise)
+        if layer.uses_u:  # gate queries large enough that the gates are far from uniform
+            inner = layer.num_heads * layer.head_dim
+            layer.in_proj.weight[3 * inner : 4 * inner].mul_(3.0)
+    return layer
+
+
+def reference(layer: MemoryCachingAttention, opts: dict, x: torch.Tensor) -> torch.Tensor:
+    """The reference from the layer's parameters and the options it was built with (the
+    kernel size is read from the conv weight's shape)."""
+    kw = {n: v for n, v in opts.items() if n != "conv_size"}
+    return memory_layer_reference(layer.state_dict(), x, **kw)
+
+
+def padded_inputs(x: torch.Tensor):
+    """Row r of x with its first n real tokens placed on SPANS[r] (padding slots hold other
+    random values): (padded x, mask [B, T] long, expected outputs given the reference)."""
+    B = len(SPANS)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for r, spans in enumerate(SPANS):
+        for a, b in spans:
+            mask[r, a:b] = 1
+    gen = torch.Generator().manual_seed(99)
+    padded = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    real = mask.bool()
+    for r in range(B):
+        padded[r, real[r]] = x[r, : int(real[r].sum())]
+
+    def expected(ref: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(ref)
+        for r in range(B):
+            out[r, real[r]] = ref[r, : int(real[r].sum())]
+        return out
+
+    return padded, mask, expected
+
+
+def stream(layer, x, mask=None):
+    """The layer over x [B, T, hidden] in PIECES, continuing its cache: [B, T, hidden]."""
+    outs, cache, start = [], None, 0
+    for n in PIECES:
+        m = None if mask is None else mask[:, start : start + n]
+        o, cache = layer(x[:, start : start + n], attention_mask=m, cache=cache, use_cache=True)
+        outs.append(o)
+        start += n
+    assert start == x.shape[1]
+    return torch.cat(outs, 1)
+
+
+def check_against_reference(opts: dict, stream_unpadded: bool = True) -> None:
+    """The layer built with ``opts`` equals its reference: parallel and streamed, padded and
+    (streamed only when ``stream_unpadded``) unpadded."""
+    layer = make_layer(opts)
+    x = torch.randn(len(SPANS), T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        ref = reference(layer, opts, x)
+        assert torch.isfinite(ref).all()
+        assert rel_err(layer(x)[0], ref) < TOL, "parallel"
+        padded, mask, expected = padded_inputs(x)
+        out = layer(padded, attention_mask=mask)[0]
+        assert rel_err(out, expected(ref)) < TOL, "parallel, padded"
+        assert torch.all(out[mask == 0] == 0)
+        if stream_unpadded:
+            assert rel_err(stream(layer, x), ref) < TOL, "streamed"
+        out = stream(layer, padded, mask)
+        assert rel_err(out, expected(ref)) < TOL, "streamed, padded"
+        assert torch.all(out[mask == 0] == 0)
+
+
+PAIRS = [(r, a) for r in RULES for a in AGGREGATIONS]
+
+
+@pytest.mark.parametrize(("rule", "aggregation"), PAIRS)
+def test_layer_equals_reference(rule, aggregation):
+    # the unpadded stream (one row group) on every other pair: the padded one covers the rest
+    odd = PAIRS.index((rule, aggregation)) % 2 == 1
+    check_against_reference(options(rule, aggregation), stream_unpadded=odd)
+
+
+@pytest.mark.parametrize(
+    ("rule", "aggregation", "overrides"),
+    [
+        ("gated_delta", "grm", dict(use_short_conv=False)),
+        ("decay", "residual", dict(qk_norm=False)),
+        ("titans", "ssc", dict(use_short_conv=False, qk_norm=False, top_k=1)),
+        ("swla", "soup", dict(num_heads=3, top_k=3, conv_size=1)),
+    ],
+)
+def test_layer_equals_reference_other_options(rule, aggregation, overrides):
+    check_against_reference(options(rule, aggregation, **overrides))

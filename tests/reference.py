@@ -1,0 +1,295 @@
+"""Plain re-implementations of growmem's token mixers and models: the tests' model-level truth.
+
+Written from docs/design.md, DESIGN.md and the layers' docstrings, not from growmem's layer or
+model code, one formula per line, with explicit loops over tokens where the code has a fast
+path (the causal short convolution, the attention). They read a module's *own* parameters by
+name (``module.state_dict()``) and rebuild every projection, gate and norm from them, so a
+wrong formula in growmem/layers or growmem/models shows as a mismatch. Options (rule,
+segment size, eta_max, ...) are passed explicitly, never read back from the module.
+
+From growmem they import only the per-token references of the ops (growmem/ops/*/naive.py,
+the spec of the memory rules and of Memory Caching).
+
+The layer, for one row of tokens x_t (docs/design.md "The layer"):
+    [q; k; v; u; z] = x_t W_in                    rows of in_proj in this order (u: grm, soup,
+                                                   ssc, loglinear only; z: the output gate)
+    q, k, v = SiLU(Σ_j w_j ⊙ x_{t-K+1+j} + b)      causal depthwise conv over q, k, v (not u, z)
+    q, k = q / ‖q‖, k / ‖k‖                       per head (qk_norm)
+    g = -exp(A_log) · softplus(x W_a + dt_bias)   log-decay (Mamba2)
+    β = σ(x W_b + b_b), λ = σ(x W_l + b_l)        write strength, current-token weight
+    η = eta_max · σ(x W_η + b_η)                  deep rules' inner learning rate; titans'
+                                                   momentum is β above
+    o = memory_caching(q, k, v, u; gates)          per-token op reference, gate scale 1/√D
+    y = (RMSNorm_head(o) · w ⊙ SiLU(z)) W_o
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from growmem.ops.caching.deep_naive import deep_memory_caching_reference
+from growmem.ops.caching.naive import memory_caching_reference
+
+# Gates per rule (DESIGN.md section 2 and docs/design.md): g log-decay, beta write strength
+# (titans: momentum), lam current-token weight, eta inner learning rate.
+GATES = {
+    "linear": (),
+    "decay": ("g",),
+    "delta": ("beta",),
+    "gated_delta": ("g", "beta"),
+    "swla": ("g", "beta", "lam"),
+    "dla": ("eta",),
+    "titans": ("eta", "g", "beta"),
+}
+DEEP = ("dla", "titans")
+GATED = ("grm", "soup", "ssc", "loglinear")  # aggregations scored by <u_t, c_i>
+DEEP_LN_EPS = 1e-5  # the deep memory's LayerNorm epsilon (the ops' default)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return x * sigmoid(x)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(torch.exp(x))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x W^T (+ b), nn.Linear's convention: weight [out, in]."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dim."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU of the causal depthwise convolution, token by token (zeros before the start).
+
+    x: [B, T, C]; weight: [C, 1, K] (Conv1d's layout; tap K - 1 multiplies the current token);
+    bias: [C]. y_t = SiLU(b + Σ_{j<K} w_j ⊙ x_{t-K+1+j}).
+    """
+    T, K = x.shape[1], weight.shape[-1]
+    out = []
+    for t in range(T):
+        acc = bias.expand_as(x[:, t])
+        for j in range(K):
+            s = t - K + 1 + j
+            if s >= 0:
+                acc = acc + weight[:, 0, j] * x[:, s]
+        out.append(silu(acc))
+    return torch.stack(out, 1)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def segment_lengths(T: int, size: int) -> list[int]:
+    """Constant segments of ``size`` tokens, the last one shorter: 37, 5 -> [5] * 7 + [2]."""
+    return [size] * (T // size) + ([T % size] if T % size else [])
+
+
+def memory_layer_reference(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    rule: str,
+    aggregation: str,
+    num_heads: int,
+    head_dim: int,
+    segment_size: int,
+    top_k: int,
+    init: str,
+    summary: str,
+    use_short_conv: bool,
+    qk_norm: bool,
+    norm_eps: float,
+    eta_max: float,
+    mini_batch: int,
+    max_grad_norm: float | None,
+    mlp_norm: bool,
+    decay_to: str,
+) -> torch.Tensor:
+    """MemoryCachingAttention over unpadded rows x [B, T, hidden]: [B, T, hidden].
+
+    Args:
+        params: the layer's state_dict (names relative to the layer).
+        others: the layer's constructor options (the deep ones are read for dla/titans only).
+    """
+    B, T, _ = x.shape
+    H, D = num_heads, head_dim
+    inner = H * D
+    proj = linear(x, params["in_proj.weight"])  # [B, T, (4 or 5) · inner]
+    qkv = proj[..., : 3 * inner]
+    if use_short_conv:
+        qkv = causal_conv(qkv, params["conv.weight"], params["conv.bias"])
+    q, k, v = (qkv[..., i * inner : (i + 1) * inner].reshape(B, T, H, D) for i in range(3))
+    if qk_norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    gated = aggregation in GATED
+    u = proj[..., 3 * inner : 4 * inner].reshape(B, T, H, D) if gated else None
+    z = proj[..., (4 if gated else 3) * inner :].reshape(B, T, H, D)  # output gate
+
+    gates = {}
+    for name in GATES[rule]:
+        if name == "g":
+            dt = softplus(linear(x, params["a_proj.weight"]) + params["dt_bias"])  # [B, T, H]
+            gates["g"] = -torch.exp(params["A_log"]) * dt
+        elif name == "beta":
+            gates["beta"] = sigmoid(linear(x, params["b_proj.weight"], params["b_proj.bias"]))
+        elif name == "lam":
+            gates["lam"] = sigmoid(linear(x, params["l_proj.weight"], params["l_proj.bias"]))
+        else:
+            logits = linear(x, params["eta_proj.weight"], params["eta_proj.bias"])
+            gates["eta"] = eta_max * sigmoid(logits)
+
+    common = dict(
+        lengths=segment_lengths(T, segment_size),
+        aggregation=aggregation,
+        top_k=top_k,
+        init=init,
+        summary=summary,
+        gate_scale=1.0 / math.sqrt(D),
+    )
+    if rule in DEEP:
+        o = deep_memory_caching_reference(
+            q,
+            k,
+            v,
+            u,
+            rule=rule,
+            eta=gates["eta"],
+            g=gates.get("g"),
+            beta=gates.get("beta"),
+            init_weights=(params["W1_0"], params["W2_0"]),
+            mini_batch=mini_batch,
+            norm=mlp_norm,
+            max_grad_norm=max_grad_norm,
+            eps=DEEP_LN_EPS,
+            decay_to=decay_to,
+            **common,
+        )
+    else:
+        o = memory_caching_reference(q, k, v, u, rule=rule, gates=gates, **common)
+    o = rms_norm(o, params["o_norm.weight"], norm_eps) * silu(z)  # [B, T, H, D]
+    return linear(o.reshape(B, T, inner), params["o_proj.weight"])
+
+
+def rotate_half(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
+    """RoPE of one token x [..., D]: the pair (i, i + D/2) rotated by position · θ^(-2i/D)."""
+    D = x.shape[-1]
+    angle = position * theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # [D/2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def attention_reference(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    num_heads: int,
+    head_dim: int,
+    window: int | None,
+    rope_theta: float,
+) -> torch.Tensor:
+    """Causal softmax attention with RoPE over unpadded rows x [B, T, hidden], query by query:
+    query t attends to keys s <= t with t - s < window: [B, T, hidden]."""
+    B, T, _ = x.shape
+    H, D = num_heads, head_dim
+    q, k, v = (linear(x, params[f"{n}_proj.weight"]).reshape(B, T, H, D) for n in "qkv")
+    q = torch.stack([rotate_half(q[:, t], t, rope_theta) for t in range(T)], 1)
+    k = torch.stack([rotate_half(k[:, t], t, rope_theta) for t in range(T)], 1)
+    outs = []
+    for t in range(T):
+        lo = 0 if window is None else max(0, t - window + 1)
+        scores = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, lo : t + 1]) / math.sqrt(D)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        weights = weights / weights.sum(-1, keepdim=True)
+        outs.append(torch.einsum("bhs,bshd->bhd", weights, v[:, lo : t + 1]).reshape(B, -1))
+    return linear(torch.stack(outs, 1), params["o_proj.weight"])
+
+
+def sub_params(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a state_dict under ``prefix`` (e.g. "model.layers.0.mixer."), renamed
+    relative to it."""
+    return {n[len(prefix) :]: p for n, p in params.items() if n.startswith(prefix)}
+
+
+def causal_lm_reference(params: dict[str, torch.Tensor], config, ids: torch.Tensor):
+    """GrowMemForCausalLM's logits for unpadded rows ids [B, T]: [B, T, vocab].
+
+    Embedding -> blocks (x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)), SwiGLU(h) =
+    (SiLU(h W_gate) ⊙ h W_up) W_down) -> RMSNorm -> lm_head (the embedding when tied). A layer's
+    mixer is softmax attention when rule == "attention" or its index is in attn_layers.
+
+    Args:
+        params: the model's state_dict; config: its GrowMemConfig (options are read from it).
+    """
+    eps = config.norm_eps
+    embedding = params["model.embed_tokens.weight"]  # [V, hidden]
+    x = embedding[ids]  # [B, T, hidden]
+    for i in range(config.num_hidden_layers):
+        block = sub_params(params, f"model.layers.{i}.")
+        mixer = sub_params(block, "mixer.")
+        h = rms_norm(x, block["mixer_norm.weight"], eps)
+        if config.rule == "attention" or i in config.attn_layers:
+            h = attention_reference(
+                mixer,
+                h,
+                num_heads=config.num_heads,
+                head_dim=config.head_dim,
+                window=config.attn_window,
+                rope_theta=config.rope_theta,
+            )
+        else:
+            h = memory_layer_reference(
+                mixer,
+                h,
+                rule=config.rule,
+                aggregation=config.aggregation,
+                num_heads=config.num_heads,
+                head_dim=config.head_dim,
+                segment_size=config.segment_size,
+                top_k=config.ssc_top_k,
+                init=config.init,
+                summary=config.summary,
+                use_short_conv=config.use_short_conv,
+                qk_norm=config.qk_norm,
+                norm_eps=eps,
+                eta_max=config.eta_max,
+                mini_batch=config.mini_batch,
+                max_grad_norm=config.max_grad_norm,
+                mlp_norm=config.mlp_norm,
+                decay_to=config.decay_to,
+            )
+        x = x + h
+        h = rms_norm(x, block["mlp_norm.weight"], eps)
+        h = silu(linear(h, block["mlp.gate_proj.weight"])) * linear(h, block["mlp.up_proj.weight"])
+        x = x + linear(h, block["mlp.down_proj.weight"])
+    x = rms_norm(x, params["model.norm.weight"], eps)
+    head = embedding if config.tie_word_embeddings else params["lm_head.weight"]
+    return linear(x, head)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the targets labels[:, t + 1] != -100 of -log softmax(logits[:, t])[target]."""
+    total, count = logits.new_zeros(()), 0
+    B, T, _ = logits.shape
+    for b in range(B):
+        for t in range(T - 1):
+            target = int(labels[b, t + 1])
+            if target != -100:
+                row = logits[b, t]
+                log_z = row.max() + torch.log(torch.exp(row - row.max()).sum())
+                total, count = total + log_z - row[target], count + 1
+    return total / count
