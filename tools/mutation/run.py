@@ -280,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         print("the catalogue does not match the code:\n  " + "\n  ".join(problems))
         return 2
 
+    from growmem.utils.provenance import git_commit, write_json
+
+    # the commit (and dirty flag) of the code the copies are made of, not of the code at the
+    # end of the run: git_commit caches it for write_json's provenance
+    git_commit()
     started = time.perf_counter()
     files = source_files(REPOSITORY)
     to_run = [m for m in chosen if args.include_equivalent or m.equivalent is None]
@@ -343,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(records, summary)
     print(f"wall time {wall / 60:.1f} min, {args.jobs} job(s)")
-
-    from growmem.utils.provenance import write_json
 
     out = write_json(
         REPOSITORY / "results" / "mutation" / f"{args.label}.json",
