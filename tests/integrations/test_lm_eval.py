@@ -256,3 +256,66 @@ def test_adapter_pads_decodes_and_names_special_tokens():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
     with pytest.raises(ValueError, match="padding"):
         adapter(["a"], padding="max_length")
+
+
+def test_a_model_folder_brings_its_own_tokenizer(tmp_path):
+    bpe = BPETokenizer.train(["hello world, hello memory"] * 20, vocab_size=270)
+    folder = tmp_path / "model"
+    tiny_model(bpe.vocab_size).save_pretrained(folder)
+    bpe.save(folder / "tokenizer")
+    lm = GrowMemLM(pretrained=str(folder), device="cpu")  # no tokenizer argument
+    assert lm.tokenizer.name_or_path == bpe.fingerprint()
+    assert lm.tok_encode("hello memory") == bpe.encode("hello memory")
+
+
+def test_mixed_precision_dtype_runs_the_model_under_autocast(lm, model_dir):
+    ids = torch.tensor([BYTE.encode("Hello")])
+    bf16 = GrowMemLM(pretrained=str(model_dir), device="cpu", mixed_precision_dtype="bfloat16")
+    assert lm._model_call(ids).dtype == torch.float32
+    assert bf16._model_call(ids).dtype == torch.bfloat16
+
+
+def eos_after_bang_model() -> GrowMemForCausalLM:
+    """A tiny untied model that predicts eos right after "!" and never elsewhere: residual
+    dimension 0 holds only the input embedding, nonzero for "!" alone, and eos's logit reads
+    only that dimension."""
+    torch.manual_seed(0)
+    config = GrowMemConfig(
+        vocab_size=BYTE.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_heads=2,
+        segment_size=4,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    model = GrowMemForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.0
+        model.model.embed_tokens.weight[ord("!"), 0] = 5.0
+        for block in model.model.layers:
+            block.mixer.o_proj.weight[0] = 0.0
+            block.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[BYTE.eos_id] = 0.0
+        model.lm_head.weight[BYTE.eos_id, 0] = 50.0
+    return model
+
+
+def test_generate_until_ends_a_row_at_eos_while_others_go_on():
+    """In a batch, a row that generates eos ends there: the tokens generated after it (while the
+    other rows go on) never reach its answer."""
+    model = eos_after_bang_model()
+    contexts, max_gen_toks = ["Hello!", "xyz"], 10
+    greedy = [greedy_without_cache(model, BYTE.encode(c), max_gen_toks) for c in contexts]
+    # the first row ends at once, the second runs to max_gen_toks
+    assert greedy[0] == [] and len(greedy[1]) == max_gen_toks
+    assert greedy_without_cache(model, BYTE.encode("Hello! "), 3) != []  # eos only after "!"
+    lm = GrowMemLM(pretrained=model, batch_size=2, device="cpu")
+    kwargs = {"until": ["never said"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    requests = [
+        Instance("generate_until", {}, (context, dict(kwargs)), i)
+        for i, context in enumerate(contexts)
+    ]
+    answers = lm.generate_until(requests, disable_tqdm=True)
+    expected = [BYTE.decode(tokens) for tokens in greedy]
+    assert answers == expected and "never said" not in expected[1]

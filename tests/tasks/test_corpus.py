@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import sysconfig
 from collections import Counter
@@ -35,6 +36,17 @@ def test_split_of_is_a_stable_hash_rule():
     counts = Counter(split_of(f"dir/file_{i}.txt") for i in range(4000))
     assert set(counts) == set(SPLITS)
     assert 0.87 < counts["train"] / 4000 < 0.93 and 0.035 < counts["test"] / 4000 < 0.065
+
+
+def test_split_of_bucket_bounds():
+    """bucket = first 8 hex digits of the path's sha256 mod 100: 0-89 train, 90-94 val, 95-99
+    test (the rule of the module docstring, at each bound)."""
+    expected = {0: "train", 89: "train", 90: "val", 94: "val", 95: "test", 99: "test"}
+    names = {}
+    for i in range(10_000):
+        bucket = int(hashlib.sha256(f"f{i}.txt".encode()).hexdigest()[:8], 16) % 100
+        names.setdefault(bucket, f"f{i}.txt")
+    assert {bucket: split_of(names[bucket]) for bucket in expected} == expected
 
 
 def test_stdlib_splits_disjoint_covering_and_sized(stdlib_splits):
@@ -241,6 +253,11 @@ def test_token_cache(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(loaded.tokens), built.tokens)
     with pytest.raises(ZeroDivisionError):  # other content: a cache miss tokenizes again
         TokenBlocks.from_documents([*docs, "third"], tok, seq_len=4, cache_dir=tmp_path)
+    monkeypatch.undo()
+    # the same text cut into other documents is another stream (eos between documents)
+    TokenBlocks.from_documents(["ab", "c"], tok, seq_len=2, cache_dir=tmp_path)
+    split_elsewhere = TokenBlocks.from_documents(["a", "bc"], tok, seq_len=2, cache_dir=tmp_path)
+    assert np.asarray(split_elsewhere.tokens).tolist() == [97, tok.eos_id, 98, 99, tok.eos_id]
     assert not list(tmp_path.glob("*.tmp"))
 
 

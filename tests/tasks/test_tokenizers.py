@@ -114,6 +114,14 @@ def test_fingerprints_tell_tokenizers_apart(bpe):
     assert len(prints) == 4
 
 
+def test_fingerprints_tell_apart_bpes_of_one_size_with_other_merges():
+    lower = BPETokenizer.train([TRAIN_TEXT], vocab_size=300)
+    upper = BPETokenizer.train([TRAIN_TEXT.upper()], vocab_size=300)
+    assert lower.vocab_size == upper.vocab_size == 300
+    assert lower.encode("the list") != upper.encode("the list")  # other merges
+    assert lower.fingerprint() != upper.fingerprint()
+
+
 def test_byte_save_load(tmp_path):
     ByteTokenizer().save(tmp_path)
     description = json.loads((tmp_path / "growmem_tokenizer.json").read_text())

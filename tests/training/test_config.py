@@ -82,6 +82,17 @@ def test_override_creates_missing_section(tmp_path):
     assert isinstance(config.task, MQARTask)  # the default task
 
 
+def test_a_file_overrides_its_bases_and_later_bases_earlier_ones(tmp_path):
+    write_yaml(tmp_path / "first.yaml", {"train": {"lr": 0.1, "seed": 3, "steps": 7}})
+    write_yaml(tmp_path / "second.yaml", {"train": {"lr": 0.2, "seed": 4}})
+    raw = raw_config(tmp_path / "run")
+    raw["train"] = {"lr": 0.3, "out_dir": raw["train"]["out_dir"]}
+    config = load_config(write_yaml(tmp_path / "run.yaml", {"base": ["first", "second"], **raw}))
+    # key by key within a section: lr from the file, seed from the later base, steps from
+    # the only base that sets it
+    assert (config.train.lr, config.train.seed, config.train.steps) == (0.3, 4, 7)
+
+
 @pytest.mark.parametrize(
     "section, key, valid",
     [

@@ -12,15 +12,23 @@ import threading
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from growmem.cli import main
+from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.train import train
-from growmem.training.checkpoint import latest_checkpoint, read_run_config, remove_temporaries
+from growmem.training.checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    read_run_config,
+    remove_temporaries,
+)
+from growmem.training.rundir import RunLock, check_resume, plan_run
 from growmem.utils.provenance import provenance
 
 from .common import (
     PYTHON,
+    TINY_MODEL,
     loss_lines,
     raw_config,
     read_metrics,
@@ -147,6 +155,23 @@ def test_flipped_bits_in_a_checkpoint_are_refused(stopped_run, capsys):
 # ---------------------------------------------------------------- one run at a time
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_weights_without_the_head_load_only_into_a_tied_model(tmp_path, tied):
+    """A tied model's safetensors hold no lm_head (it is the embedding); an untied model's
+    weights without their head are another model's, not its embedding."""
+    torch.manual_seed(0)
+    config = GrowMemConfig(vocab_size=32, tie_word_embeddings=tied, **TINY_MODEL)
+    saved, model = GrowMemForCausalLM(config), GrowMemForCausalLM(config)
+    state = {k: v.contiguous() for k, v in saved.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    if tied:
+        load_weights(tmp_path, model)
+        assert torch.equal(model.lm_head.weight, saved.model.embed_tokens.weight)
+    else:
+        with pytest.raises(ValueError, match=r"another model: missing \['lm_head.weight'\]"):
+            load_weights(tmp_path, model)
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     settings = {"steps": 3, "checkpoint_every": 1}
@@ -257,6 +282,13 @@ def test_resume_with_more_steps_or_fewer(stopped_run, capsys):
     assert [m["step"] for m in loss_lines(out)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_checkpointed_at_its_last_step_may_resume_to_finish(tmp_path):
+    # killed after its final checkpoint, before writing model/: resuming it finishes the run
+    config = tiny_config(tmp_path / "run", train=RESUMABLE)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert check_resume(checkpoint, config.to_dict(), config, processes=1) == []
+
+
 # ---------------------------------------------------------------- what failed sessions leave
 
 
@@ -305,6 +337,27 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(
     assert main(["train", str(cfg)]) == 0  # what the error says works
     assert "starting it over" in capsys.readouterr().out
     assert deterministic(loss_lines(out)) == uninterrupted
+
+
+@pytest.mark.parametrize("same_task", [True, False], ids=["same-task", "other-task"])
+def test_a_void_run_keeps_its_tokenizer_for_the_same_task_only(tmp_path, same_task):
+    """Starting over a run that stopped before its first checkpoint clears what it logged; its
+    trained tokenizer stays when the new run has the same task (it would train the same one)."""
+    out = tmp_path / "run"
+    config = tiny_config(out)
+    before = config if same_task else tiny_config(out, task={"seq_len": 64})
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "config.yaml").write_text(yaml.safe_dump(before.to_dict(), sort_keys=False))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5}\n')
+    lock = RunLock(out)
+    try:
+        plan = plan_run(out, config, False, 1, lock)
+    finally:
+        lock.release()
+    assert plan.checkpoint is None and "starting it over" in plan.notes[-1]
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+    assert (out / "tokenizer").is_dir() == same_task
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,1 @@
+"""Mutation testing of growmem's user-facing modules: a catalogue of planted bugs and its runner."""
