@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from growmem.ops.aggregations import AGGREGATIONS
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.core import empty_cache, memory_caching_forward
 from growmem.ops.caching.deep_core import deep_memory_caching_forward, empty_deep_cache
@@ -27,10 +28,7 @@ from growmem.ops.checks import (
 from growmem.ops.deep.api import DEEP_RULES, check_deep_args, check_deep_state
 from growmem.ops.deep.mlp import DeepState
 from growmem.ops.precision import autocast_off, compute_dtype
-
-AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "loglinear", "mean")
-INITS = ("continuous", "independent")
-SUMMARIES = ("mean", "sum")
+from growmem.ops.spec import INITS, SUMMARIES
 
 
 def check_caching_choices(aggregation: str, init: str, summary: str) -> None:

@@ -16,12 +16,11 @@ from growmem.ops.checks import (
     check_values,
 )
 from growmem.ops.deep.chunk import chunk_deep_memory
-from growmem.ops.deep.mlp import DECAY_TARGETS, DeepState
+from growmem.ops.deep.mlp import DeepState
 from growmem.ops.deep.naive import deep_memory_reference
 from growmem.ops.nonfinite import NonFiniteGuard, poison
 from growmem.ops.precision import autocast_off
-
-DEEP_RULES = ("dla", "titans")
+from growmem.ops.spec import DECAY_TARGETS, DEEP_RULES
 
 
 def mini_batch_lengths(T: int, mini_batch: int) -> list[int]:

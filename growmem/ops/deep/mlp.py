@@ -51,16 +51,6 @@ def start_state(init_weights, initial_state, rule: str, B: int, dtype) -> DeepSt
     return DeepState(W1, W2)
 
 
-# Where titans' decay a_t pulls the weights: "init", the learned initial weights
-# (W_t = a_t W_{t-1} + (1 - a_t) W_0 + Σ_t), or "zero" (W_t = a_t W_{t-1} + Σ_t, Titans' equation
-# read literally). Decay toward zero shrinks the MLP's weights: with the output LayerNorm its read
-# does not change with their scale, so nothing is forgotten, but the inner loss's curvature
-# grows as 1/var(y) and the inner gradient steps turn unstable; without the norm the weights
-# reach the 2-layer MLP's zero saddle, where every inner gradient vanishes and nothing more is
-# stored (docs/design.md, "Decay toward the initial weights").
-DECAY_TARGETS = ("init", "zero")
-
-
 def decay_target(rule, decay_to, init_weights, dtype):
     """The weights titans' decay pulls toward, (W1_0 [H, Dv, Dh], W2_0 [H, Dh, Dk]) shared by
     the batch, or None when it pulls toward zero (and for dla, which has no decay)."""
