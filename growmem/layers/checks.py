@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from growmem.ops.checks import check_bool, check_choice, check_positive_float, check_positive_int
-from growmem.ops.deep.mlp import DECAY_TARGETS
+from growmem.ops.spec import DECAY_TARGETS
 
 
 def check_hidden_states(hidden_states, hidden_size: int) -> None:
