@@ -5,12 +5,12 @@
 Reads results/experiments/*/*/seed*.json (experiments.sweep) and the benchmarks' JSON
 (results/*.json); a section whose data is missing says so. Modules: ``load`` (result files
 and the sweep's settings), ``tables`` (structured rows), ``verdicts`` (the paper's claims
-judged), ``render`` (markdown), ``plots`` (figures).
+judged), ``render`` and ``render_verdicts`` (markdown), ``plots`` (figures).
 """
 
 from __future__ import annotations
 
-from experiments.report import load, plots, render, tables, verdicts
+from experiments.report import load, plots, render, render_verdicts, tables, verdicts
 from experiments.report.load import Sources
 
 EXPERIMENTS = ["mqar", "mqar_small_state", "niah", "lm"]
@@ -180,7 +180,7 @@ def build(src: Sources) -> str:
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]
     if costs:
         lines += render.cost(costs)
-    lines += render.verdict_section(
+    lines += render_verdicts.verdict_section(
         verdicts.claims_1_to_3([*trained, *verdicts.load_view(grid)]),
         [
             *verdicts.mqar_extrapolation(grid),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import report, sweep
-from experiments.report import load, render, tables, verdicts
+from experiments.report import load, render, render_verdicts, tables, verdicts
 from experiments.report.load import Sources
 from experiments.report.verdicts import Verdict
 
@@ -153,7 +153,7 @@ def test_ssc_above_grm_keeps_more_than_all_of_its_gain():
     (keep,) = verdicts.claims_1_to_3([("at 64 tokens", per_seed)])[3]
     assert keep.kept == pytest.approx(6.0)
     assert keep.verdict is Verdict.REPRODUCED
-    assert "ssc beats grm" in render.finding(keep)  # not "keeps 600% of grm's gain"
+    assert "ssc beats grm" in render_verdicts.finding(keep)  # not "keeps 600% of grm's gain"
 
 
 def test_grm_without_gain_leaves_claim_3_untestable():
@@ -343,7 +343,7 @@ def test_niah_claim_4(tpp, base, grm, metric, verdict, learned):
         assert finding.kept == pytest.approx(1.0)
     if verdict is Verdict.NOT_TESTABLE and metric == "exact match":
         assert finding.best == "gated_delta"  # the best recurrent model
-    assert verdict is None or verdict.value in render.finding(finding)
+    assert verdict is None or verdict.value in render_verdicts.finding(finding)
 
 
 def test_niah_tables_per_length(tmp_path):
