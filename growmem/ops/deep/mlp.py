@@ -57,7 +57,7 @@ def start_state(init_weights, initial_state, rule: str, B: int, dtype) -> DeepSt
 # does not change with their scale, so nothing is forgotten, but the inner loss's curvature
 # grows as 1/var(y) and the inner gradient steps turn unstable; without the norm the weights
 # reach the 2-layer MLP's zero saddle, where every inner gradient vanishes and nothing more is
-# stored (docs/design.md §2.4).
+# stored (docs/design.md, "Decay toward the initial weights").
 DECAY_TARGETS = ("init", "zero")
 
 
