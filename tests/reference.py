@@ -1,6 +1,6 @@
 """Plain re-implementations of growmem's token mixers and models: the tests' model-level truth.
 
-Written from docs/design.md, DESIGN.md and the layers' docstrings, not from growmem's layer or
+Written from docs/design.md and the layers' docstrings, not from growmem's layer or
 model code, one formula per line, with explicit loops over tokens where the code has a fast
 path (the causal short convolution, the attention). They read a module's *own* parameters by
 name (``module.state_dict()``) and rebuild every projection, gate and norm from them, so a
@@ -10,7 +10,7 @@ segment size, eta_max, ...) are passed explicitly, never read back from the modu
 From growmem they import only the per-token references of the ops (growmem/ops/*/naive.py,
 the spec of the memory rules and of Memory Caching).
 
-The layer, for one row of tokens x_t (docs/design.md "The layer"):
+The layer, for one row of tokens x_t (docs/design.md §4):
     [q; k; v; u; z] = x_t W_in                    rows of in_proj in this order (u: grm, soup,
                                                    ssc, loglinear only; z: the output gate)
     q, k, v = SiLU(Σ_j w_j ⊙ x_{t-K+1+j} + b)      causal depthwise conv over q, k, v (not u, z)
@@ -32,7 +32,7 @@ import torch
 from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
 
-# Gates per rule (DESIGN.md section 2 and docs/design.md): g log-decay, beta write strength
+# Gates per rule (docs/design.md §2 and §4.2): g log-decay, beta write strength
 # (titans: momentum), lam current-token weight, eta inner learning rate.
 GATES = {
     "linear": (),

@@ -125,7 +125,7 @@ class MemoryCachingAttention(nn.Module):
         mlp_norm: deep rules: LayerNorm on the MLP memory's output.
         decay_to: titans: what its decay forgets toward, "init" (the learned initial MLP
             weights) or "zero" (Titans' equation read literally; chaotic at long context with
-            mlp_norm, see docs/design.md).
+            mlp_norm, see docs/design.md §2.4).
     """
 
     def __init__(

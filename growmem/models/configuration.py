@@ -59,7 +59,7 @@ class GrowMemConfig(PreTrainedConfig):
             L2-normalised q/k and scan chunk length.
         expansion, mini_batch, eta_max, max_grad_norm, mlp_norm, decay_to: deep rules' MLP
             memory (see ``MemoryCachingAttention``). Titans models trained before growmem's
-            decay toward the initial weights (docs/design.md) need ``decay_to="zero"``.
+            decay toward the initial weights (docs/design.md §2.4) need ``decay_to="zero"``.
     """
 
     model_type = "growmem"

@@ -75,7 +75,7 @@ def memory_caching(
 ) -> torch.Tensor | tuple[torch.Tensor, MemoryCache]:
     """A recurrent memory whose checkpoints at segment ends are cached and read later.
 
-    DESIGN.md section 3: the sequence is cut into segments; the memory runs inside each
+    docs/design.md §3: the sequence is cut into segments; the memory runs inside each
     (``init``), each finished segment's final memory M^(i) and key summary c_i are cached, and
     token t of segment s outputs an ``aggregation`` of its online memory M^(s)_t(q_t) and of
     the cached M^(i)(q_t), i < s, gated by r_{t,i} = gate_scale <u_t, c_i>.
@@ -88,7 +88,7 @@ def memory_caching(
         segment_size: constant segment length (the last segment may be shorter), or
         segments: explicit lengths summing to T (to at least the stream's length when
             streaming), or "log" for the binary decomposition of T (37 -> [32, 4, 1]).
-        aggregation: none | residual | grm | soup | ssc | loglinear | mean (see DESIGN.md).
+        aggregation: none | residual | grm | soup | ssc | loglinear | mean (docs/design.md §3.3).
             soup equals grm on these matrix memories and shares its kernel. loglinear
             (Log-Linear++) is grm over logarithmic buckets: a token that sees n finished
             segments reads them as the binary decomposition of n, oldest and largest first

@@ -1,6 +1,6 @@
 """Per-token reference of Memory Caching over deep memories (dla, titans).
 
-Literal DESIGN.md section 3 with the read convention of ops/deep/naive.py: the mini-batch
+Literal docs/design.md §3.3 with the read convention of ops/deep/naive.py: the mini-batch
 grid restarts at every segment start (segment ends are mini-batch ends); each cached memory is
 an MLP evaluated on its own; soup mixes the *parameters* (the cached weights and the online
 weights of token t) and reads the mix.

@@ -1,6 +1,6 @@
 """Per-token reference of Memory Caching over linear-family memories: the tests' ground truth.
 
-It follows DESIGN.md section 3 literally, one token at a time: every cached memory is read
+It follows docs/design.md §3.3 literally, one token at a time: every cached memory is read
 explicitly (no prefix sums, no routing), so it checks the fast path's shortcuts too.
 """
 

@@ -135,14 +135,14 @@ def deep_memory(
     decay_to: str = "init",
     impl: str = "chunk",
 ) -> tuple[torch.Tensor, DeepState]:
-    """A deep (MLP) memory trained at test time, read at every token (DESIGN.md section 2).
+    """A deep (MLP) memory trained at test time, read at every token (docs/design.md §2.4).
 
     The memory is M_W(x) = x + N(W1 GELU(W2 x)) per head, N an optional LayerNorm.
     ``dla``: W_t = W_{t-1} - η_t ∇ℓ, ℓ = -<M(k_t), v_t>. ``titans``: Σ_t = β_t Σ_{t-1} - η_t ∇ℓ,
     W_t = a_t W_{t-1} + (1 - a_t) W_0 + Σ_t, ℓ = ||M(k_t) - v_t||², W_0 = init_weights (the
     decay forgets toward the learned initial memory). Within a mini-batch the gradients are
     taken at the weights the mini-batch starts from; token t reads the weights after its own
-    update (mini_batch=1 is the exact per-token recurrence). See docs/design.md.
+    update (mini_batch=1 is the exact per-token recurrence). See docs/design.md §2.4.
 
     A NaN or inf in an input is taken for a failed activation upstream, not a bad argument:
     every output and state after a non-finite k, v, eta, g or beta of a (row, head) is NaN
@@ -167,7 +167,7 @@ def deep_memory(
         decay_to: titans only: "init" (default), the decay pulls the weights toward
             init_weights; "zero": W_t = a_t W_{t-1} + Σ_t, Titans' equation read literally,
             which is chaotic at long context with the norm (a 1e-12 change grows to order 1)
-            and forgets into a memory that stores nothing without it (docs/design.md).
+            and forgets into a memory that stores nothing without it (docs/design.md §2.4).
         impl: "chunk" (mini-batch parallel, default) or "reference" (per-token loop).
 
     Returns:

@@ -12,7 +12,7 @@ linear scans), and token t reads the weights after its own update:
 
 with W_0 the learned initial weights (decay_to="init"; "zero" drops that term).
 
-With mini-batches of one token this is the plain recurrence of DESIGN.md section 2. The
+With mini-batches of one token this is the plain recurrence of docs/design.md §2.4. The
 inner gradient here comes from torch.autograd (double backward for the outer gradients), so
 it independently checks the closed-form gradients of the fast path.
 """

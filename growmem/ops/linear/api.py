@@ -40,7 +40,7 @@ def linear_memory(
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     impl: str = "chunk",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a linear-family memory over a sequence: o_t = S_t q_t (DESIGN.md section 2).
+    """Run a linear-family memory over a sequence: o_t = S_t q_t (docs/design.md §2.1).
 
     Args:
         q, k: [B, T, H, Dk] queries and keys; v: [B, T, H, Dv] values.

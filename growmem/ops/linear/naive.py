@@ -1,6 +1,6 @@
 """Per-token reference of the linear-family memory rules: the tests' ground truth.
 
-A plain loop over tokens that spells out DESIGN.md section 2 one equation per line. The state
+A plain loop over tokens that spells out docs/design.md §2.1 one equation per line. The state
 S [B, H, Dv, Dk] is written with token t, then token t reads it: o_t = S_t q_t.
 """
 
@@ -22,7 +22,7 @@ def linear_step(
     beta: torch.Tensor | None = None,
     lam: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token's update of the state S [B, H, Dv, Dk] (DESIGN.md section 2).
+    """One token's update of the state S [B, H, Dv, Dk] (docs/design.md §2.1).
 
     Args:
         k_t: [B, H, Dk], v_t: [B, H, Dv]: this token's key and value.

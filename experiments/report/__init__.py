@@ -1,0 +1,201 @@
+"""Build docs/results.md (settings, tables, plots, verdicts) from the JSON under results/.
+
+    python -m experiments.report
+
+Reads results/experiments/*/*/seed*.json (experiments.sweep) and the benchmarks' JSON
+(results/*.json); a section whose data is missing says so. Modules: ``load`` (result files
+and the sweep's settings), ``tables`` (structured rows), ``verdicts`` (the paper's claims
+judged), ``render`` and ``render_verdicts`` (markdown), ``plots`` (figures).
+"""
+
+from __future__ import annotations
+
+from experiments.report import load, plots, render, render_verdicts, tables, verdicts
+from experiments.report.load import Sources
+
+EXPERIMENTS = ["mqar", "mqar_small_state", "niah", "lm"]
+
+
+def mqar_section(src: Sources, experiment: str, heading: str, lines: list[str]) -> list:
+    """One MQAR experiment's setting, table and plot, appended to ``lines``.
+
+    Returns:
+        [(where, {model: {seed: accuracy}})] for the verdicts (empty before any result).
+    """
+    runs = src.experiment(experiment)
+    lines += [heading, ""]
+    if not runs:
+        lines += render.not_measured(f"python -m experiments.sweep {experiment}")
+        return []
+    first = next(iter(runs.values()))[0]["eval"]["slices"]
+    pairs, seq_len = [s["num_kv_pairs"] for s in first], first[0]["seq_len"]
+    setting = load.mqar_setting(experiment)
+    rows = tables.mqar_rows(runs, pairs, setting.num_kv_pairs)
+    lines += [
+        render.mqar_setting(setting, pairs, seq_len),
+        "",
+        render.note_link("mqar", "How this setting was chosen (calibration runs and probes)"),
+        "",
+        *render.mqar_table(rows, pairs),
+    ]
+    if setting.num_kv_pairs in pairs:
+        lines.append(render.crossed_footnote(setting.num_kv_pairs))
+    lines += [*render.unfinished(experiment, runs, load.missing_models(experiment, runs)), ""]
+    plots.mqar_recall(
+        src.img / f"{experiment}_recall.png", rows, pairs, seq_len, tables.best_mc(runs)
+    )
+    lines += [f"![MQAR accuracy against key-value pairs](img/{experiment}_recall.png)", ""]
+    where = f"at {seq_len} tokens"
+    if setting.extra_overrides:
+        where += f", {setting.head_dim}-dimensional heads, {setting.num_kv_pairs} pairs"
+    return [(where, tables.mqar_seed_scores(runs))]
+
+
+def grid_section(src: Sources, lines: list[str]) -> load.Grid:
+    """MQAR beyond the training setting: longer sequences and more key-value pairs."""
+    grid = load.mqar_grid(src.experiment("mqar"))
+    lines += ["### Beyond the training setting: longer sequences, more pairs", ""]
+    if not grid:
+        lines += render.not_measured("python -m experiments.sweep mqar")
+        return {}
+    slices = tables.grid_slices(grid)
+    lines += render.grid_section(tables.grid_tables(grid), slices, load.post_training_segment())
+    return grid
+
+
+def niah_section(niah: dict, lines: list[str]) -> None:
+    lines += ["## 2. S-NIAH extrapolation", ""]
+    if not niah:
+        lines += render.not_measured("python -m experiments.sweep niah")
+        return
+    found = tables.niah_tables(niah)
+    lines += [
+        render.niah_setting(*load.niah_setting_config(), found),
+        "",
+        render.note_link("niah", "How this setting was chosen (calibration runs and probes)"),
+        "",
+        *render.niah_tables(found),
+    ]
+
+
+def lm_section(src: Sources, lines: list[str]) -> dict[str, dict[int, float]]:
+    runs = src.experiment("lm")
+    lines += ["## 3. Language modelling on the standard library source", ""]
+    if not runs:
+        lines += render.not_measured("python -m experiments.sweep lm")
+        return {}
+    config = load.cell_config("lm", "gated_delta")
+    lines += [render.lm_setting(config), ""]
+    lines += render.lm_tables(tables.lm_rows(runs), config.model["segment_size"])
+    return tables.lm_seed_bits(runs)
+
+
+def efficiency_section(src: Sources, lines: list[str]) -> dict | None:
+    """Model throughput and decoding, then the ops' speed; returns the throughput data."""
+    lines += ["## 4. Efficiency", ""]
+    train, decode = src.json("train_throughput.json"), src.json("models_decode.json")
+    if train:
+        lines += render.throughput(train, tables.throughput_table(train))
+    if decode:
+        lines += render.decode(decode, tables.decode_table(decode))
+    ops = op_speed(src)
+    lines += ops
+    if not (train or decode or ops):
+        lines += render.not_measured("make bench")
+    return train
+
+
+def op_speed(src: Sources) -> list[str]:
+    """The ops against causal SDPA in the same interleaved rounds (benchmarks/*.py)."""
+    lines = []
+    scans = src.json("linear_memory.json")
+    if scans:
+        bench = tables.ratio_table(scans["rows"], "T", "sdpa_s", "rules", "ratio_vs_sdpa")
+        title = (
+            "Memory scans, fwd+bwd (`results/linear_memory.json`, `python -m "
+            f"benchmarks.bench_linear_memory`, {render.threads(scans['machine']['threads'])})"
+        )
+        lines += render.ratios(title, bench, "T", "SDPA")
+    for name in ("memory_caching.json", "memory_caching_loglinear.json"):
+        data = src.json(name)
+        if not data:
+            continue
+        where = (
+            f"`results/{name}`, rule {data['setting']['rule']}, segment "
+            f"{data['setting']['segment_size']}, {render.threads(data['machine']['threads'])}"
+        )
+        bench = tables.ratio_table(data["train"], "T", "sdpa_s", "aggregations", "ratio_vs_sdpa")
+        lines += render.ratios(f"Memory Caching fwd+bwd ({where})", bench, "T", "SDPA")
+        bench = tables.ratio_table(
+            data["decode"], "context", "sdpa_step_s", "aggregations", "step_ratio_vs_sdpa"
+        )
+        lines += render.ratios(
+            f"Memory Caching decode step ({where})", bench, "context", "SDPA step", micro=True
+        )
+    deep = src.json("deep_memory.json")
+    if deep:
+        bench = tables.ratio_table(deep["rows"], "T", "sdpa_s", "cells", "ratio_vs_sdpa")
+        title = (
+            "Deep memories with Memory Caching, fwd+bwd (`results/deep_memory.json`, segment "
+            f"{deep['setting']['segment_size']}, mini-batch {deep['setting']['mini_batch']}, "
+            f"{render.threads(deep['machine']['threads'])})"
+        )
+        lines += render.ratios(title, bench, "T", "SDPA")
+    if not lines:
+        return []
+    return [
+        "### Speed of the ops",
+        "",
+        "Each a ratio to causal `scaled_dot_product_attention` timed in the same interleaved "
+        "rounds; fp32, B=1, H=4, D=64 (`make bench` reruns them). "
+        + render.note_link("speed", "How and when they were measured"),
+        "",
+        *lines,
+    ]
+
+
+def build(src: Sources) -> str:
+    """The text of docs/results.md (and its figures under docs/img)."""
+    lines = [
+        "# Results: the paper's claims tested at CPU scale",
+        "",
+        "Generated by `python -m experiments.report` from the JSON under `results/` "
+        "(`make results` reruns the missing experiments first). Small models, a 2-core CPU, "
+        "minutes of training per cell: these test the direction of each claim, not the "
+        "paper's numbers.",
+        "",
+    ]
+    trained = mqar_section(src, "mqar", "## 1. MQAR: recall against memory", lines)
+    grid = grid_section(src, lines)
+    trained += mqar_section(
+        src,
+        "mqar_small_state",
+        "### A state too small for the pairs (`mqar_small_state`)",
+        lines,
+    )
+    niah = src.experiment("niah")
+    niah_section(niah, lines)
+    bits = lm_section(src, lines)
+    train = efficiency_section(src, lines)
+    costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]
+    if costs:
+        lines += render.cost(costs)
+    lines += render_verdicts.verdict_section(
+        verdicts.claims_1_to_3([*trained, *verdicts.load_view(grid)]),
+        [
+            *verdicts.mqar_extrapolation(grid),
+            *([verdicts.niah_extrapolation(niah)] if niah else []),
+        ],
+        verdicts.throughput(train),
+        verdicts.lm_claim(bits),
+    )
+    return "\n".join(lines)
+
+
+def main(root=None) -> int:
+    src = Sources() if root is None else Sources(root)
+    path = src.docs / "results.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build(src))
+    print(f"wrote {path}")
+    return 0

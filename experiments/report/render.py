@@ -1,0 +1,322 @@
+"""Markdown of docs/results.md: settings, tables, figures, verdicts and commands.
+
+Sections read their numbers from ``tables`` and ``verdicts``; how a setting was calibrated
+and what the numbers mean are dated notes under docs/notes/, linked from here, not text in
+this code.
+"""
+
+from __future__ import annotations
+
+from experiments.report.load import MQARSetting
+from experiments.report.tables import (
+    BUDGET_MINUTES,
+    CROSSED,
+    BenchTable,
+    CostRow,
+    GridTable,
+    LMRow,
+    MQARRow,
+    NIAHTables,
+    Stat,
+)
+
+# The dated notes a section links to (paths relative to docs/).
+NOTES = {
+    "mqar": "notes/2026-11-mqar-calibration.md",
+    "niah": "notes/2026-11-niah-calibration.md",
+    "cost": "notes/2026-11-experiment-budget.md",
+    "reading": "notes/2026-12-reading-of-the-results.md",
+    "speed": "notes/2026-11-speed-log.md",
+}
+
+
+def stat(s: Stat) -> str:
+    """mean ± std over seeds (the mean alone for one seed)."""
+    return f"{s.mean:.3f}" if s.std is None else f"{s.mean:.3f} ± {s.std:.3f}"
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table (cells already formatted)."""
+    return [
+        f"| {' | '.join(header)} |",
+        "|" + "---|" * len(header),
+        *(f"| {' | '.join(str(c) for c in row)} |" for row in rows),
+    ]
+
+
+def seeds_text(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def note_link(key: str, what: str) -> str:
+    return f"{what}: [{NOTES[key]}]({NOTES[key]})."
+
+
+def not_measured(command: str) -> list[str]:
+    return [f"Not measured yet: run `{command}`.", ""]
+
+
+def mqar_setting(s: MQARSetting, pairs: list[int], seq_len: int) -> str:
+    preset = f"the `{s.preset}` preset" + (
+        f" with `{' '.join(s.extra_overrides)}`" if s.extra_overrides else ""
+    )
+    titans = ""
+    if s.titans:
+        mini_batch, eta_max, lr = s.titans
+        titans = (
+            f"; titans: mini-batch {mini_batch}, inner learning rate at most {eta_max:g}, "
+            f"AdamW {lr:g}"
+        )
+    filler = "random tokens" if s.random_filler else "token 0"
+    return (
+        f"Setting: {preset}: {s.layers} layers, d_model {s.hidden_size}, {s.heads} heads, "
+        f"vocabulary {s.vocab_size}, sequences of {seq_len} tokens with {filler} between the "
+        f"queries, trained with {s.num_kv_pairs} key-value pairs and tested with {pairs}; "
+        f"segment {s.segment_size} for Memory Caching (top-2 for ssc{titans}). AdamW {s.lr:g}, "
+        f"batch {s.batch_size}, {s.steps} steps; Transformer++ {s.transformer_heads} head(s) "
+        f"and {s.transformer_steps} steps at {s.transformer_lr:g}, because softmax attention "
+        "passes MQAR's phase transition much later. Accuracy of the value predictions on "
+        f"{s.num_test_examples} test sequences per setting, mean ± std over seeds. Command: "
+        f"`python -m experiments.sweep {s.experiment} && python -m experiments.report`."
+    )
+
+
+def mqar_table(rows: list[MQARRow], pairs: list[int]) -> list[str]:
+    header = ["model", "seeds", "crossed", *(f"{p} pairs" for p in pairs), "all", "tokens/s"]
+    cells = []
+    for row in rows:
+        if row.post_training:
+            label, crossed, speed = (
+                f"{row.model}, post-training MC (`{row.post_training}`)",
+                ("(same models)"),
+                "-",
+            )
+        else:
+            label, speed = row.model, f"{row.tokens_per_s:,.0f}"
+            crossed = "-" if row.crossed is None else row.crossed
+        cells.append([label, row.seeds, crossed, *map(stat, row.pairs), stat(row.overall), speed])
+    return table(header, cells)
+
+
+def crossed_footnote(trained_pairs: int) -> str:
+    return (
+        f"\n*crossed*: seeds past MQAR's phase transition, i.e. with accuracy of at least "
+        f"{CROSSED} at the training setting ({trained_pairs} pairs). A seed either "
+        "crosses or stays near chance, so a mean over few seeds mostly counts crossings."
+    )
+
+
+def unfinished(experiment: str, runs: dict, missing: list[str]) -> list[str]:
+    """Lines naming models with fewer than 3 seeds and models without any result."""
+    lines = []
+    few = [m for m, results in runs.items() if len(results) < 3]
+    if few:
+        lines.append(
+            f"\nFewer than 3 seeds so far for {len(few)} of {len(runs)} models (the seeds "
+            f"column); `python -m experiments.sweep {experiment}` finishes them."
+        )
+    if missing:
+        lines.append(
+            f"\nNot run yet in this setting: {', '.join(missing)} "
+            f"(`python -m experiments.sweep {experiment}` runs them)."
+        )
+    return lines
+
+
+def grid_section(tables: tuple[GridTable, GridTable], slices, segment: int) -> list[str]:
+    lengths = sorted({n for n, _ in slices})
+    pairs = sorted({k for _, k in slices})
+    extrapolation, load = tables
+    lines = [
+        f"The same models (trained at 64 tokens with 8 pairs), tested on {len(slices)} slices "
+        f"of `growmem eval --lengths {' '.join(map(str, lengths))} --kv-pairs "
+        f'{" ".join(map(str, pairs))}`. "post-training MC" evaluates a base model with '
+        f"`--post-training-mc {segment}`: segments of {segment} tokens cached and averaged "
+        "uniformly at inference only, no training.",
+        "",
+        f"Length extrapolation at {extrapolation.columns[0][1]} pairs:",
+        "",
+        *_grid_table(extrapolation, [f"{n} tokens" for n, _ in extrapolation.columns]),
+        "",
+        f"Memory load at {load.columns[0][0]} tokens:",
+        "",
+        *_grid_table(load, [f"{k} pairs" for _, k in load.columns]),
+        "",
+    ]
+    return lines
+
+
+def _grid_table(grid: GridTable, header: list[str]) -> list[str]:
+    rows = [[label, seeds, *map(stat, cells)] for label, seeds, cells in grid.rows]
+    return table(["model", "seeds", *header], rows)
+
+
+def niah_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
+    model, task, train = config.model, config.task, config.train
+    loss = "every token of an example" if task.train_on_prompt else "the answer's tokens"
+    minutes = tables.minutes
+    span = f"{min(minutes):.0f}-{max(minutes):.0f}"
+    if round(min(minutes)) == round(max(minutes)):
+        span = f"{min(minutes):.0f}"
+    models = len(tables.final_loss)
+    return (
+        f"Setting: the `{cell.preset}` preset with `{' '.join(cell.overrides)}`: "
+        f"{model['num_hidden_layers']} layers, d_model {model['hidden_size']}, "
+        f"{model['num_heads']} heads, {task.tokenizer} tokens; S-NIAH-{task.variant} (a 7-digit "
+        f"value hidden in a repeated noise haystack), trained at {task.seq_len} tokens with the "
+        f"loss on {loss}, {task.num_train_examples:,} examples (each seen once), AdamW "
+        f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++: "
+        f"{transformer_train.steps} steps at {transformer_train.lr:g}); segment "
+        f"{model['segment_size']} for Memory Caching. Exact match of the value generated "
+        "greedily for as many tokens as the answer has (the models are not trained to end "
+        "it), and the teacher-forced accuracy of the answer's 8 tokens (a space and 7 digits; "
+        f"chance about (1 + 7 x 0.1) / 8 = 0.21), over {task.num_eval_examples} needle depths "
+        "per length. Command: `python -m experiments.sweep niah && python -m "
+        f"experiments.report`. Training takes {span} minutes a cell on one thread (from the "
+        f"cells' token rates), {sum(minutes) / len(minutes) * models / 2:.0f} minutes a seed "
+        "with two cells at a time."
+    )
+
+
+def niah_tables(tables: NIAHTables) -> list[str]:
+    lines = []
+    for rows, title in (
+        (tables.exact, "Exact match of the generated value"),
+        (tables.tokens, "Answer-token accuracy, teacher-forced (chance about 0.21)"),
+    ):
+        cells = [[label, seeds, *map(stat, per_length)] for label, seeds, per_length in rows]
+        lines += [f"{title}:", "", *table(["model", "seeds", *map(str, tables.lengths)], cells)]
+        lines.append("")
+    losses = ", ".join(f"{model} {stat(s)}" for model, s in tables.final_loss)
+    lines += [
+        "Training loss on the answer's tokens at the last step (a batch of 16 unseen "
+        f"examples; the digits' prior gives 7 ln(10) / 8 = 2.01): {losses}.",
+        "",
+    ]
+    return lines
+
+
+def lm_setting(config) -> str:
+    model, task, train = config.model, config.task, config.train
+    tokens = train.steps * train.batch_size * task.seq_len
+    return (
+        f"Setting: the `lm` preset: {model['num_hidden_layers']} layers, d_model "
+        f"{model['hidden_size']}, {model['num_heads']} heads, {task.tokenizer} tokens, blocks of "
+        f"{task.seq_len} from the running Python's standard library source (file-level split); "
+        f"segment {model['segment_size']}, top-2 for ssc. AdamW {train.lr:g}, batch "
+        f"{train.batch_size}, {train.steps} steps ({tokens / 1e6:.1f}M tokens) for every model. "
+        f"Validation bits per byte on {task.eval_blocks} held-out blocks (lower is better). "
+        "Command: `python -m experiments.sweep lm && python -m experiments.report`."
+    )
+
+
+def lm_tables(rows: list[LMRow], segment_size: int) -> list[str]:
+    header = ["model", "seeds", "val bits/byte", "val ppl (tokens)", "tokens/s"]
+
+    def cells(row):
+        bits, ppl = stat(row.bits_per_byte), stat(row.perplexity)
+        return [row.model, row.seeds, bits, ppl, f"{row.tokens_per_s:,.0f}"]
+
+    main = [r for r in rows if not r.ablation]
+    ablations = [r for r in rows if r.ablation]
+    lines = [*table(header, [cells(r) for r in main]), ""]
+    if ablations:
+        reference = [r for r in main if r.model == "gated_delta+grm"]
+        lines += [
+            f"Ablations of gated_delta+grm (reference: segment {segment_size}, continuous "
+            "init, mean summaries). Log-Linear++ (`loglinear`) replaces constant segments by "
+            "logarithmic ones: a token that sees n finished segments reads them as the binary "
+            "decomposition of n (buckets of 8, 4, 2, 1 segments for n = 15), so it is compared "
+            "with grm at the same segment 32:",
+            "",
+            *table(header, [cells(r) for r in reference + ablations]),
+            "",
+        ]
+    return lines
+
+
+def throughput(data: dict, bench: BenchTable) -> list[str]:
+    return [
+        "Training throughput (tokens/s, fwd+bwd of the whole model, batch 1, "
+        f"{data['setting']['hidden']} wide, {data['setting']['layers']} layers; "
+        "`python -m benchmarks.bench_train_throughput`; the models run interleaved in "
+        "one process, so compare within a column: absolute numbers move with the "
+        "machine's load):",
+        "",
+        *table(
+            ["model", *(f"T={n}" for n in bench.columns)],
+            [[m, *(f"{x:,.0f}" for x in values)] for m, values in bench.rows],
+        ),
+        "",
+    ]
+
+
+def decode(data: dict, bench: BenchTable) -> list[str]:
+    s = data["setting"]
+    return [
+        f"Decoding one token after a context of n tokens (ms per token, cache MiB; hidden "
+        f"{s['hidden']}, {s['layers']} layers, segment {s['segment_size']}, {s['threads']} "
+        "thread; `python -m benchmarks.bench_models`):",
+        "",
+        *table(
+            ["model", *(f"n={n}" for n in bench.columns)],
+            [
+                [m, *(f"{sec * 1e3:.1f} ms, {size / 2**20:.1f} MiB" for sec, size in values)]
+                for m, values in bench.rows
+            ],
+        ),
+        "",
+        "![decode latency and cache size](../results/models_decode.png)",
+        "",
+    ]
+
+
+def ratios(title: str, bench: BenchTable, length: str, baseline: str, micro: bool = False):
+    """An op benchmark: the baseline's time (seconds, or µs when ``micro``), then every other
+    column as a ratio to it."""
+
+    def time(x: float) -> str:
+        return f"{x * 1e6:,.0f} µs" if micro else f"{x:.3g} s"
+
+    rows = [
+        [n, time(values[0]), *("-" if x is None else f"{x:.2f}×" for x in values[1:])]
+        for n, values in bench.rows
+    ]
+    return [f"{title}:", "", *table([length, baseline, *bench.columns[1:]], rows), ""]
+
+
+def threads(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+COST_HEADER = ["experiment", "models", "seeds", "cell-minutes", "wall minutes", "a seed"]
+
+
+def cost(rows: list[CostRow]) -> list[str]:
+    cells = [
+        [r.experiment, r.models, r.seeds]
+        + [f"{x:.0f}" for x in (r.cell_minutes, r.wall_minutes, r.seed_minutes)]
+        + [f"{r.longest_cell}, {r.longest_minutes:.0f} min"]
+        for r in rows
+    ]
+    lines = [
+        "## 5. Cost",
+        "",
+        "Training time of each experiment, from every cell's steps and mean token rate (one "
+        "thread a cell, evaluation not included), against a budget of "
+        f"{BUDGET_MINUTES} minutes an experiment on this 2-core CPU. The wall time assumes "
+        "the sweep's two cells at a time.",
+        "",
+        *table([*COST_HEADER, "longest cell"], cells),
+    ]
+    over = [r for r in rows if r.over_budget]
+    if over:
+        lines += [
+            "",
+            "Over the budget: "
+            + ", ".join(f"{r.experiment} ({r.wall_minutes:.0f} minutes)" for r in over)
+            + ". A rerun skips the cells whose JSON exists, so `make results` can be finished "
+            "across sittings. " + note_link("cost", "Why the cells take that long"),
+        ]
+    lines.append("")
+    return lines

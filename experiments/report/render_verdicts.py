@@ -1,0 +1,148 @@
+"""The verdicts of docs/results.md as sentences: one clause per finding of ``verdicts``,
+one line per claim."""
+
+from __future__ import annotations
+
+from experiments.report import verdicts as v
+from experiments.report.render import note_link, seeds_text
+
+TITLES = {
+    1: "MC lifts recurrent models on recall (MQAR)",
+    2: "content-dependent gating matters (GRM beats Residual)",
+    3: "SSC keeps most of GRM's gain",
+}
+
+
+def _where(item) -> str:
+    return f"{item.base} {item.view} ({seeds_text(item.seeds)})"
+
+
+def finding(item) -> str:
+    """One finding of ``verdicts`` as the clause of its claim's line."""
+    if isinstance(item, v.NoLearner):
+        if item.view is None:
+            return f"{item.base}: no {item.base} model left chance, not testable"
+        return f"{_where(item)}: no {item.base} model left chance: not testable"
+    if isinstance(item, v.Lift):
+        gap = "" if item.transformer is None else f", Transformer++ {item.transformer:.3f}"
+        verdict = item.verdict.value
+        if item.closed is not None:
+            verdict += f" (lifts recall, closes {item.closed:.0%} of the gap)"
+        easy = (
+            f" (the base already recalls {v.EASY:.0%} or more: this setting does not strain "
+            "its fixed-size state)"
+            if item.easy
+            else ""
+        )
+        return (
+            f"{_where(item)}: base {item.base_score:.3f}, best MC ({item.best}) "
+            f"{item.best_score:.3f}{gap}: {verdict}{easy}"
+        )
+    if isinstance(item, v.GateGain):
+        return (
+            f"{_where(item)}: grm {item.grm:.3f} vs residual {item.residual:.3f}: "
+            f"{item.verdict.value}"
+        )
+    if isinstance(item, v.SparseKeep):
+        if item.kept is None:
+            return f"{_where(item)}: grm gains nothing over the base: not testable"
+        share = "ssc beats grm" if item.kept > 1 else f"ssc keeps {item.kept:.0%} of grm's gain"
+        return (
+            f"{_where(item)}: ssc {item.ssc:.3f} vs grm {item.grm:.3f}, base "
+            f"{item.base_score:.3f} ({share}): {item.verdict.value}"
+        )
+    if isinstance(item, v.Extrapolation):
+        parts = []
+        if item.trained:
+            model, score, verdict = item.trained
+            parts.append(f"{model} {score:.3f}: {verdict.value}")
+        if item.post_training:
+            score, verdict = item.post_training
+            parts.append(f"post-training MC {score:.3f}: {verdict.value}")
+        return (
+            f"{item.base} at {item.length} tokens, {item.pairs} pairs (MQAR, trained at 64 "
+            f"tokens, 8 pairs; {seeds_text(item.seeds)}): base {item.base_score:.3f}, "
+            + ", ".join(parts)
+        )
+    if isinstance(item, v.NIAHFinding):
+        return _niah_finding(item)
+    raise TypeError(f"no rendering for {type(item).__name__}")
+
+
+def _niah_finding(f: v.NIAHFinding) -> str:
+    seeds, first, last = seeds_text(f.seeds), f.first, f.last
+    score = {m: (a, b) for m, a, b in f.scores}
+    if f.verdict is None:  # the base learned: MC against it at the longest length
+        parts = [
+            f"{'post-training MC' if m.startswith(f.base + ', ') else m} {s:.3f}: {verdict.value}"
+            for m, s, verdict in f.comparisons
+        ]
+        return (
+            f"S-NIAH {f.metric} at {last} tokens (trained at {first}; {seeds}): base "
+            f"{score[f.base][1]:.3f}, " + ", ".join(parts)
+        )
+    if f.verdict is v.Verdict.INCONCLUSIVE:
+        return (
+            f"S-NIAH inconclusive ({seeds}): no model (Transformer++ included) learned the "
+            f"retrieval at its training length within the budget (no {f.metric} of "
+            f"{f.threshold} or more)"
+        )
+    shown = ", ".join(
+        f"{m} {score[m][0]:.3f} at {first} and {score[m][1]:.3f} at {last} tokens"
+        for m in f.learned
+    )
+    if f.verdict is v.Verdict.PARTLY:
+        others = ", ".join(f"{m} {a:.3f} and {b:.3f}" for m, a, b in f.scores if m not in f.learned)
+        return (
+            f"S-NIAH ({seeds}), {f.metric} (at least {f.threshold} at {first} tokens counts as "
+            f"learned): {shown}; not learned: {others}: partly reproduced (Memory Caching "
+            f"learned the retrieval that {f.base} did not, and keeps up to {f.kept:.0%} of it "
+            f"at {last} tokens; with no base that learned, its extrapolation cannot be set "
+            "against the base's)"
+        )
+    why = (
+        f"no recurrent model reached {f.threshold} (best {f.best}: {score[f.best][0]:.3f} at "
+        f"{first} and {score[f.best][1]:.3f} at {last} tokens"
+    )
+    if f.best != f.base:
+        why += f"; {f.base} {score[f.base][0]:.3f} and {score[f.base][1]:.3f}"
+    return (
+        f"S-NIAH not testable ({seeds}): by {f.metric} (at least {f.threshold} at {first} "
+        f"tokens) only {shown} learned the retrieval; {why})"
+    )
+
+
+def verdict_section(claims_1_3, claim_4, claim_5, lm) -> list[str]:
+    lines = ["## Verdicts on the paper's claims", ""]
+    for claim, items in claims_1_3.items():
+        text = "; ".join(map(finding, items)) + "." if items else "not measured yet (MQAR sweep)."
+        lines.append(f"- **{claim}. {TITLES[claim]}**: {text}")
+    text = "; ".join(map(finding, claim_4)) + "."
+    if not claim_4:
+        text = "not measured yet (MQAR and S-NIAH sweeps)."
+    lines.append(f"- **4. MC helps length extrapolation, also post-training**: {text}")
+    title = "- **5. MC training throughput lies between the RNN's and the Transformer's**: "
+    if claim_5 is None:
+        lines.append(title + "not measured yet (training-throughput benchmark).")
+    else:
+        items = "; ".join(
+            f"{name} {speed:,.0f} (base {base:,.0f})" + ("" if between else " — outside")
+            for name, speed, base, between in claim_5.items
+        )
+        lines.append(
+            title + f"at T={claim_5.length} tokens/s, Transformer++ {claim_5.transformer:,.0f}; "
+            f"{items}: {claim_5.verdict.value}."
+        )
+    families, transformer = lm
+    items = [
+        f"{f.base} {f.base_bits:.3f} bits/byte, "
+        + ", ".join(f"{m} {b:.3f}" for m, b in f.variants)
+        + f" ({seeds_text(f.seeds)}): {f.verdict.value}"
+        for f in families
+    ]
+    if transformer and items:
+        items.append(f"Transformer++ {transformer[0]:.3f} ({seeds_text(transformer[1])})")
+    text = "; ".join(items) + "." if items else "not measured yet (LM sweep)."
+    lines += [f"- **LM. MC lowers the validation loss of language models**: {text}", ""]
+    lines += [note_link("reading", "What these verdicts mean, as of the last sweep"), ""]
+    return lines
