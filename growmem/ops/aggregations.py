@@ -1,6 +1,6 @@
 """The aggregations of Memory Caching, each declared once with the properties the code asks.
 
-docs/design.md §3 gives the equations. The fast paths, the API, the layer and the caches decide
+docs/design.md §3.3 gives the equations. The fast paths, the API, the layer and the caches decide
 what to compute from these properties, never from the aggregation's name; only the per-token
 references (``naive.py``) spell each aggregation out on purpose, since they are the spec.
 """

@@ -28,7 +28,7 @@ DEEP_RULES = ("dla", "titans")
 # does not change with their scale, so nothing is forgotten, but the inner loss's curvature
 # grows as 1/var(y) and the inner gradient steps turn unstable; without the norm the weights
 # reach the 2-layer MLP's zero saddle, where every inner gradient vanishes and nothing more is
-# stored (docs/design.md, "Decay toward the initial weights").
+# stored (docs/design.md §2.4).
 DECAY_TARGETS = ("init", "zero")
 INITS = ("continuous", "independent")
 SUMMARIES = ("mean", "sum")
@@ -85,7 +85,7 @@ class MatrixMemory(_Spec):
 @dataclass(frozen=True)
 class DeepMemory(_Spec):
     """An MLP memory M(x) = x + W2 σ(W1 LN(x)) trained online by gradient steps
-    (docs/design.md §2.2-2.3).
+    (docs/design.md §2.4-2.5).
 
     Args:
         rule: dla (one gradient step per mini-batch) | titans (with momentum beta and weight
