@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
+from growmem.layers import MemoryConfig
 from growmem.ops.checks import RULE_GATES
+from growmem.ops.spec import Caching
+
+CACHING_FIELDS = frozenset(f.name for f in dataclasses.fields(Caching))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,3 +101,11 @@ def assert_finite_and_equal(a: torch.Tensor, b: torch.Tensor, what: str, tol: fl
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     assert torch.isfinite(a).all(), f"{what}: not finite"
     assert torch.equal(a, b) or rel_err(a, b) < tol, f"{what}: rel err {rel_err(a, b):.3e}"
+
+
+def memory_config(rule: str = "gated_delta", **settings) -> MemoryConfig:
+    """A MemoryConfig from one flat dict of test settings: the ``Caching`` fields (aggregation,
+    segment_size, segments, top_k, init, summary, gate_scale) go to ``caching``, the rest are
+    the rule's knobs and the layer's options (names as in ``MemoryConfig.to_dict``)."""
+    caching = {k: settings.pop(k) for k in CACHING_FIELDS & set(settings)}
+    return MemoryConfig.from_dict({"rule": rule, **settings, "caching": caching})
