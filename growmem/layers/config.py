@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
-from growmem.ops.checks import LINEAR_RULES, check_bool, check_positive_float, check_positive_int
+from growmem.ops.checks import check_bool, check_positive_float, check_positive_int
 from growmem.ops.spec import DEEP_RULES, Caching, DeepMemory, MatrixMemory, memory_spec
 
 # The layer's settings of deep memories only, and their defaults.
@@ -144,7 +144,7 @@ class MemoryConfig:
 
 
 # The flat settings of GrowMemConfig and MemoryCachingAttention before MemoryConfig, with their
-# defaults then, and where each lives now.
+# defaults then (MemoryConfig's are the same), and where each lives now.
 FLAT_DEFAULTS = {
     "rule": "gated_delta",
     "aggregation": "grm",
@@ -182,23 +182,21 @@ FLAT_PATHS = {
     "expansion": "expansion",
     "eta_max": "eta_max",
 }
+# what a matrix memory's layer ignored
+_DEEP_ONLY = {"mini_batch", "max_grad_norm", "mlp_norm", "decay_to", *DEEP_LAYER_DEFAULTS}
 
 
-def from_flat(flat: dict, owner: str, argument: str) -> MemoryConfig:
-    """The MemoryConfig of the flat settings ``flat`` (names of ``FLAT_PATHS``; missing ones
-    take ``FLAT_DEFAULTS``), with a FutureWarning that shows the new form.
+def nested_from_flat(flat: dict, memory: dict | None = None) -> dict:
+    """The memory dict (``MemoryConfig.to_dict``'s form) of flat settings of earlier releases,
+    written over ``memory`` (e.g. a base config's memory dict; default: none, so the missing
+    settings take MemoryConfig's defaults, which are the flat ones).
 
-    The old layer ignored the settings a rule does not have (a gated_delta config carried
-    mini_batch, a titans one chunk_size): they are dropped, so every saved config converts.
-
-    Args:
-        flat: the flat settings; ``ssc_top_k`` is ``top_k`` under GrowMemConfig's stored name.
-        owner, argument: who was given them and its argument of the new form, for the
-            warning (e.g. "GrowMemConfig", "memory").
+    The old layer ignored the settings its rule does not have (a gated_delta config carried
+    mini_batch, a titans one chunk_size, a dla one decay_to): they are dropped, so every saved
+    config converts. Values are checked when the dict is built into a MemoryConfig.
 
     Raises:
-        ValueError: a value the new objects refuse (naming it), or ``top_k`` and ``ssc_top_k``
-            that differ.
+        ValueError: ``top_k`` and ``ssc_top_k`` (its stored name) that differ.
     """
     flat = dict(flat)
     if "ssc_top_k" in flat:
@@ -208,38 +206,28 @@ def from_flat(flat: dict, owner: str, argument: str) -> MemoryConfig:
                 f"top_k ({flat['top_k']!r}) and ssc_top_k ({alias!r}) name one setting: pass one"
             )
         flat["top_k"] = alias
-    s = {**FLAT_DEFAULTS, **flat}
-    rule = s["rule"]
-    if rule in LINEAR_RULES:
-        memory, layer = memory_spec(rule, chunk_size=s["chunk_size"]), {}
-    else:
-        knobs = dict(mini_batch=s["mini_batch"], norm=s["mlp_norm"])
-        knobs.update(max_grad_norm=s["max_grad_norm"])
-        if rule != "dla":  # dla has no decay: its decay_to never did anything
-            knobs.update(decay_to=s["decay_to"])
-        memory = memory_spec(rule, **knobs)  # an unknown rule: a ValueError listing them
-        layer = {"expansion": s["expansion"], "eta_max": s["eta_max"]}
-    config = MemoryConfig(
-        memory=memory,
-        caching=Caching(
-            aggregation=s["aggregation"],
-            segment_size=s["segment_size"],
-            top_k=s["top_k"],
-            init=s["init"],
-            summary=s["summary"],
-        ),
-        use_short_conv=s["use_short_conv"],
-        conv_size=s["conv_size"],
-        qk_norm=s["qk_norm"],
-        **layer,
-    )
+    memory = dict(memory or {})
+    caching = dict(memory.get("caching") or {})
+    rule = flat.get("rule", memory.get("rule", MatrixMemory.rule))
+    ignored = _DEEP_ONLY if rule not in DEEP_RULES else {"chunk_size"}
+    ignored = {*ignored, "decay_to"} if rule == "dla" else ignored  # dla has no decay
+    for name, value in flat.items():
+        if name in ignored:
+            continue
+        section, _, key = FLAT_PATHS[name].rpartition(".")
+        (caching if section == "caching" else memory)[key] = value
+    return {**memory, "caching": caching}
+
+
+def warn_flat(owner: str, names, instead: str) -> None:
+    """The FutureWarning of flat settings ``names`` given to ``owner``; ``instead``: what to
+    write now."""
     warnings.warn(
-        f"{owner}: the flat memory settings {sorted(flat)} are deprecated and will be removed; "
-        f"pass {argument}=MemoryConfig.from_dict({config.to_dict()}) instead",
+        f"{owner}: the flat memory settings {sorted(names)} are deprecated and will be "
+        f"removed; {instead}",
         FutureWarning,
-        stacklevel=3,
+        stacklevel=3,  # the caller of owner
     )
-    return config
 
 
 def flat_value(config: MemoryConfig, name: str):

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
-from growmem.layers.config import FLAT_DEFAULTS, FLAT_PATHS, MemoryConfig, flat_value, from_flat
+from growmem.layers.config import (
+    FLAT_DEFAULTS,
+    FLAT_PATHS,
+    MemoryConfig,
+    flat_value,
+    nested_from_flat,
+    warn_flat,
+)
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
 from growmem.ops.caching import MemoryCache, SegmentPlan, memory_caching
@@ -126,7 +133,9 @@ class MemoryCachingAttention(nn.Module):
                 raise ValueError(
                     f"pass config or the deprecated flat settings {sorted(flat)}, not both"
                 )
-            config = from_flat(flat, "MemoryCachingAttention", "config")
+            config = MemoryConfig.from_dict(nested_from_flat(flat))
+            instead = f"pass config=MemoryConfig.from_dict({config.to_dict()})"
+            warn_flat("MemoryCachingAttention", flat, instead)
         config = MemoryConfig() if config is None else config
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")

@@ -7,7 +7,13 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
-from growmem.layers.config import FLAT_PATHS, MemoryConfig, flat_value, from_flat
+from growmem.layers.config import (
+    FLAT_PATHS,
+    MemoryConfig,
+    flat_value,
+    nested_from_flat,
+    warn_flat,
+)
 from growmem.models.cache import CACHE_FIELD
 from growmem.ops.checks import (
     LINEAR_RULES,
@@ -24,6 +30,15 @@ FLAT_ARGUMENTS = frozenset(FLAT_PATHS)
 ATTENTION = "attention"
 RULES = (*LINEAR_RULES, *DEEP_RULES, ATTENTION)  # the values of the flat ``rule``
 _DEFAULT_MEMORY = MemoryConfig()
+
+
+def memory_from_flat(flat: dict, memory: dict | None = None) -> dict | None:
+    """GrowMemConfig's ``memory`` dict of the flat settings of earlier releases (written over
+    ``memory``, e.g. a base config's, see ``growmem.layers.config.nested_from_flat``); None for
+    ``rule="attention"``, the Transformer++ (its other flat settings never applied)."""
+    if flat.get("rule") == ATTENTION:
+        return None
+    return nested_from_flat(flat, memory)
 
 
 class GrowMemConfig(PreTrainedConfig):
@@ -96,16 +111,8 @@ class GrowMemConfig(PreTrainedConfig):
                 raise ValueError(
                     f"pass memory or the deprecated flat settings {sorted(flat)}, not both"
                 )
-            if flat.get("rule") != ATTENTION:
-                memory = from_flat(flat, "GrowMemConfig", "memory")
-            else:  # the other flat settings never applied to a Transformer++
-                memory = None
-                warnings.warn(
-                    f"GrowMemConfig: the flat memory settings {sorted(flat)} are deprecated "
-                    "and will be removed; rule='attention' is now memory=None",
-                    FutureWarning,
-                    stacklevel=2,
-                )
+            memory = memory_from_flat(flat)
+            warn_flat("GrowMemConfig", flat, f"pass memory={memory!r}")
         for name, value in (
             ("vocab_size", vocab_size),
             ("hidden_size", hidden_size),

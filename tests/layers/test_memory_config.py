@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from growmem.layers import MemoryCachingAttention, MemoryConfig
-from growmem.layers.config import FLAT_DEFAULTS, FLAT_PATHS, from_flat
+from growmem.layers.config import FLAT_DEFAULTS, FLAT_PATHS, nested_from_flat
 from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
 
 CONFIGS = [
@@ -108,9 +108,12 @@ FLAT_DEEP = dict(
 )
 
 
-def test_flat_settings_convert_with_a_future_warning():
-    with pytest.warns(FutureWarning, match=r"pass config=MemoryConfig.from_dict\(\{'rule'"):
-        matrix = from_flat({**FLAT_MATRIX, "mini_batch": 4, "eta_max": 1.0}, "x", "config")
+def convert(flat: dict, memory: dict | None = None) -> MemoryConfig:
+    return MemoryConfig.from_dict(nested_from_flat(flat, memory))
+
+
+def test_flat_settings_convert():
+    matrix = convert({**FLAT_MATRIX, "mini_batch": 4, "eta_max": 1.0})
     assert matrix == MemoryConfig(
         memory=MatrixMemory("swla", chunk_size=16),
         caching=Caching("ssc", segment_size=8, top_k=3, init="independent", summary="sum"),
@@ -118,46 +121,54 @@ def test_flat_settings_convert_with_a_future_warning():
         conv_size=3,
         qk_norm=False,
     )  # mini_batch and eta_max did nothing for a matrix memory: dropped
-    with pytest.warns(FutureWarning):
-        deep = from_flat({**FLAT_DEEP, "chunk_size": 8}, "x", "config")
-    assert deep == MemoryConfig(
+    assert convert({**FLAT_DEEP, "chunk_size": 8}) == MemoryConfig(
         memory=DeepMemory("titans", mini_batch=4, norm=False, max_grad_norm=None, decay_to="zero"),
         caching=Caching("soup", segment_size=8),
         expansion=2,
         eta_max=0.3,
     )
-    with pytest.warns(FutureWarning):  # the old defaults
-        assert from_flat({"rule": "gated_delta"}, "x", "config") == MemoryConfig()
-        assert from_flat({"rule": "dla", "decay_to": "zero"}, "x", "c").memory == DeepMemory("dla")
+    assert convert({"rule": "dla", "decay_to": "zero"}).memory == DeepMemory("dla")
+    assert convert({"ssc_top_k": 3}).caching.top_k == 3
     with pytest.raises(ValueError, match=r"top_k .* and ssc_top_k .* name one setting"):
-        from_flat({"top_k": 2, "ssc_top_k": 3}, "x", "config")
+        convert({"top_k": 2, "ssc_top_k": 3})
     assert set(FLAT_MATRIX) | set(FLAT_DEEP) == set(FLAT_DEFAULTS)
+
+
+def test_flat_defaults_are_the_nested_defaults():
+    """Missing flat settings take MemoryConfig's defaults: they must be the old ones."""
+    matrix_keys = {"rule", "chunk_size", *FLAT_MATRIX}
+    assert convert({}) == convert({k: FLAT_DEFAULTS[k] for k in matrix_keys})
+    deep_defaults = {**FLAT_DEFAULTS, "rule": "titans"}
+    assert convert({"rule": "titans"}) == convert(deep_defaults)
+
+
+def test_flat_settings_written_over_a_nested_memory():
+    """An old YAML that names a rule or aggregation over a base in the new form."""
+    base = {"rule": "gated_delta", "caching": {"aggregation": "none", "segment_size": 16}}
+    config = convert({"rule": "titans", "aggregation": "grm", "mini_batch": 2}, base)
+    assert config.memory == DeepMemory("titans", mini_batch=2)
+    assert config.caching == Caching("grm", segment_size=16)
 
 
 def test_layer_takes_the_flat_settings_with_a_future_warning():
     torch.manual_seed(0)
-    with pytest.warns(FutureWarning, match=r"^MemoryCachingAttention: the flat memory settings"):
+    message = r"^MemoryCachingAttention: the flat memory settings .* pass config=MemoryConfig"
+    with pytest.warns(FutureWarning, match=message) as warned:
         old = MemoryCachingAttention(16, 2, **FLAT_DEEP)
+    assert warned.list[0].filename == __file__  # the warning points at the caller
     torch.manual_seed(0)
-    with pytest.warns(FutureWarning):
-        config = from_flat(FLAT_DEEP, "x", "config")
-    new = MemoryCachingAttention(16, 2, config)
+    new = MemoryCachingAttention(16, 2, convert(FLAT_DEEP))
     assert old.config == new.config
     x = torch.randn(1, 11, 16)
     assert torch.equal(old(x)[0], new(x)[0])
     with pytest.raises(ValueError, match="pass config or the deprecated flat settings"):
-        MemoryCachingAttention(16, 2, config, rule="delta")
-
-
-def from_flat_quietly(flat: dict) -> MemoryConfig:
-    with pytest.warns(FutureWarning):
-        return from_flat(flat, "x", "config")
+        MemoryCachingAttention(16, 2, new.config, rule="delta")
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_DEFAULTS))
 def test_layer_reads_a_flat_attribute_with_a_future_warning(name):
     flat = FLAT_MATRIX if name in FLAT_MATRIX else FLAT_DEEP
-    config = from_flat_quietly(flat)
+    config = convert(flat)
     layer = MemoryCachingAttention(16, 2, config)
     with pytest.warns(FutureWarning, match=rf"read layer.config.{FLAT_PATHS[name]}$"):
         value = getattr(layer, name)

@@ -135,7 +135,7 @@ def test_flat_arguments_convert_with_a_future_warning():
         expansion=4,
         eta_max=0.1,
     )
-    with pytest.warns(FutureWarning, match="rule='attention' is now memory=None"):
+    with pytest.warns(FutureWarning, match=r"\['rule', 'segment_size'\] .*; pass memory=None$"):
         assert GrowMemConfig(**BASE, rule="attention", segment_size=8).memory is None
     with pytest.warns(FutureWarning, match=r"read config.memory.caching.top_k$"):
         assert config.ssc_top_k == 3
