@@ -1,4 +1,18 @@
-"""Run configurations: YAML files of three sections (model, task, train) checked key by key."""
+"""Run configurations: YAML files of three sections (model, task, train) checked key by key.
+
+The model section holds GrowMemConfig's arguments, the memory layers' settings nested under
+``memory`` as GrowMemConfig stores them::
+
+    model:
+      hidden_size: 128
+      memory:
+        rule: gated_delta
+        caching: {aggregation: grm, segment_size: 16}
+
+A task base may also hold ``per_model``: settings added when the model is of one family (a
+rule, or ``transformer``), e.g. the Transformer++'s own learning rate on a task. A model spec
+(``--model gated_delta+grm``, growmem.models.model_spec) sets the mixer of a base.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +28,11 @@ from typing import Any
 
 import yaml
 
+from growmem.layers.config import warn_flat
 from growmem.models import GrowMemConfig
+from growmem.models.configuration import FLAT_ARGUMENTS, memory_from_flat
+from growmem.models.model_spec import MEMORY_RULES, TRANSFORMER, ModelSpec
+from growmem.ops.spec import MatrixMemory
 from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
@@ -223,8 +241,8 @@ class TrainSettings:
 
 @dataclass
 class RunConfig:
-    """A whole run: GrowMemConfig arguments (vocab_size comes from the task), the task and
-    the training settings."""
+    """A whole run: GrowMemConfig arguments (vocab_size comes from the task; ``memory`` as a
+    dict), the task and the training settings."""
 
     model: dict[str, Any]
     task: MQARTask | NIAHTask | LMTask
@@ -241,6 +259,20 @@ class RunConfig:
 def _model_keys() -> list[str]:
     params = inspect.signature(GrowMemConfig.__init__).parameters
     return [p for p in params if p not in ("self", "kwargs", "vocab_size")]
+
+
+def nested_model(model: dict) -> dict:
+    """The model section with the flat memory keys of earlier releases (rule, aggregation,
+    segment_size, ...) moved into ``memory`` (written over the memory a base gave), with a
+    FutureWarning that shows the new keys."""
+    flat = {k: model[k] for k in FLAT_ARGUMENTS & set(model)}
+    if not flat:
+        return model
+    model = {k: v for k, v in model.items() if k not in flat}
+    base = model.get("memory")
+    model["memory"] = memory_from_flat(flat, base if isinstance(base, dict) else None)
+    warn_flat("config section 'model'", flat, f"write memory: {model['memory']}")
+    return model
 
 
 def _check_keys(section: str, given: dict, valid: list[str]) -> None:
@@ -393,7 +425,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         if not isinstance(value, dict):
             raise ValueError(f"section '{name}' must be a mapping, got {value!r}")
         sections[name] = dict(value)
-    model = sections["model"]
+    model = nested_model(sections["model"])
     _check_keys("model", model, _model_keys())
     GrowMemConfig(**model)  # rejects bad values early, naming the argument
     task_name = sections["task"].get("name", "mqar")
@@ -416,11 +448,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _merge(base: dict, override: dict) -> dict:
-    """``base`` with ``override``'s keys replacing its own, section by section."""
+    """``base`` with ``override``'s keys replacing its own, mapping by mapping (a section, the
+    model's memory, its caching)."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+            merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -465,21 +498,61 @@ def read_yaml_config(path: Path, presets: Path | None = None, _seen: tuple = ())
     return _merge(merged, raw)
 
 
+def _per_model(raw: dict, source: str) -> dict:
+    """The checked ``per_model`` section of a raw config: {family: {section: settings}}."""
+    per_model = raw.pop("per_model", None) or {}
+    families = [TRANSFORMER, *MEMORY_RULES]
+    if not isinstance(per_model, dict) or not set(per_model) <= set(families):
+        raise ValueError(
+            f"{source}: per_model must map model families {families} to settings, got {per_model!r}"
+        )
+    for family, settings in per_model.items():
+        if not isinstance(settings, dict) or not set(settings) <= {"model", "task", "train"}:
+            raise ValueError(
+                f"{source}: per_model.{family} must map sections (model, task, train) to "
+                f"settings, got {settings!r}"
+            )
+    return per_model
+
+
 def load_config(
-    path: str | Path, overrides: list[str] = (), presets: Path | None = None
+    path: str | Path,
+    overrides: list[str] = (),
+    presets: Path | None = None,
+    model: str | None = None,
 ) -> RunConfig:
-    """Read a YAML run config (with its ``base:`` chain) and apply ``--set`` overrides.
+    """Read a YAML run config (with its ``base:`` chain), set its model to the spec ``model``,
+    add its ``per_model`` settings for the model's family and apply ``--set`` overrides.
 
     Args:
         path: the YAML file.
-        overrides: ``section.key=value`` strings; values are parsed as YAML.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``key`` may go
+            deeper: ``model.memory.caching.segment_size=8``).
         presets: folder of named presets a ``base:`` may refer to.
+        model: a model spec (``gated_delta+grm``, ``transformer``; growmem.models.model_spec),
+            or None for the config's own model. The run folder ``train.out_dir`` gets the
+            spec as a suffix (runs/mqar -> runs/mqar_gated_delta_grm; ``overrides`` may set
+            another).
 
     Raises:
         FileNotFoundError: path or a base does not exist.
-        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values.
+        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values, a
+            malformed model spec (listing the valid rules and aggregations).
     """
     raw = read_yaml_config(Path(path), presets)
+    per_model = _per_model(raw, f"config {path}")
+    raw["model"] = nested_model(raw.get("model") or {})
+    if model is not None:
+        spec = ModelSpec.parse(model)
+        raw["model"] = spec.apply(raw["model"])
+        # one run folder per model of a base: runs/mqar_gated_delta_grm
+        train = dict(raw.get("train") or {})
+        out_dir = train.get("out_dir", TrainSettings.out_dir)
+        raw["train"] = {**train, "out_dir": f"{out_dir}_{spec.slug}"}
+    memory = raw["model"].get("memory", {})
+    rule = memory.get("rule", MatrixMemory.rule) if isinstance(memory, dict) else None
+    family = TRANSFORMER if memory is None else rule  # a wrong memory: build_config says so
+    raw = _merge(raw, per_model.get(family, {}))
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
