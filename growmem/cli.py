@@ -131,7 +131,6 @@ def cmd_eval(args) -> int:
         )
         config.memory = dataclasses.replace(config.memory, caching=caching)
         label = f"-mc{args.post_training_mc}"
-    print(f"model {spec_of(config)}", flush=True)
     model = GrowMemForCausalLM(config)
     load_weights(folder, model)
     model.to(device).eval()
@@ -195,7 +194,7 @@ def cmd_eval(args) -> int:
     plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     print(json.dumps(summary))
-    print(f"wrote {path} and {plot}")
+    print(f"wrote {path} and {plot} (model {spec_of(config)})")
     return 0
 
 
@@ -253,7 +252,7 @@ def build_parser() -> Parser:
     p = commands.add_parser(
         "eval",
         help="evaluate a saved model folder",
-        description="Evaluate a saved model folder of any model spec (printed first).",
+        description="Evaluate a saved model folder of any model spec (printed at the end).",
     )
     p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
     p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")

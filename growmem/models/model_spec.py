@@ -100,8 +100,9 @@ class ModelSpec:
         caching["aggregation"] = self.aggregation
         if isinstance(self.segments, int):
             caching.update(segment_size=self.segments, segments=None)
-        elif self.segments is not None:
-            caching.update(segment_size=None, segments=self.segments)
+        elif self.segments is not None:  # "log" or lengths (a list, as YAML writes them)
+            segments = self.segments if self.segments == "log" else list(self.segments)
+            caching.update(segment_size=None, segments=segments)
         return {**model, "memory": {**memory, "rule": self.rule, "caching": caching}}
 
 
