@@ -54,8 +54,8 @@ class RowGroup:
 class MemoryCachingLayerCache:
     """What one MemoryCachingAttention layer keeps between calls.
 
-    ``layer_config`` fingerprints the layer settings that shape the state (the memory's own
-    configuration is checked by the op), so that a cache is never continued by another layer.
+    ``layer_config`` fingerprints the layer's sizes and its MemoryConfig, so that a cache is
+    never continued by a layer of other settings.
     """
 
     batch_size: int
