@@ -90,8 +90,9 @@ def compare(before_path: Path, after_path: Path) -> int:
             if b[key] != a[key]:
                 problems.append(f"{name}: {key} {b[key]!r} != {a[key]!r}")
         for section in ("task", "train"):
-            if b["config"][section] != a["config"][section]:
-                problems.append(f"{name}: {section} {b['config'][section]} != {a['config'][section]}")
+            was, now = b["config"][section], a["config"][section]
+            if was != now:
+                problems.append(f"{name}: {section} {was} != {now}")
         mb, ma = _model(b["config"]["model"]), _model(a["config"]["model"])
         if mb != ma:
             diff = {k: (mb.get(k), ma.get(k)) for k in set(mb) | set(ma) if mb.get(k) != ma.get(k)}
