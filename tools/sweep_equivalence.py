@@ -70,13 +70,12 @@ def dump(path: Path) -> None:
 
 
 def _model(settings: dict) -> dict:
-    """GrowMemConfig's settings of a model section, memory as a full dict."""
-    from growmem.models import GrowMemConfig
+    """Every GrowMemConfig setting of a model section, memory as a full dict."""
+    from growmem.training.config import model_settings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # flat settings of the old side
-        config = GrowMemConfig(vocab_size=300, **settings).to_dict()
-    return {k: v for k, v in config.items() if k != "transformers_version"}
+        return model_settings(settings)
 
 
 def compare(before_path: Path, after_path: Path) -> int:

@@ -275,6 +275,14 @@ def nested_model(model: dict) -> dict:
     return model
 
 
+def model_settings(model: dict) -> dict:
+    """Every GrowMemConfig setting of a model section (defaults filled in, ``memory`` as its
+    full dict, flat keys of earlier releases read as nested ones): equal for two sections
+    exactly when they build the same model."""
+    config = GrowMemConfig(vocab_size=1, **nested_model(model)).to_dict()
+    return {k: v for k, v in config.items() if k not in ("vocab_size", "transformers_version")}
+
+
 def _check_keys(section: str, given: dict, valid: list[str]) -> None:
     unknown = sorted(set(given) - set(valid))
     if unknown:
