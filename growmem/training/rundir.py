@@ -26,7 +26,8 @@ from growmem.training.checkpoint import (
     verify_checksums,
     write_text_atomic,
 )
-from growmem.training.config import RunConfig, TrainSettings, load_yaml, model_settings
+from growmem.training.config import RunConfig, TrainSettings, model_settings
+from growmem.training.config_files import load_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

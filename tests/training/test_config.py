@@ -15,8 +15,8 @@ from growmem.training.config import (
     TrainSettings,
     build_config,
     load_config,
-    parse_override,
 )
+from growmem.training.config_files import parse_override
 
 from .common import raw_config, write_yaml
 

@@ -104,6 +104,7 @@ MC_ATTENTION = "growmem/layers/mc_attention.py"
 ATTENTION = "growmem/layers/attention.py"
 TRAIN = "growmem/train.py"
 CONFIG = "growmem/training/config.py"
+CONFIG_FILES = "growmem/training/config_files.py"
 DATA = "growmem/training/data.py"
 CHECKPOINT = "growmem/training/checkpoint.py"
 RUNDIR = "growmem/training/rundir.py"
@@ -367,9 +368,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     _training(
         "base-overrides-file",
-        CONFIG,
-        "merged[key] = _merge(merged[key], value)",
-        "merged[key] = _merge(value, merged[key])",
+        CONFIG_FILES,
+        "merged[key] = merge(merged[key], value)",
+        "merged[key] = merge(value, merged[key])",
         "a base config's keys override the file that names it",
     ),
     _training(
