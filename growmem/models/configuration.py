@@ -76,7 +76,7 @@ class GrowMemConfig(PreTrainedConfig):
             rule="attention": memory=None), which config.json files saved by them hold:
             converted to ``memory`` with a FutureWarning (save_pretrained writes the new form).
             Titans models trained before growmem's decay toward the initial weights
-            (docs/design.md) need ``decay_to="zero"``.
+            (docs/design.md §2.4) need ``decay_to="zero"``.
     """
 
     model_type = "growmem"
