@@ -21,7 +21,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
-from growmem.ops.checks import check_bool, check_positive_float, check_positive_int
+from growmem.ops.checks import (
+    LINEAR_RULES,
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
 from growmem.ops.spec import DEEP_RULES, Caching, DeepMemory, MatrixMemory, memory_spec
 
 # The layer's settings of deep memories only, and their defaults.
@@ -128,6 +134,7 @@ class MemoryConfig:
         layer_names = [f.name for f in fields(cls) if f.name not in ("memory", "caching")]
         layer = {n: values.pop(n) for n in layer_names if n in values}
         rule = values.pop("rule", MatrixMemory.rule)
+        check_choice("rule", rule, (*LINEAR_RULES, *DEEP_RULES))
         memory_class = DeepMemory if rule in DEEP_RULES else MatrixMemory
         knobs = [f.name for f in fields(memory_class) if f.name != "rule"]
         unknown = sorted(set(values) - set(knobs))

@@ -56,6 +56,7 @@ def test_defaults():
     ("values", "message"),
     [
         ({"rule": "lstm"}, r"rule must be one of \['linear', .*'titans'\], got 'lstm'"),
+        ({"rule": "lstm", "mini_batch": 2}, r"rule must be one of .*, got 'lstm'"),
         ({"mini_batch": 4}, r"memory has no setting \['mini_batch'\]: rule 'gated_delta'"),
         ({"rule": "titans", "chunk_size": 8}, r"no setting \['chunk_size'\]: rule 'titans' takes"),
         ({"eta_max": 0.3}, r"eta_max is a setting of the deep memories"),
