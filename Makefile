@@ -12,7 +12,7 @@ STAMP := $(VENV)/.growmem-installed
 TEST_STAMP := $(VENV)/.growmem-test-installed
 LINT_PATHS := growmem tests benchmarks experiments tools
 
-.PHONY: install demo test test-latest lint bench results clean
+.PHONY: install demo train test test-latest lint bench results clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ $(TEST_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m growmem.demo --out runs/demo
+
+# One training run: a task base and a model spec (growmem configs lists both), e.g.
+# make train TASK=niah MODEL=titans+ssc
+TASK ?= mqar
+MODEL ?= gated_delta+grm
+train: $(STAMP)
+	$(PY) -m growmem.cli train $(TASK) --model $(MODEL)
 
 test: $(TEST_STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)

@@ -37,8 +37,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {
-        name: build_model(settings, args.hidden, args.layers, args.heads, args.segment_size)
-        for name, settings in MODELS.items()
+        name: build_model(spec, args.hidden, args.layers, args.heads, args.segment_size)
+        for name, spec in MODELS.items()
     }
     rows = []
     for T in args.lengths:

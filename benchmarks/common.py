@@ -32,27 +32,24 @@ def sdpa_fwd_bwd(B: int, H: int, T: int, D: int):
     )
 
 
-# Every model family of the end-to-end benchmarks: Transformer++ and each recurrent memory with
-# aggregation none, grm and ssc.
-MODELS = {"transformer++": dict(rule="attention")}
+# Every model family of the end-to-end benchmarks (name in the results: model spec):
+# Transformer++ and each recurrent memory with aggregation none, grm and ssc.
+MODELS = {"transformer++": "transformer"}
 for _rule in ("gated_delta", "swla", "titans"):
     for _agg in ("none", "grm", "ssc"):
-        MODELS[_rule if _agg == "none" else f"{_rule}+{_agg}"] = dict(rule=_rule, aggregation=_agg)
+        _spec = _rule if _agg == "none" else f"{_rule}+{_agg}"
+        MODELS[_spec] = _spec
 
 
-def build_model(settings: dict, hidden: int, layers: int, heads: int, segment_size: int):
-    """A float32 GrowMemForCausalLM over the byte vocabulary (seed 0) for speed benchmarks."""
+def build_model(spec: str, hidden: int, layers: int, heads: int, segment_size: int):
+    """A float32 GrowMemForCausalLM of the model spec ``spec`` over the byte vocabulary (seed
+    0) for speed benchmarks: segments of ``segment_size``, ssc reading 2 caches."""
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
+    from growmem.models.model_spec import ModelSpec
 
-    config = GrowMemConfig(
-        vocab_size=259,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_heads=heads,
-        segment_size=segment_size,
-        top_k=2,
-        **settings,
-    )
+    model = dict(hidden_size=hidden, num_hidden_layers=layers, num_heads=heads)
+    model["memory"] = {"caching": {"segment_size": segment_size, "top_k": 2}}
+    config = GrowMemConfig(vocab_size=259, **ModelSpec.parse(spec).apply(model))
     torch.manual_seed(0)
     return GrowMemForCausalLM(config)
 

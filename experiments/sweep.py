@@ -1,9 +1,10 @@
-"""The experiments behind docs/results.md: training runs over presets, seeds and overrides.
+"""The experiments behind docs/results.md: training runs over task bases, models, seeds and
+overrides.
 
     python -m experiments.sweep [EXPERIMENT ...] [--seeds 0 1 2] [--jobs 2] [--models NAME ...]
                                 [--list]
 
-Each cell (experiment, model, seed) trains with ``growmem train`` into
+Each cell (experiment, model, seed) trains with ``growmem train TASK --model SPEC`` into
 runs/experiments/EXPERIMENT/MODEL/seedS (one thread per job) and stores its evaluation and
 training time in results/experiments/EXPERIMENT/MODEL/seedS.json. Cells whose JSON exists are
 skipped, so a sweep can be finished across several sittings; an interrupted cell resumes from
@@ -30,18 +31,21 @@ RUNS = ROOT / "runs" / "experiments"
 
 @dataclass
 class Cell:
-    """One model of an experiment: a preset, overrides, and evaluations after training.
+    """One model of an experiment: a task base, a model spec, overrides, and evaluations after
+    training.
 
     Attributes:
-        name: label in tables.
-        preset: growmem preset (growmem/configs) the run starts from.
-        overrides: ``section.key=value`` settings on top of the preset.
+        name: label in tables (and, as ``slug(name)``, the cell's folder).
+        task: the growmem task base (growmem/configs) the run starts from.
+        model: the model spec (``growmem train TASK --model SPEC``).
+        overrides: ``section.key=value`` settings on top of them.
         evals: extra ``growmem eval`` argument lists; their JSON is stored under
             ``evals[<joined args>]``.
     """
 
     name: str
-    preset: str
+    task: str
+    model: str
     overrides: list[str] = field(default_factory=list)
     evals: list[list[str]] = field(default_factory=list)
 
@@ -53,51 +57,43 @@ MQAR_GRID = ["--lengths", "64", "128", "256", "--kv-pairs", "8", "16", "24", "31
 MQAR_POST_TRAINING_MC = [*MQAR_GRID, "--post-training-mc", "16"]
 
 
-# Titans on MQAR: per-token-like updates. With mini-batch 16 the filler token's identical
-# gradients add up inside a mini-batch and wipe the pairs (experiments/titans_probe.py), and
-# titans stayed at chance; mini-batch 2 keeps them. With mini-batch 1 or 2 an inner
-# learning-rate bound of 1.0 made the outer gradient explode (norms of 1e3-1e7 from the first
-# steps); 0.3 trains. At the cell's lr 3e-3 titans and titans+grm still ended 1600 steps at
-# chance; at 1e-3 titans left chance by step 200 (results/experiments/titans_calibration.json).
-TITANS_MQAR = ["model.mini_batch=2", "model.eta_max=0.3", "train.lr=1e-3"]
+# Titans' MQAR settings (mini-batch 2, inner learning rate at most 0.3, AdamW 1e-3) and the
+# Transformer++'s are the mqar base's per_model settings, with their calibration notes.
 
 
 def _mqar() -> list[Cell]:
-    cells = [Cell("Transformer++", "mqar_transformer", evals=[MQAR_GRID])]
+    cells = [Cell("Transformer++", "mqar", "transformer", evals=[MQAR_GRID])]
     for rule, aggregations in (
         ("gated_delta", ("none", "residual", "grm", "ssc")),
         ("swla", ("none", "residual", "grm", "ssc")),
         ("titans", ("none", "residual", "grm", "soup", "ssc")),
     ):
         for agg in aggregations:
-            name = rule if agg == "none" else f"{rule}+{agg}"
+            spec = rule if agg == "none" else f"{rule}+{agg}"
             evals = [MQAR_GRID, MQAR_POST_TRAINING_MC] if agg == "none" else [MQAR_GRID]
-            overrides = [f"model.rule={rule}", f"model.aggregation={agg}"]
-            overrides += TITANS_MQAR if rule == "titans" else []
-            cells.append(Cell(name, "mqar", overrides, evals=evals))
+            cells.append(Cell(spec, "mqar", spec, evals=evals))
     return cells
 
 
 # MQAR with a state too small for the pairs: 16 heads of 8 dimensions (an 8 x 8 matrix per head)
 # must hold 16 pairs, where the `mqar` setting's 2 heads of 64 hold 8. Segment 8 caches a
 # checkpoint every 4 pairs of the 32-token context.
-SMALL_STATE = ["model.num_heads=16", "model.segment_size=8", "task.num_kv_pairs=16"]
+SMALL_STATE = ["model.num_heads=16", "model.memory.caching.segment_size=8", "task.num_kv_pairs=16"]
 
 
 def _mqar_small_state() -> list[Cell]:
     # 16 pairs keep one-head attention on its plateau far longer than 8 do: with 5000 steps the
     # learning rate decayed before the transition; with 12000 it crossed at step ~4300
     tpp = ["task.num_kv_pairs=16", "train.steps=12000"]
-    cells = [Cell("Transformer++", "mqar_transformer", tpp)]
+    cells = [Cell("Transformer++", "mqar", "transformer", tpp)]
     for agg in ("none", "residual", "grm", "ssc"):
-        name = "gated_delta" if agg == "none" else f"gated_delta+{agg}"
+        spec = "gated_delta" if agg == "none" else f"gated_delta+{agg}"
         evals = [["--post-training-mc", "8"]] if agg == "none" else []
-        overrides = ["model.rule=gated_delta", f"model.aggregation={agg}", *SMALL_STATE]
-        cells.append(Cell(name, "mqar", overrides, evals=evals))
+        cells.append(Cell(spec, "mqar", spec, SMALL_STATE, evals=evals))
     return cells
 
 
-# S-NIAH cells: the presets' training (fresh examples every step). The recurrent cells are
+# S-NIAH cells: the niah base's training (fresh examples every step). The recurrent cells are
 # also evaluated halfway, at step 1000 (with 1000 steps in all only the cached ones had begun
 # to leave the digits' prior; results/experiments/niah_calibration.json).
 NIAH = ["task.num_eval_examples=10"]
@@ -107,35 +103,31 @@ NIAH_RECURRENT = [*NIAH, "train.eval_every=1000"]
 def _niah() -> list[Cell]:
     post_training_mc = [["--post-training-mc", "256"]]
     return [
-        Cell("Transformer++", "niah_transformer", [*NIAH, "train.eval_every=0"]),
-        Cell("gated_delta", "niah_gated_delta", NIAH_RECURRENT, evals=post_training_mc),
-        Cell("gated_delta+grm", "niah_gated_delta_grm", NIAH_RECURRENT),
-        Cell("gated_delta+ssc", "niah_gated_delta_ssc", NIAH_RECURRENT),
+        Cell("Transformer++", "niah", "transformer", [*NIAH, "train.eval_every=0"]),
+        Cell("gated_delta", "niah", "gated_delta", NIAH_RECURRENT, evals=post_training_mc),
+        Cell("gated_delta+grm", "niah", "gated_delta+grm", NIAH_RECURRENT),
+        Cell("gated_delta+ssc", "niah", "gated_delta+ssc", NIAH_RECURRENT),
     ]
 
 
 def _lm() -> list[Cell]:
     short = ["train.steps=300", "train.batch_size=8", "task.eval_blocks=32"]
-    cells = [Cell("Transformer++", "lm_transformer", short)]
+    cells = [Cell("Transformer++", "lm", "transformer", short)]
     for rule in ("gated_delta", "titans"):
         for agg in ("none", "grm", "ssc"):
-            name = rule if agg == "none" else f"{rule}+{agg}"
-            cells.append(
-                Cell(name, "lm", [*short, f"model.rule={rule}", f"model.aggregation={agg}"])
-            )
+            spec = rule if agg == "none" else f"{rule}+{agg}"
+            cells.append(Cell(spec, "lm", spec, short))
     # Ablations of gated_delta+grm (segment 128, continuous init, mean summaries). Log-Linear++
     # is grm over logarithmic buckets of segments; segment 32 gives it up to 15 segments to
     # group (the grm row with segment 32 is its constant-segment counterpart).
-    grm = [*short, "model.aggregation=grm"]
-    for label, extra in (
-        ("gated_delta+grm, segment 32", ["model.segment_size=32"]),
-        ("gated_delta+grm, segment 256", ["model.segment_size=256"]),
-        ("gated_delta+grm, independent init", ["model.init=independent"]),
-        ("gated_delta+grm, summary sum", ["model.summary=sum"]),
+    for label, spec, extra in (
+        ("gated_delta+grm, segment 32", "gated_delta+grm@32", []),
+        ("gated_delta+grm, segment 256", "gated_delta+grm@256", []),
+        ("gated_delta+grm, independent init", "gated_delta+grm", ["caching.init=independent"]),
+        ("gated_delta+grm, summary sum", "gated_delta+grm", ["caching.summary=sum"]),
+        ("gated_delta+loglinear, segment 32", "gated_delta+loglinear@32", []),
     ):
-        cells.append(Cell(label, "lm", grm + extra))
-    log_linear = [*short, "model.aggregation=loglinear", "model.segment_size=32"]
-    cells.append(Cell("gated_delta+loglinear, segment 32", "lm", log_linear))
+        cells.append(Cell(label, "lm", spec, [*short, *(f"model.memory.{e}" for e in extra)]))
     return cells
 
 
@@ -167,11 +159,12 @@ def _growmem(*args: str, log: Path) -> None:
         )
 
 
-def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
-    """Train (or resume) one cell, evaluate it, and write its result JSON atomically."""
-    out = RUNS / experiment / slug(cell.name) / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "sweep.log"
+def run_folder(experiment: str, cell: Cell, seed: int) -> Path:
+    return RUNS / experiment / slug(cell.name) / f"seed{seed}"
+
+
+def train_arguments(cell: Cell, out: Path, seed: int) -> list[str]:
+    """The ``growmem`` arguments that train ``cell`` with ``seed`` into ``out``."""
     settings = [
         *cell.overrides,
         f"train.seed={seed}",
@@ -179,10 +172,26 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
         "train.threads=1",
         "train.progress=false",
     ]
-    args = ["train", cell.preset, "--auto-resume", *(a for s in settings for a in ("--set", s))]
+    sets = (a for s in settings for a in ("--set", s))
+    return ["train", cell.task, "--model", cell.model, "--auto-resume", *sets]
+
+
+def cell_config(experiment: str, cell: Cell, seed: int = 0):
+    """The RunConfig the cell trains with (as ``growmem train`` resolves its arguments)."""
+    from growmem import cli
+
+    arguments = train_arguments(cell, run_folder(experiment, cell, seed), seed)
+    return cli.run_config(cli.build_parser().parse_args(arguments))
+
+
+def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
+    """Train (or resume) one cell, evaluate it, and write its result JSON atomically."""
+    out = run_folder(experiment, cell, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "sweep.log"
     start = time.time()
     if not (out / "model" / "eval.json").is_file():
-        _growmem(*args, log=log)
+        _growmem(*train_arguments(cell, out, seed), log=log)
     seconds = time.time() - start
     evals = {}
     for extra in cell.evals:
@@ -195,7 +204,8 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
     result = {
         "experiment": experiment,
         "model": cell.name,
-        "preset": cell.preset,
+        "task": cell.task,
+        "model_spec": cell.model,
         "overrides": cell.overrides,
         "seed": seed,
         "steps": train_lines[-1]["step"],
@@ -233,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for exp, cell, seed in todo:
             done = result_path(exp, cell, seed).is_file()
-            print(f"{'done' if done else 'todo'}  {exp:16s} {cell.name:36s} seed {seed}")
+            where = f"{cell.task} --model {cell.model}"
+            print(
+                f"{'done' if done else 'todo'}  {exp:16s} {cell.name:36s} {where:32s} seed {seed}"
+            )
         return 0
     todo = [t for t in todo if not result_path(*t).is_file()]
     print(f"{len(todo)} cells to run", flush=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.sweep import TITANS_MQAR
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks._common import IGNORE_INDEX
 from growmem.train import build_optimizer
@@ -35,8 +34,9 @@ PRESETS = ROOT / "growmem" / "configs"
 
 
 def _config(aggregation: str, seed: int) -> RunConfig:
-    overrides = ["model.rule=titans", f"model.aggregation={aggregation}", *TITANS_MQAR]
-    return load_config(PRESETS / "mqar.yaml", [*overrides, f"train.seed={seed}"], PRESETS)
+    """The sweep's titans+AGGREGATION cell on mqar (its per_model titans settings)."""
+    spec = f"titans+{aggregation}"
+    return load_config(PRESETS / "mqar.yaml", [f"train.seed={seed}"], PRESETS, model=spec)
 
 
 def shared_start(aggregation: str, data: TaskData, seed: int) -> GrowMemForCausalLM:

@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from growmem.layers.mc_attention import MemoryCachingAttention
+from growmem.layers import MemoryCachingAttention, MemoryConfig
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.deep.api import deep_memory
 from growmem.ops.linear.api import linear_memory
+from growmem.ops.spec import DEEP_RULES
 from growmem.tasks.mqar import MQARConfig, generate_mqar
 from growmem.utils.provenance import write_json
 
@@ -146,7 +147,8 @@ def read_path_probe(rule: str, eta_max: float = 0.1, seed: int = 0) -> float:
     torch.manual_seed(seed)
     embeddings = torch.randn(config.vocab_size, 128)
     deep = {"eta_max": eta_max, "mini_batch": 16} if rule == "titans" else {}
-    layer = MemoryCachingAttention(128, 2, rule=rule, aggregation="none", **deep)
+    memory = {"rule": rule, **deep, "caching": {"aggregation": "none"}}
+    layer = MemoryCachingAttention(128, 2, MemoryConfig.from_dict(memory))
     x = embeddings[data["input_ids"]].requires_grad_()  # [N, T, 128]
     o, _ = layer(x)
     # the query key token sits just before each labelled value
@@ -161,16 +163,10 @@ def read_path_probe(rule: str, eta_max: float = 0.1, seed: int = 0) -> float:
 def _mqar_model(rule: str, mini_batch: int = 16, eta_max: float = 0.1) -> GrowMemForCausalLM:
     """A freshly initialised `mqar` model (seeded) with ``rule`` in every layer."""
     torch.manual_seed(0)
+    deep = {"mini_batch": mini_batch, "eta_max": eta_max} if rule in DEEP_RULES else {}
+    memory = {"rule": rule, **deep, "caching": {"aggregation": "none", "segment_size": 16}}
     config = GrowMemConfig(
-        vocab_size=64,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_heads=2,
-        rule=rule,
-        aggregation="none",
-        segment_size=16,
-        mini_batch=mini_batch,
-        eta_max=eta_max,
+        vocab_size=64, hidden_size=128, num_hidden_layers=2, num_heads=2, memory=memory
     )
     return GrowMemForCausalLM(config)
 

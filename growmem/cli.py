@@ -1,9 +1,13 @@
 """The ``growmem`` command: train and evaluate models.
 
-growmem train CONFIG [--set section.key=value ...] [--resume | --auto-resume]
+growmem train CONFIG [--model SPEC] [--set section.key=value ...] [--resume | --auto-resume]
 growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...]
              [--post-training-mc SEGMENT] [--device DEVICE]
 growmem configs
+
+CONFIG is a YAML file or a task base (mqar, niah, lm); SPEC names the model trained on it:
+transformer, or RULE[+AGGREGATION][@SEGMENTS] such as gated_delta+grm, titans+ssc@32 or
+gated_delta+loglinear@log (growmem.models.model_spec).
 
 Errors in what it is given (a config, a folder, a damaged file, a full disk) are reported on
 one line, ``growmem COMMAND: error: ...``, with exit status 2.
@@ -45,7 +49,7 @@ def int_at_least(low: int):
 
 
 def resolve_config(name: str) -> Path:
-    """A config path, or the name of a preset in growmem/configs (with or without .yaml)."""
+    """A config path, or the name of a task base in growmem/configs (with or without .yaml)."""
     path = Path(name)
     if path.is_file():
         return path
@@ -53,15 +57,32 @@ def resolve_config(name: str) -> Path:
     if preset.is_file():
         return preset
     raise FileNotFoundError(
-        f"config not found: {name} (neither a file nor a preset; `growmem configs` lists them)"
+        f"config not found: {name} (neither a file nor a task base; `growmem configs` lists them)"
     )
+
+
+def model_spec(text: str) -> str:
+    """An argparse type: a model spec, checked (the error lists the rules and aggregations)."""
+    from growmem.models.model_spec import ModelSpec
+
+    try:
+        return str(ModelSpec.parse(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def run_config(args):
+    """The RunConfig that ``growmem train`` with the parsed ``args`` trains."""
+    from growmem.training.config import load_config
+
+    path = resolve_config(args.config)
+    return load_config(path, args.set, presets=CONFIGS, model=args.model)
 
 
 def cmd_train(args) -> int:
     from growmem.train import train
-    from growmem.training.config import load_config
 
-    config = load_config(resolve_config(args.config), args.set, presets=CONFIGS)
+    config = run_config(args)
     resume = "auto" if args.auto_resume else args.resume
     final = train(config, resume=resume, stop_after=args.stop_after)
     if final is None:
@@ -74,6 +95,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, plot_results
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
+    from growmem.models.model_spec import spec_of
     from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
     from growmem.training.checkpoint import (
         CONFIG_FILE,
@@ -99,7 +121,15 @@ def cmd_eval(args) -> int:
     config = GrowMemConfig.from_pretrained(folder)
     label = ""
     if args.post_training_mc is not None:
-        config.aggregation, config.segment_size = "mean", args.post_training_mc
+        if config.memory is None:
+            raise ValueError("--post-training-mc needs memory layers; the model has none")
+        caching = dataclasses.replace(
+            config.memory.caching,
+            aggregation="mean",
+            segment_size=args.post_training_mc,
+            segments=None,
+        )
+        config.memory = dataclasses.replace(config.memory, caching=caching)
         label = f"-mc{args.post_training_mc}"
     model = GrowMemForCausalLM(config)
     load_weights(folder, model)
@@ -164,22 +194,39 @@ def cmd_eval(args) -> int:
     plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     print(json.dumps(summary))
-    print(f"wrote {path} and {plot}")
+    print(f"wrote {path} and {plot} (model {spec_of(config)})")
     return 0
 
 
 def cmd_configs(_args) -> int:
+    from growmem.models.model_spec import GRAMMAR
+
     for path in sorted(CONFIGS.glob("*.yaml")):
         print(path.stem)
+    print(f"model specs (growmem train BASE --model SPEC): {GRAMMAR}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
+    """The command line parser of ``growmem``."""
     parser = Parser(prog="growmem", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="a YAML file or the name of a preset (growmem configs)")
+    p = commands.add_parser(
+        "train",
+        help="train a model from a YAML config or a task base",
+        description="Train a model: growmem train mqar --model gated_delta+grm",
+    )
+    p.add_argument("config", help="a YAML file or a task base: mqar, niah, lm (growmem configs)")
+    p.add_argument(
+        "--model",
+        type=model_spec,
+        metavar="SPEC",
+        help="the model: transformer, or RULE[+AGGREGATION][@SEGMENTS] such as gated_delta, "
+        "gated_delta+grm, titans+ssc@32, gated_delta+loglinear@log, swla+grm@8,8,16 (default: "
+        "the config's model; its per_model settings for the model's family apply; the run "
+        "folder gets the spec as a suffix)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -202,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(run=cmd_train)
 
-    p = commands.add_parser("eval", help="evaluate a saved model folder")
+    p = commands.add_parser(
+        "eval",
+        help="evaluate a saved model folder",
+        description="Evaluate a saved model folder of any model spec (printed at the end).",
+    )
     p.add_argument("model", help="a model folder (RUN/model) or a checkpoint folder")
     p.add_argument("--task", choices=["mqar", "niah", "lm"], help="default: the run's task")
     p.add_argument(
@@ -218,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "--post-training-mc",
         type=int_at_least(1),
         metavar="SEGMENT",
-        help="read the memory through Memory Caching (uniform mean over segments of SEGMENT "
-        "tokens) at inference only",
+        help="read the memory through Memory Caching at inference only: the model's spec "
+        "becomes RULE+mean@SEGMENT (uniform mean over segments of SEGMENT tokens)",
     )
     p.add_argument(
         "--max-blocks", type=int_at_least(0), default=0, help="lm: blocks to score (0: task's)"
@@ -233,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="folder for eval-*.json and .png (default: the model folder)")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("configs", help="list the preset configs")
+    p = commands.add_parser("configs", help="list the task bases and the model spec grammar")
     p.set_defaults(run=cmd_configs)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, OSError) as error:

@@ -1,9 +1,9 @@
 """The MQAR demo: does Memory Caching change how much a recurrent model can recall?
 
-Trains Transformer++, gated_delta, gated_delta+grm and gated_delta+ssc on the ``mqar`` preset
-(``--jobs`` trainings at a time, one thread each), then prints the accuracy of each model per
-number of key-value pairs and plots it. Runs whose model folder exists are not retrained, so an
-interrupted demo continues where it stopped.
+Trains Transformer++, gated_delta, gated_delta+grm and gated_delta+ssc on the ``mqar`` task base
+(``growmem train mqar --model SPEC``, ``--jobs`` trainings at a time, one thread each), then
+prints the accuracy of each model per number of key-value pairs and plots it. Runs whose model
+folder exists are not retrained, so an interrupted demo continues where it stopped.
 
     python -m growmem.demo [--out runs/demo] [--jobs 2] [--set section.key=value ...]
 """
@@ -23,20 +23,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from growmem.cli import Parser, int_at_least, resolve_config
+from growmem.models.model_spec import ModelSpec
 from growmem.training.config import load_config
 
+TASK = "mqar"
+# table label: model spec
 MODELS = {
-    "Transformer++": "mqar_transformer",
-    "gated_delta": "mqar_gated_delta",
-    "gated_delta+grm": "mqar_gated_delta_grm",
-    "gated_delta+ssc": "mqar_gated_delta_ssc",
+    "Transformer++": "transformer",
+    "gated_delta": "gated_delta",
+    "gated_delta+grm": "gated_delta+grm",
+    "gated_delta+ssc": "gated_delta+ssc",
 }
 
 
-def launch(preset: str, out: Path, overrides: list[str]) -> subprocess.Popen:
-    """Start (or continue) ``growmem train PRESET`` into ``out`` on one thread, logging to
-    out/train.log."""
-    command = [sys.executable, "-m", "growmem.cli", "train", preset, "--auto-resume"]
+def run_folder(root: Path, spec: str) -> Path:
+    """Where the demo trains the model ``spec``: root/mqar_gated_delta_grm."""
+    return root / f"{TASK}_{ModelSpec.parse(spec).slug}"
+
+
+def launch(spec: str, out: Path, overrides: list[str]) -> subprocess.Popen:
+    """Start (or continue) ``growmem train mqar --model SPEC`` into ``out`` on one thread,
+    logging to out/train.log."""
+    command = [sys.executable, "-m", "growmem.cli", "train", TASK, "--model", spec]
+    command.append("--auto-resume")
     for item in [f"train.out_dir={out}", "train.threads=1", "train.progress=false", *overrides]:
         command += ["--set", item]
     out.mkdir(parents=True, exist_ok=True)
@@ -48,13 +57,15 @@ def launch(preset: str, out: Path, overrides: list[str]) -> subprocess.Popen:
 
 
 def check_overrides(root: Path, overrides: list[str]) -> None:
-    """Load every preset with ``overrides`` as its training will (before anything starts).
+    """Load every model's config with ``overrides`` as its training will (before anything
+    starts).
 
     Raises:
-        ValueError: an override that a preset's config refuses.
+        ValueError: an override that a model's config refuses.
     """
-    for preset in MODELS.values():
-        load_config(resolve_config(preset), [*overrides, f"train.out_dir={root / preset}"])
+    for spec in MODELS.values():
+        out = f"train.out_dir={run_folder(root, spec)}"
+        load_config(resolve_config(TASK), [*overrides, out], model=spec)
 
 
 def _last_line(path: Path) -> str:
@@ -70,18 +81,18 @@ def run_all(root: Path, jobs: int, overrides: list[str]) -> None:
             log line.
     """
     pending = [
-        (name, preset)
-        for name, preset in MODELS.items()
-        if not (root / preset / "model" / "eval.json").is_file()
+        (name, spec)
+        for name, spec in MODELS.items()
+        if not (run_folder(root, spec) / "model" / "eval.json").is_file()
     ]
     running: list[tuple[str, Path, subprocess.Popen, float]] = []
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                name, preset = pending.pop(0)
-                out = root / preset
-                print(f"training {name} ({preset}) -> {out}", flush=True)
-                running.append((name, out, launch(preset, out, overrides), time.time()))
+                name, spec = pending.pop(0)
+                out = run_folder(root, spec)
+                print(f"training {name} ({TASK} --model {spec}) -> {out}", flush=True)
+                running.append((name, out, launch(spec, out, overrides), time.time()))
             time.sleep(1)
             for item in list(running):
                 name, out, process, start = item
@@ -103,8 +114,8 @@ def run_all(root: Path, jobs: int, overrides: list[str]) -> None:
 def report(root: Path) -> Path:
     """Print the accuracy table and write the plot; returns the PNG's path."""
     results = {
-        name: json.loads((root / preset / "model" / "eval.json").read_text())
-        for name, preset in MODELS.items()
+        name: json.loads((run_folder(root, spec) / "model" / "eval.json").read_text())
+        for name, spec in MODELS.items()
     }
     pairs = [s["num_kv_pairs"] for s in next(iter(results.values()))["slices"]]
     seq_len = next(iter(results.values()))["slices"][0]["seq_len"]
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override the mqar preset for every model, e.g. --set train.steps=100",
+        help="override the mqar task base for every model, e.g. --set train.steps=100",
     )
     args = parser.parse_args(argv)
     root = Path(args.out)

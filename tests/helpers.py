@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
+from growmem.layers import MemoryConfig
+from growmem.layers.config import DEEP_LAYER_DEFAULTS
 from growmem.ops.checks import RULE_GATES
+from growmem.ops.spec import DEEP_RULES, Caching, DeepMemory, MatrixMemory
+
+CACHING_FIELDS = frozenset(f.name for f in dataclasses.fields(Caching))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,3 +102,33 @@ def assert_finite_and_equal(a: torch.Tensor, b: torch.Tensor, what: str, tol: fl
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     assert torch.isfinite(a).all(), f"{what}: not finite"
     assert torch.equal(a, b) or rel_err(a, b) < tol, f"{what}: rel err {rel_err(a, b):.3e}"
+
+
+def memory_config(rule: str = "gated_delta", **settings) -> MemoryConfig:
+    """A MemoryConfig from one flat dict of test settings: the ``Caching`` fields (aggregation,
+    segment_size, segments, top_k, init, summary, gate_scale) go to ``caching``, the rest are
+    the rule's knobs and the layer's options (names as in ``MemoryConfig.to_dict``)."""
+    caching = {k: settings.pop(k) for k in CACHING_FIELDS & set(settings)}
+    return MemoryConfig.from_dict({"rule": rule, **settings, "caching": caching})
+
+
+# A memory's settings that only one kind of memory has (the rest: both, or the caching ones).
+_DEEP_ONLY = {f.name for f in dataclasses.fields(DeepMemory)} - {"rule"} | set(DEEP_LAYER_DEFAULTS)
+_MATRIX_ONLY = {f.name for f in dataclasses.fields(MatrixMemory)} - {"rule"}
+
+
+def growmem_config(rule: str = "gated_delta", **settings):
+    """A GrowMemConfig from flat test settings: its own arguments and the memory's (as
+    ``memory_config`` takes them). A knob of the other kind of memory is left out, so that one
+    set of settings serves every rule; rule "attention" is the Transformer++ (no memory)."""
+    import inspect
+
+    from growmem.models import GrowMemConfig
+
+    own = set(inspect.signature(GrowMemConfig.__init__).parameters) - {"self", "kwargs"}
+    model = {k: settings.pop(k) for k in own & set(settings)}
+    if rule == "attention":
+        return GrowMemConfig(**model, memory=None)
+    other = _DEEP_ONLY if rule not in DEEP_RULES else _MATRIX_ONLY
+    memory = memory_config(rule, **{k: v for k, v in settings.items() if k not in other})
+    return GrowMemConfig(**model, memory=memory)

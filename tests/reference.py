@@ -5,7 +5,8 @@ model code, one formula per line, with explicit loops over tokens where the code
 path (the causal short convolution, the attention). They read a module's *own* parameters by
 name (``module.state_dict()``) and rebuild every projection, gate and norm from them, so a
 wrong formula in growmem/layers or growmem/models shows as a mismatch. Options (rule,
-segment size, eta_max, ...) are passed explicitly, never read back from the module.
+segment size, eta_max, ...: a MemoryConfig) are passed explicitly, never read back from the
+module.
 
 From growmem they import only the per-token references of the ops (growmem/ops/*/naive.py,
 the spec of the memory rules and of Memory Caching).
@@ -19,7 +20,8 @@ The layer, for one row of tokens x_t (docs/design.md §4):
     β = σ(x W_b + b_b), λ = σ(x W_l + b_l)        write strength, current-token weight
     η = eta_max · σ(x W_η + b_η)                  deep rules' inner learning rate; titans'
                                                    momentum is β above
-    o = memory_caching(q, k, v, u; gates)          per-token op reference, gate scale 1/√D
+    o = memory_caching(q, k, v, u; gates)          per-token op reference, gate scale
+                                                   caching.gate_scale or 1/√D
     y = (RMSNorm_head(o) · w ⊙ SiLU(z)) W_o
 """
 
@@ -29,6 +31,7 @@ import math
 
 import torch
 
+from growmem.layers import MemoryConfig
 from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
 
@@ -45,7 +48,6 @@ GATES = {
 }
 DEEP = ("dla", "titans")
 GATED = ("grm", "soup", "ssc", "loglinear")  # aggregations scored by <u_t, c_i>
-DEEP_LN_EPS = 1e-5  # the deep memory's LayerNorm epsilon (the ops' default)
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +95,15 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def segment_lengths(T: int, size: int) -> list[int]:
-    """Constant segments of ``size`` tokens, the last one shorter: 37, 5 -> [5] * 7 + [2]."""
+def segment_lengths(T: int, size: int | None, segments=None) -> list[int]:
+    """The segment lengths of T tokens: constant ``size`` with the last one shorter (37, 5 ->
+    [5] * 7 + [2]), ``segments`` "log" (the powers of two of T, largest first: 37 -> [32, 4,
+    1]) or explicit lengths (which must sum to T)."""
+    if segments == "log":
+        return [1 << i for i in reversed(range(T.bit_length())) if T >> i & 1]
+    if segments is not None:
+        assert sum(segments) == T, (segments, T)
+        return list(segments)
     return [size] * (T // size) + ([T % size] if T % size else [])
 
 
@@ -102,38 +111,29 @@ def memory_layer_reference(
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     *,
-    rule: str,
-    aggregation: str,
+    config: MemoryConfig,
     num_heads: int,
     head_dim: int,
-    segment_size: int,
-    top_k: int,
-    init: str,
-    summary: str,
-    use_short_conv: bool,
-    qk_norm: bool,
     norm_eps: float,
-    eta_max: float,
-    mini_batch: int,
-    max_grad_norm: float | None,
-    mlp_norm: bool,
-    decay_to: str,
 ) -> torch.Tensor:
     """MemoryCachingAttention over unpadded rows x [B, T, hidden]: [B, T, hidden].
 
     Args:
         params: the layer's state_dict (names relative to the layer).
-        others: the layer's constructor options (the deep ones are read for dla/titans only).
+        config: the settings the layer was built with (the memory's rule and knobs, the
+            caching choices, the layer's options); num_heads, head_dim, norm_eps: the layer's.
     """
+    memory, caching = config.memory, config.caching
+    rule, aggregation = memory.rule, caching.aggregation
     B, T, _ = x.shape
     H, D = num_heads, head_dim
     inner = H * D
     proj = linear(x, params["in_proj.weight"])  # [B, T, (4 or 5) · inner]
     qkv = proj[..., : 3 * inner]
-    if use_short_conv:
+    if config.use_short_conv:
         qkv = causal_conv(qkv, params["conv.weight"], params["conv.bias"])
     q, k, v = (qkv[..., i * inner : (i + 1) * inner].reshape(B, T, H, D) for i in range(3))
-    if qk_norm:
+    if config.qk_norm:
         q, k = l2_normalize(q), l2_normalize(k)
     gated = aggregation in GATED
     u = proj[..., 3 * inner : 4 * inner].reshape(B, T, H, D) if gated else None
@@ -150,15 +150,15 @@ def memory_layer_reference(
             gates["lam"] = sigmoid(linear(x, params["l_proj.weight"], params["l_proj.bias"]))
         else:
             logits = linear(x, params["eta_proj.weight"], params["eta_proj.bias"])
-            gates["eta"] = eta_max * sigmoid(logits)
+            gates["eta"] = config.eta_max * sigmoid(logits)
 
     common = dict(
-        lengths=segment_lengths(T, segment_size),
+        lengths=segment_lengths(T, caching.segment_size, caching.segments),
         aggregation=aggregation,
-        top_k=top_k,
-        init=init,
-        summary=summary,
-        gate_scale=1.0 / math.sqrt(D),
+        top_k=caching.top_k,
+        init=caching.init,
+        summary=caching.summary,
+        gate_scale=1.0 / math.sqrt(D) if caching.gate_scale is None else caching.gate_scale,
     )
     if rule in DEEP:
         o = deep_memory_caching_reference(
@@ -171,11 +171,11 @@ def memory_layer_reference(
             g=gates.get("g"),
             beta=gates.get("beta"),
             init_weights=(params["W1_0"], params["W2_0"]),
-            mini_batch=mini_batch,
-            norm=mlp_norm,
-            max_grad_norm=max_grad_norm,
-            eps=DEEP_LN_EPS,
-            decay_to=decay_to,
+            mini_batch=memory.mini_batch,
+            norm=memory.norm,
+            max_grad_norm=memory.max_grad_norm,
+            eps=memory.eps,
+            decay_to=memory.decay_to,
             **common,
         )
     else:
@@ -230,7 +230,8 @@ def causal_lm_reference(params: dict[str, torch.Tensor], config, ids: torch.Tens
 
     Embedding -> blocks (x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)), SwiGLU(h) =
     (SiLU(h W_gate) ⊙ h W_up) W_down) -> RMSNorm -> lm_head (the embedding when tied). A layer's
-    mixer is softmax attention when rule == "attention" or its index is in attn_layers.
+    mixer is softmax attention when the config has no memory (Transformer++) or its index is
+    in attn_layers.
 
     Args:
         params: the model's state_dict; config: its GrowMemConfig (options are read from it).
@@ -242,7 +243,7 @@ def causal_lm_reference(params: dict[str, torch.Tensor], config, ids: torch.Tens
         block = sub_params(params, f"model.layers.{i}.")
         mixer = sub_params(block, "mixer.")
         h = rms_norm(x, block["mixer_norm.weight"], eps)
-        if config.rule == "attention" or i in config.attn_layers:
+        if config.memory is None or i in config.attn_layers:
             h = attention_reference(
                 mixer,
                 h,
@@ -255,22 +256,10 @@ def causal_lm_reference(params: dict[str, torch.Tensor], config, ids: torch.Tens
             h = memory_layer_reference(
                 mixer,
                 h,
-                rule=config.rule,
-                aggregation=config.aggregation,
+                config=config.memory,
                 num_heads=config.num_heads,
                 head_dim=config.head_dim,
-                segment_size=config.segment_size,
-                top_k=config.ssc_top_k,
-                init=config.init,
-                summary=config.summary,
-                use_short_conv=config.use_short_conv,
-                qk_norm=config.qk_norm,
                 norm_eps=eps,
-                eta_max=config.eta_max,
-                mini_batch=config.mini_batch,
-                max_grad_norm=config.max_grad_norm,
-                mlp_norm=config.mlp_norm,
-                decay_to=config.decay_to,
             )
         x = x + h
         h = rms_norm(x, block["mlp_norm.weight"], eps)

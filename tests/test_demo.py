@@ -49,10 +49,10 @@ def test_bad_override_is_refused_before_any_training(tmp_path, capsys):
 def test_a_failed_training_stops_the_others(tmp_path, capsys, monkeypatch):
     started = []
 
-    def fake_launch(preset, out, overrides):
+    def fake_launch(spec, out, overrides):
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "train.log", "a")  # noqa: SIM115 -- closed by run_all
-        if preset == demo.MODELS["Transformer++"]:
+        if spec == demo.MODELS["Transformer++"]:
             code = "print('growmem train: error: out of ideas'); raise SystemExit(2)"
         else:
             code = "import time; time.sleep(120)"

@@ -1,6 +1,7 @@
 """nn.Modules: token mixers and their building blocks."""
 
 from growmem.layers.attention import Attention, AttentionLayerCache
+from growmem.layers.config import MemoryConfig
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.mc_attention import (
     MemoryCachingAttention,
@@ -16,6 +17,7 @@ __all__ = [
     "GatedRMSNorm",
     "MemoryCachingAttention",
     "MemoryCachingLayerCache",
+    "MemoryConfig",
     "RMSNorm",
     "RowGroup",
     "ShortConvolution",

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from growmem.ops.checks import check_bool, check_choice, check_positive_float, check_positive_int
-from growmem.ops.spec import DECAY_TARGETS
-
 
 def check_hidden_states(hidden_states, hidden_size: int) -> None:
     """hidden_states must be a [B, T >= 1, hidden_size] tensor."""
@@ -20,41 +17,6 @@ def check_hidden_states(hidden_states, hidden_size: int) -> None:
         raise ValueError(
             f"hidden_states must have shape [B, T >= 1, {hidden_size}], got {tuple(shape)}"
         )
-
-
-def check_memory_options(
-    *,
-    conv_size,
-    chunk_size,
-    expansion,
-    mini_batch,
-    eta_max,
-    max_grad_norm,
-    norm_eps,
-    use_short_conv,
-    qk_norm,
-    mlp_norm,
-    decay_to,
-) -> None:
-    """Check the options of a MemoryCachingAttention layer that stand on their own (also
-    those of the deep rules, whatever the rule: a configuration holds them all)."""
-    for name, x in (
-        ("conv_size", conv_size),
-        ("chunk_size", chunk_size),
-        ("expansion", expansion),
-        ("mini_batch", mini_batch),
-    ):
-        check_positive_int(name, x)
-    check_positive_float("eta_max", eta_max)
-    check_positive_float("max_grad_norm", max_grad_norm, allow_none=True)
-    check_positive_float("norm_eps", norm_eps)
-    for name, x in (
-        ("use_short_conv", use_short_conv),
-        ("qk_norm", qk_norm),
-        ("mlp_norm", mlp_norm),
-    ):
-        check_bool(name, x)
-    check_choice("decay_to", decay_to, DECAY_TARGETS)
 
 
 def check_layer_cache(cache, cache_type: type, batch_size: int, layer_config: tuple) -> None:

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growmem.layers.checks import (
-    check_hidden_states,
-    check_layer_cache,
-    check_memory_options,
-    padding_mask,
+from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
+from growmem.layers.config import (
+    FLAT_DEFAULTS,
+    FLAT_PATHS,
+    MemoryConfig,
+    flat_value,
+    nested_from_flat,
+    warn_flat,
 )
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
-from growmem.ops.caching import MemoryCache, check_caching_choices, memory_caching
-from growmem.ops.caching.select import GATED_AGGREGATIONS
-from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
-from growmem.ops.deep import DEEP_RULES
-
-# Per-token gates of the deep rules: eta (inner learning rate), g (weight decay), beta
-# (momentum).
-DEEP_GATES = {"dla": ("eta",), "titans": ("eta", "g", "beta")}
+from growmem.ops.caching import MemoryCache, SegmentPlan, memory_caching
+from growmem.ops.checks import check_positive_float, check_positive_int
 
 
 @dataclass
@@ -56,8 +54,8 @@ class RowGroup:
 class MemoryCachingLayerCache:
     """What one MemoryCachingAttention layer keeps between calls.
 
-    ``layer_config`` fingerprints the layer settings that shape the state (the memory's own
-    configuration is checked by the op), so that a cache is never continued by another layer.
+    ``layer_config`` fingerprints the layer's sizes and its MemoryConfig, so that a cache is
+    never continued by a layer of other settings.
     """
 
     batch_size: int
@@ -104,75 +102,46 @@ class MemoryCachingAttention(nn.Module):
     Args:
         hidden_size: model width.
         num_heads: memory heads.
-        rule: linear | decay | delta | gated_delta | swla (matrix memories) or dla | titans
-            (MLP memories).
-        aggregation: none | residual | grm | soup | ssc | loglinear | mean.
-        segment_size: tokens per cached segment.
-        top_k: caches ssc reads per token.
-        init: continuous | independent.
-        summary: mean | sum (segment key summaries).
+        config: the memory, its caching and the layer's options (``MemoryConfig``; default:
+            gated_delta with grm over segments of 256). ``config.memory`` and
+            ``config.caching`` go to the op unchanged.
         head_dim: per-head key/value size (default hidden_size // num_heads).
-        use_short_conv: causal depthwise conv on q, k, v.
-        conv_size: its kernel size.
-        qk_norm: L2-normalise q and k (needed by the delta rules for stability).
         norm_eps: epsilon of the output norm.
-        chunk_size: chunk length of the scans.
         layer_idx: index of the layer in a model (for caches).
-        expansion: deep rules: hidden size of the MLP memory is expansion * head_dim.
-        mini_batch: deep rules: tokens whose inner gradients share one set of weights.
-        eta_max: deep rules: bound of the inner learning rate.
-        max_grad_norm: deep rules: per-token soft clamp of the inner gradient norm.
-        mlp_norm: deep rules: LayerNorm on the MLP memory's output.
-        decay_to: titans: what its decay forgets toward, "init" (the learned initial MLP
-            weights) or "zero" (Titans' equation read literally; chaotic at long context with
-            mlp_norm, see docs/design.md §2.4).
+        **flat: deprecated: the flat settings of earlier releases (rule=, aggregation=,
+            segment_size=, ...; see ``growmem.layers.config.FLAT_PATHS``), converted to a
+            MemoryConfig with a FutureWarning. Pass them or ``config``, not both.
     """
 
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
+        config: MemoryConfig | None = None,
         *,
-        rule: str = "gated_delta",
-        aggregation: str = "grm",
-        segment_size: int = 256,
-        top_k: int = 2,
-        init: str = "continuous",
-        summary: str = "mean",
         head_dim: int | None = None,
-        use_short_conv: bool = True,
-        conv_size: int = 4,
-        qk_norm: bool = True,
         norm_eps: float = 1e-6,
-        chunk_size: int = 64,
         layer_idx: int | None = None,
-        expansion: int = 4,
-        mini_batch: int = 64,
-        eta_max: float = 0.1,
-        max_grad_norm: float | None = 1.0,
-        mlp_norm: bool = True,
-        decay_to: str = "init",
+        **flat,
     ):
         super().__init__()
+        if flat:
+            unknown = sorted(set(flat) - set(FLAT_DEFAULTS))
+            if unknown:
+                raise TypeError(f"MemoryCachingAttention got unexpected arguments {unknown}")
+            if config is not None:
+                raise ValueError(
+                    f"pass config or the deprecated flat settings {sorted(flat)}, not both"
+                )
+            config = MemoryConfig.from_dict(nested_from_flat(flat))
+            instead = f"pass config=MemoryConfig.from_dict({config.to_dict()})"
+            warn_flat("MemoryCachingAttention", flat, instead)
+        config = MemoryConfig() if config is None else config
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_heads", num_heads)
-        check_choice("rule", rule, LINEAR_RULES + DEEP_RULES)
-        check_caching_choices(aggregation, init, summary)
-        check_positive_int("segment_size", segment_size)
-        check_positive_int("top_k", top_k)
-        check_memory_options(
-            conv_size=conv_size,
-            chunk_size=chunk_size,
-            expansion=expansion,
-            mini_batch=mini_batch,
-            eta_max=eta_max,
-            max_grad_norm=max_grad_norm,
-            norm_eps=norm_eps,
-            use_short_conv=use_short_conv,
-            qk_norm=qk_norm,
-            mlp_norm=mlp_norm,
-            decay_to=decay_to,
-        )
+        check_positive_float("norm_eps", norm_eps)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(
@@ -182,29 +151,23 @@ class MemoryCachingAttention(nn.Module):
             head_dim = hidden_size // num_heads
         check_positive_int("head_dim", head_dim)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        self.rule, self.aggregation, self.init, self.summary = rule, aggregation, init, summary
-        self.segment_size, self.top_k, self.chunk_size = segment_size, top_k, chunk_size
-        self.qk_norm, self.layer_idx = qk_norm, layer_idx
+        self.config, self.layer_idx = config, layer_idx
         inner = num_heads * head_dim
 
         # q, k, v, the gate queries u_t = x_t W_u (gated aggregations) and the output gate in
         # one matmul: one op instead of five matters when decoding a token at a time
-        self.uses_u = aggregation in GATED_AGGREGATIONS
+        self.uses_u = config.caching.spec.gated
         self.in_proj = nn.Linear(hidden_size, inner * (5 if self.uses_u else 4), bias=False)
-        self.use_short_conv = use_short_conv
-        if use_short_conv:  # depthwise over the q, k, v channels together
-            self.conv = ShortConvolution(3 * inner, conv_size)
-        self.deep = rule in DEEP_RULES
+        if config.use_short_conv:  # depthwise over the q, k, v channels together
+            self.conv = ShortConvolution(3 * inner, config.conv_size)
+        self.deep = config.deep
         if self.deep:
-            self.mini_batch, self.eta_max = mini_batch, float(eta_max)
-            self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
-            self.decay_to = decay_to
-            Dh = expansion * head_dim
+            Dh = config.expansion * head_dim
             self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
             # learned initial memory: M(x) = x + N(W1 GELU(W2 x)), per head
             self.W1_0 = nn.Parameter(torch.empty(num_heads, head_dim, Dh))
             self.W2_0 = nn.Parameter(torch.empty(num_heads, Dh, head_dim))
-        gates = DEEP_GATES[rule] if self.deep else RULE_GATES[rule]
+        gates = config.memory.gates
         if "g" in gates:  # a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), as in Mamba2
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
             self.A_log = nn.Parameter(torch.empty(num_heads))
@@ -218,6 +181,19 @@ class MemoryCachingAttention(nn.Module):
         with torch.no_grad():
             for name, value in self.initial_parameters().items():
                 getattr(self, name).copy_(value)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters and submodules
+        except AttributeError:
+            if name not in FLAT_DEFAULTS:
+                raise
+        warnings.warn(
+            f"MemoryCachingAttention.{name} is deprecated: read layer.config.{FLAT_PATHS[name]}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return flat_value(self.config, name)
 
     def initial_parameters(self) -> dict[str, torch.Tensor]:
         """Fresh initial values of the layer's own parameters (its submodules init theirs):
@@ -236,11 +212,7 @@ class MemoryCachingAttention(nn.Module):
         return values
 
     def extra_repr(self) -> str:
-        return (
-            f"rule={self.rule}, aggregation={self.aggregation}, segment_size="
-            f"{self.segment_size}, top_k={self.top_k}, init={self.init}, "
-            f"heads={self.num_heads}, head_dim={self.head_dim}"
-        )
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, {self.config}"
 
     def forward(
         self,
@@ -300,32 +272,10 @@ class MemoryCachingAttention(nn.Module):
         return out, (self._cache(B, new_groups) if use_cache else None)
 
     def _layer_config(self) -> tuple:
-        """The settings a cache must have been built with, as (name, value) pairs: those
-        that shape its state or what is written to it (the memory op checks its own again;
-        chunk_size and norm_eps do neither)."""
-        settings = dict(
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            conv_size=self.conv.kernel_size if self.use_short_conv else 0,
-            rule=self.rule,
-            aggregation=self.aggregation,
-            segment_size=self.segment_size,
-            top_k=self.top_k if self.aggregation == "ssc" else None,  # only ssc reads it
-            init=self.init,
-            summary=self.summary,
-            qk_norm=self.qk_norm,
-        )
-        if self.deep:
-            settings.update(
-                expansion=self.W1_0.shape[-1] // self.head_dim,
-                mini_batch=self.mini_batch,
-                eta_max=self.eta_max,
-                mlp_norm=self.mlp_norm,
-                max_grad_norm=self.max_grad_norm,
-                decay_to=self.decay_to,
-            )
-        return tuple(settings.items())
+        """The settings a cache must have been built with, as (name, value) pairs: the sizes
+        and every memory setting (the memory op checks its own again)."""
+        sizes = (("hidden_size", self.hidden_size), ("num_heads", self.num_heads))
+        return (*sizes, ("head_dim", self.head_dim), *self.config.settings())
 
     def _cache(self, batch_size: int, groups: list[RowGroup]) -> MemoryCachingLayerCache:
         return MemoryCachingLayerCache(batch_size, groups, self._layer_config())
@@ -338,16 +288,16 @@ class MemoryCachingAttention(nn.Module):
         projected = self.in_proj(x)  # [g, n, (3 + uses_u + 1) · H · D]
         qkv, rest = projected[..., : 3 * inner], projected[..., 3 * inner :]
         conv = None
-        if self.use_short_conv:
+        if self.config.use_short_conv:
             qkv, conv = self.conv(qkv, group.conv)
         q, k, v = qkv.split(inner, -1)
         q, k, v = (t.reshape(g, n, H, D) for t in (q, k, v))
-        if self.qk_norm:
+        if self.config.qk_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = {}
-        needed = DEEP_GATES[self.rule] if self.deep else RULE_GATES[self.rule]
+        needed = self.config.memory.gates
         if "eta" in needed:
-            gates["eta"] = self.eta_max * torch.sigmoid(_at_least_fp32(self.eta_proj(x)))
+            gates["eta"] = self.config.eta_max * torch.sigmoid(_at_least_fp32(self.eta_proj(x)))
         if "g" in needed:
             dt = F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
             gates["g"] = -self.A_log.exp() * dt  # [g, n, H] log-decay
@@ -357,55 +307,58 @@ class MemoryCachingAttention(nn.Module):
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
         u = rest[..., :inner].reshape(g, n, H, D) if self.uses_u else None
         out_gate = rest[..., -inner:].reshape(g, n, H, D)
-        deep = {}
+        memory, caching = self.config.memory, self.config.caching
         if self.deep:
-            deep = dict(
-                init_weights=(self.W1_0, self.W2_0),
-                mini_batch=self.mini_batch,
-                norm=self.mlp_norm,
-                max_grad_norm=self.max_grad_norm,
-                decay_to=self.decay_to,
-            )
-        o, memory = memory_caching(
+            knobs = dict(mini_batch=memory.mini_batch, norm=memory.norm, eps=memory.eps)
+            knobs.update(max_grad_norm=memory.max_grad_norm, decay_to=memory.decay_to)
+            knobs.update(init_weights=(self.W1_0, self.W2_0))
+        else:
+            knobs = dict(chunk_size=memory.chunk_size)
+        o, state = memory_caching(
             q,
             k,
             v,
             u,
-            rule=self.rule,
+            rule=memory.rule,
             **gates,
-            segment_size=self.segment_size,
-            aggregation=self.aggregation,
-            top_k=self.top_k,
-            init=self.init,
-            summary=self.summary,
+            aggregation=caching.aggregation,
+            segment_size=caching.segment_size,
+            segments=caching.segments,
+            top_k=caching.top_k,
+            init=caching.init,
+            summary=caching.summary,
+            gate_scale=caching.gate_scale,
             cache=group.memory,
             output_cache=True,
-            chunk_size=self.chunk_size,
-            **deep,
+            **knobs,
         )
         o = self.o_norm(o, out_gate).reshape(g, n, H * D)
-        return self.o_proj(o), RowGroup(rows=group.rows, memory=memory, conv=conv)
+        return self.o_proj(o), RowGroup(rows=group.rows, memory=state, conv=conv)
 
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes the layer's cache holds after T tokens of ``batch_size`` aligned rows."""
+        """Bytes the layer's cache holds after T tokens of ``batch_size`` aligned rows (read in
+        one call when the segments are "log": they follow the call's length)."""
         H, D = self.num_heads, self.head_dim
-        cached = 0 if self.aggregation == "none" or T < 1 else (T - 1) // self.segment_size
+        caching = self.config.caching
+        plan = SegmentPlan.build(max(T, 1), caching.segment_size, caching.segments)
+        starts = plan.starts_between(0, T)  # segment starts after the first token
+        cached = len(starts) if caching.spec.keeps_segments else 0
         if self.deep:
             Dh = self.W1_0.shape[-1]
             weights = 2 * H * D * Dh  # W1 and W2 of one memory
             elements = cached * (weights + H * D)  # cached MLP weights and key summaries
-            state = weights * (2 if self.rule == "titans" else 1)  # + momentum
-            in_segment = (T - 1) % self.segment_size + 1 if T else 0
-            pending = in_segment % self.mini_batch
+            state = weights * (2 if self.config.rule == "titans" else 1)  # + momentum
+            in_segment = T - (starts[-1] if starts else 0)
+            pending = in_segment % self.config.memory.mini_batch
             # the state after the last token, and when a mini-batch is open also the state
             # it started from and its tokens' k, v and gates (recomputed by the next call)
             elements += state * (2 if pending else 1) + H * D  # + key sum
-            elements += pending * H * (2 * D + len(DEEP_GATES[self.rule]))
+            elements += pending * H * (2 * D + len(self.config.memory.gates))
         else:
             elements = cached * (H * D * D + H * D)  # cached memories and their key summaries
             elements += 2 * H * D * D + H * D  # sum of cached memories, online memory, key sum
-            if self.rule == "swla":
+            if self.config.rule == "swla":
                 elements += 2 * H * D  # previous key and value
-        if self.use_short_conv:
+        if self.config.use_short_conv:
             elements += 3 * (self.conv.kernel_size - 1) * H * D
         return batch_size * elements * torch.empty((), dtype=dtype).element_size()

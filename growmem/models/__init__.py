@@ -6,6 +6,7 @@ Importing this package registers the classes with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from growmem.layers.config import MemoryConfig
 from growmem.models.cache import CACHE_FIELD, GrowMemCache
 from growmem.models.configuration import RULES, GrowMemConfig
 from growmem.models.modeling import GrowMemForCausalLM, GrowMemModel, GrowMemPreTrainedModel
@@ -22,4 +23,5 @@ __all__ = [
     "GrowMemForCausalLM",
     "GrowMemModel",
     "GrowMemPreTrainedModel",
+    "MemoryConfig",
 ]

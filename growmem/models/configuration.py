@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
-from growmem.layers.checks import check_memory_options
+from growmem.layers.config import (
+    FLAT_PATHS,
+    MemoryConfig,
+    flat_value,
+    nested_from_flat,
+    warn_flat,
+)
 from growmem.models.cache import CACHE_FIELD
-from growmem.ops.caching import check_caching_choices
 from growmem.ops.checks import (
     LINEAR_RULES,
     check_bool,
-    check_choice,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
 )
-from growmem.ops.deep import DEEP_RULES
+from growmem.ops.spec import DEEP_RULES
 
+# The flat settings of earlier releases (``rule="attention"``: Transformer++). ``top_k`` is only
+# taken as an argument: as an attribute transformers would read it as sampling's top-k.
+FLAT_ARGUMENTS = frozenset(FLAT_PATHS)
 ATTENTION = "attention"
-RULES = (*LINEAR_RULES, *DEEP_RULES, ATTENTION)
+RULES = (*LINEAR_RULES, *DEEP_RULES, ATTENTION)  # the values of the flat ``rule``
+_DEFAULT_MEMORY = MemoryConfig()
+
+
+def memory_from_flat(flat: dict, memory: dict | None = None) -> dict | None:
+    """GrowMemConfig's ``memory`` dict of the flat settings of earlier releases (written over
+    ``memory``, e.g. a base config's, see ``growmem.layers.config.nested_from_flat``); None for
+    ``rule="attention"``, the Transformer++ (its other flat settings never applied)."""
+    if flat.get("rule") == ATTENTION:
+        return None
+    return nested_from_flat(flat, memory)
 
 
 class GrowMemConfig(PreTrainedConfig):
     """Configuration of a stack of pre-norm blocks (RMSNorm, mixer, RMSNorm, SwiGLU).
 
-    Every mixer is a ``MemoryCachingAttention`` of ``rule`` with ``aggregation``, except the
+    Every mixer is a ``MemoryCachingAttention`` with the settings ``memory``, except the
     layers in ``attn_layers``, which are Transformer++ softmax attention (RoPE, causal SDPA,
-    optional sliding window). ``rule="attention"`` makes every layer attention: the
-    Transformer++ baseline.
+    optional sliding window). ``memory=None`` makes every layer attention: the Transformer++
+    baseline.
 
     Args:
         vocab_size: tokens in the vocabulary.
@@ -38,28 +56,27 @@ class GrowMemConfig(PreTrainedConfig):
         num_heads: heads of every mixer.
         head_dim: per-head size (default hidden_size // num_heads).
         intermediate_size: SwiGLU width (default 8/3 · hidden_size rounded up to 64).
-        rule: linear | decay | delta | gated_delta | swla | dla | titans | attention.
-        aggregation: none | residual | grm | soup | ssc | loglinear | mean (memory layers).
-        segment_size: tokens per cached segment.
-        top_k: caches ssc reads per token (default 2). Stored as ``ssc_top_k`` (also
-            accepted as an argument; pass one of the two), because transformers reads a
-            model config's ``top_k`` as the top-k of sampling.
-        init: continuous | independent (memory at each segment start).
-        summary: mean | sum (segment key summaries).
+        memory: the memory layers' settings: a ``MemoryConfig`` (its memory and rule knobs,
+            its caching choices, the layer's options) or its dict (``MemoryConfig.to_dict``:
+            ``{"rule": "titans", "mini_batch": 16, "caching": {"aggregation": "grm",
+            "segment_size": 16}}``), which is how config.json stores it; None: no memory
+            layers. Default: gated_delta with grm over segments of 256 tokens.
         attn_layers: indices of the layers that use softmax attention (hybrids).
         attn_window: sliding window of the attention layers, or None for full attention.
         max_position_embeddings: longest sequence (prompt + generated tokens) a forward
             accepts.
         rope_theta: RoPE base of the attention layers.
         tie_word_embeddings: share the input embedding and the output projection.
-        norm_eps: epsilon of the RMSNorms.
+        norm_eps: epsilon of the RMSNorms (and of the memory layers' output norm).
         initializer_range: std of the normal init of linear and embedding weights.
         use_cache: return a cache from forward when not training.
-        use_short_conv, conv_size, qk_norm, chunk_size: memory layers' short convolution,
-            L2-normalised q/k and scan chunk length.
-        expansion, mini_batch, eta_max, max_grad_norm, mlp_norm, decay_to: deep rules' MLP
-            memory (see ``MemoryCachingAttention``). Titans models trained before growmem's
-            decay toward the initial weights (docs/design.md §2.4) need ``decay_to="zero"``.
+        **kwargs: also the flat memory settings of earlier releases (rule, aggregation,
+            segment_size, top_k or ssc_top_k, init, summary, chunk_size, expansion, mini_batch,
+            eta_max, max_grad_norm, mlp_norm, decay_to, use_short_conv, conv_size, qk_norm;
+            rule="attention": memory=None), which config.json files saved by them hold:
+            converted to ``memory`` with a FutureWarning (save_pretrained writes the new form).
+            Titans models trained before growmem's decay toward the initial weights
+            (docs/design.md §2.4) need ``decay_to="zero"``.
     """
 
     model_type = "growmem"
@@ -74,12 +91,7 @@ class GrowMemConfig(PreTrainedConfig):
         num_heads: int = 4,
         head_dim: int | None = None,
         intermediate_size: int | None = None,
-        rule: str = "gated_delta",
-        aggregation: str = "grm",
-        segment_size: int = 256,
-        top_k: int | None = None,
-        init: str = "continuous",
-        summary: str = "mean",
+        memory: MemoryConfig | dict | None = _DEFAULT_MEMORY,
         attn_layers: list[int] | tuple[int, ...] = (),
         attn_window: int | None = None,
         max_position_embeddings: int = 65536,
@@ -87,61 +99,32 @@ class GrowMemConfig(PreTrainedConfig):
         tie_word_embeddings: bool = True,
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
-        use_short_conv: bool = True,
-        conv_size: int = 4,
-        qk_norm: bool = True,
-        chunk_size: int = 64,
-        expansion: int = 4,
-        mini_batch: int = 64,
-        eta_max: float = 0.1,
-        max_grad_norm: float | None = 1.0,
-        mlp_norm: bool = True,
-        decay_to: str = "init",
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         use_cache: bool = True,
-        ssc_top_k: int | None = None,
         **kwargs,
     ):
-        # top_k is the argument's name everywhere else; the error names the one passed
-        if top_k is not None and ssc_top_k is not None and top_k != ssc_top_k:
-            raise ValueError(
-                f"top_k ({top_k!r}) and ssc_top_k ({ssc_top_k!r}) name one setting: pass one"
-            )
-        if top_k is not None:
-            check_positive_int("top_k", top_k)
-        else:
-            ssc_top_k = 2 if ssc_top_k is None else ssc_top_k
-            check_positive_int("ssc_top_k", ssc_top_k)
-        top_k = ssc_top_k if top_k is None else top_k
+        flat = {k: kwargs.pop(k) for k in FLAT_ARGUMENTS & set(kwargs)}
+        if flat:
+            if memory is not _DEFAULT_MEMORY:
+                raise ValueError(
+                    f"pass memory or the deprecated flat settings {sorted(flat)}, not both"
+                )
+            memory = memory_from_flat(flat)
+            warn_flat("GrowMemConfig", flat, f"pass memory={memory!r}")
         for name, value in (
             ("vocab_size", vocab_size),
             ("hidden_size", hidden_size),
             ("num_hidden_layers", num_hidden_layers),
             ("num_heads", num_heads),
-            ("segment_size", segment_size),
             ("max_position_embeddings", max_position_embeddings),
         ):
             check_positive_int(name, value)
-        check_memory_options(
-            conv_size=conv_size,
-            chunk_size=chunk_size,
-            expansion=expansion,
-            mini_batch=mini_batch,
-            eta_max=eta_max,
-            max_grad_norm=max_grad_norm,
-            norm_eps=norm_eps,
-            use_short_conv=use_short_conv,
-            qk_norm=qk_norm,
-            mlp_norm=mlp_norm,
-            decay_to=decay_to,
-        )
+        check_positive_float("norm_eps", norm_eps)
         check_nonnegative_float("initializer_range", initializer_range)
         check_bool("tie_word_embeddings", tie_word_embeddings)
         check_bool("use_cache", use_cache)
-        check_choice("rule", rule, RULES)
-        check_caching_choices(aggregation, init, summary)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(
@@ -170,20 +153,10 @@ class GrowMemConfig(PreTrainedConfig):
             head_dim,
         )
         self.intermediate_size = intermediate_size
-        self.rule, self.aggregation, self.segment_size, self.ssc_top_k = (
-            rule,
-            aggregation,
-            segment_size,
-            top_k,
-        )
-        self.init, self.summary = init, summary
+        self.memory = memory  # checked (and a dict converted) by __setattr__
         self.attn_layers, self.attn_window = sorted(set(attn_layers)), attn_window
         self.max_position_embeddings, self.rope_theta = max_position_embeddings, float(rope_theta)
         self.norm_eps, self.initializer_range = norm_eps, initializer_range
-        self.use_short_conv, self.conv_size, self.qk_norm = use_short_conv, conv_size, qk_norm
-        self.chunk_size, self.expansion, self.mini_batch = chunk_size, expansion, mini_batch
-        self.eta_max, self.max_grad_norm, self.mlp_norm = eta_max, max_grad_norm, mlp_norm
-        self.decay_to = decay_to
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,
@@ -193,6 +166,41 @@ class GrowMemConfig(PreTrainedConfig):
             **kwargs,
         )
 
+    def __setattr__(self, name, value):
+        # config.memory always holds a checked MemoryConfig (or None), also when a dict is
+        # assigned (from_pretrained's keyword overrides set attributes after __init__)
+        if name == "memory" and value is not None:
+            value = MemoryConfig.from_dict(value)
+        elif name in FLAT_ARGUMENTS:
+            raise AttributeError(
+                f"GrowMemConfig.{name} is now config.memory.{FLAT_PATHS[name]}: assign a new "
+                "config.memory (e.g. dataclasses.replace(config.memory, ...))"
+            )
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name):
+        # only reached for names that are not attributes: the flat settings of earlier releases
+        memory = self.__dict__.get("memory")
+        if name not in FLAT_ARGUMENTS or name == "top_k" or "memory" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        warnings.warn(
+            f"GrowMemConfig.{name} is deprecated: read config.memory.{FLAT_PATHS[name]}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        if memory is None:
+            if name == "rule":
+                return ATTENTION
+            raise AttributeError(f"a Transformer++ config (memory=None) has no {name!r}")
+        return flat_value(memory, name)
+
+    def to_dict(self) -> dict:
+        """The configuration as plain values (``memory`` as its dict), for config.json."""
+        output = super().to_dict()
+        if self.memory is not None:
+            output["memory"] = self.memory.to_dict()
+        return output
+
     def is_attention_layer(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` uses softmax attention."""
-        return self.rule == ATTENTION or layer_idx in self.attn_layers
+        return self.memory is None or layer_idx in self.attn_layers

@@ -21,13 +21,12 @@ from growmem.ops.checks import check_tensor
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
-# GrowMemConfig arguments that shape neither a model's state nor what it computes per token
-# (top_k is the alias of ssc_top_k): caches carry over between models differing only in these.
+# GrowMemConfig arguments that shape neither a model's state nor what it computes per token:
+# caches carry over between models differing only in these.
 _NOT_IN_FINGERPRINT = frozenset(
     {
         "self",
         "kwargs",
-        "top_k",
         "use_cache",
         "pad_token_id",
         "bos_token_id",
@@ -41,9 +40,13 @@ _NOT_IN_FINGERPRINT = frozenset(
 
 def cache_fingerprint(config: GrowMemConfig) -> dict:
     """The configuration a GrowMemCache is built for: every GrowMemConfig argument except
-    those in ``_NOT_IN_FINGERPRINT`` (so that a new config option is included by default)."""
+    those in ``_NOT_IN_FINGERPRINT`` (so that a new config option is included by default),
+    the memory settings one by one (``memory.rule``, ``memory.caching.segment_size``, ...)."""
     names = inspect.signature(type(config).__init__).parameters
-    return {n: getattr(config, n, None) for n in names if n not in _NOT_IN_FINGERPRINT}
+    values = {n: getattr(config, n, None) for n in names if n not in _NOT_IN_FINGERPRINT}
+    if values["memory"] is not None:
+        values.update({f"memory.{k}": v for k, v in values.pop("memory").settings()})
+    return values
 
 
 def _one_cache(cache, past_key_values):
@@ -74,25 +77,10 @@ class GrowMemBlock(nn.Module):
             self.mixer = MemoryCachingAttention(
                 config.hidden_size,
                 config.num_heads,
-                rule=config.rule,
-                aggregation=config.aggregation,
-                segment_size=config.segment_size,
-                top_k=config.ssc_top_k,
-                init=config.init,
-                summary=config.summary,
+                config.memory,
                 head_dim=config.head_dim,
-                use_short_conv=config.use_short_conv,
-                conv_size=config.conv_size,
-                qk_norm=config.qk_norm,
                 norm_eps=config.norm_eps,
-                chunk_size=config.chunk_size,
                 layer_idx=layer_idx,
-                expansion=config.expansion,
-                mini_batch=config.mini_batch,
-                eta_max=config.eta_max,
-                max_grad_norm=config.max_grad_norm,
-                mlp_norm=config.mlp_norm,
-                decay_to=config.decay_to,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)

@@ -93,7 +93,8 @@ class DeepMemory(_Spec):
         mini_batch: tokens per inner gradient step (the grid restarts at every segment start
             under Memory Caching).
         norm: apply the LayerNorm inside M.
-        max_grad_norm: clip each inner gradient to this norm, or None.
+        max_grad_norm: soft clamp of each inner gradient's norm, or None (no clamp). The
+            default 1.0 is the memory layers' (and models') default since their first release.
         eps: the LayerNorm epsilon.
         decay_to: titans only: "init" (decay toward the learned initial weights) or "zero"
             (the literal equation). dla has no decay and accepts only the default.
@@ -102,7 +103,7 @@ class DeepMemory(_Spec):
     rule: Literal["dla", "titans"] = "titans"
     mini_batch: int = 64
     norm: bool = True
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = 1.0
     eps: float = 1e-5
     decay_to: Literal["init", "zero"] = "init"
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from growmem.models import GrowMemForCausalLM
-from growmem.training.config import load_yaml
+from growmem.training.config_files import load_yaml
 from growmem.utils.provenance import provenance
 
 RUN_FILE = "run.yaml"

@@ -1,89 +1,39 @@
-"""Run configurations: YAML files of three sections (model, task, train) checked key by key."""
+"""Run configurations: YAML files of three sections (model, task, train) checked key by key.
+
+The model section holds GrowMemConfig's arguments, the memory layers' settings nested under
+``memory`` as GrowMemConfig stores them::
+
+    model:
+      hidden_size: 128
+      memory:
+        rule: gated_delta
+        caching: {aggregation: grm, segment_size: 16}
+
+A task base may also hold ``per_model``: settings added when the model is of one family (a
+rule, or ``transformer``), e.g. the Transformer++'s own learning rate on a task. A model spec
+(``--model gated_delta+grm``, growmem.models.model_spec) sets the mixer of a base.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from growmem.layers.config import warn_flat
 from growmem.models import GrowMemConfig
+from growmem.models.configuration import FLAT_ARGUMENTS, memory_from_flat
+from growmem.models.model_spec import MEMORY_RULES, TRANSFORMER, ModelSpec
+from growmem.ops.spec import MatrixMemory
+from growmem.training.config_files import merge, parse_override, read_yaml_config
 from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML (plain values only) that reads ``3e-4`` (no dot; a string in YAML 1.1) as a
-    float and refuses a key given twice in one mapping (the later value would silently win)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                continue  # SafeLoader refuses it below, with its own message
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml(data: bytes | str, source: str) -> Any:
-    """Parse YAML text of a config or run file, with errors on one line that name the source
-    and the line (no multi-line excerpt with a ``^`` marker).
-
-    Args:
-        data: the text, or the bytes of a file (which must be UTF-8).
-        source: what the text is, for messages: a path or ``--set key=value``.
-
-    Raises:
-        ValueError: bytes that are not UTF-8 text, malformed YAML, a key given twice, or a
-            tag that is not a plain value (``!!python/...``: configs hold data, not objects).
-    """
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            line = data[: error.start].count(b"\n") + 1
-            raise ValueError(
-                f"{source}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
-                "expected a YAML file"
-            ) from None
-    try:
-        return yaml.load(data, Loader=_Loader)
-    except yaml.reader.ReaderError as error:  # a control character: no line mark of its own
-        line = data[: error.position].count("\n") + 1
-        raise ValueError(
-            f"{source}, line {line}: character #x{error.character:04x} is not allowed in YAML"
-        ) from None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = error.problem or error.context
-        if not isinstance(error, yaml.constructor.ConstructorError):
-            problem = f"not valid YAML: {problem}"
-        elif "tag" in problem:
-            problem += " (a config holds plain values: no !!python/ or other object tags)"
-        raise ValueError(f"{source}{where}: {problem}") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"{source}: {' '.join(str(error).split())}") from None
 
 
 @dataclass
@@ -223,8 +173,8 @@ class TrainSettings:
 
 @dataclass
 class RunConfig:
-    """A whole run: GrowMemConfig arguments (vocab_size comes from the task), the task and
-    the training settings."""
+    """A whole run: GrowMemConfig arguments (vocab_size comes from the task; ``memory`` as a
+    dict), the task and the training settings."""
 
     model: dict[str, Any]
     task: MQARTask | NIAHTask | LMTask
@@ -241,6 +191,28 @@ class RunConfig:
 def _model_keys() -> list[str]:
     params = inspect.signature(GrowMemConfig.__init__).parameters
     return [p for p in params if p not in ("self", "kwargs", "vocab_size")]
+
+
+def nested_model(model: dict) -> dict:
+    """The model section with the flat memory keys of earlier releases (rule, aggregation,
+    segment_size, ...) moved into ``memory`` (written over the memory a base gave), with a
+    FutureWarning that shows the new keys."""
+    flat = {k: model[k] for k in FLAT_ARGUMENTS & set(model)}
+    if not flat:
+        return model
+    model = {k: v for k, v in model.items() if k not in flat}
+    base = model.get("memory")
+    model["memory"] = memory_from_flat(flat, base if isinstance(base, dict) else None)
+    warn_flat("config section 'model'", flat, f"write memory: {model['memory']}")
+    return model
+
+
+def model_settings(model: dict) -> dict:
+    """Every GrowMemConfig setting of a model section (defaults filled in, ``memory`` as its
+    full dict, flat keys of earlier releases read as nested ones): equal for two sections
+    exactly when they build the same model."""
+    config = GrowMemConfig(vocab_size=1, **nested_model(model)).to_dict()
+    return {k: v for k, v in config.items() if k not in ("vocab_size", "transformers_version")}
 
 
 def _check_keys(section: str, given: dict, valid: list[str]) -> None:
@@ -393,7 +365,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         if not isinstance(value, dict):
             raise ValueError(f"section '{name}' must be a mapping, got {value!r}")
         sections[name] = dict(value)
-    model = sections["model"]
+    model = nested_model(sections["model"])
     _check_keys("model", model, _model_keys())
     GrowMemConfig(**model)  # rejects bad values early, naming the argument
     task_name = sections["task"].get("name", "mqar")
@@ -406,80 +378,61 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(model=model, task=task, train=train)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` (value parsed as YAML) -> (["section", "key"], value)."""
-    key, sep, value = text.partition("=")
-    keys = key.split(".")
-    if not sep or len(keys) < 2 or not all(keys):
-        raise ValueError(f"--set expects section.key=value (e.g. train.lr=3e-4), got {text!r}")
-    return keys, load_yaml(value, f"--set {text}")
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """``base`` with ``override``'s keys replacing its own, section by section."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_yaml_config(path: Path, presets: Path | None = None, _seen: tuple = ()) -> dict:
-    """The raw sections of a YAML config, with its ``base:`` merged underneath, recursively.
-
-    ``base`` names one config or a list of them (files next to this one, or preset names);
-    later ones override earlier ones and this file overrides them all, key by key within a
-    section.
-
-    Raises:
-        FileNotFoundError: the file or a base is missing.
-        ValueError: malformed YAML, a non-mapping document, or a cycle of bases.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    if path.resolve() in _seen:
-        raise ValueError(f"config {path}: its chain of base configs loops back to itself")
-    raw = load_yaml(path.read_bytes(), f"config {path}") or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
-    bases = raw.pop("base", None)
-    if bases is None:
-        return raw
-    bases = [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ValueError(f"config {path}: base must name a config or a list of them, got {bases!r}")
-    merged: dict = {}
-    for base in bases:
-        candidates = [path.parent / base, path.parent / f"{base}.yaml"]
-        if presets is not None:
-            candidates += [presets / base, presets / f"{base}.yaml"]
-        base_path = next((c for c in candidates if c.is_file()), None)
-        if base_path is None:
-            raise FileNotFoundError(
-                f"config {path}: base {base!r} not found next to it or as a preset"
+def _per_model(raw: dict, source: str) -> dict:
+    """The checked ``per_model`` section of a raw config: {family: {section: settings}}."""
+    per_model = raw.pop("per_model", None) or {}
+    families = [TRANSFORMER, *MEMORY_RULES]
+    if not isinstance(per_model, dict) or not set(per_model) <= set(families):
+        raise ValueError(
+            f"{source}: per_model must map model families {families} to settings, got {per_model!r}"
+        )
+    for family, settings in per_model.items():
+        if not isinstance(settings, dict) or not set(settings) <= {"model", "task", "train"}:
+            raise ValueError(
+                f"{source}: per_model.{family} must map sections (model, task, train) to "
+                f"settings, got {settings!r}"
             )
-        merged = _merge(merged, read_yaml_config(base_path, presets, (*_seen, path.resolve())))
-    return _merge(merged, raw)
+    return per_model
 
 
 def load_config(
-    path: str | Path, overrides: list[str] = (), presets: Path | None = None
+    path: str | Path,
+    overrides: list[str] = (),
+    presets: Path | None = None,
+    model: str | None = None,
 ) -> RunConfig:
-    """Read a YAML run config (with its ``base:`` chain) and apply ``--set`` overrides.
+    """Read a YAML run config (with its ``base:`` chain), set its model to the spec ``model``,
+    add its ``per_model`` settings for the model's family and apply ``--set`` overrides.
 
     Args:
         path: the YAML file.
-        overrides: ``section.key=value`` strings; values are parsed as YAML.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``key`` may go
+            deeper: ``model.memory.caching.segment_size=8``).
         presets: folder of named presets a ``base:`` may refer to.
+        model: a model spec (``gated_delta+grm``, ``transformer``; growmem.models.model_spec),
+            or None for the config's own model. The run folder ``train.out_dir`` gets the
+            spec as a suffix (runs/mqar -> runs/mqar_gated_delta_grm; ``overrides`` may set
+            another).
 
     Raises:
         FileNotFoundError: path or a base does not exist.
-        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values.
+        ValueError: malformed YAML, unknown keys (listing the valid ones), bad values, a
+            malformed model spec (listing the valid rules and aggregations).
     """
     raw = read_yaml_config(Path(path), presets)
+    per_model = _per_model(raw, f"config {path}")
+    raw["model"] = nested_model(raw.get("model") or {})
+    if model is not None:
+        spec = ModelSpec.parse(model)
+        raw["model"] = spec.apply(raw["model"])
+        # one run folder per model of a base: runs/mqar_gated_delta_grm
+        train = dict(raw.get("train") or {})
+        out_dir = train.get("out_dir", TrainSettings.out_dir)
+        raw["train"] = {**train, "out_dir": f"{out_dir}_{spec.slug}"}
+    memory = raw["model"].get("memory", {})
+    rule = memory.get("rule", MatrixMemory.rule) if isinstance(memory, dict) else None
+    family = TRANSFORMER if memory is None else rule  # a wrong memory: build_config says so
+    raw = merge(raw, per_model.get(family, {}))
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

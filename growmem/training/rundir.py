@@ -26,7 +26,8 @@ from growmem.training.checkpoint import (
     verify_checksums,
     write_text_atomic,
 )
-from growmem.training.config import RunConfig, TrainSettings, load_yaml
+from growmem.training.config import RunConfig, TrainSettings, model_settings
+from growmem.training.config_files import load_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -257,7 +258,8 @@ def check_resume(
             trajectory (all of them listed), or train.steps below the checkpoint's step.
     """
     new = config.to_dict()
-    if recorded["model"] != new["model"] or recorded["task"] != new["task"]:
+    same_model = model_settings(recorded["model"]) == model_settings(new["model"])
+    if not same_model or recorded["task"] != new["task"]:
         raise ValueError(
             f"--resume: checkpoint {checkpoint} is from another model or task; its config is "
             f"{checkpoint / RUN_FILE}"

@@ -35,7 +35,7 @@ def tiny_model(vocab_size: int = BYTE.vocab_size) -> GrowMemForCausalLM:
         hidden_size=16,
         num_hidden_layers=1,
         num_heads=2,
-        segment_size=4,
+        memory={"caching": {"segment_size": 4}},
         initializer_range=0.3,
     )
     return GrowMemForCausalLM(config).eval()
@@ -285,7 +285,7 @@ def eos_after_bang_model() -> GrowMemForCausalLM:
         hidden_size=16,
         num_hidden_layers=1,
         num_heads=2,
-        segment_size=4,
+        memory={"caching": {"segment_size": 4}},
         initializer_range=0.3,
         tie_word_embeddings=False,
     )

@@ -13,13 +13,20 @@ import torch
 from growmem.layers import (
     MemoryCachingAttention,
     MemoryCachingLayerCache,
+    MemoryConfig,
     RowGroup,
     ShortConvolution,
 )
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import aggregation_inits, assert_finite_and_equal, nan_from, rel_err
+from tests.helpers import (
+    aggregation_inits,
+    assert_finite_and_equal,
+    memory_config,
+    nan_from,
+    rel_err,
+)
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
 
@@ -41,24 +48,20 @@ def make_layer(
     head_dim: int = 12,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
-    **kw,
+    **settings,
 ) -> MemoryCachingAttention:
-    """A small layer; chunk_size 16 so that T = 37 spans several chunks of the scans, and for
-    the deep rules mini-batches of 3 (not dividing the segments of 8: the grid restarts)."""
+    """A small layer with segments of 8 (``settings``: more MemoryConfig settings, flat, as
+    ``tests.helpers.memory_config`` takes them); chunk_size 16 so that T = 37 spans several
+    chunks of the scans, and for the deep rules mini-batches of 3 (not dividing the segments
+    of 8: the grid restarts)."""
     torch.manual_seed(seed)
-    kw.setdefault("chunk_size", 16)
-    if rule in DEEP_RULES:
-        kw.setdefault("mini_batch", 3)
-    layer = MemoryCachingAttention(
-        HIDDEN,
-        HEADS,
-        rule=rule,
-        aggregation=aggregation,
-        init=init,
-        segment_size=SEG,
-        head_dim=head_dim,
-        **kw,
+    settings.setdefault(
+        "chunk_size" if rule in LINEAR_RULES else "mini_batch", 16 if rule in LINEAR_RULES else 3
     )
+    if "segments" not in settings:
+        settings.setdefault("segment_size", SEG)
+    config = memory_config(rule, aggregation=aggregation, init=init, **settings)
+    layer = MemoryCachingAttention(HIDDEN, HEADS, config, head_dim=head_dim)
     if layer.uses_u:  # gates far from uniform, so a wrong gate shows
         inner = layer.num_heads * layer.head_dim
         with torch.no_grad():
@@ -376,6 +379,27 @@ def test_state_size_equals_cache_nbytes(kw, T):
     assert layer.state_size(T, batch_size=3) == 3 * layer.state_size(T)
 
 
+@pytest.mark.parametrize("T", [1, 8, 9, 37])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rule="gated_delta", segments="log"),
+        dict(rule="titans", segments="log", mini_batch=4),
+        dict(rule="swla", segments=[3, 6, 12, 16]),
+        dict(rule="dla", aggregation="ssc", segments=[3, 6, 12, 16], mini_batch=4),
+    ],
+    ids=lambda kw: "-".join(map(str, kw.values())),
+)
+def test_state_size_with_log_and_explicit_segments(kw, T):
+    layer = make_layer(**kw, dtype=torch.float32)
+    with torch.no_grad():
+        _, cache = layer(randx(1, T, dtype=torch.float32), use_cache=True)
+        assert cache.nbytes() == layer.state_size(T)
+        if T > 1 and kw["segments"] != "log":  # "log" follows one call's length
+            _, streamed = stream(layer, randx(1, T, dtype=torch.float32), [1, T - 1])
+            assert streamed.nbytes() == layer.state_size(T)
+
+
 def test_state_size_float64_and_padded_cache():
     layer = make_layer("swla", "grm")
     mask = mask_from_lengths(T_FULL, LAYOUTS["left"])
@@ -520,7 +544,17 @@ def arg(name: str) -> str:
     return rf"\b{name}\b"
 
 
-GOOD_INIT = dict(hidden_size=HIDDEN, num_heads=HEADS, segment_size=SEG)
+LAYER_ARGS = ("hidden_size", "num_heads", "head_dim", "norm_eps")
+
+
+def build(**changes) -> MemoryCachingAttention:
+    """A layer of HIDDEN, HEADS and segments of SEG with ``changes``: the layer's own
+    arguments, and flat MemoryConfig settings (built first: bad ones fail there, once)."""
+    layer_args = dict(hidden_size=HIDDEN, num_heads=HEADS)
+    layer_args.update({k: changes.pop(k) for k in LAYER_ARGS if k in changes})
+    config = memory_config(**{"segment_size": SEG, **changes})
+    return MemoryCachingAttention(config=config, **layer_args)
+
 
 BAD_INIT = {
     "unknown rule": (arg("rule"), dict(rule="lstm")),
@@ -537,6 +571,10 @@ BAD_INIT = {
     ),
     "segment_size 0": (arg("segment_size"), dict(segment_size=0)),
     "segment_size float": (arg("segment_size"), dict(segment_size=8.0)),
+    "segment_size and segments": (arg("segment_size"), dict(segments="log")),
+    "segments unknown": (arg("segments"), dict(segment_size=None, segments="linear")),
+    "segments length 0": (arg("segments"), dict(segment_size=None, segments=[4, 0])),
+    "gate_scale 0": (arg("gate_scale"), dict(gate_scale=0.0)),
     "top_k 0": (arg("top_k"), dict(top_k=0)),
     "num_heads 0": (arg("num_heads"), dict(num_heads=0)),
     "head_dim 0": (arg("head_dim"), dict(head_dim=0)),
@@ -546,10 +584,12 @@ BAD_INIT = {
     "mini_batch 0": (arg("mini_batch"), dict(rule="dla", mini_batch=0)),
     "eta_max 0": (arg("eta_max"), dict(rule="titans", eta_max=0.0)),
     "eta_max negative": (arg("eta_max"), dict(rule="dla", eta_max=-0.1)),
-    # the deep rules' options are checked whatever the rule (a configuration holds them all)
-    "expansion 0 matrix rule": (arg("expansion"), dict(expansion=0)),
-    "mini_batch 0 matrix rule": (arg("mini_batch"), dict(mini_batch=0)),
-    "eta_max 0 matrix rule": (arg("eta_max"), dict(eta_max=0)),
+    # a deep memory's knob on a matrix memory cannot be expressed
+    "expansion on a matrix rule": (arg("expansion"), dict(expansion=4)),
+    "mini_batch on a matrix rule": (arg("mini_batch"), dict(mini_batch=16)),
+    "eta_max on a matrix rule": (arg("eta_max"), dict(eta_max=0.1)),
+    "chunk_size on a deep rule": (arg("chunk_size"), dict(rule="titans", chunk_size=16)),
+    "decay_to on dla": (arg("decay_to"), dict(rule="dla", decay_to="zero")),
     "eta_max inf": (arg("eta_max"), dict(rule="dla", eta_max=float("inf"))),
     "eta_max nan": (arg("eta_max"), dict(rule="titans", eta_max=float("nan"))),
     "max_grad_norm negative": (arg("max_grad_norm"), dict(rule="titans", max_grad_norm=-1.0)),
@@ -557,7 +597,7 @@ BAD_INIT = {
     "norm_eps negative": (arg("norm_eps"), dict(norm_eps=-1e-6)),
     "use_short_conv 'no'": (arg("use_short_conv"), dict(use_short_conv="no")),
     "qk_norm 0": (arg("qk_norm"), dict(qk_norm=0)),
-    "mlp_norm 'yes'": (arg("mlp_norm"), dict(rule="titans", mlp_norm="yes")),
+    "norm 'yes'": (arg("norm"), dict(rule="titans", norm="yes")),
 }
 
 
@@ -565,13 +605,22 @@ BAD_INIT = {
 def test_bad_constructor_argument(case):
     pattern, changes = BAD_INIT[case]
     with pytest.raises(ValueError, match=pattern):
-        MemoryCachingAttention(**{**GOOD_INIT, **changes})
+        build(**changes)
+
+
+def test_config_of_another_type_is_a_type_error():
+    with pytest.raises(TypeError, match="config must be a MemoryConfig, got dict"):
+        MemoryCachingAttention(HIDDEN, HEADS, {"rule": "delta"})
+    with pytest.raises(TypeError, match="memory must be a MatrixMemory or DeepMemory"):
+        MemoryConfig(memory="delta")
+    with pytest.raises(TypeError, match=r"unexpected arguments \['segment'\]"):
+        MemoryCachingAttention(HIDDEN, HEADS, segment=8)
 
 
 def test_good_constructor_arguments_run():
-    MemoryCachingAttention(**GOOD_INIT)
-    MemoryCachingAttention(**GOOD_INIT, rule="titans", max_grad_norm=None, eta_max=1)
-    layer = MemoryCachingAttention(**{**GOOD_INIT, "hidden_size": 30, "num_heads": 4}, head_dim=8)
+    build()
+    build(rule="titans", max_grad_norm=None, eta_max=1)
+    layer = build(hidden_size=30, num_heads=4, head_dim=8)
     assert layer.head_dim == 8
     o, _ = layer(torch.randn(1, 3, 30))
     assert o.shape == (1, 3, 30)

@@ -5,10 +5,11 @@ parameters by the formulas of docs/design.md (a per-token loop for the short con
 the per-token op references and applies the gated output norm and o_proj. Every (rule,
 aggregation) pair is compared at 1e-10 in float64: parallel unpadded, parallel with left,
 right and middle padding (real tokens equal the row's reference, padding outputs 0), and
-streamed (a prefill, then pieces of 1-3 tokens) with and without padding. The init, summary
-and the deep options rotate over the pairs; every parameter gets a random value (an init that
-happens to be symmetric, such as zero biases, could hide a wrong formula). Sizes are odd: 37
-tokens, segments of 5, head dim 5, width 11 (the heads' total 10 differs from it).
+streamed (a prefill, then pieces of 1-3 tokens) with and without padding. The init, summary,
+gate scale and the deep options rotate over the pairs; every parameter gets a random value
+(an init that happens to be symmetric, such as zero biases, could hide a wrong formula). Sizes
+are odd: 37 tokens, segments of 5, head dim 5, width 11 (the heads' total 10 differs from it).
+Logarithmic and explicit segment lengths are compared too.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from growmem.layers import MemoryCachingAttention
+from growmem.layers import MemoryCachingAttention, MemoryConfig
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import rel_err
+from tests.helpers import memory_config, rel_err
 from tests.reference import memory_layer_reference
 
 RULES = LINEAR_RULES + DEEP_RULES
@@ -41,7 +42,8 @@ INIT_SUMMARY = [
 
 
 def options(rule: str, aggregation: str, **overrides) -> dict:
-    """Every constructor option of the layer, non-default where it matters, for one pair."""
+    """Every setting of the layer (flat, as ``tests.helpers.memory_config`` takes them, plus
+    num_heads and norm_eps), non-default where it matters, for one pair."""
     i = RULES.index(rule) + AGGREGATIONS.index(aggregation)
     init, summary = INIT_SUMMARY[i % 4]
     if aggregation == "loglinear":  # it reads buckets through the memory at their end
@@ -50,28 +52,35 @@ def options(rule: str, aggregation: str, **overrides) -> dict:
         rule=rule,
         aggregation=aggregation,
         num_heads=HEADS,
-        head_dim=HEAD_DIM,
+        norm_eps=1e-5,
         segment_size=SEG,
         top_k=2,
         init=init,
         summary=summary,
+        gate_scale=(None, 0.9)[i // 3 % 2],  # None: 1/sqrt(head_dim)
         use_short_conv=True,
+        conv_size=3 + i % 2,
         qk_norm=True,
-        norm_eps=1e-5,
-        eta_max=0.7,
-        mini_batch=3,  # does not divide the segments: the grid restarts at each
-        max_grad_norm=(0.8, None)[i % 2],
-        mlp_norm=i % 4 != 0,  # off only with the clamp: unclamped it may diverge
-        decay_to=("init", "zero")[i // 2 % 2],
     )
-    return {**opts, "conv_size": 3 + i % 2, **overrides}
+    if rule in DEEP_RULES:
+        opts.update(
+            eta_max=0.7,
+            mini_batch=3,  # does not divide the segments: the grid restarts at each
+            max_grad_norm=(0.8, None)[i % 2],
+            norm=i % 4 != 0,  # off only with the clamp: unclamped it may diverge
+            eps=(1e-5, 1e-3)[i % 3 == 0],
+            decay_to=("init", "zero")[i // 2 % 2] if rule == "titans" else "init",
+        )
+    else:
+        opts.update(chunk_size=8)  # the scans span several chunks
+    return {**opts, **overrides}
 
 
 def make_layer(opts: dict, seed: int = 0) -> MemoryCachingAttention:
-    """The layer in float64 with every parameter drawn at random (chunks of 8 tokens, so the
-    scans span several)."""
-    kw = {n: v for n, v in opts.items() if n != "num_heads"}
-    layer = MemoryCachingAttention(HIDDEN, opts["num_heads"], chunk_size=8, **kw).double()
+    """The layer in float64 with every parameter drawn at random."""
+    layer = MemoryCachingAttention(
+        HIDDEN, opts["num_heads"], config(opts), head_dim=HEAD_DIM, norm_eps=opts["norm_eps"]
+    ).double()
     gen = torch.Generator().manual_seed(seed)
     # std of each parameter; means: A_log ~ 0 (A ~ 1), dt_bias ~ -1 (dt ~ 0.3), norm weight ~ 1
     stds = {"A_log": 0.5, "dt_bias": 0.5, "o_norm.weight": 0.4, "conv.bias": 0.3}
@@ -87,11 +96,21 @@ def make_layer(opts: dict, seed: int = 0) -> MemoryCachingAttention:
     return layer
 
 
+def config(opts: dict) -> MemoryConfig:
+    """The MemoryConfig of ``opts``."""
+    return memory_config(**{k: v for k, v in opts.items() if k not in ("num_heads", "norm_eps")})
+
+
 def reference(layer: MemoryCachingAttention, opts: dict, x: torch.Tensor) -> torch.Tensor:
-    """The reference from the layer's parameters and the options it was built with (the
-    kernel size is read from the conv weight's shape)."""
-    kw = {n: v for n, v in opts.items() if n != "conv_size"}
-    return memory_layer_reference(layer.state_dict(), x, **kw)
+    """The reference from the layer's parameters and the settings it was built with."""
+    return memory_layer_reference(
+        layer.state_dict(),
+        x,
+        config=config(opts),
+        num_heads=opts["num_heads"],
+        head_dim=HEAD_DIM,
+        norm_eps=opts["norm_eps"],
+    )
 
 
 def padded_inputs(x: torch.Tensor):
@@ -170,3 +189,23 @@ def test_layer_equals_reference(rule, aggregation):
 )
 def test_layer_equals_reference_other_options(rule, aggregation, overrides):
     check_against_reference(options(rule, aggregation, **overrides))
+
+
+@pytest.mark.parametrize(
+    ("rule", "segments"),
+    [("gated_delta", "log"), ("titans", "log"), ("swla", [9, 1, 16, 11]), ("dla", [5, 32])],
+)
+@pytest.mark.parametrize("aggregation", ["grm", "ssc", "loglinear"])
+def test_layer_equals_reference_with_segments(rule, segments, aggregation):
+    """Logarithmic and explicit segments reach the op: parallel over all T tokens, and streamed
+    when the lengths are explicit (they cover the stream; "log" follows a call's length)."""
+    opts = options(rule, aggregation, segment_size=None, segments=segments)
+    layer = make_layer(opts)
+    x = torch.randn(2, T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        ref = reference(layer, opts, x)
+        assert rel_err(layer(x)[0], ref) < TOL, "parallel"
+        constant = reference(layer, {**opts, "segment_size": SEG, "segments": None}, x)
+        assert rel_err(ref, constant) > 1e-3  # the segmentation changes the outputs
+        if segments != "log":
+            assert rel_err(stream(layer, x), ref) < TOL, "streamed"

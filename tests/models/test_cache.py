@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from growmem.models import CACHE_FIELD, GrowMemCache, GrowMemConfig, GrowMemForCausalLM
-from tests.helpers import rel_err
+from tests.helpers import growmem_config, rel_err
 
 VOCAB = 29
 # a row-group memory model (padded rows stream apart), the Transformer++ and a hybrid
@@ -25,7 +25,7 @@ CASES = [
 CASE_IDS = [f"{r}-{a}{'+attn' if e else ''}" for r, a, e in CASES]
 
 
-def config(**overrides) -> GrowMemConfig:
+def config(rule="gated_delta", **overrides) -> GrowMemConfig:
     settings = dict(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -36,7 +36,7 @@ def config(**overrides) -> GrowMemConfig:
         chunk_size=4,
         initializer_range=0.7,
     )
-    return GrowMemConfig(**{**settings, **overrides})
+    return growmem_config(rule, **{**settings, **overrides})
 
 
 def make_model(rule="gated_delta", aggregation="grm", **overrides) -> GrowMemForCausalLM:
@@ -163,9 +163,9 @@ def test_a_cache_only_continues_the_model_it_was_built_for(tmp_path):
     for layers in (1, 3):
         with pytest.raises(ValueError, match=f"cache holds 2 layers, the model has {layers}"):
             make_model(num_hidden_layers=layers)(tokens[:, :1], cache=cache)
-    with pytest.raises(ValueError, match=r"another configuration: rule='gated_delta' \(model"):
+    with pytest.raises(ValueError, match=r"configuration: memory.rule='gated_delta' \(model"):
         make_model(rule="swla")(tokens[:, :1], cache=cache)
-    with pytest.raises(ValueError, match=r"another configuration: segment_size=4 \(model: 8\)"):
+    with pytest.raises(ValueError, match=r"memory.caching.segment_size=4 \(model: 8\)"):
         make_model(segment_size=8)(tokens[:, :1], cache=cache)
     # a copy of the model, saved and loaded, continues it (with another init scale)
     two_layers.save_pretrained(tmp_path)

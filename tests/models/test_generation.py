@@ -22,7 +22,8 @@ import pytest
 import torch
 import transformers
 
-from growmem.models import CACHE_FIELD, GrowMemConfig, GrowMemForCausalLM
+from growmem.models import CACHE_FIELD, GrowMemForCausalLM
+from tests.helpers import growmem_config
 
 VOCAB = 37
 TOP_K = 8  # sampling: top-k filter of generate, reproduced by the loops below
@@ -42,12 +43,12 @@ CASE_IDS = [f"{r}-{a}{'+attn' if e else ''}" for r, a, e in CASES]
 
 def make_model(rule: str, aggregation: str, **extra) -> GrowMemForCausalLM:
     """2 layers, width 16, segments of 4 tokens, init std 0.7, float64."""
-    config = GrowMemConfig(
+    config = growmem_config(
+        rule,
         vocab_size=VOCAB,
         hidden_size=16,
         num_hidden_layers=2,
         num_heads=2,
-        rule=rule,
         aggregation=aggregation,
         segment_size=4,
         top_k=2,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from growmem.models import CACHE_FIELD, GrowMemConfig, GrowMemForCausalLM
-from tests.helpers import rel_err
+from growmem.models import CACHE_FIELD, GrowMemForCausalLM
+from tests.helpers import growmem_config, rel_err
 from tests.reference import causal_lm_reference, shifted_cross_entropy
 
 VOCAB, T = 23, 19
@@ -35,10 +35,11 @@ CASES = [
             init="independent",
             decay_to="zero",
             max_grad_norm=0.8,
-            ssc_top_k=1,
+            top_k=1,
+            gate_scale=0.7,
         ),
     ),
-    ("dla", "mean", dict(tie_word_embeddings=False, mlp_norm=False, use_short_conv=False)),
+    ("dla", "mean", dict(tie_word_embeddings=False, norm=False, use_short_conv=False)),
     ("attention", "none", {}),
     ("attention", "none", dict(tie_word_embeddings=False, attn_window=4, rope_theta=30.0)),
     ("delta", "soup", dict(num_hidden_layers=3, attn_layers=[0, 2], attn_window=3)),
@@ -62,7 +63,6 @@ def make_model(rule: str, aggregation: str, **overrides) -> GrowMemForCausalLM:
         num_heads=2,
         head_dim=6,
         intermediate_size=20,
-        rule=rule,
         aggregation=aggregation,
         segment_size=4,
         chunk_size=4,
@@ -75,7 +75,8 @@ def make_model(rule: str, aggregation: str, **overrides) -> GrowMemForCausalLM:
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = GrowMemForCausalLM(GrowMemConfig(**{**settings, **overrides})).double().eval()
+    config = growmem_config(rule, **{**settings, **overrides})
+    model = GrowMemForCausalLM(config).double().eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

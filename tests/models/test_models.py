@@ -25,7 +25,7 @@ from growmem.models import (
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import rel_err
+from tests.helpers import growmem_config, rel_err
 
 VOCAB = 61
 # (rule, extra config): every memory rule, the Transformer++ baseline, a windowed hybrid
@@ -37,12 +37,12 @@ MODEL_IDS = [r + ("+attn" if extra else "") for r, extra in MODELS]
 
 
 def make_model(rule="gated_delta", aggregation="grm", dtype=torch.float64, seed=0, **extra):
-    config = GrowMemConfig(
+    config = growmem_config(
+        rule,
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
         num_heads=2,
-        rule=rule,
         aggregation=aggregation,
         segment_size=8,
         top_k=2,
@@ -135,12 +135,6 @@ def test_auto_classes_from_config():
     assert isinstance(AutoModel.from_config(config), GrowMemModel)
 
 
-def test_top_k_is_stored_apart_from_sampling_settings():
-    config = GrowMemConfig(top_k=3)
-    assert config.ssc_top_k == 3 and not hasattr(config, "top_k")
-    assert GrowMemConfig(**config.to_dict()).ssc_top_k == 3
-
-
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
     model, ids = make_model(), token_ids()
     labels = ids.clone()
@@ -188,11 +182,14 @@ def test_cache_bytes_equal_the_layers_state_sizes():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rule": "lstm"}, "rule"),
+        ({"memory": {"rule": "lstm"}}, "rule"),
         ({"attn_layers": [2]}, "attn_layers"),
         ({"attn_layers": [-1]}, "attn_layers"),
-        ({"aggregation": "max"}, "aggregation"),
-        ({"aggregation": "loglinear", "init": "independent"}, "^aggregation 'loglinear'"),
+        ({"memory": {"caching": {"aggregation": "max"}}}, "aggregation"),
+        (
+            {"memory": {"caching": {"aggregation": "loglinear", "init": "independent"}}},
+            "^aggregation 'loglinear'",
+        ),
         ({"hidden_size": 30, "num_heads": 4}, "divisible"),
         ({"attn_window": 0}, "attn_window"),
     ],

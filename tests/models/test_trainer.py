@@ -19,7 +19,7 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
-from tests.helpers import rel_err
+from tests.helpers import memory_config, rel_err
 
 VOCAB = 31
 
@@ -31,9 +31,7 @@ def make_model() -> GrowMemForCausalLM:
         hidden_size=16,
         num_hidden_layers=1,
         num_heads=2,
-        segment_size=4,
-        chunk_size=4,
-        mini_batch=4,
+        memory=memory_config(segment_size=4, chunk_size=4),
     )
     return GrowMemForCausalLM(config).double()
 

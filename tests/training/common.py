@@ -18,12 +18,10 @@ from growmem.training.config import RunConfig, build_config
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = {
-    "rule": "gated_delta",
-    "aggregation": "none",
     "hidden_size": 16,
     "num_hidden_layers": 1,
     "num_heads": 2,
-    "segment_size": 16,
+    "memory": {"rule": "gated_delta", "caching": {"aggregation": "none", "segment_size": 16}},
 }
 
 TINY_MQAR = {

@@ -165,8 +165,7 @@ ATTENTION = tuple(f"mixer.{p}_proj.weight" for p in "qkvo")
 GROUP_CASES = {
     "swla-grm-hybrid": (
         {
-            "rule": "swla",
-            "aggregation": "grm",
+            "memory": {"rule": "swla", "caching": {"aggregation": "grm", "segment_size": 8}},
             "num_hidden_layers": 2,
             "attn_layers": [1],
             "tie_word_embeddings": False,
@@ -180,7 +179,10 @@ GROUP_CASES = {
         | layer(1, *NORMS),
     ),
     "titans": (
-        {"rule": "titans", "aggregation": "soup", "num_hidden_layers": 1, "mini_batch": 4},
+        {
+            "memory": {"rule": "titans", "mini_batch": 4, "caching": {"aggregation": "soup"}},
+            "num_hidden_layers": 1,
+        },
         layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "eta", "a", "b", "o"))),
         {"model.embed_tokens.weight", "model.norm.weight"}
         | layer(0, *NORMS, "mixer.W1_0", "mixer.W2_0", "mixer.A_log", "mixer.dt_bias")
@@ -188,7 +190,7 @@ GROUP_CASES = {
         | layer(0, "mixer.b_proj.bias", "mixer.o_norm.weight"),
     ),
     "transformer++": (
-        {"rule": "attention", "num_hidden_layers": 2},
+        {"memory": None, "num_hidden_layers": 2},
         layer(0, *MLP, *ATTENTION) | layer(1, *MLP, *ATTENTION),
         {"model.embed_tokens.weight", "model.norm.weight"} | layer(0, *NORMS) | layer(1, *NORMS),
     ),
@@ -205,7 +207,7 @@ def group_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> lis
 @pytest.mark.parametrize("case", list(GROUP_CASES))
 def test_weight_decay_groups_by_name(case):
     overrides, decay, no_decay = GROUP_CASES[case]
-    model_args = {"hidden_size": 16, "num_heads": 2, "segment_size": 8, **overrides}
+    model_args = {"hidden_size": 16, "num_heads": 2, **overrides}
     model = GrowMemForCausalLM(GrowMemConfig(vocab_size=32, **model_args))
     optimizer, _ = build_optimizer(model, TrainSettings(weight_decay=0.05))
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]

@@ -43,12 +43,41 @@ def mqar_run(tmp_path_factory):
     return out
 
 
-def test_configs_lists_presets(capsys):
+def test_configs_lists_task_bases_and_the_model_spec_grammar(capsys):
     assert main(["configs"]) == 0
-    listed = capsys.readouterr().out.split()
-    presets = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert presets and listed == presets
-    assert "mqar_gated_delta" in listed
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-1] == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == ["lm", "mqar", "niah"]
+    assert lines[-1].startswith("model specs (growmem train BASE --model SPEC): 'transformer'")
+
+
+def test_train_help_names_the_model_spec(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--model SPEC" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "model spec" in capsys.readouterr().out
+
+
+def test_train_a_model_spec_on_a_config(tmp_path, capsys):
+    """The spec reaches the model, through training and evaluation: explicit segments here,
+    which only a config that passes them to the op gets right for 32-token sequences."""
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run", train={"steps": 1}))
+    assert main(["train", str(cfg), "--model", "swla+grm@8,8,16"]) == 0
+    model = tmp_path / "run_swla_grm_8_8_16" / "model"
+    config = GrowMemForCausalLM.from_pretrained(model).config
+    assert config.memory.rule == "swla" and config.memory.caching.segments == (8, 8, 16)
+    capsys.readouterr()
+    assert main(["eval", str(model), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.endswith("(model swla+grm@8,8,16)\n")
+
+
+def test_bad_model_spec_is_one_line(tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    line = fails(capsys, ["train", str(cfg), "--model", "gated_delta+grn"], "unknown aggregation")
+    assert "'gated_delta+grn'" in line and "'loglinear'" in line and "'titans'" in line
+    fails(capsys, ["train", str(cfg), "--model", "transformer@4"], "transformer has no memory")
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_applies_overrides(mqar_run, capsys):
@@ -73,9 +102,10 @@ def test_eval_writes_json_and_plot(mqar_run, capsys):
     assert json.loads(out.splitlines()[0]) == {"accuracy": results["accuracy"]}
 
 
-def test_eval_post_training_mc(mqar_run, tmp_path):
+def test_eval_post_training_mc(mqar_run, tmp_path, capsys):
     model = mqar_run / "model"
     assert main(["eval", str(model), "--post-training-mc", "16", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.endswith("(model gated_delta+mean@16)\n")
     results = json.loads((tmp_path / "eval-mqar-mc16.json").read_text())
     assert (tmp_path / "eval-mqar-mc16.png").is_file()
     assert len(results["slices"]) == 2
@@ -261,6 +291,9 @@ def test_binary_config_file(tmp_path, capsys):
         ("task.num_kv_pairs=[a]", "task.num_kv_pairs must be of type int | list[int]"),
         ("task.num_test_examples=0", "task.num_test_examples must be >= 1"),
         ("train..lr=1", "--set expects section.key=value"),
+        ("model.memory.caching={segments: lin}", "segments must be one of ['log'], got 'lin'"),
+        ("model.memory.expansion=2", "expansion is a setting of the deep memories"),
+        ("model.memory.caching.top_k=0", "top_k must be a positive int, got 0"),
     ],
 )
 def test_bad_setting(tmp_path, capsys, override, expected):

@@ -1,4 +1,5 @@
-"""Run configs: YAML loading, --set overrides, key and value checks, presets."""
+"""Run configs: YAML loading, --set overrides, key and value checks, model specs, the flat
+model keys of earlier releases, task bases."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from growmem.training.config import (
     TrainSettings,
     build_config,
     load_config,
-    parse_override,
 )
+from growmem.training.config_files import parse_override
 
 from .common import raw_config, write_yaml
 
@@ -160,8 +161,12 @@ def test_train_counts_must_be_positive(config_file, key):
 
 def test_bad_model_value_names_argument(config_file):
     with pytest.raises(ValueError, match="rule") as info:
-        load_config(config_file, ["model.rule=lstm"])
+        load_config(config_file, ["model.memory.rule=lstm"])
     assert "lstm" in str(info.value)
+    with pytest.raises(ValueError, match=r"^segment_size must be a positive int, got 0"):
+        load_config(config_file, ["model.memory.caching.segment_size=0"])
+    with pytest.raises(ValueError, match=r"memory has no setting \['mini_batch'\]: rule 'gated"):
+        load_config(config_file, ["model.memory.mini_batch=4"])
 
 
 def test_section_must_be_mapping(tmp_path):
@@ -221,14 +226,109 @@ def test_to_dict_round_trips(config_file):
     assert dataclasses.asdict(again.train) == dataclasses.asdict(config.train)
 
 
-def test_presets_exist():
-    assert PRESETS, "growmem/configs holds no preset"
+def test_task_bases_are_few_and_each_is_used():
+    """A task base per task; the sweep and the demo name the model with a spec."""
+    from experiments.sweep import EXPERIMENTS
+    from growmem.demo import TASK
+
+    used = {cell.task for cells in EXPERIMENTS.values() for cell in cells()} | {TASK}
+    assert {p.stem for p in PRESETS} == used == {"mqar", "niah", "lm"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
-def test_every_preset_loads(path):
-    config = load_config(path)
+@pytest.mark.parametrize("spec", [None, "transformer", "titans+ssc", "gated_delta+grm@log"])
+def test_every_task_base_loads_with_every_kind_of_model(path, spec):
+    config = load_config(path, model=spec)
     assert build_config(config.to_dict()).to_dict() == config.to_dict()
-    assert config.train.out_dir and config.task.name in ("mqar", "niah", "lm")
-    overridden = load_config(path, ["train.steps=5"])
+    assert config.train.out_dir and config.task.name == path.stem
+    overridden = load_config(path, ["train.steps=5"], model=spec)
     assert overridden.train.steps == 5
+
+
+def test_model_spec_sets_the_mixer_of_a_base(config_file, tmp_path):
+    base = load_config(config_file)
+    assert base.model["memory"]["caching"] == {"aggregation": "none", "segment_size": 16}
+    config = load_config(config_file, model="titans+ssc")
+    assert config.model["memory"] == {
+        "rule": "titans",
+        "caching": {"aggregation": "ssc", "segment_size": 16},  # the base's segments
+    }
+    assert config.train.out_dir == f"{tmp_path / 'run'}_titans_ssc"  # a folder per model
+    log = load_config(config_file, ["model.memory.caching.top_k=3"], model="swla+loglinear@log")
+    caching = log.model["memory"]["caching"]
+    assert (caching["segments"], caching["segment_size"], caching["top_k"]) == ("log", None, 3)
+    explicit = load_config(config_file, model="delta+grm@8,8,16")
+    assert explicit.model["memory"]["caching"]["segments"] == [8, 8, 16]
+    assert load_config(config_file, model="gated_delta+grm@8").model["memory"]["caching"] == {
+        "aggregation": "grm",
+        "segment_size": 8,
+        "segments": None,
+    }
+    assert load_config(config_file, model="transformer").model["memory"] is None
+    with pytest.raises(ValueError, match=r"model spec 'titans\+sum': unknown aggregation 'sum'"):
+        load_config(config_file, model="titans+sum")
+
+
+def test_per_model_settings_follow_the_model_family(tmp_path):
+    raw = raw_config(tmp_path / "run")
+    raw["per_model"] = {
+        "transformer": {"model": {"num_heads": 1}, "train": {"lr": 1e-3}},
+        "titans": {"model": {"memory": {"mini_batch": 2}}},
+    }
+    path = write_yaml(tmp_path / "base.yaml", raw)
+    assert load_config(path).train.lr == raw["train"]["lr"]  # its own model: gated_delta
+    transformer = load_config(path, model="transformer")
+    assert (transformer.model["num_heads"], transformer.train.lr) == (1, 1e-3)
+    titans = load_config(path, ["train.lr=0.5"], model="titans+grm")
+    assert titans.model["memory"]["mini_batch"] == 2 and titans.train.lr == 0.5  # --set last
+    assert load_config(path, model="dla").model["memory"] == {
+        "rule": "dla",
+        "caching": {"aggregation": "none", "segment_size": 16},
+    }
+    raw["per_model"] = {"lstm": {"train": {"lr": 1.0}}}
+    with pytest.raises(ValueError, match=r"per_model must map model families \['transformer'"):
+        load_config(write_yaml(tmp_path / "bad.yaml", raw))
+    raw["per_model"] = {"titans": {"optimizer": {"lr": 1.0}}}
+    with pytest.raises(ValueError, match=r"per_model.titans must map sections"):
+        load_config(write_yaml(tmp_path / "bad.yaml", raw))
+
+
+def test_bases_merge_the_memory_mapping_by_mapping(tmp_path):
+    base = raw_config(tmp_path / "run")
+    base["model"]["memory"]["caching"]["top_k"] = 3
+    write_yaml(tmp_path / "base.yaml", base)
+    child = {"base": "base", "model": {"memory": {"caching": {"aggregation": "ssc"}}}}
+    config = load_config(write_yaml(tmp_path / "child.yaml", child))
+    assert config.model["memory"] == {
+        "rule": "gated_delta",
+        "caching": {"aggregation": "ssc", "segment_size": 16, "top_k": 3},
+    }
+
+
+def test_flat_model_keys_convert_with_a_future_warning(tmp_path):
+    """A YAML of earlier releases, or a run.yaml recorded by them (which kept the base's
+    mini_batch for a gated_delta model: it never applied)."""
+    raw = raw_config(tmp_path / "run")
+    raw["model"] = {"hidden_size": 16, "num_heads": 2, "rule": "gated_delta", "aggregation": "grm"}
+    raw["model"].update(segment_size=16, mini_batch=16, ssc_top_k=3)
+    message = r"^config section 'model': the flat memory settings .*; write memory: \{'rule'"
+    with pytest.warns(FutureWarning, match=message):
+        config = build_config(raw)
+    assert config.model == {
+        "hidden_size": 16,
+        "num_heads": 2,
+        "memory": {
+            "rule": "gated_delta",
+            "caching": {"aggregation": "grm", "segment_size": 16, "top_k": 3},
+        },
+    }
+    # over a base in the new form, and as an old-style override
+    base = write_yaml(tmp_path / "base.yaml", raw_config(tmp_path / "run"))
+    child = write_yaml(tmp_path / "child.yaml", {"base": "base", "model": {"rule": "titans"}})
+    with pytest.warns(FutureWarning):
+        assert load_config(child).model["memory"]["rule"] == "titans"
+    with pytest.warns(FutureWarning):
+        config = load_config(base, ["model.aggregation=ssc"])
+    assert config.model["memory"]["caching"]["aggregation"] == "ssc"
+    with pytest.warns(FutureWarning):
+        assert load_config(base, ["model.rule=attention"]).model["memory"] is None

@@ -237,6 +237,27 @@ def test_resume_refuses_settings_that_change_the_run(stopped_run, capsys, change
     assert snapshot(out) == before
 
 
+def test_resume_a_checkpoint_whose_run_yaml_has_the_flat_model_keys(stopped_run, capsys):
+    """A checkpoint of an earlier release (flat model keys, and the base's mini_batch that a
+    gated_delta model never used) continues with the nested config of the same model; another
+    model is still refused."""
+    out, cfg = stopped_run
+    folder = latest_checkpoint(out)
+    record = yaml.safe_load((folder / "run.yaml").read_text())
+    memory = record["model"].pop("memory")
+    flat = {"rule": memory["rule"], "aggregation": memory["caching"]["aggregation"]}
+    flat.update(segment_size=memory["caching"]["segment_size"], mini_batch=16)
+    record["model"].update(flat)
+    rewrite_checked(folder, "run.yaml", yaml.safe_dump(record))
+    other = ["--set", "model.memory.caching.segment_size=8"]
+    with pytest.warns(FutureWarning, match="flat memory settings"):
+        assert main(["train", str(cfg), "--resume", *other]) == 2
+    assert "is from another model or task" in one_line_error(capsys, "train")
+    same = ["--set", "model.memory.chunk_size=64"]  # the default, spelled out
+    with pytest.warns(FutureWarning, match="flat memory settings"):
+        assert main(["train", str(cfg), "--resume", *same]) == 0
+
+
 def test_resume_refuses_another_process_count_with_the_same_batch(stopped_run, capsys):
     out, cfg = stopped_run
     folder = latest_checkpoint(out)

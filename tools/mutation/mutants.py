@@ -99,10 +99,12 @@ def _integrations(slug, original, replacement, description, tests=INTEGRATIONS_T
 MODELING = "growmem/models/modeling.py"
 CACHE = "growmem/models/cache.py"
 CONFIGURATION = "growmem/models/configuration.py"
+LAYER_CONFIG = "growmem/layers/config.py"
 MC_ATTENTION = "growmem/layers/mc_attention.py"
 ATTENTION = "growmem/layers/attention.py"
 TRAIN = "growmem/train.py"
 CONFIG = "growmem/training/config.py"
+CONFIG_FILES = "growmem/training/config_files.py"
 DATA = "growmem/training/data.py"
 CHECKPOINT = "growmem/training/checkpoint.py"
 RUNDIR = "growmem/training/rundir.py"
@@ -190,15 +192,15 @@ MUTANTS: tuple[Mutant, ...] = (
     _models(
         "hybrid-layers-ignored",
         CONFIGURATION,
-        "return self.rule == ATTENTION or layer_idx in self.attn_layers",
-        "return self.rule == ATTENTION and layer_idx in self.attn_layers",
+        "return self.memory is None or layer_idx in self.attn_layers",
+        "return self.memory is None and layer_idx in self.attn_layers",
         "attn_layers of a hybrid are silently memory layers",
     ),
     _models(
         "ssc-top-k-default",
-        CONFIGURATION,
-        "ssc_top_k = 2 if ssc_top_k is None else ssc_top_k",
-        "ssc_top_k = 1 if ssc_top_k is None else ssc_top_k",
+        LAYER_CONFIG,
+        "caching: Caching = field(default_factory=Caching)",
+        "caching: Caching = field(default_factory=lambda: Caching(top_k=1))",
         "the default top-k of ssc is 1 instead of the documented 2",
     ),
     # ---------------------------------------------------------------- layers
@@ -240,7 +242,7 @@ MUTANTS: tuple[Mutant, ...] = (
     _layers(
         "eta-max-dropped",
         MC_ATTENTION,
-        'gates["eta"] = self.eta_max * torch.sigmoid(_at_least_fp32(self.eta_proj(x)))',
+        'gates["eta"] = self.config.eta_max * torch.sigmoid(_at_least_fp32(self.eta_proj(x)))',
         'gates["eta"] = torch.sigmoid(_at_least_fp32(self.eta_proj(x)))',
         "the deep rules' inner learning rate is not bounded by eta_max",
     ),
@@ -366,9 +368,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     _training(
         "base-overrides-file",
-        CONFIG,
-        "merged[key] = {**merged[key], **value}",
-        "merged[key] = {**value, **merged[key]}",
+        CONFIG_FILES,
+        "merged[key] = merge(merged[key], value)",
+        "merged[key] = merge(value, merged[key])",
         "a base config's keys override the file that names it",
     ),
     _training(
