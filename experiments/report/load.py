@@ -1,5 +1,5 @@
 """What the report is built from: the sweep's result JSON, the benchmarks' JSON, and the
-settings of the sweep's cells (their presets with their overrides, resolved).
+settings of the sweep's cells (task base, model spec and overrides, resolved).
 
 Every read of a result file or a cell's configuration goes through this module, so a change
 of the sweep or of the run configuration has one place to land.
@@ -71,12 +71,10 @@ def cell_by_name(experiment: str, name: str):
 
 
 def cell_config(experiment: str, name: str):
-    """The resolved RunConfig of one sweep cell (its preset with its overrides)."""
-    from growmem.cli import CONFIGS, resolve_config
-    from growmem.training.config import load_config
+    """The resolved RunConfig of one sweep cell (its task base, model spec and overrides)."""
+    from experiments.sweep import cell_config as sweep_cell_config
 
-    cell = cell_by_name(experiment, name)
-    return load_config(resolve_config(cell.preset), cell.overrides, presets=CONFIGS)
+    return sweep_cell_config(experiment, cell_by_name(experiment, name))
 
 
 def training_minutes(experiment: str, result: dict) -> float:
@@ -92,8 +90,8 @@ class MQARSetting:
     """What the MQAR section states about one experiment's training setting."""
 
     experiment: str
-    preset: str
-    extra_overrides: tuple[str, ...]  # the base cell's overrides beyond rule and aggregation
+    task: str  # the task base the cells train from
+    extra_overrides: tuple[str, ...]  # the base cell's overrides
     layers: int
     hidden_size: int
     heads: int
@@ -121,13 +119,12 @@ def mqar_setting(experiment: str) -> MQARSetting:
     titans = None
     if cell_by_name(experiment, "titans"):
         deep = cell_config(experiment, "titans")
-        titans = (deep.model["mini_batch"], deep.model["eta_max"], deep.train.lr)
+        memory = deep.model["memory"]
+        titans = (memory["mini_batch"], memory["eta_max"], deep.train.lr)
     return MQARSetting(
         experiment=experiment,
-        preset=cell.preset,
-        extra_overrides=tuple(
-            o for o in cell.overrides if not o.startswith(("model.rule=", "model.aggregation="))
-        ),
+        task=cell.task,
+        extra_overrides=tuple(cell.overrides),
         layers=model["num_hidden_layers"],
         hidden_size=model["hidden_size"],
         heads=model["num_heads"],
@@ -135,7 +132,7 @@ def mqar_setting(experiment: str) -> MQARSetting:
         vocab_size=task.vocab_size,
         random_filler=task.random_non_queries,
         num_kv_pairs=task.num_kv_pairs,
-        segment_size=model["segment_size"],
+        segment_size=model["memory"]["caching"]["segment_size"],
         lr=train.lr,
         batch_size=train.batch_size,
         steps=train.steps,

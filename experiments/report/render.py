@@ -57,7 +57,7 @@ def not_measured(command: str) -> list[str]:
 
 
 def mqar_setting(s: MQARSetting, pairs: list[int], seq_len: int) -> str:
-    preset = f"the `{s.preset}` preset" + (
+    preset = f"the `{s.task}` task base" + (
         f" with `{' '.join(s.extra_overrides)}`" if s.extra_overrides else ""
     )
     titans = ""
@@ -160,14 +160,15 @@ def niah_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
         span = f"{min(minutes):.0f}"
     models = len(tables.final_loss)
     return (
-        f"Setting: the `{cell.preset}` preset with `{' '.join(cell.overrides)}`: "
+        f"Setting: `growmem train {cell.task} --model {cell.model}` with "
+        f"`{' '.join(cell.overrides)}`: "
         f"{model['num_hidden_layers']} layers, d_model {model['hidden_size']}, "
         f"{model['num_heads']} heads, {task.tokenizer} tokens; S-NIAH-{task.variant} (a 7-digit "
         f"value hidden in a repeated noise haystack), trained at {task.seq_len} tokens with the "
         f"loss on {loss}, {task.num_train_examples:,} examples (each seen once), AdamW "
         f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++: "
         f"{transformer_train.steps} steps at {transformer_train.lr:g}); segment "
-        f"{model['segment_size']} for Memory Caching. Exact match of the value generated "
+        f"{model['memory']['caching']['segment_size']} for Memory Caching. Exact match of the value generated "
         "greedily for as many tokens as the answer has (the models are not trained to end "
         "it), and the teacher-forced accuracy of the answer's 8 tokens (a space and 7 digits; "
         f"chance about (1 + 7 x 0.1) / 8 = 0.21), over {task.num_eval_examples} needle depths "
@@ -200,10 +201,10 @@ def lm_setting(config) -> str:
     model, task, train = config.model, config.task, config.train
     tokens = train.steps * train.batch_size * task.seq_len
     return (
-        f"Setting: the `lm` preset: {model['num_hidden_layers']} layers, d_model "
+        f"Setting: the `lm` task base: {model['num_hidden_layers']} layers, d_model "
         f"{model['hidden_size']}, {model['num_heads']} heads, {task.tokenizer} tokens, blocks of "
         f"{task.seq_len} from the running Python's standard library source (file-level split); "
-        f"segment {model['segment_size']}, top-2 for ssc. AdamW {train.lr:g}, batch "
+        f"segment {model['memory']['caching']['segment_size']}, top-2 for ssc. AdamW {train.lr:g}, batch "
         f"{train.batch_size}, {train.steps} steps ({tokens / 1e6:.1f}M tokens) for every model. "
         f"Validation bits per byte on {task.eval_blocks} held-out blocks (lower is better). "
         "Command: `python -m experiments.sweep lm && python -m experiments.report`."
