@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,14 @@ def test_the_docs_have_blocks_to_check():
 @pytest.mark.parametrize(("path", "code"), cases("python"))
 def test_python_block_runs(path, code, tmp_path, monkeypatch):
     """Each block runs on its own, in a fresh namespace and an empty working folder (it may
-    write files there); the global RNG and thread count are restored afterwards."""
+    write files there); the global RNG and thread count are restored afterwards. The docs
+    show the current API: a deprecated form (FutureWarning, DeprecationWarning) fails."""
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
             exec(compile(code, str(path), "exec"), {"__name__": "__docs__"})
     finally:
         torch.set_num_threads(threads)
@@ -61,7 +65,9 @@ def test_python_block_runs(path, code, tmp_path, monkeypatch):
 def test_yaml_block_is_a_valid_run_config(path, code, tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text(code)
-    load_config(config_file, presets=cli.CONFIGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated (flat) keys
+        load_config(config_file, presets=cli.CONFIGS)
 
 
 def options_of(command: str, capsys) -> str:
