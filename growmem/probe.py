@@ -227,13 +227,19 @@ def probe_reads(
         gate_scales: the gate scales for grm and ssc (none: no gated variants).
         normalize_summaries: also grm and ssc with c_i centred (minus the mean of the N
             summaries) and L2-normalised.
-        gen: the generator of the filler keys (needed when layout.filler > 0).
+        gen: the generator of the filler keys (required when layout.filler > 0).
 
     Returns:
         {"reads": {name: [B, P, D]}, "gates": {name: [B, P, N] gate weights of the gated
-        variants}, "logits": {"plain" | "normalized": [B, P, N] logits at scale 1}}.
+        variants, the online memory last}, "segment_reads": [B, P, N, D] every segment's
+        memory at its end read at every key, "logits": {"library" | "normalized": [B, P, N]
+        gate logits at scale 1}, "series": {name: what the variant is}}.
     """
     B, P, D = keys.shape
+    if layout.pairs != P:
+        raise ValueError(f"layout.pairs must be the number of keys {P}, got {layout.pairs}")
+    if layout.filler and gen is None:
+        raise ValueError("gen is required with filler tokens: it draws their keys")
     n, W, C = layout.num_segments, layout.writes, layout.segment_size
     stride = 1 + layout.filler
     k_w = torch.zeros(B, W, D, dtype=DTYPE)
@@ -310,7 +316,13 @@ def probe_reads(
                     "gate_scale": scale,
                     "summaries": geometry,
                 }
-    return {"reads": reads, "gates": gate_weights, "logits": logits, "series": series}
+    return {
+        "reads": reads,
+        "segment_reads": cached,
+        "gates": gate_weights,
+        "logits": logits,
+        "series": series,
+    }
 
 
 DESCRIPTIONS = {
