@@ -55,11 +55,29 @@ def test_orthonormal_keys_up_to_the_head_size_are_all_recalled(rule):
         assert series(payload, name)["recall"] == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("init", ["continuous", "independent"])
-def test_oracle_recalls_every_pair_when_each_segment_holds_orthonormal_keys(init):
-    # 8 dims, 4 pairs a segment, blocks of 8 orthonormal keys: within a segment the delta
-    # rule stores each pair exactly and later keys of the segment do not disturb it
-    layout, _k, v, out = draw(32, 8, 4, keys="orthogonal", draws=4, rule="delta", init=init)
+def test_layout_places_pairs_and_filler():
+    layout = Layout(pairs=5, filler=2, segment_size=4)  # pairs at tokens 0, 3, 6, 9, 12
+    assert layout.writes == 15 and layout.num_segments == 4
+    assert layout.segment_of_pair().tolist() == [0, 0, 1, 2, 3]
+    assert layout.lengths() == [4, 4, 4, 3 + 5]  # the 5 queries extend the last segment
+
+
+def test_recall_is_the_nearest_value_and_a_zero_read_recalls_nothing():
+    values = torch.eye(3, dtype=DTYPE)[None]  # [1, 3, 3]
+    # a zero read would tie every value and argmax would pick value 0, its own
+    reads = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 1.0, 0.5]]], dtype=DTYPE)
+    assert recalled(reads, values).tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize(("init", "filler"), [("continuous", 0), ("independent", 0),
+                                              ("continuous", 1)])  # fmt: skip
+def test_oracle_recalls_every_pair_when_each_segment_holds_orthonormal_keys(init, filler):
+    # 8 dims, 4 (2 with filler) pairs a segment, blocks of 8 orthonormal keys: within a
+    # segment the delta rule stores each pair exactly and later keys of the segment do not
+    # disturb it
+    layout, _k, v, out = draw(
+        32, 8, 4, keys="orthogonal", filler=filler, draws=4, rule="delta", init=init
+    )
     assert recalled(out["reads"]["oracle"], v).all()
     assert not recalled(out["reads"]["base"], v).all()  # 32 pairs overflow the 8-dim state
     # continuous: the online memory at the end is base's, so the last segment's pairs read
