@@ -286,6 +286,18 @@ def build_parser() -> Parser:
 
     p = commands.add_parser("configs", help="list the task bases and the model spec grammar")
     p.set_defaults(run=cmd_configs)
+
+    from growmem.probe import command as probe  # it builds on this module's argument types
+
+    p = commands.add_parser("probe", help="measure a memory before any training")
+    probes = p.add_subparsers(dest="probe", required=True)
+    p = probes.add_parser(
+        "capacity",
+        help="recall against key-value pairs: base, uniform, oracle, grm, ssc (no training)",
+        description=probe.DESCRIPTION,
+    )
+    probe.add_arguments(p)
+    p.set_defaults(run=probe.run)
     return parser
 
 

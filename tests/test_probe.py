@@ -11,8 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from growmem import probe
-from growmem.probe import Layout, capacity_probe, draw_keys, gated_mix, probe_reads, recalled
+from growmem.probe import (
+    Layout,
+    capacity_probe,
+    draw_keys,
+    gated_mix,
+    probe_reads,
+    recalled,
+    series_name,
+)
+from growmem.probe import command as probe
 
 DTYPE = torch.float64
 
@@ -164,7 +172,7 @@ def test_reads_are_memory_caching_s_and_follow_the_design_formulas(rule, init, s
     for scale in scales:
         r = scale * out["logits"]["library"]
         for aggregation in ("grm", "ssc"):
-            name = probe.series_name(aggregation, scale, 8, normalized=False)
+            name = series_name(aggregation, scale, 8, normalized=False)
             expected = torch.einsum("bpn,bpnd->bpd", torch.softmax(_topk_mask(r, aggregation), -1),
                                     segment_reads)  # fmt: skip
             torch.testing.assert_close(out["reads"][name], expected, rtol=0, atol=1e-12)
