@@ -70,11 +70,11 @@ def test_yaml_block_is_a_valid_run_config(path, code, tmp_path):
         load_config(config_file, presets=cli.CONFIGS)
 
 
-def options_of(command: str, capsys) -> str:
-    """The --help text of ``growmem COMMAND``."""
+def options_of(words: list[str], capsys) -> str:
+    """The --help text of ``growmem WORDS`` (a command, its subcommand, positionals)."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
-    assert exit_info.value.code == 0, command
+        cli.main([*words, "--help"])
+    assert exit_info.value.code == 0, words
     return capsys.readouterr().out
 
 
@@ -84,7 +84,8 @@ def test_growmem_command_lines_name_real_options(path, code, capsys):
         words = shlex.split(line.split("#")[0])
         if words[:1] != ["growmem"]:
             continue
-        help_text = options_of(words[1], capsys)
+        options = [i for i, word in enumerate(words) if word.startswith("-")]
+        help_text = options_of(words[1 : options[0] if options else len(words)], capsys)
         for word in words[2:]:
             if word.startswith("--"):
                 assert re.search(rf"{re.escape(word)}\b", help_text), f"{line}: {word}"
