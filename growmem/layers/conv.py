@@ -32,10 +32,16 @@ class ShortConvolution(nn.Module):
             for name, value in self.initial_parameters().items():
                 getattr(self, name).copy_(value)
 
-    def initial_parameters(self) -> dict[str, torch.Tensor]:
-        """Fresh initial values of the parameters: Conv1d's default weight init, zero bias."""
+    def initial_parameters(
+        self, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Fresh initial values of the parameters: Conv1d's default weight init, zero bias.
+
+        Args:
+            generator: a CPU generator to draw from (None: the global RNG).
+        """
         weight = torch.empty_like(self.weight, device="cpu")
-        nn.init.kaiming_uniform_(weight, a=5**0.5)
+        nn.init.kaiming_uniform_(weight, a=5**0.5, generator=generator)
         return {"weight": weight, "bias": torch.zeros_like(self.bias, device="cpu")}
 
     def forward(

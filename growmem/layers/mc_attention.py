@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -195,21 +196,38 @@ class MemoryCachingAttention(nn.Module):
         )
         return flat_value(self.config, name)
 
-    def initial_parameters(self) -> dict[str, torch.Tensor]:
+    def initial_parameters(
+        self, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Fresh initial values of the layer's own parameters (its submodules init theirs):
         Mamba2's decay rates A ~ U(1, 16) and time steps dt ~ logU(1e-3, 1e-1) (stored as
-        softplus^-1(dt)), and the deep rules' initial MLP weights with 1/sqrt(fan-in) std."""
+        softplus^-1(dt)), and the deep rules' initial MLP weights with 1/sqrt(fan-in) std.
+
+        Args:
+            generator: a CPU generator to draw from (None: the global RNG).
+        """
         values = {}
         H = self.num_heads
+        cpu = partial(torch.empty, device="cpu")  # drawn on the CPU whatever the default device
         if hasattr(self, "A_log"):
-            values["A_log"] = torch.log(torch.empty(H).uniform_(1, 16))
-            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            values["A_log"] = torch.log(cpu(H).uniform_(1, 16, generator=generator))
+            log_dt = cpu(H).uniform_(math.log(1e-3), math.log(1e-1), generator=generator)
+            dt = torch.exp(log_dt)
             values["dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
         if self.deep:
             D, Dh = self.head_dim, self.W1_0.shape[-1]
-            values["W1_0"] = torch.randn(H, D, Dh) / math.sqrt(Dh)
-            values["W2_0"] = torch.randn(H, Dh, D) / math.sqrt(D)
+            values["W1_0"] = cpu(H, D, Dh).normal_(generator=generator) / math.sqrt(Dh)
+            values["W2_0"] = cpu(H, Dh, D).normal_(generator=generator) / math.sqrt(D)
         return values
+
+    @property
+    def gate_query_rows(self) -> slice | None:
+        """The rows of ``in_proj.weight`` that compute the gate queries u (None without u):
+        the rows are q, k, v, u, z, each H · D."""
+        if not self.uses_u:
+            return None
+        inner = self.num_heads * self.head_dim
+        return slice(3 * inner, 4 * inner)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, {self.config}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from typing import ClassVar
@@ -104,31 +105,99 @@ class GrowMemPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["GrowMemBlock"]
     _supports_sdpa = True
 
+    def __init__(self, config: GrowMemConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # drawn before any submodule exists (their constructors draw from the global RNG as
+        # much as their sizes ask): the seed of this model's init streams
+        self._init_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+
+    def initialize_weights(self) -> None:
+        """Initialise every weight, each module from a random stream of its own (paired starts).
+
+        One draw from the global RNG, made when the model is constructed and before any of its
+        modules, seeds the model; a module's stream is seeded by that draw and the module's
+        name. So models built after the same ``torch.manual_seed`` that differ only in their
+        Memory Caching aggregation share every weight they have in common, bit for bit (the
+        gate queries' rows of ``in_proj`` draw from a stream of their own), and a comparison of
+        base, residual, grm, soup and ssc starts from the same network.
+        """
+        streams = _InitStreams(self, self._init_seed)
+        models = [m for m in self.modules() if isinstance(m, GrowMemPreTrainedModel)]
+        for model in models:  # transformers hands nested models' modules to their own init
+            model._init_streams = streams
+        try:
+            super().initialize_weights()
+        finally:
+            for model in models:
+                del model._init_streams
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for linear and embedding weights, std divided by
         sqrt(2 · layers) for the projections that write into the residual stream (GPT-2), zero
         biases; growmem layers' own parameters (decay rates, MLP memories, conv taps) get the
-        init their layer defines."""
+        init their layer defines. Values are drawn on the CPU from the module's stream
+        (``initialize_weights``), so a model starts the same on every device."""
+        streams = getattr(self, "_init_streams", None)
+        stream = _InitStreams.fresh if streams is None else streams.generator
         std = self.config.initializer_range
+
+        def normal(shape, std, part=""):
+            return torch.empty(shape, device="cpu").normal_(
+                0.0, std, generator=stream(module, part)
+            )
+
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_output", False):
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.copy_(module.weight, normal(module.weight.shape, std))
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.copy_(module.weight, normal(module.weight.shape, std))
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        if isinstance(module, MemoryCachingAttention) and module.gate_query_rows is not None:
+            # The ungated layers' in_proj rows (q, k, v, z) from in_proj's stream, the gate
+            # queries' rows from their own: base and gated models share q, k, v and z.
+            weight, rows = module.in_proj.weight, module.gate_query_rows
+            shared = torch.empty(
+                weight.shape[0] - (rows.stop - rows.start), weight.shape[1], device="cpu"
+            )
+            shared.normal_(0.0, std, generator=stream(module.in_proj))
+            u = normal((rows.stop - rows.start, weight.shape[1]), std, ".gate_queries")
+            init.copy_(weight, torch.cat([shared[: rows.start], u, shared[rows.start :]]))
         if hasattr(module, "initial_parameters"):  # growmem layers with parameters of their own
-            for name, value in module.initial_parameters().items():
+            values = module.initial_parameters(generator=stream(module))
+            for name, value in values.items():
                 init.copy_(getattr(module, name), value)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # generate() must not create a DynamicCache: the model creates its GrowMemCache
         return False
+
+
+class _InitStreams:
+    """The random streams of one ``initialize_weights`` call: one CPU generator per module,
+    seeded by the model's seed and the module's qualified name."""
+
+    def __init__(self, model: nn.Module, seed: int):
+        self.seed = seed
+        self.names = {id(m): name for name, m in model.named_modules()}
+
+    def generator(self, module: nn.Module, part: str = "") -> torch.Generator:
+        name = self.names.get(id(module))
+        if name is None:  # a module added after the call began: a fresh stream
+            return self.fresh(module)
+        digest = hashlib.blake2b(f"{self.seed}/{name}{part}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    @staticmethod
+    def fresh(module: nn.Module, part: str = "") -> torch.Generator:
+        """A stream seeded from the global RNG (``_init_weights`` called on its own, e.g. for
+        resized embeddings)."""
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), device="cpu").item()))
 
 
 class GrowMemModel(GrowMemPreTrainedModel):

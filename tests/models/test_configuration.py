@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import GenerationConfig
 
 from growmem.models import GrowMemConfig, GrowMemForCausalLM, MemoryConfig
@@ -19,7 +20,8 @@ from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
 from tests.helpers import memory_config
 
 BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2)
-# Tiny models saved by growmem e872a2b (flat GrowMemConfig) with their logits on fixed ids.
+# config.json of tiny models saved by growmem e872a2b (flat GrowMemConfig) and the names and
+# shapes of their weights (no weights in git: the test makes them).
 FLAT_MODELS = Path(__file__).parent / "data" / "flat_config_models"
 
 
@@ -147,14 +149,28 @@ def test_flat_arguments_convert_with_a_future_warning():
 
 @pytest.mark.parametrize("name", ["gated_delta_ssc", "titans_grm_hybrid", "transformer"])
 def test_a_model_folder_saved_with_the_flat_config_loads(name, tmp_path):
-    """Same logits as when it was saved; saved again, it is in the new form."""
-    stored = json.loads((FLAT_MODELS / name / "logits.json").read_text())
+    """A folder whose config.json has the flat settings (as e872a2b wrote it) loads: the model
+    it builds has the weights those models had (names and shapes, from their safetensors
+    header), weights saved into the folder load with the same logits, and saved again the
+    config is in the new form."""
+    folder = tmp_path / "flat"
+    shutil.copytree(FLAT_MODELS / name, folder)
+    shapes = json.loads((folder / "weight_shapes.json").read_text())
     with pytest.warns(FutureWarning, match="flat memory settings"):
-        model = GrowMemForCausalLM.from_pretrained(FLAT_MODELS / name).eval()
+        config = GrowMemConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    original = GrowMemForCausalLM(config).eval()
+    original.save_pretrained(tmp_path / "weights")
+    with safe_open(tmp_path / "weights" / "model.safetensors", "pt") as saved:
+        assert {k: list(saved.get_slice(k).get_shape()) for k in saved.keys()} == shapes  # noqa: SIM118
+    shutil.copy(tmp_path / "weights" / "model.safetensors", folder)  # the flat config stays
+    with pytest.warns(FutureWarning, match="flat memory settings"):
+        model = GrowMemForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits = model(torch.tensor(stored["input_ids"])).logits.double()
-    assert torch.allclose(logits, torch.tensor(stored["logits"], dtype=torch.float64), atol=1e-6)
-    flat = json.loads((FLAT_MODELS / name / "config.json").read_text())
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=0)
+    flat = json.loads((folder / "config.json").read_text())
+    assert "rule" in flat  # the folder really holds the flat form
     if flat["rule"] == "attention":
         assert model.config.memory is None
     else:
@@ -162,7 +178,6 @@ def test_a_model_folder_saved_with_the_flat_config_loads(name, tmp_path):
         assert memory.rule == flat["rule"] and memory.caching.top_k == flat["ssc_top_k"]
         assert memory.caching.segment_size == flat["segment_size"]
     copy = tmp_path / "copy"
-    shutil.copytree(FLAT_MODELS / name, copy)
     model.save_pretrained(copy)
     saved = json.loads((copy / "config.json").read_text())
     assert "rule" not in saved and "ssc_top_k" not in saved

@@ -1,0 +1,74 @@
+"""Paired starts: models that differ only in their Memory Caching aggregation start from the
+same network for one seed, so a comparison measures the aggregation, not the draw."""
+
+import pytest
+import torch
+
+from growmem.models import GrowMemConfig, GrowMemForCausalLM
+from growmem.ops.aggregations import AGGREGATIONS
+
+
+def build(rule: str, aggregation: str, seed: int) -> GrowMemForCausalLM:
+    torch.manual_seed(seed)
+    memory = {"rule": rule, "caching": {"aggregation": aggregation, "segment_size": 8}}
+    config = GrowMemConfig(
+        vocab_size=61, hidden_size=24, num_hidden_layers=2, num_heads=2, memory=memory
+    )
+    return GrowMemForCausalLM(config)
+
+
+def without_gate_queries(model: GrowMemForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights, the gate queries' rows left out of every in_proj."""
+    weights = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("mixer.in_proj.weight"):
+            rows = model.get_submodule(name.removesuffix(".in_proj.weight")).gate_query_rows
+            if rows is not None:
+                value = torch.cat([value[: rows.start], value[rows.stop :]])
+        weights[name] = value
+    return weights
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "swla", "titans"])
+def test_aggregations_share_every_other_initial_weight(rule):
+    base = without_gate_queries(build(rule, "none", seed=3))
+    for aggregation in AGGREGATIONS[1:]:
+        model = build(rule, aggregation, seed=3)
+        weights = without_gate_queries(model)
+        assert weights.keys() == base.keys()
+        for name, value in weights.items():
+            assert torch.equal(value, base[name]), (aggregation, name)
+        layer = model.model.layers[0].mixer
+        if layer.gate_query_rows is not None:  # the gate queries are drawn, at the same std
+            u = layer.in_proj.weight[layer.gate_query_rows]
+            assert 0.015 < u.std().item() < 0.025
+
+
+def test_seeds_give_other_weights_and_the_same_seed_the_same():
+    a, b, again = (build("gated_delta", "grm", s).state_dict() for s in (0, 1, 0))
+    for name, value in a.items():
+        assert torch.equal(value, again[name]), name
+        if value.std() > 0:  # not a constant init (norm gains, zero biases)
+            assert not torch.equal(value, b[name]), name
+
+
+def test_a_deeper_model_keeps_the_shallower_ones_weights():
+    """Each module draws from a stream named after it: a model with a third layer keeps the
+    first two layers' weights (but for the residual outputs, scaled by 1/sqrt(2 · layers))."""
+    models = []
+    for layers in (2, 3):
+        torch.manual_seed(5)
+        config = GrowMemConfig(vocab_size=61, hidden_size=24, num_hidden_layers=layers,
+                               num_heads=2)  # fmt: skip
+        models.append(GrowMemForCausalLM(config))
+    small, deeper = models
+    deep_weights = deeper.state_dict()
+    scaled = {
+        f"{name}.weight"
+        for name, module in small.named_modules()
+        if getattr(module, "is_residual_output", False)
+    }
+    assert scaled  # o_proj and the SwiGLU's output projection of every layer
+    for name, value in small.state_dict().items():
+        same = torch.equal(value, deep_weights[name])
+        assert same != (name in scaled), name
