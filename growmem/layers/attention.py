@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
+from growmem.layers.checks import (
+    check_hidden_states,
+    check_layer_cache,
+    padding_mask,
+    resolve_head_dim,
+)
 from growmem.ops.checks import check_positive_float, check_positive_int, check_values
 
 
@@ -160,16 +165,7 @@ class Attention(nn.Module):
         layer_idx: int | None = None,
     ):
         super().__init__()
-        check_positive_int("hidden_size", hidden_size)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size ({hidden_size}) must be divisible by num_heads "
-                    f"({num_heads}) unless head_dim is given"
-                )
-            head_dim = hidden_size // num_heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         if window is not None:

@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from growmem.ops.checks import check_positive_int
+
+
+def resolve_head_dim(hidden_size: int, num_heads: int, head_dim: int | None) -> int:
+    """The per-head size: ``head_dim``, or hidden_size // num_heads when None (then
+    num_heads must divide hidden_size); a ValueError names what is wrong."""
+    check_positive_int("hidden_size", hidden_size)
+    check_positive_int("num_heads", num_heads)
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
+                "unless head_dim is given"
+            )
+        head_dim = hidden_size // num_heads
+    check_positive_int("head_dim", head_dim)
+    return head_dim
+
 
 def check_hidden_states(hidden_states, hidden_size: int) -> None:
     """hidden_states must be a [B, T >= 1, hidden_size] tensor."""

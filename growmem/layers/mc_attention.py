@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growmem.layers.checks import check_hidden_states, check_layer_cache, padding_mask
+from growmem.layers.checks import (
+    check_hidden_states,
+    check_layer_cache,
+    padding_mask,
+    resolve_head_dim,
+)
 from growmem.layers.config import (
     FLAT_DEFAULTS,
     FLAT_PATHS,
@@ -23,7 +28,7 @@ from growmem.layers.config import (
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
 from growmem.ops.caching import MemoryCache, SegmentPlan, memory_caching
-from growmem.ops.checks import check_positive_float, check_positive_int
+from growmem.ops.checks import check_positive_float
 
 
 @dataclass
@@ -140,17 +145,8 @@ class MemoryCachingAttention(nn.Module):
         config = MemoryConfig() if config is None else config
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
-        check_positive_int("hidden_size", hidden_size)
-        check_positive_int("num_heads", num_heads)
         check_positive_float("norm_eps", norm_eps)
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size ({hidden_size}) must be divisible by num_heads "
-                    f"({num_heads}) unless head_dim is given"
-                )
-            head_dim = hidden_size // num_heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.config, self.layer_idx = config, layer_idx
         inner = num_heads * head_dim

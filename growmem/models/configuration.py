@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
+from growmem.layers.checks import resolve_head_dim
 from growmem.layers.config import (
     FLAT_PATHS,
     MemoryConfig,
@@ -125,14 +126,7 @@ class GrowMemConfig(PreTrainedConfig):
         check_nonnegative_float("initializer_range", initializer_range)
         check_bool("tie_word_embeddings", tie_word_embeddings)
         check_bool("use_cache", use_cache)
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
-                    "unless head_dim is given"
-                )
-            head_dim = hidden_size // num_heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         if intermediate_size is None:
             intermediate_size = -(-8 * hidden_size // 3 // 64) * 64
         check_positive_int("intermediate_size", intermediate_size)
