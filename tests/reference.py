@@ -8,7 +8,8 @@ wrong formula in growmem/layers or growmem/models shows as a mismatch. Options (
 segment size, eta_max, ...) are passed explicitly, never read back from the module.
 
 From growmem they import only the per-token references of the ops (growmem/ops/*/naive.py,
-the spec of the memory rules and of Memory Caching).
+the spec of the memory rules and of Memory Caching) and the objects that describe a memory and
+its caching (growmem/ops/spec.py).
 
 The layer, for one row of tokens x_t (docs/design.md "The layer"):
     [q; k; v; u; z] = x_t W_in                    rows of in_proj in this order (u: grm, soup,
@@ -29,8 +30,8 @@ import math
 
 import torch
 
-from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
+from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
 
 # Gates per rule (DESIGN.md section 2 and docs/design.md): g log-decay, beta write strength
 # (titans: momentum), lam current-token weight, eta inner learning rate.
@@ -93,11 +94,6 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def segment_lengths(T: int, size: int) -> list[int]:
-    """Constant segments of ``size`` tokens, the last one shorter: 37, 5 -> [5] * 7 + [2]."""
-    return [size] * (T // size) + ([T % size] if T % size else [])
-
-
 def memory_layer_reference(
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -152,34 +148,26 @@ def memory_layer_reference(
             logits = linear(x, params["eta_proj.weight"], params["eta_proj.bias"])
             gates["eta"] = eta_max * sigmoid(logits)
 
-    common = dict(
-        lengths=segment_lengths(T, segment_size),
-        aggregation=aggregation,
+    caching = Caching(
+        aggregation,
+        segment_size=segment_size,
         top_k=top_k,
         init=init,
         summary=summary,
         gate_scale=1.0 / math.sqrt(D),
     )
     if rule in DEEP:
-        o = deep_memory_caching_reference(
-            q,
-            k,
-            v,
-            u,
-            rule=rule,
-            eta=gates["eta"],
-            g=gates.get("g"),
-            beta=gates.get("beta"),
-            init_weights=(params["W1_0"], params["W2_0"]),
-            mini_batch=mini_batch,
-            norm=mlp_norm,
-            max_grad_norm=max_grad_norm,
-            eps=DEEP_LN_EPS,
-            decay_to=decay_to,
-            **common,
-        )
+        decay = {"decay_to": decay_to} if rule == "titans" else {}  # dla has no decay
+        memory = DeepMemory(
+            rule, mini_batch=mini_batch, norm=mlp_norm, max_grad_norm=max_grad_norm,
+            eps=DEEP_LN_EPS, **decay,
+        )  # fmt: skip
+        init_weights = (params["W1_0"], params["W2_0"])
     else:
-        o = memory_caching_reference(q, k, v, u, rule=rule, gates=gates, **common)
+        memory, init_weights = MatrixMemory(rule), None
+    o = memory_caching_reference(
+        q, k, v, u, memory=memory, caching=caching, gates=gates, init_weights=init_weights
+    )
     o = rms_norm(o, params["o_norm.weight"], norm_eps) * silu(z)  # [B, T, H, D]
     return linear(o.reshape(B, T, inner), params["o_proj.weight"])
 

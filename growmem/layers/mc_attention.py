@@ -17,10 +17,10 @@ from growmem.layers.checks import (
 )
 from growmem.layers.conv import ShortConvolution
 from growmem.layers.norm import GatedRMSNorm
-from growmem.ops.caching import MemoryCache, check_caching_choices, memory_caching
-from growmem.ops.caching.select import GATED_AGGREGATIONS
+from growmem.ops.caching import MemoryCache, memory_caching
 from growmem.ops.checks import LINEAR_RULES, RULE_GATES, check_choice, check_positive_int
 from growmem.ops.deep import DEEP_RULES
+from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
 
 # Per-token gates of the deep rules: eta (inner learning rate), g (weight decay), beta
 # (momentum).
@@ -157,9 +157,10 @@ class MemoryCachingAttention(nn.Module):
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_heads", num_heads)
         check_choice("rule", rule, LINEAR_RULES + DEEP_RULES)
-        check_caching_choices(aggregation, init, summary)
-        check_positive_int("segment_size", segment_size)
-        check_positive_int("top_k", top_k)
+        # the op's caching choices, checked once here
+        self.caching = Caching(
+            aggregation, segment_size=segment_size, top_k=top_k, init=init, summary=summary
+        )
         check_memory_options(
             conv_size=conv_size,
             chunk_size=chunk_size,
@@ -189,7 +190,7 @@ class MemoryCachingAttention(nn.Module):
 
         # q, k, v, the gate queries u_t = x_t W_u (gated aggregations) and the output gate in
         # one matmul: one op instead of five matters when decoding a token at a time
-        self.uses_u = aggregation in GATED_AGGREGATIONS
+        self.uses_u = self.caching.spec.gated
         self.in_proj = nn.Linear(hidden_size, inner * (5 if self.uses_u else 4), bias=False)
         self.use_short_conv = use_short_conv
         if use_short_conv:  # depthwise over the q, k, v channels together
@@ -199,11 +200,18 @@ class MemoryCachingAttention(nn.Module):
             self.mini_batch, self.eta_max = mini_batch, float(eta_max)
             self.max_grad_norm, self.mlp_norm = max_grad_norm, mlp_norm
             self.decay_to = decay_to
+            # (decay_to is titans' only: dla has no decay, and ignores the layer's setting)
+            decay = {"decay_to": decay_to} if rule == "titans" else {}
+            self.memory = DeepMemory(
+                rule, mini_batch=mini_batch, norm=mlp_norm, max_grad_norm=max_grad_norm, **decay
+            )
             Dh = expansion * head_dim
             self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
             # learned initial memory: M(x) = x + N(W1 GELU(W2 x)), per head
             self.W1_0 = nn.Parameter(torch.empty(num_heads, head_dim, Dh))
             self.W2_0 = nn.Parameter(torch.empty(num_heads, Dh, head_dim))
+        else:
+            self.memory = MatrixMemory(rule, chunk_size)
         gates = DEEP_GATES[rule] if self.deep else RULE_GATES[rule]
         if "g" in gates:  # a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), as in Mamba2
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
@@ -311,7 +319,8 @@ class MemoryCachingAttention(nn.Module):
             rule=self.rule,
             aggregation=self.aggregation,
             segment_size=self.segment_size,
-            top_k=self.top_k if self.aggregation == "ssc" else None,  # only ssc reads it
+            # only an aggregation that selects the top k caches reads top_k
+            top_k=self.top_k if self.caching.spec.select == "top_k" else None,
             init=self.init,
             summary=self.summary,
             qk_norm=self.qk_norm,
@@ -357,31 +366,17 @@ class MemoryCachingAttention(nn.Module):
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
         u = rest[..., :inner].reshape(g, n, H, D) if self.uses_u else None
         out_gate = rest[..., -inner:].reshape(g, n, H, D)
-        deep = {}
-        if self.deep:
-            deep = dict(
-                init_weights=(self.W1_0, self.W2_0),
-                mini_batch=self.mini_batch,
-                norm=self.mlp_norm,
-                max_grad_norm=self.max_grad_norm,
-                decay_to=self.decay_to,
-            )
         o, memory = memory_caching(
             q,
             k,
             v,
             u,
-            rule=self.rule,
-            **gates,
-            segment_size=self.segment_size,
-            aggregation=self.aggregation,
-            top_k=self.top_k,
-            init=self.init,
-            summary=self.summary,
+            memory=self.memory,
+            caching=self.caching,
+            gates=gates,
+            init_weights=(self.W1_0, self.W2_0) if self.deep else None,
             cache=group.memory,
             output_cache=True,
-            chunk_size=self.chunk_size,
-            **deep,
         )
         o = self.o_norm(o, out_gate).reshape(g, n, H * D)
         return self.o_proj(o), RowGroup(rows=group.rows, memory=memory, conv=conv)
@@ -389,7 +384,8 @@ class MemoryCachingAttention(nn.Module):
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the layer's cache holds after T tokens of ``batch_size`` aligned rows."""
         H, D = self.num_heads, self.head_dim
-        cached = 0 if self.aggregation == "none" or T < 1 else (T - 1) // self.segment_size
+        keeps = self.caching.spec.keeps_segments
+        cached = (T - 1) // self.segment_size if keeps and T >= 1 else 0
         if self.deep:
             Dh = self.W1_0.shape[-1]
             weights = 2 * H * D * Dh  # W1 and W2 of one memory

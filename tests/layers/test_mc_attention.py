@@ -106,8 +106,7 @@ def row_state(cache: MemoryCachingLayerCache, r: int):
             tensors = [] if sub.conv is None else [sub.conv]
             if mem is None:
                 return None, tensors
-            tensors += [mem.states, mem.summaries, mem.state_sum, mem.online_state, mem.key_sum]
-            tensors += list(mem.prev_kv or ())
+            tensors += mem.tensors()
             return (mem.seen_tokens, mem.segment_tokens), tensors
     raise AssertionError(f"row {r} is in no group")
 
