@@ -251,6 +251,20 @@ class OpInputs:
         return self.map_tokens(cast, init_weights=weights, initial_state=state)
 
 
+def poison_entries(inp: OpInputs, names, s: int, head: int, value: float = math.nan) -> OpInputs:
+    """inp with ``value`` at token s, head ``head``, in input names[i] of batch row i (one
+    entry each; a name of q, k, v, u or a gate): its per-token inputs as fresh leaves (requiring
+    grad), the rest shared."""
+    fresh = inp.map_tokens(lambda x: x.detach().clone())
+    for row, name in enumerate(names):
+        x = fresh.gates[name] if name in fresh.gates else getattr(fresh, name)
+        if x.dim() == 4:
+            x[row, s, head, 1] = value
+        else:
+            x[row, s, head] = value
+    return fresh.map_tokens(lambda x: x.requires_grad_())
+
+
 def _splice(x, y, t0):
     return None if x is None else torch.cat([x[:, :t0], y[:, t0:]], dim=1)
 

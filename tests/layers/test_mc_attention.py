@@ -20,6 +20,7 @@ from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
 from tests.helpers import aggregation_inits, assert_finite_and_equal, nan_from, rel_err
+from tests.helpers import stream_layer as stream
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
 
@@ -69,18 +70,6 @@ def make_layer(
 def randx(B: int, T: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, HIDDEN, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def stream(layer, x, pieces, cache=None, mask=None):
-    """Feed x [B, T, hidden] in pieces of the given lengths; returns (o, cache)."""
-    assert sum(pieces) == x.shape[1]
-    outs, start = [], 0
-    for n in pieces:
-        m = None if mask is None else mask[:, start : start + n]
-        o, cache = layer(x[:, start : start + n], attention_mask=m, cache=cache, use_cache=True)
-        outs.append(o)
-        start += n
-    return torch.cat(outs, 1), cache
 
 
 def alone(layer, x_row: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from tests.helpers import (
     assert_grads_close,
     make_op_inputs,
     outputs_and_grads,
+    poison_entries,
     rel_err,
     stream,
 )
@@ -647,19 +648,6 @@ NAN_LAYOUTS = {
 }
 
 
-def poisoned(inp: OpInputs, names, s: int) -> OpInputs:
-    """inp with NaN at token s, head HEAD, in input names[i] of batch row i (one entry each):
-    its per-token inputs as fresh leaves, the rest shared."""
-    fresh = inp.map_tokens(lambda x: x.detach().clone())
-    for row, name in enumerate(names):
-        x = fresh.gates[name] if name in fresh.gates else getattr(fresh, name)
-        if x.dim() == 4:
-            x[row, s, HEAD, 1] = float("nan")
-        else:
-            x[row, s, HEAD] = float("nan")
-    return fresh.map_tokens(lambda x: x.requires_grad_())
-
-
 def earlier_grads(inp: OpInputs, s: int, **kw):
     """The output, the cache (chunk path) and the gradients of every input of a loss on the
     outputs before token s."""
@@ -704,7 +692,7 @@ def test_non_finite_input_reaches_no_earlier_output(rule, aggregation, init):
     for impl in ("chunk", "reference"):
         clean = make(rule, T, seed=71, b=len(names), requires_grad=True)
         o_c, _, grads_c = earlier_grads(clean, s, impl=impl, **kw)
-        o, cache, grads = earlier_grads(poisoned(clean, names, s), s, impl=impl, **kw)
+        o, cache, grads = earlier_grads(poison_entries(clean, names, s, HEAD), s, impl=impl, **kw)
         check_poisoned_outputs(o, o_c, names, s, impl, declared(aggregation).gated)
         for n, grad in grads.items():
             if grad is None:
@@ -733,7 +721,7 @@ def test_non_finite_write_poisons_the_stream(rule, aggregation, shift):
     clean = make(rule, T, seed=73, b=len(names))
     for cut in (s, s + 1, s + 2):  # after the NaN token: left pending (MLP) or not
         o_c, _ = stream_run(clean, [cut], **kw)
-        o, cache = stream_run(poisoned(clean, names, s), [cut], **kw)
+        o, cache = stream_run(poison_entries(clean, names, s, HEAD), [cut], **kw)
         check_poisoned_outputs(o, o_c, names, s, f"cut at {cut}", declared(aggregation).gated)
         state = cache.online.last.W1 if deep(rule) else cache.online.state
         corrupt = state[:, HEAD].isnan().flatten(1).all(1).tolist()

@@ -155,17 +155,14 @@ class MatrixBackend(MemoryBackend):
         return mixed_read(Q, cached.states, w, spans)
 
     def read_sum(self, Q, cached: MatrixCached, spans) -> torch.Tensor:
-        # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: a prefix sum per span, one matmul per span
-        states, N = cached.states, cached.states.shape[2]
-        first = spans[0][2]
-        prefix = cached.total if first == N else states[:, :, :first].sum(2)  # [B, H, Dk, Dv]
-        reads, n_prev = [], first
-        for a, b, n in spans:
-            if n != n_prev:
-                prefix = prefix + states[:, :, n_prev:n].sum(2)
-                n_prev = n
-            reads.append(Q[:, :, a:b] @ prefix)
-        return torch.cat(reads, 2)
+        # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: prefix sums of the states, one matmul per span
+        states = cached.states
+        if len(spans) == 1:  # one piece sees every cache (e.g. a decode step): their sum
+            n = spans[0][2]
+            return Q @ (cached.total if n == states.shape[2] else states[:, :, :n].sum(2))
+        # (unbind, not a slice per span: each slice's backward would fill a full-size zero)
+        prefix = [torch.zeros_like(cached.total), *states.cumsum(2).unbind(2)]
+        return torch.cat([Q[:, :, a:b] @ prefix[n] for a, b, n in spans], 2)
 
     def read_routed(self, Q, cached: MatrixCached, idx, w, valid) -> torch.Tensor:
         return sparse_read(Q, cached.states, idx, w, valid)
