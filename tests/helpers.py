@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,27 @@ def _map(value, fn):
     if isinstance(value, tuple):
         return tuple(_map(x, fn) for x in value)
     return value
+
+
+def arg(name: str) -> str:
+    """A regex for an error message that starts with the argument's name."""
+    return r"^" + re.escape(name) + r"\b"
+
+
+def call_op(op, kwargs: dict):
+    """``op(q, k, v[, u], **rest)`` for a dict of its arguments (q, k, v and u by position)."""
+    kwargs = dict(kwargs)
+    return op(*(kwargs.pop(n) for n in ("q", "k", "v", "u") if n in kwargs), **kwargs)
+
+
+def layer_past_loss(layer, x, t0: int, mask=None):
+    """A layer's outputs on x [B, T, hidden] and d/dx of a random functional of the outputs
+    before t0."""
+    x = x.detach().requires_grad_()
+    o, _ = layer(x, attention_mask=mask)
+    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
+    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
+    return o.detach(), grad
 
 
 def stream(call, cuts: list[int], T: int, cache=None):

@@ -20,6 +20,7 @@ from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
 from tests.helpers import aggregation_inits, assert_finite_and_equal, nan_from, rel_err
+from tests.helpers import layer_past_loss as _past_loss_run
 from tests.helpers import stream_layer as stream
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
@@ -662,15 +663,6 @@ def test_empty_batch_gives_empty_outputs_and_cache(aggregation, masked):
 # --------------------------------------------------------------------------------------------
 # NaN in the future never reaches the past
 # --------------------------------------------------------------------------------------------
-
-
-def _past_loss_run(layer, x, t0, mask=None):
-    """Outputs and d/dx of a random functional of the outputs before t0."""
-    x = x.detach().requires_grad_()
-    o, _ = layer(x, attention_mask=mask)
-    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
-    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
-    return o.detach(), grad
 
 
 @pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))

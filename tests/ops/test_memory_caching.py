@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import re
 
 import pytest
 import torch
@@ -44,8 +43,10 @@ from growmem.ops.spec import INITS
 from tests.helpers import (
     OpInputs,
     aggregation_inits,
+    arg,
     assert_close,
     assert_grads_close,
+    call_op,
     make_op_inputs,
     outputs_and_grads,
     poison_entries,
@@ -790,6 +791,10 @@ STREAM_LAYOUTS = {
 }
 
 
+# (rule, aggregation, init) of the matrix memories for the streaming tests beyond the main one
+MATRIX_STREAMS = [(rule, a, i) for rule in ("gated_delta", "swla") for a, i in AGG_INITS]
+
+
 def random_cuts(T: int, seed, n: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [sorted(rng.sample(range(1, T), rng.randint(1, 6))) for _ in range(n)]
@@ -816,9 +821,8 @@ def test_streaming_equals_parallel(rule, aggregation, init, i):
 
 @pytest.mark.parametrize(
     ("rule", "aggregation", "init"),
-    [("gated_delta", a, i) for a, i in AGG_INITS]
-    + [("swla", a, i) for a, i in AGG_INITS]
-    + [
+    [
+        *MATRIX_STREAMS,
         ("titans", "soup", "continuous"),
         ("dla", "ssc", "independent"),
         ("titans", "grm", "independent"),
@@ -841,9 +845,8 @@ def test_streaming_log_segments_equals_parallel(rule, aggregation, init):
 
 @pytest.mark.parametrize(
     ("rule", "aggregation", "init"),
-    [("gated_delta", a, i) for a, i in AGG_INITS]
-    + [("swla", a, i) for a, i in AGG_INITS]
-    + [
+    [
+        *MATRIX_STREAMS,
         ("dla", "soup", "continuous"),
         ("titans", "ssc", "independent"),
         ("titans", "grm", "continuous"),
@@ -1018,13 +1021,7 @@ def _with(rule="gated_delta", aggregation="grm", *, drop=(), gates=None, caching
 
 
 def _call(kwargs):
-    q, k, v, u = (kwargs.pop(n) for n in ("q", "k", "v", "u"))
-    return memory_caching(q, k, v, u, **kwargs)
-
-
-def arg(name: str) -> str:
-    """A message that starts with the argument's name."""
-    return r"^" + re.escape(name) + r"\b"
+    return call_op(memory_caching, kwargs)
 
 
 def _state(rule="titans", b=2, h=3, d=4, dh=16):
