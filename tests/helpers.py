@@ -76,7 +76,8 @@ def arg(name: str) -> str:
 def call_op(op, kwargs: dict):
     """``op(q, k, v[, u], **rest)`` for a dict of its arguments (q, k, v and u by position)."""
     kwargs = dict(kwargs)
-    return op(*(kwargs.pop(n) for n in ("q", "k", "v", "u") if n in kwargs), **kwargs)
+    args = [kwargs.pop(n) for n in ("q", "k", "v", "u") if n in kwargs]
+    return op(*args, **kwargs)
 
 
 def layer_past_loss(layer, x, t0: int, mask=None):
