@@ -162,7 +162,13 @@ class MatrixBackend(MemoryBackend):
             return Q @ (cached.total if n == states.shape[2] else states[:, :, :n].sum(2))
         # (unbind, not a slice per span: each slice's backward would fill a full-size zero)
         prefix = [torch.zeros_like(cached.total), *states.cumsum(2).unbind(2)]
-        return torch.cat([Q[:, :, a:b] @ prefix[n] for a, b, n in spans], 2)
+        # token-major spans of q are contiguous (3x faster fwd+bwd than heads-first slices)
+        q = Q.transpose(1, 2).split([b - a for a, b, _ in spans], 1)  # [B, L, H, Dk] each
+        reads = [
+            torch.einsum("blhk,bhkv->blhv", q_s, prefix[n])
+            for q_s, (_, _, n) in zip(q, spans, strict=True)
+        ]
+        return torch.cat(reads, 1).transpose(1, 2)
 
     def read_routed(self, Q, cached: MatrixCached, idx, w, valid) -> torch.Tensor:
         return sparse_read(Q, cached.states, idx, w, valid)
