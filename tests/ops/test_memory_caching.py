@@ -708,26 +708,44 @@ def test_non_finite_input_reaches_no_earlier_output(rule, aggregation, init):
             assert torch.isfinite(state[:, 1 - HEAD]).all()
 
 
-@pytest.mark.parametrize("shift", [-1, 0])
+# per kind: (the token s made non-finite, where the stream is cut): a matrix memory's NaN
+# token before, at and after the cut; an MLP memory's (mini-batches of 2, segments of 4) the
+# first or the second of its mini-batch, left pending by the first call or not, and (s = 11)
+# in a second call that recomputes a pending token and closes the segment [8, 12)
+NAN_STREAMS = {
+    "matrix": [(12, 12), (12, 13), (12, 14), (12, 20)],
+    "deep": [(8, 8), (8, 9), (8, 10), (9, 9), (9, 10), (9, 11), (11, 9)],
+}
+
+
 @pytest.mark.parametrize("aggregation", ["none", "grm", "soup", "ssc", "residual"])
 @pytest.mark.parametrize("rule", ["gated_delta", "swla", "titans"])
-def test_non_finite_write_poisons_the_stream(rule, aggregation, shift):
-    """A stream cut after a NaN continues as the parallel run does: NaN outputs after a NaN
-    write in that row and head (an MLP memory's pending tokens are kept as given, the states
-    after the write are NaN), and as the clean stream everywhere else."""
-    T, s, seg = NAN_LAYOUTS["deep" if deep(rule) else "matrix"]
-    s += shift  # (MLP: the NaN token is the first or the second of its mini-batch)
+def test_non_finite_write_poisons_the_stream(rule, aggregation):
+    """A stream cut around a NaN continues as the parallel run does: NaN outputs after a NaN
+    write in that row and head, and as the clean stream everywhere else; the stream's memory
+    and the cached memories of the segments that end after the write are NaN there (an MLP
+    memory's pending tokens are kept as given), the earlier ones those of the clean stream."""
+    T, _, seg = NAN_LAYOUTS["deep" if deep(rule) else "matrix"]
     names = ["k", "q", "u", *make(rule, 1).gates]
+    writes = [n not in ("q", "u") for n in names]
     kw = dict(aggregation=aggregation, top_k=1, **seg)
     clean = make(rule, T, seed=73, b=len(names))
-    for cut in (s, s + 1, s + 2):  # after the NaN token: left pending (MLP) or not
-        o_c, _ = stream_run(clean, [cut], **kw)
+    for s, cut in NAN_STREAMS["deep" if deep(rule) else "matrix"]:
+        what = f"NaN at {s}, cut at {cut}"
+        o_c, cache_c = stream_run(clean, [cut], **kw)
         o, cache = stream_run(poison_entries(clean, names, s, HEAD), [cut], **kw)
-        check_poisoned_outputs(o, o_c, names, s, f"cut at {cut}", declared(aggregation).gated)
+        check_poisoned_outputs(o, o_c, names, s, what, declared(aggregation).gated)
         state = cache.online.last.W1 if deep(rule) else cache.online.state
-        corrupt = state[:, HEAD].isnan().flatten(1).all(1).tolist()
-        assert corrupt == [n not in ("q", "u") for n in names], f"cut at {cut}"
-        assert torch.isfinite(state[:, 1 - HEAD]).all()
+        assert state[:, HEAD].isnan().flatten(1).all(1).tolist() == writes, what
+        assert torch.isfinite(state[:, 1 - HEAD]).all(), what
+        for i in range(cache.num_cached):  # segment i ends after token (i + 1) * size - 1
+            after = (i + 1) * seg["segment_size"] > s
+            for x, x_c in zip(cached_memory(cache, i), cached_memory(cache_c, i), strict=True):
+                for row, bad in enumerate(writes):
+                    if bad and after:
+                        assert x[row, HEAD].isnan().all(), f"{what}: cached {i}, row {row}"
+                    else:
+                        assert_close(x[row], x_c[row], 1e-12, f"{what}: cached {i}, row {row}")
 
 
 # --------------------------------------------------------------------------------------------
