@@ -1053,10 +1053,52 @@ def _segments(**changes):  # a caching of explicit segments
     return dict(caching=dict(segment_size=None, **changes))
 
 
+def _knobs(rule="titans", **knobs):  # the base call with another memory object
+    return _with(rule) | {"memory": memory_spec(rule, **knobs)}
+
+
 BAD_INPUTS = {
-    # the caching choices (Caching checks its own: tests/ops/test_spec.py)
-    "top_k 0": (arg("top_k"), lambda: _with(caching=dict(top_k=0))),
-    "segment_size 0": (arg("segment_size"), lambda: _with(caching=dict(segment_size=0))),
+    # the caching choices and the memory's knobs, checked where their objects are built
+    **{
+        f"{name} {value!r}": (
+            arg(name),
+            lambda name=name, value=value: _with(
+                caching={name: value, **({"segment_size": None} if name == "segments" else {})}
+            ),
+        )
+        for name, value in [
+            ("top_k", 0),
+            ("top_k", 1.5),
+            ("segment_size", 0),
+            ("segments", []),
+            ("segments", "lin"),
+            ("aggregation", "attention"),
+            ("init", "random"),
+            ("summary", "max"),
+            ("gate_scale", 0.0),
+            ("gate_scale", -0.5),
+            ("gate_scale", float("nan")),
+        ]
+    },
+    **{
+        f"{name} {value!r} ({rule})": (
+            arg(name),
+            lambda rule=rule, name=name, value=value: _knobs(rule, **{name: value}),
+        )
+        for rule, name, value in [
+            ("gated_delta", "chunk_size", 0),
+            ("titans", "mini_batch", 0),
+            ("titans", "mini_batch", 2.0),
+            ("titans", "max_grad_norm", 0.0),
+            ("titans", "max_grad_norm", -1.0),
+            ("titans", "eps", 0.0),
+            ("titans", "eps", -1.0),
+            ("titans", "eps", float("nan")),
+            ("titans", "eps", "small"),
+            ("titans", "eps", None),
+            ("titans", "decay_to", "half"),
+        ]
+    },
     "segments not summing to T": (arg("segments"), lambda: _with(**_segments(segments=[2, 3]))),
     "segments too long": (arg("segments"), lambda: _with(**_segments(segments=[4, 4]))),
     "segments with a 0": (arg("segments"), lambda: _with(**_segments(segments=[3, 0, 3]))),
@@ -1120,6 +1162,8 @@ BAD_INPUTS = {
         arg("lam"),
         lambda: _with("titans", gates=dict(lam=torch.rand(2, 6, 3))),
     ),
+    "lam given to dla": (arg("lam"), lambda: _with("dla", gates=dict(lam=torch.rand(2, 6, 3)))),
+    "beta given to dla": (arg("beta"), lambda: _with("dla", gates=dict(beta=torch.rand(2, 6, 3)))),
     "init_weights missing": (arg("init_weights"), lambda: _with("titans", drop=["init_weights"])),
     "init_weights not a pair": (
         arg("init_weights"),
