@@ -11,7 +11,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from growmem.ops.caching.backend import iter_tensors
+from growmem.ops.caching.backend import iter_tensors, map_tensors
 from growmem.ops.checks import RULE_GATES
 from growmem.ops.deep import DEEP_RULES, DeepState
 
@@ -54,18 +54,7 @@ def outputs_and_grads(fn, named: dict[str, torch.Tensor], w_seed: int = 123):
         (x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in iter_tensors(out)
     )
     grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
-    detached = _map(out, torch.Tensor.detach)
-    return detached, dict(zip(named, grads, strict=True))
-
-
-def _map(value, fn):
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map(x, fn) for x in value))
-    if isinstance(value, tuple):
-        return tuple(_map(x, fn) for x in value)
-    return value
+    return map_tensors(out, torch.Tensor.detach), dict(zip(named, grads, strict=True))
 
 
 def arg(name: str) -> str:
