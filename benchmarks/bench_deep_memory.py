@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import fwd_bwd, sdpa_fwd_bwd, time_interleaved, write_json
-from growmem.ops import memory_caching
+from growmem.ops import Caching, DeepMemory, memory_caching
 
 
 def deep_inputs(rule: str, T: int, H: int, D: int, expansion: int, seed: int = 0) -> list:
@@ -33,21 +33,16 @@ def deep_inputs(rule: str, T: int, H: int, D: int, expansion: int, seed: int = 0
 
 def mc_call(rule: str, aggregation: str, x: list, args) -> torch.Tensor:
     q, k, v, u, eta, g, beta, W1, W2 = x
+    gates = {"eta": eta} if rule == "dla" else {"eta": eta, "g": g, "beta": beta}
     return memory_caching(
         q,
         k,
         v,
         u,
-        rule=rule,
-        eta=eta,
-        g=g,
-        beta=beta,
+        memory=DeepMemory(rule, mini_batch=args.mini_batch, max_grad_norm=args.max_grad_norm),
+        caching=Caching(aggregation, segment_size=args.segment_size, top_k=args.top_k),
+        gates=gates,
         init_weights=(W1, W2),
-        aggregation=aggregation,
-        segment_size=args.segment_size,
-        mini_batch=args.mini_batch,
-        top_k=args.top_k,
-        max_grad_norm=args.max_grad_norm,
     )
 
 

@@ -16,13 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import fwd_bwd, sdpa_fwd_bwd, time_interleaved, write_json
-from growmem.ops import memory_caching
+from growmem.ops import Caching, MatrixMemory, memory_caching
 
 
 def mc_inputs(B: int, T: int, H: int, D: int, requires_grad: bool) -> list[torch.Tensor]:
     q, v, u = (torch.randn(B, T, H, D) for _ in range(3))
     k = F.normalize(torch.randn(B, T, H, D), dim=-1)
     return [x.requires_grad_(requires_grad) for x in (q, k, v, u)]
+
+
+def caching(args, aggregation: str) -> Caching:
+    return Caching(aggregation, segment_size=args.segment_size, top_k=args.top_k)
 
 
 def bench_train(args) -> list[dict]:
@@ -34,11 +38,7 @@ def bench_train(args) -> list[dict]:
             inputs = mc_inputs(B, T, H, D, requires_grad=True)
             fns[agg] = fwd_bwd(
                 lambda inputs=inputs, agg=agg: memory_caching(
-                    *inputs,
-                    rule=args.rule,
-                    aggregation=agg,
-                    segment_size=args.segment_size,
-                    top_k=args.top_k,
+                    *inputs, memory=MatrixMemory(args.rule), caching=caching(args, agg)
                 ),
                 inputs,
             )
@@ -70,9 +70,7 @@ def bench_decode(args) -> list[dict]:
         kv_bytes = (K.numel() + V.numel()) * K.element_size()
         caches, step_inputs = {}, mc_inputs(B, 1, H, D, requires_grad=False)
         for agg in args.decode_aggregations:
-            kw = dict(
-                rule=args.rule, aggregation=agg, segment_size=args.segment_size, top_k=args.top_k
-            )
+            kw = dict(memory=MatrixMemory(args.rule), caching=caching(args, agg))
             _, caches[agg] = memory_caching(
                 *mc_inputs(B, ctx - 1, H, D, False), **kw, output_cache=True
             )

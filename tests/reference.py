@@ -9,7 +9,8 @@ segment size, eta_max, ...: a MemoryConfig) are passed explicitly, never read ba
 module.
 
 From growmem they import only the per-token references of the ops (growmem/ops/*/naive.py,
-the spec of the memory rules and of Memory Caching).
+the spec of the memory rules and of Memory Caching) and the objects that describe a memory and
+its caching (growmem/layers/config.py, growmem/ops/spec.py).
 
 The layer, for one row of tokens x_t (docs/design.md §4):
     [q; k; v; u; z] = x_t W_in                    rows of in_proj in this order (u: grm, soup,
@@ -28,11 +29,11 @@ The layer, for one row of tokens x_t (docs/design.md §4):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from growmem.layers import MemoryConfig
-from growmem.ops.caching.deep_naive import deep_memory_caching_reference
 from growmem.ops.caching.naive import memory_caching_reference
 
 # Gates per rule (docs/design.md §2 and §4.2): g log-decay, beta write strength
@@ -95,18 +96,6 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def segment_lengths(T: int, size: int | None, segments=None) -> list[int]:
-    """The segment lengths of T tokens: constant ``size`` with the last one shorter (37, 5 ->
-    [5] * 7 + [2]), ``segments`` "log" (the powers of two of T, largest first: 37 -> [32, 4,
-    1]) or explicit lengths (which must sum to T)."""
-    if segments == "log":
-        return [1 << i for i in reversed(range(T.bit_length())) if T >> i & 1]
-    if segments is not None:
-        assert sum(segments) == T, (segments, T)
-        return list(segments)
-    return [size] * (T // size) + ([T % size] if T % size else [])
-
-
 def memory_layer_reference(
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -152,34 +141,18 @@ def memory_layer_reference(
             logits = linear(x, params["eta_proj.weight"], params["eta_proj.bias"])
             gates["eta"] = config.eta_max * sigmoid(logits)
 
-    common = dict(
-        lengths=segment_lengths(T, caching.segment_size, caching.segments),
-        aggregation=aggregation,
-        top_k=caching.top_k,
-        init=caching.init,
-        summary=caching.summary,
-        gate_scale=1.0 / math.sqrt(D) if caching.gate_scale is None else caching.gate_scale,
+    # the gate scale the layer leaves to the op is 1/sqrt(head_dim) (docs/design.md §3.2)
+    scale = 1.0 / math.sqrt(D) if caching.gate_scale is None else caching.gate_scale
+    o = memory_caching_reference(
+        q,
+        k,
+        v,
+        u,
+        memory=memory,
+        caching=replace(caching, gate_scale=scale),
+        gates=gates,
+        init_weights=(params["W1_0"], params["W2_0"]) if rule in DEEP else None,
     )
-    if rule in DEEP:
-        o = deep_memory_caching_reference(
-            q,
-            k,
-            v,
-            u,
-            rule=rule,
-            eta=gates["eta"],
-            g=gates.get("g"),
-            beta=gates.get("beta"),
-            init_weights=(params["W1_0"], params["W2_0"]),
-            mini_batch=memory.mini_batch,
-            norm=memory.norm,
-            max_grad_norm=memory.max_grad_norm,
-            eps=memory.eps,
-            decay_to=memory.decay_to,
-            **common,
-        )
-    else:
-        o = memory_caching_reference(q, k, v, u, rule=rule, gates=gates, **common)
     o = rms_norm(o, params["o_norm.weight"], norm_eps) * silu(z)  # [B, T, H, D]
     return linear(o.reshape(B, T, inner), params["o_proj.weight"])
 

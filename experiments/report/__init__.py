@@ -86,7 +86,9 @@ def lm_section(src: Sources, lines: list[str]) -> dict[str, dict[int, float]]:
         return {}
     config = load.cell_config("lm", "gated_delta")
     lines += [render.lm_setting(config), ""]
-    lines += render.lm_tables(tables.lm_rows(runs), config.model["memory"]["caching"]["segment_size"])
+    lines += render.lm_tables(
+        tables.lm_rows(runs), config.model["memory"]["caching"]["segment_size"]
+    )
     return tables.lm_seed_bits(runs)
 
 

@@ -321,30 +321,17 @@ class MemoryCachingAttention(nn.Module):
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
         u = rest[..., :inner].reshape(g, n, H, D) if self.uses_u else None
         out_gate = rest[..., -inner:].reshape(g, n, H, D)
-        memory, caching = self.config.memory, self.config.caching
-        if self.deep:
-            knobs = dict(mini_batch=memory.mini_batch, norm=memory.norm, eps=memory.eps)
-            knobs.update(max_grad_norm=memory.max_grad_norm, decay_to=memory.decay_to)
-            knobs.update(init_weights=(self.W1_0, self.W2_0))
-        else:
-            knobs = dict(chunk_size=memory.chunk_size)
         o, state = memory_caching(
             q,
             k,
             v,
             u,
-            rule=memory.rule,
-            **gates,
-            aggregation=caching.aggregation,
-            segment_size=caching.segment_size,
-            segments=caching.segments,
-            top_k=caching.top_k,
-            init=caching.init,
-            summary=caching.summary,
-            gate_scale=caching.gate_scale,
+            memory=self.config.memory,
+            caching=self.config.caching,
+            gates=gates,
+            init_weights=(self.W1_0, self.W2_0) if self.deep else None,
             cache=group.memory,
             output_cache=True,
-            **knobs,
         )
         o = self.o_norm(o, out_gate).reshape(g, n, H * D)
         return self.o_proj(o), RowGroup(rows=group.rows, memory=state, conv=conv)

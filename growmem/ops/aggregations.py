@@ -21,8 +21,10 @@ class Aggregation:
             recurrent memory, which never reads a cache).
         gated: each read is weighted by a content gate γ from r = scale · <u_t, c_i>, so the
             gate queries ``u`` are needed.
-        routed: only a selected few caches are read per token (top-k, logarithmic buckets)
-            instead of every visible one.
+        select: how a routed aggregation picks the few caches a token reads instead of every
+            visible one: ``"top_k"`` (the ``Caching.top_k`` best-scored caches) or
+            ``"log_buckets"`` (the binary decomposition of the visible caches, each bucket
+            read through the memory at its end); None: every visible cache is read.
         mixes_parameters: the gates mix the memories' parameters into one memory that is then
             read (Memory Soup); on matrix memories this equals mixing the reads.
         uniform: for ungated reads, how the online output and the visible caches' outputs are
@@ -34,10 +36,15 @@ class Aggregation:
     name: str
     keeps_segments: bool
     gated: bool
-    routed: bool = False
+    select: Literal["top_k", "log_buckets"] | None = None
     mixes_parameters: bool = False
     uniform: Literal["sum", "mean"] | None = None
     needs_continuous_init: bool = False
+
+    @property
+    def routed(self) -> bool:
+        """Only the selected caches are read (``select``), not every visible one."""
+        return self.select is not None
 
 
 TABLE: dict[str, Aggregation] = {
@@ -47,9 +54,13 @@ TABLE: dict[str, Aggregation] = {
         Aggregation("residual", keeps_segments=True, gated=False, uniform="sum"),
         Aggregation("grm", keeps_segments=True, gated=True),
         Aggregation("soup", keeps_segments=True, gated=True, mixes_parameters=True),
-        Aggregation("ssc", keeps_segments=True, gated=True, routed=True),
+        Aggregation("ssc", keeps_segments=True, gated=True, select="top_k"),
         Aggregation(
-            "loglinear", keeps_segments=True, gated=True, routed=True, needs_continuous_init=True
+            "loglinear",
+            keeps_segments=True,
+            gated=True,
+            select="log_buckets",
+            needs_continuous_init=True,
         ),
         Aggregation("mean", keeps_segments=True, gated=False, uniform="mean"),
     )

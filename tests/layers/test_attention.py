@@ -15,6 +15,7 @@ import torch
 
 from growmem.layers import Attention, AttentionLayerCache
 from tests.helpers import assert_finite_and_equal, nan_from, rel_err
+from tests.helpers import layer_past_loss as _past_loss_run
 
 HIDDEN, HEADS = 24, 2  # head_dim 12
 TOL = 1e-12
@@ -201,15 +202,6 @@ def test_empty_batch_gives_empty_outputs_and_cache():
 # --------------------------------------------------------------------------------------------
 # NaN in the future never reaches the past
 # --------------------------------------------------------------------------------------------
-
-
-def _past_loss_run(layer, x, t0, mask=None):
-    """Outputs and d/dx of a random functional of the outputs before t0."""
-    x = x.detach().requires_grad_()
-    o, _ = layer(x, attention_mask=mask)
-    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
-    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
-    return o.detach(), grad
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["aligned", "padded"])

@@ -27,6 +27,8 @@ from tests.helpers import (
     nan_from,
     rel_err,
 )
+from tests.helpers import layer_past_loss as _past_loss_run
+from tests.helpers import stream_layer as stream
 
 ALL_RULES = LINEAR_RULES + DEEP_RULES
 
@@ -74,18 +76,6 @@ def randx(B: int, T: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> 
     return torch.randn(B, T, HIDDEN, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def stream(layer, x, pieces, cache=None, mask=None):
-    """Feed x [B, T, hidden] in pieces of the given lengths; returns (o, cache)."""
-    assert sum(pieces) == x.shape[1]
-    outs, start = [], 0
-    for n in pieces:
-        m = None if mask is None else mask[:, start : start + n]
-        o, cache = layer(x[:, start : start + n], attention_mask=m, cache=cache, use_cache=True)
-        outs.append(o)
-        start += n
-    return torch.cat(outs, 1), cache
-
-
 def alone(layer, x_row: torch.Tensor) -> torch.Tensor:
     """The layer over one row's tokens [n, hidden], no padding: [n, hidden]."""
     o, _ = layer(x_row[None])
@@ -109,8 +99,7 @@ def row_state(cache: MemoryCachingLayerCache, r: int):
             tensors = [] if sub.conv is None else [sub.conv]
             if mem is None:
                 return None, tensors
-            tensors += [mem.states, mem.summaries, mem.state_sum, mem.online_state, mem.key_sum]
-            tensors += list(mem.prev_kv or ())
+            tensors += mem.tensors()
             return (mem.seen_tokens, mem.segment_tokens), tensors
     raise AssertionError(f"row {r} is in no group")
 
@@ -723,15 +712,6 @@ def test_empty_batch_gives_empty_outputs_and_cache(aggregation, masked):
 # --------------------------------------------------------------------------------------------
 # NaN in the future never reaches the past
 # --------------------------------------------------------------------------------------------
-
-
-def _past_loss_run(layer, x, t0, mask=None):
-    """Outputs and d/dx of a random functional of the outputs before t0."""
-    x = x.detach().requires_grad_()
-    o, _ = layer(x, attention_mask=mask)
-    w = torch.randn(o[:, :t0].shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
-    (grad,) = torch.autograd.grad((o[:, :t0] * w).sum(), x)
-    return o.detach(), grad
 
 
 @pytest.mark.parametrize(("aggregation", "init"), aggregation_inits(AGGREGATIONS))

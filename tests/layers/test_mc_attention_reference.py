@@ -21,7 +21,7 @@ from growmem.layers import MemoryCachingAttention, MemoryConfig
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import memory_config, rel_err
+from tests.helpers import memory_config, rel_err, stream_layer
 from tests.reference import memory_layer_reference
 
 RULES = LINEAR_RULES + DEEP_RULES
@@ -136,18 +136,6 @@ def padded_inputs(x: torch.Tensor):
     return padded, mask, expected
 
 
-def stream(layer, x, mask=None):
-    """The layer over x [B, T, hidden] in PIECES, continuing its cache: [B, T, hidden]."""
-    outs, cache, start = [], None, 0
-    for n in PIECES:
-        m = None if mask is None else mask[:, start : start + n]
-        o, cache = layer(x[:, start : start + n], attention_mask=m, cache=cache, use_cache=True)
-        outs.append(o)
-        start += n
-    assert start == x.shape[1]
-    return torch.cat(outs, 1)
-
-
 def check_against_reference(opts: dict, stream_unpadded: bool = True) -> None:
     """The layer built with ``opts`` equals its reference: parallel and streamed, padded and
     (streamed only when ``stream_unpadded``) unpadded."""
@@ -162,8 +150,8 @@ def check_against_reference(opts: dict, stream_unpadded: bool = True) -> None:
         assert rel_err(out, expected(ref)) < TOL, "parallel, padded"
         assert torch.all(out[mask == 0] == 0)
         if stream_unpadded:
-            assert rel_err(stream(layer, x), ref) < TOL, "streamed"
-        out = stream(layer, padded, mask)
+            assert rel_err(stream_layer(layer, x, PIECES)[0], ref) < TOL, "streamed"
+        out, _ = stream_layer(layer, padded, PIECES, mask=mask)
         assert rel_err(out, expected(ref)) < TOL, "streamed, padded"
         assert torch.all(out[mask == 0] == 0)
 
@@ -208,4 +196,4 @@ def test_layer_equals_reference_with_segments(rule, segments, aggregation):
         constant = reference(layer, {**opts, "segment_size": SEG, "segments": None}, x)
         assert rel_err(ref, constant) > 1e-3  # the segmentation changes the outputs
         if segments != "log":
-            assert rel_err(stream(layer, x), ref) < TOL, "streamed"
+            assert rel_err(stream_layer(layer, x, PIECES)[0], ref) < TOL, "streamed"

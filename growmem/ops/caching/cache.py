@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
+from growmem.ops.aggregations import Aggregation
+from growmem.ops.aggregations import aggregation as lookup_aggregation
+from growmem.ops.caching.backend import backend_for, iter_tensors, map_tensors
 from growmem.ops.caching.segments import SegmentPlan
 
 
 @dataclass(frozen=True)
 class CachingConfig:
-    """Everything a cache must agree on with the call that continues it."""
+    """Everything a cache must agree on with the call that continues it (its fingerprint).
 
-    rule: str
+    memory: the memory object (MatrixMemory, DeepMemory: the rule and its knobs); aggregation,
+    init, summary: as in ``Caching``; top_k: ``Caching.top_k`` where the aggregation selects
+    the top k caches, else None (nothing reads it); gate_scale: the resolved scale; plan: the
+    segmentation of the stream; the shapes; memory_sizes: the memory's own sizes (an MLP's
+    hidden size); dtype: of the states (float32, or float64 for float64 inputs).
+    """
+
+    memory: Any
     aggregation: str
     init: str
     summary: str
-    top_k: int | None  # None unless aggregation is ssc
+    top_k: int | None
     gate_scale: float
     plan: SegmentPlan
     batch_size: int
     num_heads: int
     key_dim: int
     value_dim: int
-    dtype: torch.dtype  # of the states: float32, or float64 for float64 inputs
-    # deep memories only: (mini_batch, norm, max_grad_norm, eps, decay_to, hidden dim of the MLP)
-    deep: tuple | None = None
+    memory_sizes: tuple
+    dtype: torch.dtype
+
+    @property
+    def spec(self) -> Aggregation:
+        """The declared properties of the aggregation (ops/aggregations.py)."""
+        return lookup_aggregation(self.aggregation)
 
     def check_matches(self, other: CachingConfig) -> None:
         """Raise a ValueError naming every field in which ``other`` differs from self."""
@@ -37,43 +52,55 @@ class CachingConfig:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
-        if diffs:
-            raise ValueError("cache was built for another configuration: " + "; ".join(diffs))
+        raise ValueError("cache was built for another configuration: " + "; ".join(diffs))
+
+
+# the fields of the former per-memory caches, and where they went
+_MOVED = {
+    "states": "cached (the backend's stacked memories)",
+    "state_sum": "cached.total (matrix memories)",
+    "online_state": "online.state (matrix memories) or online.entry (MLP memories)",
+    "last_state": "online.last (MLP memories)",
+    "prev_kv": "online.prev_kv (matrix memories)",
+}
 
 
 @dataclass
 class MemoryCache:
-    """Per-layer Memory Caching state after ``seen_tokens`` tokens.
-
-    Cached memories are kept transposed and heads-first, the layout their reads use, so a
-    decode step never re-lays them out.
+    """Per-layer Memory Caching state after ``seen_tokens`` tokens, for any memory backend
+    (ops/caching/backend.py).
 
     Attributes:
         config: the configuration the cache was built with.
-        states: [B, H, N, Dk, Dv] final memories S_i^T of the N finished segments.
+        cached: the N finished segments' final memories, stacked by the backend (matrix:
+            MatrixCached(states [B, H, N, Dk, Dv], total [B, H, Dk, Dv]); MLP: DeepState(W1
+            [B, H, N, Dv, Dh], W2 [B, H, N, Dh, Dk])).
         summaries: [B, H, N, Dk] their key summaries c_i (mean or sum of the segment's keys).
-        state_sum: [B, H, Dk, Dv] Σ_i S_i^T over the cached memories (residual and mean read
-            it instead of every cache).
-        online_state: [B, H, Dv, Dk] the memory after the last seen token.
+        online: the backend's stream state (matrix: MatrixOnline, the state after the last
+            token and swla's last key and value; MLP: DeepOnline, the state at the last
+            mini-batch boundary, after the last token, and the tokens after the boundary).
         key_sum: [B, H, Dk] sum of the keys of the current segment seen so far.
         segment_tokens: how many tokens of the current segment have been seen (>= 1 after a
-            call; the segment is pushed to ``states`` when the next token starts a new one).
+            call; the segment joins ``cached`` when the next token starts a new one).
         seen_tokens: tokens consumed so far.
-        prev_kv: swla only: (k [B, H, Dk], v [B, H, Dv]) of the last token, or None.
-        initial_state: [B, H, Dv, Dk] or None (zeros): the state every segment starts from
-            with init="independent" (and the first segment with "continuous").
+        initial_state: the stream's initial state, or None (the memory's default start): every
+            segment starts from it with init="independent" (the first with "continuous").
     """
 
     config: CachingConfig
-    states: torch.Tensor
+    cached: Any
     summaries: torch.Tensor
-    state_sum: torch.Tensor
-    online_state: torch.Tensor
+    online: Any
     key_sum: torch.Tensor
     segment_tokens: int
     seen_tokens: int
-    prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    initial_state: torch.Tensor | None = None
+    initial_state: Any = None
+
+    def __getattr__(self, name: str):
+        # (only reached for a name the cache does not have)
+        if name in _MOVED:
+            raise AttributeError(f"MemoryCache.{name} is now MemoryCache.{_MOVED[name]}")
+        raise AttributeError(f"'MemoryCache' object has no attribute {name!r}")
 
     def index_select(self, index: torch.Tensor) -> MemoryCache:
         """The cache of the batch rows ``index`` (a 1-D long tensor), e.g. to split a batch or
@@ -88,63 +115,20 @@ class MemoryCache:
     @property
     def num_cached(self) -> int:
         """Number of finished (cached) segments."""
-        return self.states.shape[2]
+        return self.summaries.shape[2]
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens the next call recomputes before its own (an MLP memory's open mini-batch)."""
+        pending = backend_for(self.config.memory).pending(self.online)
+        return next(iter(pending.values())).shape[1] if pending else 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds."""
+        return [t for f in fields(self) for t in iter_tensors(getattr(self, f.name))]
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (a tensor held twice counts once: the online
         state is the initial state at a segment start)."""
-        unique = {
-            (t.data_ptr(), t.numel(), t.element_size())
-            for f in fields(self)
-            for t in _tensors(getattr(self, f.name))
-        }
+        unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in self.tensors()}
         return sum(numel * size for _, numel, size in unique)
-
-
-@dataclass
-class DeepMemoryCache(MemoryCache):
-    """MemoryCache of a deep memory (dla, titans).
-
-    ``states`` is a DeepState of the cached weights (W1 [B, H, N, Dv, Dh], W2 [B, H, N, Dh,
-    Dk]); ``state_sum`` is None; ``online_state`` is the DeepState at the last mini-batch
-    boundary, and ``pending`` holds the inputs of the tokens after it (fewer than a
-    mini-batch, whose gradients are all taken at that boundary): a call recomputes them before
-    its own tokens. ``last_state`` is the DeepState after the last token (the memory pushed to
-    the caches when its segment closes).
-    """
-
-    pending: dict[str, torch.Tensor] | None = None
-    last_state: object = None
-
-    @property
-    def num_cached(self) -> int:
-        return self.states.W1.shape[2]
-
-    @property
-    def pending_tokens(self) -> int:
-        return 0 if not self.pending else self.pending["k"].shape[1]
-
-
-def _tensors(value):
-    """The tensors in a cache field (a tensor, a tuple/NamedTuple or dict of them, or None)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for x in value:
-            yield from _tensors(x)
-    elif isinstance(value, dict):
-        for x in value.values():
-            yield from _tensors(x)
-
-
-def map_tensors(value, fn):
-    """``value`` with ``fn`` applied to each of its tensors (structure kept)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
-        return type(value)(*(map_tensors(x, fn) for x in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(x, fn) for x in value)
-    if isinstance(value, dict):
-        return {n: map_tensors(x, fn) for n, x in value.items()}
-    return value

@@ -1,4 +1,5 @@
-"""Reads of cached MLP memories (grm, residual, mean) with a backward that keeps memory bounded.
+"""Reads of cached MLP memories: every visible one (grm, residual, mean), with a backward that
+keeps memory bounded, and a few routed ones (ssc, loglinear).
 
 For one piece of L query tokens and the n caches it sees:
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from growmem.ops.caching.reads import flat_cache_ids, route
 from growmem.ops.deep.mixed import blocks
-from growmem.ops.deep.mlp import gelu, layer_norm, layer_norm_backward
+from growmem.ops.deep.mlp import DeepState, gelu, layer_norm, layer_norm_backward
 
 
 def _activations(q, W1, W2, norm, eps):
@@ -81,3 +83,36 @@ def cached_mlp_read(q, W1, W2, w, spans, norm: bool, eps: float) -> torch.Tensor
     """See CachedMLPRead: Σ_{i<n} w_i M_{W^(i)}(q) per span (a, b, n); q [B, H, T, D];
     W1 [B, H, N, Dv, Dh]; W2 [B, H, N, Dh, Dk]; w [B, H, T, N] -> [B, H, T, Dv]."""
     return CachedMLPRead.apply(q, W1, W2, w, spans, norm, eps)
+
+
+def routed_mlp_read(Q, cached: DeepState, idx, w, valid, norm: bool, eps: float) -> torch.Tensor:
+    """y[b, h, t] = Σ_j w_j M_{W^(idx_j)}(q_t) over the valid slots j (ssc, loglinear): each
+    selected cache evaluated once on the tokens that selected it (or gathered when there are
+    few). Q [B, H, T, D]; cached W1 [B, H, N, Dv, Dh], W2 [B, H, N, Dh, Dk]; idx, w, valid
+    [B, H, T, k] (valid None: every slot) -> [B, H, T, D]."""
+    B, H, T, D = Q.shape
+    N, k = cached.W1.shape[2], idx.shape[-1]
+    W1f = cached.W1.reshape(B * H * N, *cached.W1.shape[3:])
+    W2f = cached.W2.reshape(B * H * N, *cached.W2.shape[3:])
+    if T * k <= N:  # decoding: gather the few selected memories
+        w = w if valid is None else torch.where(valid, w, 0.0)
+        ids = flat_cache_ids(idx, N).reshape(-1)
+        w1 = W1f[ids].view(B, H, T, k, *W1f.shape[1:])
+        w2 = W2f[ids].view(B, H, T, k, *W2f.shape[1:])
+        z = Q[:, :, :, None, None, :] @ w2.transpose(-1, -2)  # [B, H, T, k, 1, Dh]
+        y = gelu(z) @ w1.transpose(-1, -2)  # [B, H, T, k, 1, Dv]
+        y = (layer_norm(y, eps)[0] if norm else y).squeeze(-2)
+        return w.sum(-1, keepdim=True) * Q + (w.unsqueeze(-1) * y).sum(-2)
+    r = route(idx, w, valid, N)
+    if not r.counts:  # no token reads a cache (or an empty batch)
+        return Q.new_zeros(B, H, T, D)
+    q_sel = Q.reshape(B * H * T, D).index_select(0, r.rows)
+    # one gather and unbind: indexing W1f[gid] per group would make autograd zero-fill and add
+    # a gradient as large as all the caches for every group
+    W1g, W2g = W1f.index_select(0, r.ids).unbind(0), W2f.index_select(0, r.ids).unbind(0)
+    parts = []
+    for q_g, w1, w2 in zip(q_sel.split(r.counts), W1g, W2g, strict=True):
+        y = gelu(q_g @ w2.T) @ w1.T
+        parts.append(layer_norm(y, eps)[0] if norm else y)
+    reads = (torch.cat(parts) + q_sel) * r.weights[:, None]
+    return Q.new_zeros(B * H * T, D).index_add(0, r.rows, reads).view(B, H, T, D)

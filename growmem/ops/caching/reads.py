@@ -10,6 +10,8 @@ read dispatches tokens to the caches they selected, as mixture-of-experts routin
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -76,34 +78,6 @@ def mixed_read(Q, St, W, spans):
     return MixedRead.apply(Q, St, W, spans)
 
 
-class MixedReadList(torch.autograd.Function):
-    """MixedRead of all tokens over caches given one tensor each (St_i [B, H, Dk, Dv]).
-
-    Run segment by segment, every piece reads the caches finished so far; handing them over
-    as separate tensors lets the pieces share the same cache tensors instead of each saving
-    its own stacked copy for the backward (memory that would grow with the square of the
-    number of segments). The stack exists only inside forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, Q, W, *St):
-        ctx.save_for_backward(Q, W, *St)
-        return _mixed_forward(Q, torch.stack(St, 2), W, [(0, Q.shape[2], len(St))])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        Q, W, *St = ctx.saved_tensors
-        dQ, dSt, dW = _mixed_backward(Q, torch.stack(St, 2), W, [(0, Q.shape[2], len(St))], dout)
-        return (dQ, dW, *dSt.unbind(2))
-
-
-def mixed_read_list(Q, W, St):
-    """Σ_i W[..., i] S_i q over the caches St (a non-empty list of [B, H, Dk, Dv] tensors):
-    Q [B, H, L, Dk], W [B, H, L, >= len(St)] -> [B, H, L, Dv]."""
-    return MixedReadList.apply(Q, W[..., : len(St)], *St)
-
-
 class SparseRead(torch.autograd.Function):
     """Routed reads: out[rows_m] += w_m (Q2[rows_m] @ St2[group_m]) for every routed pair m.
 
@@ -142,6 +116,41 @@ class SparseRead(torch.autograd.Function):
         return dQ2, dSt2, dw, None, None, None
 
 
+class Route(NamedTuple):
+    """Routed (token, cache) pairs, grouped by cache as mixture-of-experts dispatch does.
+
+    rows [M]: the query row of every pair in the flattened [B * H * T] tokens, sorted by
+    cache; weights [M]: their weights; ids [G]: the read caches (flat index into
+    [B * H * N]); counts: a list, how many consecutive pairs read each one.
+    """
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+    counts: list[int]
+
+
+def flat_cache_ids(idx: torch.Tensor, N: int) -> torch.Tensor:
+    """idx [B, H, T, k] (cache per slot) -> the same caches as flat indices into [B * H * N]."""
+    B, H = idx.shape[:2]
+    return torch.arange(B * H, device=idx.device).view(B, H, 1, 1) * N + idx
+
+
+def route(idx: torch.Tensor, w: torch.Tensor, valid: torch.Tensor | None, N: int) -> Route:
+    """The pairs (token, selected cache) of the valid slots, sorted by cache (stable: ties
+    keep token order). idx, w, valid: [B, H, T, k]; N: caches per batch row and head."""
+    B, H, T, k = idx.shape
+    bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
+    token_rows = (bh * T + torch.arange(T, device=idx.device).view(1, 1, T, 1)).expand(B, H, T, k)
+    groups = flat_cache_ids(idx, N).reshape(-1)
+    if valid is not None:
+        live = valid.reshape(-1)
+        groups, token_rows, w = groups[live], token_rows.reshape(-1)[live], w.reshape(-1)[live]
+    groups, order = groups.sort(stable=True)
+    ids, counts = torch.unique_consecutive(groups, return_counts=True)
+    return Route(token_rows.reshape(-1)[order], w.reshape(-1)[order], ids, counts.tolist())
+
+
 def sparse_read(Q, St, idx, w, valid):
     """y[b, h, t] = Σ_j w[b, h, t, j] S_{idx[b, h, t, j]} q[b, h, t] over the valid slots j.
 
@@ -156,27 +165,17 @@ def sparse_read(Q, St, idx, w, valid):
     B, H, T, Dk = Q.shape
     N, Dv = St.shape[2], St.shape[-1]
     k = idx.shape[-1]
-    bh = torch.arange(B * H, device=Q.device).view(B, H, 1, 1)
-    groups = bh * N + idx  # [B, H, T, k] global cache id
     St2 = St.reshape(B * H * N, Dk, Dv)
     if T * k <= N:
         # Few reads (decoding): gathering the selected caches costs less than routing.
-        picked = St2[groups.reshape(-1)].view(B, H, T, k, Dk, Dv)
+        picked = St2[flat_cache_ids(idx, N).reshape(-1)].view(B, H, T, k, Dk, Dv)
         w = w if valid is None else w * valid
         mixed = (w[..., None, None] * picked).sum(3)  # [B, H, T, Dk, Dv]: Σ_j w_j S_j^T
         return (Q.unsqueeze(-2) @ mixed).squeeze(-2)
-    token_rows = (bh * T + torch.arange(T, device=Q.device).view(1, 1, T, 1)).expand(B, H, T, k)
-    live = (
-        torch.ones(B * H * T * k, dtype=torch.bool, device=Q.device)
-        if valid is None
-        else valid.reshape(-1)
-    )
-    groups, order = groups.reshape(-1)[live].sort(stable=True)
-    rows = token_rows.reshape(-1)[live][order]
-    weights = w.reshape(-1)[live][order]
-    group_ids, counts = torch.unique_consecutive(groups, return_counts=True)
-    group_ids, counts = group_ids.tolist(), counts.tolist()
-    if not counts:  # nothing routed: an empty batch
+    r = route(idx, w, valid, N)
+    if not r.counts:  # nothing routed: an empty batch
         return Q.new_zeros(B, H, T, Dv)
-    out = SparseRead.apply(Q.reshape(B * H * T, Dk), St2, weights, rows, group_ids, counts)
+    out = SparseRead.apply(
+        Q.reshape(B * H * T, Dk), St2, r.weights, r.rows, r.ids.tolist(), r.counts
+    )
     return out.view(B, H, T, Dv)

@@ -26,32 +26,12 @@ class SegmentPlan:
     lengths: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, T: int, segment_size, segments) -> SegmentPlan:
-        """The plan for ``segment_size`` or ``segments`` (a list of lengths or "log" for T)."""
-        if (segment_size is None) == (segments is None):
-            raise ValueError(
-                "pass exactly one of segment_size (an int) or segments (a list of lengths or 'log')"
-            )
-        if segment_size is not None:
-            if (
-                isinstance(segment_size, bool)
-                or not isinstance(segment_size, int)
-                or segment_size < 1
-            ):
-                raise ValueError(f"segment_size must be a positive int, got {segment_size!r}")
+    def build(cls, T: int, segment_size: int | None, segments) -> SegmentPlan:
+        """The plan of ``Caching``'s (checked) ``segment_size`` or ``segments`` (lengths, or
+        "log": the binary decomposition of T)."""
+        if segments is None:
             return cls(size=segment_size)
-        if isinstance(segments, str):
-            if segments != "log":
-                raise ValueError(f"segments must be a list of lengths or 'log', got {segments!r}")
-            return cls(lengths=tuple(log_segments(T)))
-        lengths = tuple(segments)
-        if not lengths or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths
-        ):
-            raise ValueError(
-                f"segments must be a non-empty list of positive ints, got {segments!r}"
-            )
-        return cls(lengths=lengths)
+        return cls(lengths=tuple(log_segments(T) if segments == "log" else segments))
 
     @property
     def covered(self) -> int | None:

@@ -6,11 +6,6 @@ import torch
 
 from growmem.ops.caching.segments import log_segments
 
-# Aggregations gated by r = gate_scale <u_t, c_i>, and those of them that read only the
-# selected caches (the rest read every visible one).
-GATED_AGGREGATIONS = ("grm", "soup", "ssc", "loglinear")
-SPARSE_AGGREGATIONS = ("ssc", "loglinear")
-
 
 def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest scores along the last dim and their indices, ties to the lower index.
