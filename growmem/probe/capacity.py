@@ -44,7 +44,7 @@ from growmem.ops.checks import (
     check_positive_float,
     check_positive_int,
 )
-from growmem.ops.spec import INITS, SUMMARIES
+from growmem.ops.spec import INITS, SUMMARIES, Caching, MatrixMemory
 
 RULES = ("gated_delta", "delta", "linear")
 KEYS = ("random", "orthogonal")
@@ -169,20 +169,15 @@ def library_reads(
     q, k, u: [B, T, 1, D]; v: [B, T, 1, D]; gates: the rule's [B, T, 1] gates; lengths: the
     segment lengths. Returns [B, T, 1, D].
     """
-    return memory_caching(
-        q,
-        k,
-        v,
-        u,
-        rule=rule,
-        **gates,
+    caching = Caching(
+        aggregation,
         segments=lengths,
-        aggregation=aggregation,
         top_k=top_k,
         init=init,
         summary=summary,
         gate_scale=gate_scale,
     )
+    return memory_caching(q, k, v, u, memory=MatrixMemory(rule), caching=caching, gates=gates)
 
 
 def probe_reads(

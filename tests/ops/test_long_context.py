@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from growmem.layers.mc_attention import MemoryCachingAttention
-from growmem.ops.caching.api import AGGREGATIONS
+from growmem.ops.aggregations import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import rel_err
+from tests.helpers import memory_config, rel_err
 
 RULES = LINEAR_RULES + DEEP_RULES
 HIDDEN, HEADS = 16, 2
@@ -55,9 +55,9 @@ def run_layer(layer: MemoryCachingAttention, x, weights, dtype, autocast: bool =
     return o.detach().double(), torch.cat([g.flatten().double() for g in grads])
 
 
-def check_long_context(T: int, **layer_kwargs):
+def check_long_context(T: int, rule: str, **settings):
     torch.manual_seed(0)
-    layer = MemoryCachingAttention(HIDDEN, HEADS, **layer_kwargs)
+    layer = MemoryCachingAttention(HIDDEN, HEADS, memory_config(rule, **settings))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, T, HIDDEN, generator=gen, dtype=torch.float64)
     weights = torch.randn(1, T, HIDDEN, generator=gen, dtype=torch.float64)
@@ -68,7 +68,8 @@ def check_long_context(T: int, **layer_kwargs):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     assert torch.isfinite(o16).all() and torch.isfinite(g16).all(), "bf16 autocast"
     assert g64.abs().sum() > 0
-    bf16_output_tol = BF16_SSC_OUTPUT_TOL if layer.aggregation == "ssc" else BF16_OUTPUT_TOL
+    ssc = layer.config.caching.aggregation == "ssc"
+    bf16_output_tol = BF16_SSC_OUTPUT_TOL if ssc else BF16_OUTPUT_TOL
     checks = [
         ("fp32 output", o32, o64, FP32_OUTPUT_TOL),
         ("fp32 gradients", g32, g64, FP32_GRAD_TOL),
@@ -98,9 +99,9 @@ def test_layer_passes_decay_to_and_checks_it():
     outputs = {}
     for decay_to in ("init", "zero"):
         torch.manual_seed(0)
-        layer = MemoryCachingAttention(HIDDEN, HEADS, rule="titans", decay_to=decay_to)
-        assert layer.decay_to == decay_to
+        layer = MemoryCachingAttention(HIDDEN, HEADS, memory_config("titans", decay_to=decay_to))
+        assert layer.config.memory.decay_to == decay_to
         outputs[decay_to] = layer(x)[0]
     assert rel_err(outputs["zero"], outputs["init"]) > 1e-3
     with pytest.raises(ValueError, match=r"^decay_to\b"):
-        MemoryCachingAttention(HIDDEN, HEADS, rule="titans", decay_to="none")
+        memory_config("titans", decay_to="none")

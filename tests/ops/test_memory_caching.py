@@ -1272,7 +1272,7 @@ CHANGES = {
         dict(memory=DeepMemory("titans", mini_batch=1, max_grad_norm=1.0)),
         dict(memory=DeepMemory("titans", mini_batch=2, norm=False, max_grad_norm=1.0)),
         dict(memory=DeepMemory("titans", mini_batch=2, max_grad_norm=0.5)),
-        dict(memory=DeepMemory("titans", mini_batch=2)),
+        dict(memory=DeepMemory("titans", mini_batch=2, max_grad_norm=None)),
         dict(memory=DeepMemory("titans", mini_batch=2, max_grad_norm=1.0, eps=1e-6)),
         dict(caching=Caching("soup", segment_size=4)),
         dict(caching=Caching(segment_size=4, init="independent")),
