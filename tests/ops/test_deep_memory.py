@@ -193,7 +193,7 @@ def plain_recurrence(
     inp: OpInputs, norm: bool, max_grad_norm, eps: float = 1e-5, decay_to: str = "init"
 ):
     """W_t from W_{t-1} with the gradient at W_{t-1}; o_t = M_{W_t}(q_t). Written from
-    DESIGN.md section 2 with torch.autograd for the inner gradient; titans' decay pulls toward
+    docs/design.md §2.4 with torch.autograd for the inner gradient; titans' decay pulls toward
     the initial weights (decay_to="init") or toward zero."""
     titans = inp.rule == "titans"
     Bn, T = inp.q.shape[:2]
