@@ -308,10 +308,10 @@ class OpInputs:
         if state is not None:
             state = state.map(cast) if isinstance(state, DeepState) else cast(state)
         weights = None if self.init_weights is None else tuple(map(cast, self.init_weights))
-        gate_inputs = {n: cast(x) for n, x in self.gate_inputs.items()}
-        return self.map_tokens(
-            cast, init_weights=weights, initial_state=state, gate_inputs=gate_inputs
-        )
+        cast_inputs = self.map_tokens(cast, init_weights=weights, initial_state=state)
+        # (map_tokens leaves the per-head gate inputs alone)
+        per_head = {n: cast(x) for n, x in self.gate_inputs.items() if x.dim() == 1}
+        return dataclasses.replace(cast_inputs, gate_inputs={**cast_inputs.gate_inputs, **per_head})
 
 
 def poison_entries(inp: OpInputs, names, s: int, head: int, value: float = math.nan) -> OpInputs:
