@@ -78,8 +78,9 @@ def cache_gates(
     factor = cfg.gate_scale
     if inputs.temperature is not None:
         factor = factor * inputs.temperature[..., None]  # [B, T, H, 1]
-    us = (u if cfg.gate_norm == "none" else F.normalize(u, dim=-1, eps=EPS)) * factor
-    us = us.transpose(1, 2)  # [B, H, T, Dk]
+    if cfg.gate_norm != "none":  # û = u/max(‖u‖, EPS), folded into the factor: one pass over u
+        factor = factor / _norm(u)
+    us = (u * factor).transpose(1, 2)  # [B, H, T, Dk]: s·τ·û
     select = cfg.spec.select
     scores, score_online = _logits(
         us, summaries.transpose(1, 2), cached_summaries, n_tok, cfg, select == "log_buckets"
@@ -115,42 +116,54 @@ def _logits(us, online, cached, n_tok, cfg: CachingConfig, buckets: bool):
     summaries; cached: [B, H, N, Dk].
     """
     if cfg.gate_norm == "centered":
-        return _centered_logits(us, online, cached, n_tok, cfg.summary, buckets)
+        return _centered_logits(us, online, cached, n_tok, buckets)
     candidates = bucket_summaries(cached, cfg.summary)[0] if buckets else cached
-    if cfg.gate_norm == "l2":
+    score_online = (us * online).sum(-1, keepdim=True)
+    if cfg.gate_norm == "l2":  # (the online summaries' norms divide their [T] scores)
         candidates = F.normalize(candidates, dim=-1, eps=EPS)
-        online = F.normalize(online, dim=-1, eps=EPS)
-    return us @ candidates.transpose(-1, -2), (us * online).sum(-1, keepdim=True)
+        score_online = score_online / _norm(online)
+    return us @ candidates.transpose(-1, -2), score_online
 
 
-def _centered_logits(us, online, cached, n_tok, summary: str, buckets: bool):
+def _centered_logits(us, online, cached, n_tok, buckets: bool):
     """``_logits`` for gate_norm "centered", in O(T·N·Dk) without a [T, N, Dk] tensor.
 
     ĉ_{t,i} = (c_i − m_t)/‖c_i − m_t‖ is expanded into dot products: <û, c_i − m_t> =
-    <û, c_i> − <û, m_t> and ‖c_i − m_t‖² = ‖c_i‖² − 2<c_i, m_t> + ‖m_t‖². Centring does not
-    depend on the origin, so everything is first taken relative to the first cached summary
-    (a constant of the stream, detached: its gradient is zero in exact arithmetic): summaries
-    that share a large common direction, the case centring is for, then leave no large
-    common part to cancel in these differences.
+    <û, c_i> − <û, m_t> and ‖c_i − m_t‖² = ‖c_i‖² − 2<c_i, m_t> + ‖m_t‖² (one fused matmul
+    each). Centring does not depend on the origin, so everything is first taken relative to
+    the first cached summary (a constant of the stream, detached: its gradient is zero in
+    exact arithmetic): summaries that share a large common direction, the case centring is
+    for, then leave no large common part to cancel in these differences.
+
+    A bucket of λ segments combines its centred summaries into b − λ m_t with b their mean
+    (summary "mean", λ = 1) or sum; normalising removes the factor λ > 0 from λ(b/λ − m_t), so
+    either way the bucket's ĉ is that of its segments' mean.
     """
-    T, N = us.shape[2], cached.shape[2]
+    B, H, T, _ = us.shape
+    N = cached.shape[2]
     origin = cached[:, :, :1].detach()  # [B, H, 1, Dk]
     cached, online = cached - origin, online - origin
     n = torch.full((T,), N, device=us.device) if n_tok is None else n_tok
     prefix = torch.cat([torch.zeros_like(cached[:, :, :1]), cached.cumsum(2)], 2)
     mean = (prefix[:, :, n] + online) / (n + 1).to(us.dtype)[:, None]  # [B, H, T, Dk]: m_t
-    if buckets:  # a bucket combines its segments' centred summaries: b − λ m_t
-        candidates, size = bucket_summaries(cached, summary)
-        lam = size.to(us.dtype) if summary == "sum" else torch.ones_like(size, dtype=us.dtype)
-    else:
-        candidates, lam = cached, torch.ones(N, dtype=us.dtype, device=us.device)
-    cand_t = candidates.transpose(-1, -2)  # [B, H, Dk, N]
-    along = us @ cand_t - lam * (us * mean).sum(-1, keepdim=True)  # [B, H, T, N]
-    square = (
-        candidates.pow(2).sum(-1)[:, :, None, :]
-        - 2 * lam * (mean @ cand_t)
-        + lam**2 * mean.pow(2).sum(-1, keepdim=True)
-    )  # [B, H, T, N]: ‖c_i − λ m_t‖²
-    scores = along / square.clamp_min(EPS**2).sqrt()
-    centred_online = F.normalize(online - mean, dim=-1, eps=EPS)
-    return scores, (us * centred_online).sum(-1, keepdim=True)
+    candidates = bucket_summaries(cached, "mean")[0] if buckets else cached  # [B, H, N, Dk]
+    cand_t = candidates.transpose(-1, -2).flatten(0, 1)  # [B·H, Dk, N]
+    along = torch.baddbmm(
+        -(us * mean).sum(-1, keepdim=True).flatten(0, 1), us.flatten(0, 1), cand_t
+    )  # [B·H, T, N]: <û, c_i − m_t>
+    square = torch.baddbmm(
+        (candidates.pow(2).sum(-1)[:, :, None, :] + mean.pow(2).sum(-1, keepdim=True)).flatten(
+            0, 1
+        ),
+        mean.flatten(0, 1),
+        cand_t,
+        alpha=-2,
+    )  # [B·H, T, N]: ‖c_i − m_t‖²
+    scores = (along * square.clamp_min(EPS**2).rsqrt()).view(B, H, T, N)
+    centred_online = online - mean
+    return scores, (us * centred_online).sum(-1, keepdim=True) / _norm(centred_online)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """max(‖x‖, EPS) over the last dim, kept: what ``F.normalize`` divides by."""
+    return x.norm(dim=-1, keepdim=True).clamp_min(EPS)
