@@ -26,7 +26,19 @@ def mc_inputs(B: int, T: int, H: int, D: int, requires_grad: bool) -> list[torch
 
 
 def caching(args, aggregation: str) -> Caching:
-    return Caching(aggregation, segment_size=args.segment_size, top_k=args.top_k)
+    return Caching(
+        aggregation, segment_size=args.segment_size, top_k=args.top_k, gate_norm=args.gate_norm
+    )
+
+
+def gate_inputs(args, H: int, requires_grad: bool) -> dict[str, torch.Tensor]:
+    """The gate inputs asked for: a per-head temperature and online bias, as a layer's."""
+    values = {"temperature": args.gate_temperature, "online_bias": args.online_bias}
+    return {
+        name: torch.full((H,), value).requires_grad_(requires_grad)
+        for name, value in values.items()
+        if value is not None
+    }
 
 
 def bench_train(args) -> list[dict]:
@@ -36,11 +48,15 @@ def bench_train(args) -> list[dict]:
         fns = {"sdpa": sdpa_fwd_bwd(B, H, T, D)}
         for agg in args.aggregations:
             inputs = mc_inputs(B, T, H, D, requires_grad=True)
+            gates = gate_inputs(args, H, requires_grad=True)
             fns[agg] = fwd_bwd(
-                lambda inputs=inputs, agg=agg: memory_caching(
-                    *inputs, memory=MatrixMemory(args.rule), caching=caching(args, agg)
+                lambda inputs=inputs, agg=agg, gates=gates: memory_caching(
+                    *inputs,
+                    memory=MatrixMemory(args.rule),
+                    caching=caching(args, agg),
+                    gates=gates,
                 ),
-                inputs,
+                [*inputs, *gates.values()],
             )
         seconds = time_interleaved(fns, repeats=args.repeats)
         row = {
@@ -70,7 +86,11 @@ def bench_decode(args) -> list[dict]:
         kv_bytes = (K.numel() + V.numel()) * K.element_size()
         caches, step_inputs = {}, mc_inputs(B, 1, H, D, requires_grad=False)
         for agg in args.decode_aggregations:
-            kw = dict(memory=MatrixMemory(args.rule), caching=caching(args, agg))
+            kw = dict(
+                memory=MatrixMemory(args.rule),
+                caching=caching(args, agg),
+                gates=gate_inputs(args, H, requires_grad=False),
+            )
             _, caches[agg] = memory_caching(
                 *mc_inputs(B, ctx - 1, H, D, False), **kw, output_cache=True
             )
@@ -117,6 +137,13 @@ def main() -> None:
     parser.add_argument("--rule", default="linear")
     parser.add_argument("--segment-size", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--gate-norm", default="none", choices=["none", "l2", "centered"])
+    parser.add_argument(
+        "--gate-temperature", type=float, default=None, help="a per-head temperature (learned)"
+    )
+    parser.add_argument(
+        "--online-bias", type=float, default=None, help="a per-head online-logit bias (learned)"
+    )
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -141,6 +168,9 @@ def main() -> None:
                 "rule": args.rule,
                 "segment_size": args.segment_size,
                 "top_k": args.top_k,
+                "gate_norm": args.gate_norm,
+                "gate_temperature": args.gate_temperature,
+                "online_bias": args.online_bias,
                 "statistic": "median seconds over interleaved rounds",
             },
             "train": train,

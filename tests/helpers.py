@@ -225,7 +225,8 @@ class OpInputs:
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries of Memory Caching, or
     None; gates: the rule's [B, T, H] gates by name; init_weights: a deep rule's (W1 [H, Dv,
     Dh], W2 [H, Dh, Dk]), else None; initial_state: [B, H, Dv, Dk], a DeepState of [B, H, ...]
-    tensors, or None.
+    tensors, or None; gate_inputs: Memory Caching's optional gate inputs by name (temperature
+    and online_bias per head [H] or per token [B, T, H], summary_keys [B, T, H, Dk]).
     """
 
     rule: str
@@ -236,14 +237,20 @@ class OpInputs:
     gates: dict[str, torch.Tensor]
     init_weights: tuple[torch.Tensor, torch.Tensor] | None = None
     initial_state: torch.Tensor | DeepState | None = None
+    gate_inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def T(self) -> int:
         return self.q.shape[1]
 
+    @property
+    def all_gates(self) -> dict[str, torch.Tensor]:
+        """The op's ``gates`` dict: the rule's gates and the gate inputs."""
+        return {**self.gates, **self.gate_inputs}
+
     def leaves(self) -> dict[str, torch.Tensor]:
         """Named differentiable inputs, in a fixed order (None entries dropped)."""
-        named = {"q": self.q, "k": self.k, "v": self.v, "u": self.u, **self.gates}
+        named = {"q": self.q, "k": self.k, "v": self.v, "u": self.u, **self.all_gates}
         if self.init_weights is not None:
             named.update({"init W1": self.init_weights[0], "init W2": self.init_weights[1]})
         state = self.initial_state
@@ -256,12 +263,14 @@ class OpInputs:
         return {n: x for n, x in named.items() if x is not None}
 
     def map_tokens(self, fn, **changes) -> OpInputs:
-        """The inputs with ``fn`` applied to every per-token tensor (q, k, v, u, gates)."""
+        """The inputs with ``fn`` applied to every per-token tensor (q, k, v, u, gates, the
+        gate inputs but the per-head [H] ones)."""
         return dataclasses.replace(
             self,
             **{n: None if x is None else fn(x) for n, x in (("q", self.q), ("k", self.k),
                                                           ("v", self.v), ("u", self.u))},
             gates={n: fn(x) for n, x in self.gates.items()},
+            gate_inputs={n: x if x.dim() == 1 else fn(x) for n, x in self.gate_inputs.items()},
             **changes,
         )  # fmt: skip
 
@@ -283,6 +292,10 @@ class OpInputs:
             self,
             **{n: _splice(getattr(self, n), getattr(other, n), t0) for n in names},
             gates={n: _splice(x, other.gates[n], t0) for n, x in self.gates.items()},
+            gate_inputs={
+                n: x if x.dim() == 1 else _splice(x, other.gate_inputs[n], t0)
+                for n, x in self.gate_inputs.items()
+            },
         )
 
     def to(self, dtype: torch.dtype) -> OpInputs:
@@ -295,7 +308,10 @@ class OpInputs:
         if state is not None:
             state = state.map(cast) if isinstance(state, DeepState) else cast(state)
         weights = None if self.init_weights is None else tuple(map(cast, self.init_weights))
-        return self.map_tokens(cast, init_weights=weights, initial_state=state)
+        cast_inputs = self.map_tokens(cast, init_weights=weights, initial_state=state)
+        # (map_tokens leaves the per-head gate inputs alone)
+        per_head = {n: cast(x) for n, x in self.gate_inputs.items() if x.dim() == 1}
+        return dataclasses.replace(cast_inputs, gate_inputs={**cast_inputs.gate_inputs, **per_head})
 
 
 def poison_entries(inp: OpInputs, names, s: int, head: int, value: float = math.nan) -> OpInputs:
@@ -304,7 +320,7 @@ def poison_entries(inp: OpInputs, names, s: int, head: int, value: float = math.
     grad), the rest shared."""
     fresh = inp.map_tokens(lambda x: x.detach().clone())
     for row, name in enumerate(names):
-        x = fresh.gates[name] if name in fresh.gates else getattr(fresh, name)
+        x = fresh.all_gates[name] if name in fresh.all_gates else getattr(fresh, name)
         if x.dim() == 4:
             x[row, s, head, 1] = value
         else:
@@ -332,8 +348,15 @@ def make_op_inputs(
     with_state: bool = True,
     normalize_q: bool = False,
     eta_scale: float = 0.5,
+    temperature: str | None = None,
+    online_bias: str | None = None,
+    summary_keys: bool = False,
 ) -> OpInputs:
     """Random inputs of ``rule``, all leaf tensors.
+
+    The gate inputs: ``temperature`` and ``online_bias`` "head" ([H]), "token" ([B, T, H]) or
+    None (none), τ ~ U(0.5, 2), b ~ N(0, 1); ``summary_keys`` ~ N(0, 1) [B, T, H, Dk] when
+    True (drawn from a stream of their own, so the other inputs do not change).
 
     A matrix rule: ``make_inputs`` (keys unit-norm, gates as RULE_GATES says, an initial state)
     and u from ``make_u``. A deep rule (Dv = Dk = dk, hidden size dh): q, v ~ N(0, 1) (q
@@ -341,12 +364,15 @@ def make_op_inputs(
     g ~ -0.2 U(0, 1) and beta ~ U(0, 1), initial weights ~ 0.3 N(0, 1), and an initial DeepState
     near them (with random momentum for titans).
     """
+    gate_inputs = make_gate_inputs(
+        (b, T, h, dk), seed, dtype, requires_grad, temperature, online_bias, summary_keys
+    )
     if rule not in DEEP_RULES:
         q, k, v, gates, s0 = make_inputs(rule, b, T, h, dk, dv, dtype, seed, requires_grad)
         if normalize_q:
             q = F.normalize(q.detach(), dim=-1).requires_grad_(requires_grad)
         u = make_u(b, T, h, dk, dtype, seed, requires_grad) if with_u else None
-        return OpInputs(rule, q, k, v, u, gates, None, s0 if with_state else None)
+        return OpInputs(rule, q, k, v, u, gates, None, s0 if with_state else None, gate_inputs)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -380,4 +406,23 @@ def make_op_inputs(
         {n: leaf(x) for n, x in gates.items()},
         (leaf(W1), leaf(W2)),
         state.map(leaf) if with_state else None,
+        gate_inputs,
     )
+
+
+def make_gate_inputs(
+    shape, seed, dtype, requires_grad, temperature=None, online_bias=None, summary_keys=False
+) -> dict[str, torch.Tensor]:
+    """The gate inputs ``make_op_inputs`` describes, for shape = (B, T, H, Dk)."""
+    B, T, H, Dk = shape
+    gen = torch.Generator().manual_seed(seed + 104729)
+    sizes = {"head": (H,), "token": (B, T, H), None: None}
+    values = {}
+    if sizes[temperature] is not None:
+        uniform = torch.rand(sizes[temperature], generator=gen, dtype=torch.float64)
+        values["temperature"] = 0.5 + 1.5 * uniform
+    if sizes[online_bias] is not None:
+        values["online_bias"] = torch.randn(sizes[online_bias], generator=gen, dtype=torch.float64)
+    if summary_keys:
+        values["summary_keys"] = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
+    return {n: x.to(dtype).requires_grad_(requires_grad) for n, x in values.items()}

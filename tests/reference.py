@@ -21,9 +21,12 @@ The layer, for one row of tokens x_t (docs/design.md §4):
     β = σ(x W_b + b_b), λ = σ(x W_l + b_l)        write strength, current-token weight
     η = eta_max · σ(x W_η + b_η)                  deep rules' inner learning rate; titans'
                                                    momentum is β above
-    o = memory_caching(q, k, v, u; gates)          per-token op reference, gate scale
+    s = x_t W_s                                   summary keys (summary_source "gate_keys";
+                                                   else the keys k above)
+    τ = exp(gate_log_temperature), b = gate_online_bias    per head (when configured)
+    o = memory_caching(q, k, v, u; gates, τ, b, s) per-token op reference, gate scale
                                                    caching.gate_scale or 1/√D
-    y = (RMSNorm_head(o) · w ⊙ SiLU(z)) W_o
+    y = (RMSNorm_head(o) · w ⊙ SiLU(z)) W_o       eps: o_norm_eps, else the layer's norm_eps
 """
 
 from __future__ import annotations
@@ -141,6 +144,15 @@ def memory_layer_reference(
             logits = linear(x, params["eta_proj.weight"], params["eta_proj.bias"])
             gates["eta"] = config.eta_max * sigmoid(logits)
 
+    if gated:  # the gates' own inputs, each only when the layer is configured with it
+        if config.summary_source == "gate_keys":
+            gates["summary_keys"] = linear(x, params["s_proj.weight"]).reshape(B, T, H, D)
+        if config.gate_temperature is not None:
+            tau = torch.exp(params["gate_log_temperature"])  # [H]
+            gates["temperature"] = tau.expand(B, T, H)
+        if config.gate_online_bias is not None:
+            gates["online_bias"] = params["gate_online_bias"].expand(B, T, H)
+
     # the gate scale the layer leaves to the op is 1/sqrt(head_dim) (docs/design.md §3.2)
     scale = 1.0 / math.sqrt(D) if caching.gate_scale is None else caching.gate_scale
     o = memory_caching_reference(
@@ -153,7 +165,8 @@ def memory_layer_reference(
         gates=gates,
         init_weights=(params["W1_0"], params["W2_0"]) if rule in DEEP else None,
     )
-    o = rms_norm(o, params["o_norm.weight"], norm_eps) * silu(z)  # [B, T, H, D]
+    eps = norm_eps if config.o_norm_eps is None else config.o_norm_eps
+    o = rms_norm(o, params["o_norm.weight"], eps) * silu(z)  # [B, T, H, D]
     return linear(o.reshape(B, T, inner), params["o_proj.weight"])
 
 

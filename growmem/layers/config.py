@@ -25,6 +25,7 @@ from growmem.ops.checks import (
     LINEAR_RULES,
     check_bool,
     check_choice,
+    check_float,
     check_positive_float,
     check_positive_int,
 )
@@ -32,6 +33,8 @@ from growmem.ops.spec import DEEP_RULES, Caching, DeepMemory, MatrixMemory, memo
 
 # The layer's settings of deep memories only, and their defaults.
 DEEP_LAYER_DEFAULTS = {"expansion": 4, "eta_max": 0.1}
+# What the gates' summaries summarise: the memory keys, or a projection of their own.
+SUMMARY_SOURCES = ("keys", "gate_keys")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class MemoryConfig:
             linear | decay | delta | gated_delta | swla, ``DeepMemory`` for dla | titans).
         caching: the Memory Caching choices, passed to the op: aggregation, segment_size or
             segments ("log": Log-Linear++'s logarithmic segments, or explicit lengths), top_k,
-            init, summary, gate_scale (None: 1/sqrt(head_dim)).
+            init, summary, gate_scale (None: 1/sqrt(head_dim)), gate_norm ("none", "l2",
+            "centered"), detach_summaries.
         use_short_conv: causal depthwise convolution (with SiLU) on q, k and v.
         conv_size: its kernel size.
         qk_norm: L2-normalise q and k (the delta rules need it for stability).
@@ -51,6 +55,19 @@ class MemoryConfig:
             expansion · head_dim. Setting it for a matrix memory is a ValueError.
         eta_max: deep memories only (default 0.1): bound of the inner learning rate
             η = eta_max · sigmoid(x W_η). Setting it for a matrix memory is a ValueError.
+        gate_temperature: None (no temperature) or τ0 > 0: the gate logits of head h are
+            multiplied by a learnable τ_h = exp(gate_log_temperature_h), which starts at τ0
+            (with gate_norm "l2" or "centered" it sets the gates' sharpness).
+        gate_online_bias: None (no bias) or b0: a learnable per-head bias, starting at b0, is
+            added to the online memory's gate logit (b0 = 4 starts grm and ssc close to the
+            plain RNN, online weight ≈ 1, and lets the gates open the caches as they learn).
+        summary_source: what the gates' segment summaries summarise: "keys" (the memory keys,
+            after the short convolution and the q/k norm) or "gate_keys" (a projection of
+            their own, x W_s, like the gate queries u).
+        o_norm_eps: epsilon of the output RMSNorm; None: the layer's ``norm_eps``.
+
+        The four gate settings (and ``caching``'s gate ones) act only in the gated
+        aggregations (grm, soup, ssc, loglinear); the others ignore them.
     """
 
     memory: MatrixMemory | DeepMemory = field(default_factory=MatrixMemory)
@@ -60,6 +77,10 @@ class MemoryConfig:
     qk_norm: bool = True
     expansion: int | None = None
     eta_max: float | None = None
+    gate_temperature: float | None = None
+    gate_online_bias: float | None = None
+    summary_source: str = "keys"
+    o_norm_eps: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.memory, (MatrixMemory, DeepMemory)):
@@ -72,6 +93,13 @@ class MemoryConfig:
         check_bool("use_short_conv", self.use_short_conv)
         check_positive_int("conv_size", self.conv_size)
         check_bool("qk_norm", self.qk_norm)
+        check_positive_float("gate_temperature", self.gate_temperature, allow_none=True)
+        check_float("gate_online_bias", self.gate_online_bias, allow_none=True)
+        check_choice("summary_source", self.summary_source, SUMMARY_SOURCES)
+        check_positive_float("o_norm_eps", self.o_norm_eps, allow_none=True)
+        for name in ("gate_temperature", "gate_online_bias", "o_norm_eps"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         for name, default in DEEP_LAYER_DEFAULTS.items():
             value = getattr(self, name)
             if not self.deep:

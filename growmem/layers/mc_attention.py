@@ -104,6 +104,8 @@ class MemoryCachingAttention(nn.Module):
     deep rules the inner learning rate η = eta_max·sigmoid(x W_η), titans' momentum β by
     sigmoid) -> ``memory_caching`` -> per-head RMSNorm with an output gate -> o_proj. The deep
     rules' initial MLP weights are parameters of the layer (per head, shared by the batch).
+    The gated aggregations may add per-head gate parameters (a temperature, an online-logit
+    bias) and a projection of the summaries' keys (``MemoryConfig``; docs/design.md §4.2).
 
     Args:
         hidden_size: model width.
@@ -112,7 +114,7 @@ class MemoryCachingAttention(nn.Module):
             gated_delta with grm over segments of 256). ``config.memory`` and
             ``config.caching`` go to the op unchanged.
         head_dim: per-head key/value size (default hidden_size // num_heads).
-        norm_eps: epsilon of the output norm.
+        norm_eps: epsilon of the output norm (unless ``config.o_norm_eps`` sets its own).
         layer_idx: index of the layer in a model (for caches).
         **flat: deprecated: the flat settings of earlier releases (rule=, aggregation=,
             segment_size=, ...; see ``growmem.layers.config.FLAT_PATHS``), converted to a
@@ -155,6 +157,13 @@ class MemoryCachingAttention(nn.Module):
         # one matmul: one op instead of five matters when decoding a token at a time
         self.uses_u = config.caching.spec.gated
         self.in_proj = nn.Linear(hidden_size, inner * (5 if self.uses_u else 4), bias=False)
+        if self.uses_u:  # the gates' own settings (an ungated aggregation has no gates)
+            if config.summary_source == "gate_keys":  # summaries of s_t = x_t W_s
+                self.s_proj = nn.Linear(hidden_size, inner, bias=False)
+            if config.gate_temperature is not None:  # τ = exp(gate_log_temperature) > 0
+                self.gate_log_temperature = nn.Parameter(torch.empty(num_heads))
+            if config.gate_online_bias is not None:
+                self.gate_online_bias = nn.Parameter(torch.empty(num_heads))
         if config.use_short_conv:  # depthwise over the q, k, v channels together
             self.conv = ShortConvolution(3 * inner, config.conv_size)
         self.deep = config.deep
@@ -173,7 +182,8 @@ class MemoryCachingAttention(nn.Module):
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)
         if "lam" in gates:
             self.l_proj = nn.Linear(hidden_size, num_heads, bias=True)
-        self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
+        o_norm_eps = norm_eps if config.o_norm_eps is None else config.o_norm_eps
+        self.o_norm = GatedRMSNorm(head_dim, eps=o_norm_eps)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
         with torch.no_grad():
             for name, value in self.initial_parameters().items():
@@ -197,7 +207,8 @@ class MemoryCachingAttention(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Fresh initial values of the layer's own parameters (its submodules init theirs):
         Mamba2's decay rates A ~ U(1, 16) and time steps dt ~ logU(1e-3, 1e-1) (stored as
-        softplus^-1(dt)), and the deep rules' initial MLP weights with 1/sqrt(fan-in) std.
+        softplus^-1(dt)), the deep rules' initial MLP weights with 1/sqrt(fan-in) std, and the
+        gates' temperature (log τ0) and online bias (b0), constants that draw nothing.
 
         Args:
             generator: a CPU generator to draw from (None: the global RNG).
@@ -214,6 +225,10 @@ class MemoryCachingAttention(nn.Module):
             D, Dh = self.head_dim, self.W1_0.shape[-1]
             values["W1_0"] = cpu(H, D, Dh).normal_(generator=generator) / math.sqrt(Dh)
             values["W2_0"] = cpu(H, Dh, D).normal_(generator=generator) / math.sqrt(D)
+        if hasattr(self, "gate_log_temperature"):
+            values["gate_log_temperature"] = cpu(H).fill_(math.log(self.config.gate_temperature))
+        if hasattr(self, "gate_online_bias"):
+            values["gate_online_bias"] = cpu(H).fill_(self.config.gate_online_bias)
         return values
 
     @property
@@ -320,6 +335,12 @@ class MemoryCachingAttention(nn.Module):
         if "lam" in needed:
             gates["lam"] = torch.sigmoid(_at_least_fp32(self.l_proj(x)))
         u = rest[..., :inner].reshape(g, n, H, D) if self.uses_u else None
+        if hasattr(self, "gate_log_temperature"):
+            gates["temperature"] = _at_least_fp32(self.gate_log_temperature).exp()  # [H]
+        if hasattr(self, "gate_online_bias"):
+            gates["online_bias"] = self.gate_online_bias  # [H]
+        if hasattr(self, "s_proj"):
+            gates["summary_keys"] = self.s_proj(x).reshape(g, n, H, D)
         out_gate = rest[..., -inner:].reshape(g, n, H, D)
         o, state = memory_caching(
             q,

@@ -57,6 +57,15 @@ def check_positive_float(name: str, x, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {expected}, got {x!r}")
 
 
+def check_float(name: str, x, allow_none: bool = False) -> None:
+    """``x`` must be a finite number (an int or float; None too when ``allow_none``)."""
+    if x is None and allow_none:
+        return
+    if not _is_real(x):
+        expected = "a finite number" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+
+
 def check_nonnegative_float(name: str, x) -> None:
     """``x`` must be a finite number >= 0 (an int or float)."""
     if not (_is_real(x) and x >= 0):

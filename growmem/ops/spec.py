@@ -8,6 +8,7 @@ built, and round-trips through ``to_dict``/``from_dict`` for YAML and JSON.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Literal
 
@@ -32,6 +33,7 @@ DEEP_RULES = ("dla", "titans")
 DECAY_TARGETS = ("init", "zero")
 INITS = ("continuous", "independent")
 SUMMARIES = ("mean", "sum")
+GATE_NORMS = ("none", "l2", "centered")
 DEFAULT_SEGMENT_SIZE = 256
 
 
@@ -176,8 +178,16 @@ class Caching(_Spec):
         top_k: caches ssc reads per token (all when fewer are visible); unused otherwise.
         init: "continuous" (segment s starts from segment s-1's final memory) or
             "independent" (every segment starts from the initial state).
-        summary: "mean" or "sum" of a segment's keys, its summary c_i.
-        gate_scale: the gate logits are r = gate_scale · <u_t, c_i>; None: 1/sqrt(Dk).
+        summary: "mean" or "sum" of a segment's keys, its summary c_i (the keys: k, or the
+            ``summary_keys`` gate input when given).
+        gate_scale: the fixed factor s of the gate logits r = s · τ · <û_t, ĉ_i> (+ b on the
+            online memory's; docs/design.md §3.2); None: 1/sqrt(Dk). 1.0 with gate_norm
+            "none" is the paper's literal raw inner product (Eq. 9-10).
+        gate_norm: the geometry of the logits: "none" (<u_t, c_i>), "l2" (u_t and every
+            summary L2-normalised: cosine gates) or "centered" (the summaries a token sees,
+            the online one included, centred on their mean, then L2-normalised, as is u_t).
+        detach_summaries: the gates see the summaries through a stop-gradient, so no gradient
+            reaches the keys through the gates (the memories still train them).
     """
 
     aggregation: str = "grm"
@@ -187,6 +197,8 @@ class Caching(_Spec):
     init: str = "continuous"
     summary: str = "mean"
     gate_scale: float | None = None
+    gate_norm: str = "none"
+    detach_summaries: bool = False
 
     def __post_init__(self):
         agg = lookup_aggregation(self.aggregation)
@@ -217,6 +229,8 @@ class Caching(_Spec):
         check_positive_float("gate_scale", self.gate_scale, allow_none=True)
         if self.gate_scale is not None:
             object.__setattr__(self, "gate_scale", float(self.gate_scale))
+        check_choice("gate_norm", self.gate_norm, GATE_NORMS)
+        check_bool("detach_summaries", self.detach_summaries)
         if agg.needs_continuous_init and self.init != "continuous":
             raise ValueError(
                 f"aggregation {self.aggregation!r} reads a bucket of segments through the "
@@ -228,3 +242,8 @@ class Caching(_Spec):
     def spec(self):
         """The declared properties of ``aggregation`` (ops/aggregations.py)."""
         return lookup_aggregation(self.aggregation)
+
+    def gate_scale_for(self, key_dim: int) -> float:
+        """The gate logits' fixed factor for keys of ``key_dim`` dims: gate_scale, or
+        1/sqrt(key_dim) when it is None."""
+        return 1.0 / math.sqrt(key_dim) if self.gate_scale is None else self.gate_scale

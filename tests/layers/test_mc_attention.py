@@ -587,6 +587,17 @@ BAD_INIT = {
     "use_short_conv 'no'": (arg("use_short_conv"), dict(use_short_conv="no")),
     "qk_norm 0": (arg("qk_norm"), dict(qk_norm=0)),
     "norm 'yes'": (arg("norm"), dict(rule="titans", norm="yes")),
+    # the gates
+    "gate_norm unknown": (arg("gate_norm"), dict(gate_norm="cosine")),
+    "detach_summaries 'yes'": (arg("detach_summaries"), dict(detach_summaries="yes")),
+    "gate_temperature 0": (arg("gate_temperature"), dict(gate_temperature=0.0)),
+    "gate_temperature negative": (arg("gate_temperature"), dict(gate_temperature=-1.0)),
+    "gate_temperature nan": (arg("gate_temperature"), dict(gate_temperature=float("nan"))),
+    "gate_online_bias inf": (arg("gate_online_bias"), dict(gate_online_bias=float("inf"))),
+    "gate_online_bias '4'": (arg("gate_online_bias"), dict(gate_online_bias="4")),
+    "gate_online_bias True": (arg("gate_online_bias"), dict(gate_online_bias=True)),
+    "summary_source unknown": (arg("summary_source"), dict(summary_source="input")),
+    "o_norm_eps 0": (arg("o_norm_eps"), dict(o_norm_eps=0.0)),
 }
 
 

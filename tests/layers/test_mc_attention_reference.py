@@ -6,10 +6,12 @@ the per-token op references and applies the gated output norm and o_proj. Every 
 aggregation) pair is compared at 1e-10 in float64: parallel unpadded, parallel with left,
 right and middle padding (real tokens equal the row's reference, padding outputs 0), and
 streamed (a prefill, then pieces of 1-3 tokens) with and without padding. The init, summary,
-gate scale and the deep options rotate over the pairs; every parameter gets a random value
+the gates' options (scale, geometry, temperature, online bias, summaries' source), the output
+norm's eps and the deep options rotate over the pairs; every parameter gets a random value
 (an init that happens to be symmetric, such as zero biases, could hide a wrong formula). Sizes
 are odd: 37 tokens, segments of 5, head dim 5, width 11 (the heads' total 10 differs from it).
-Logarithmic and explicit segment lengths are compared too.
+Logarithmic and explicit segment lengths are compared too, and the gradients of every
+parameter with all the gate options set.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import pytest
 import torch
 
 from growmem.layers import MemoryCachingAttention, MemoryConfig
+from growmem.layers.config import SUMMARY_SOURCES
 from growmem.ops.caching import AGGREGATIONS
 from growmem.ops.checks import LINEAR_RULES
 from growmem.ops.deep import DEEP_RULES
-from tests.helpers import memory_config, rel_err, stream_layer
+from growmem.ops.spec import GATE_NORMS
+from tests.helpers import memory_config, outputs_and_grads, rel_err, stream_layer
 from tests.reference import memory_layer_reference
 
 RULES = LINEAR_RULES + DEEP_RULES
@@ -58,6 +62,11 @@ def options(rule: str, aggregation: str, **overrides) -> dict:
         init=init,
         summary=summary,
         gate_scale=(None, 0.9)[i // 3 % 2],  # None: 1/sqrt(head_dim)
+        gate_norm=GATE_NORMS[i % 3],
+        gate_temperature=(None, 2.0)[i % 2],
+        gate_online_bias=(None, 1.5)[i // 2 % 2],
+        summary_source=SUMMARY_SOURCES[i // 3 % 2],
+        o_norm_eps=(None, 1e-3)[i // 2 % 2],  # None: norm_eps
         use_short_conv=True,
         conv_size=3 + i % 2,
         qk_norm=True,
@@ -82,9 +91,10 @@ def make_layer(opts: dict, seed: int = 0) -> MemoryCachingAttention:
         HIDDEN, opts["num_heads"], config(opts), head_dim=HEAD_DIM, norm_eps=opts["norm_eps"]
     ).double()
     gen = torch.Generator().manual_seed(seed)
-    # std of each parameter; means: A_log ~ 0 (A ~ 1), dt_bias ~ -1 (dt ~ 0.3), norm weight ~ 1
+    # std of each parameter; means: A_log ~ 0 (A ~ 1), dt_bias ~ -1 (dt ~ 0.3), norm weight ~ 1,
+    # the gates' temperature ~ e (sharp gates also where the logits are cosines)
     stds = {"A_log": 0.5, "dt_bias": 0.5, "o_norm.weight": 0.4, "conv.bias": 0.3}
-    means = {"dt_bias": -1.0, "o_norm.weight": 1.0}
+    means = {"dt_bias": -1.0, "o_norm.weight": 1.0, "gate_log_temperature": 1.0}
     with torch.no_grad():
         for name, p in layer.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
@@ -101,10 +111,13 @@ def config(opts: dict) -> MemoryConfig:
     return memory_config(**{k: v for k, v in opts.items() if k not in ("num_heads", "norm_eps")})
 
 
-def reference(layer: MemoryCachingAttention, opts: dict, x: torch.Tensor) -> torch.Tensor:
-    """The reference from the layer's parameters and the settings it was built with."""
+def reference(
+    layer: MemoryCachingAttention, opts: dict, x: torch.Tensor, params: dict | None = None
+) -> torch.Tensor:
+    """The reference from the layer's parameters (``params``, default its state_dict) and the
+    settings it was built with."""
     return memory_layer_reference(
-        layer.state_dict(),
+        layer.state_dict() if params is None else params,
         x,
         config=config(opts),
         num_heads=opts["num_heads"],
@@ -166,6 +179,10 @@ def test_layer_equals_reference(rule, aggregation):
     check_against_reference(options(rule, aggregation), stream_unpadded=odd)
 
 
+# every gate option at once: the summaries' source, a temperature, an online bias, a geometry
+ALL_GATES = dict(summary_source="gate_keys", gate_temperature=3.0, gate_online_bias=2.0)
+
+
 @pytest.mark.parametrize(
     ("rule", "aggregation", "overrides"),
     [
@@ -173,10 +190,71 @@ def test_layer_equals_reference(rule, aggregation):
         ("decay", "residual", dict(qk_norm=False)),
         ("titans", "ssc", dict(use_short_conv=False, qk_norm=False, top_k=1)),
         ("swla", "soup", dict(num_heads=3, top_k=3, conv_size=1)),
+        ("gated_delta", "ssc", dict(ALL_GATES, gate_norm="centered", o_norm_eps=0.1)),
+        ("delta", "loglinear", dict(ALL_GATES, gate_norm="l2", gate_scale=1.0)),
+        ("dla", "soup", dict(ALL_GATES, gate_norm="centered", detach_summaries=True)),
+        ("titans", "grm", dict(ALL_GATES, gate_norm="l2", summary="sum")),
+        ("gated_delta", "mean", dict(ALL_GATES, gate_norm="l2")),  # ungated: all ignored
     ],
 )
 def test_layer_equals_reference_other_options(rule, aggregation, overrides):
     check_against_reference(options(rule, aggregation, **overrides))
+
+
+@pytest.mark.parametrize(
+    ("rule", "aggregation", "gate_norm"),
+    [("gated_delta", "ssc", "centered"), ("titans", "soup", "l2"), ("swla", "loglinear", "l2")],
+)
+def test_layer_gradients_equal_reference(rule, aggregation, gate_norm):
+    """With every gate option set, the gradients of every parameter (the temperature, the
+    online bias and the summary keys' projection included) and of the input equal those of
+    the reference, parallel and streamed."""
+    opts = options(rule, aggregation, gate_norm=gate_norm, **ALL_GATES)
+    layer = make_layer(opts)
+    x = torch.randn(2, T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
+    x.requires_grad_()
+    named = {"x": x, **dict(layer.named_parameters())}
+    assert {"gate_log_temperature", "gate_online_bias", "s_proj.weight"} <= set(named)
+    params = {**dict(layer.named_buffers()), **dict(layer.named_parameters())}
+    _, expected = outputs_and_grads(lambda: reference(layer, opts, x, params), named)
+    _, parallel = outputs_and_grads(lambda: layer(x)[0], named)
+    _, streamed = outputs_and_grads(lambda: stream_layer(layer, x, PIECES)[0], named)
+    for name, grad in expected.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert rel_err(parallel[name], grad) < TOL, f"parallel: {name}"
+        assert rel_err(streamed[name], grad) < TOL, f"streamed: {name}"
+
+
+LAYER_GATE_OPTIONS = [
+    dict(gate_temperature=3.0),
+    dict(gate_online_bias=2.0),
+    dict(summary_source="gate_keys"),
+    dict(o_norm_eps=0.5),
+    dict(gate_norm="l2"),
+    dict(gate_norm="centered"),
+    dict(gate_scale=1.0),
+]
+
+
+@pytest.mark.parametrize("option", LAYER_GATE_OPTIONS, ids=lambda o: "-".join(map(str, o.items())))
+@pytest.mark.parametrize(("rule", "aggregation"), [("gated_delta", "grm"), ("titans", "ssc")])
+def test_each_layer_option_changes_the_outputs(rule, aggregation, option):
+    """The layer with one option set and otherwise the same weights (its new parameters at
+    their initial values) differs from the layer without it: an option that the forward
+    dropped would show."""
+    base_opts = options(rule, aggregation, gate_norm="none", gate_temperature=None,
+                        gate_online_bias=None, summary_source="keys", o_norm_eps=None,
+                        gate_scale=None)  # fmt: skip
+    base = make_layer(base_opts)
+    layer = MemoryCachingAttention(
+        HIDDEN, HEADS, config({**base_opts, **option}), head_dim=HEAD_DIM, norm_eps=1e-5
+    ).double()
+    missing, unexpected = layer.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"gate_log_temperature", "gate_online_bias",
+                                               "s_proj.weight"}  # fmt: skip
+    x = torch.randn(2, T, HIDDEN, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        assert rel_err(layer(x)[0], base(x)[0]) > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,13 @@ CONFIGS = [
         eta_max=0.3,
     ),
     MemoryConfig(memory=DeepMemory("dla"), caching=Caching("none", init="independent")),
+    MemoryConfig(
+        caching=Caching("ssc", gate_scale=1.0, gate_norm="centered", detach_summaries=True),
+        gate_temperature=10.0,
+        gate_online_bias=-4,
+        summary_source="gate_keys",
+        o_norm_eps=1e-8,
+    ),
 ]
 
 
@@ -50,6 +57,9 @@ def test_defaults():
     assert config.caching == Caching("grm", segment_size=256, top_k=2)
     deep = MemoryConfig.from_dict({"rule": "titans"})
     assert (deep.expansion, deep.eta_max, deep.memory.max_grad_norm) == (4, 0.1, 1.0)
+    gates = (config.gate_temperature, config.gate_online_bias, config.summary_source)
+    assert gates == (None, None, "keys") and config.o_norm_eps is None
+    assert MemoryConfig(gate_online_bias=4).gate_online_bias == 4.0  # a float, also from an int
 
 
 @pytest.mark.parametrize(
@@ -70,6 +80,12 @@ def test_defaults():
         ),
         ({"rule": "titans", "eta_max": 0}, r"eta_max must be a positive"),
         ({"conv_size": 0}, r"conv_size must be a positive int"),
+        ({"gate_temperature": 0}, r"gate_temperature must be a positive finite number or None"),
+        ({"gate_online_bias": "high"}, r"gate_online_bias must be a finite number or None"),
+        ({"summary_source": "x"}, r"summary_source must be one of \['keys', 'gate_keys'\]"),
+        ({"o_norm_eps": -1e-6}, r"o_norm_eps must be a positive"),
+        ({"caching": {"gate_norm": "cos"}}, r"gate_norm must be one of"),
+        ({"gate_norm": "l2"}, r"no setting \['gate_norm'\].*caching choices go in 'caching'"),
         ("grm", r"memory settings must be a mapping"),
     ],
 )

@@ -64,6 +64,8 @@ BAD = {
     "flat top_k and ssc_top_k differ": ("top_k", dict(top_k=2, ssc_top_k=3)),
     "flat eta_max nan": ("eta_max", dict(rule="titans", eta_max=math.nan)),
     "flat memory and memory": ("pass memory", dict(memory={"rule": "delta"}, rule="delta")),
+    "gate_temperature 0": ("gate_temperature", dict(memory={"gate_temperature": 0})),
+    "gate_norm unknown": ("gate_norm", dict(memory={"caching": {"gate_norm": "unit"}})),
 }
 
 
@@ -79,6 +81,17 @@ MEMORIES = [
     MemoryConfig(),
     memory_config("swla", aggregation="ssc", top_k=3, segments="log", gate_scale=0.5),
     memory_config("titans", aggregation="soup", segments=[4, 8], mini_batch=4, eta_max=0.3),
+    memory_config(
+        "gated_delta",
+        aggregation="grm",
+        gate_norm="l2",
+        gate_scale=1.0,
+        detach_summaries=True,
+        gate_temperature=10.0,
+        gate_online_bias=4.0,
+        summary_source="gate_keys",
+        o_norm_eps=1e-8,
+    ),
     None,  # Transformer++
 ]
 

@@ -7,10 +7,14 @@ import torch
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.aggregations import AGGREGATIONS
 
+# the gates' own parameters: a temperature, an online bias, the summary keys' projection
+GATE_OPTIONS = dict(gate_temperature=5.0, gate_online_bias=4.0, summary_source="gate_keys")
+GATE_PARAMETERS = ("gate_log_temperature", "gate_online_bias", "s_proj.weight")
 
-def build(rule: str, aggregation: str, seed: int) -> GrowMemForCausalLM:
+
+def build(rule: str, aggregation: str, seed: int, **layer) -> GrowMemForCausalLM:
     torch.manual_seed(seed)
-    memory = {"rule": rule, "caching": {"aggregation": aggregation, "segment_size": 8}}
+    memory = {"rule": rule, "caching": {"aggregation": aggregation, "segment_size": 8}, **layer}
     config = GrowMemConfig(
         vocab_size=61, hidden_size=24, num_hidden_layers=2, num_heads=2, memory=memory
     )
@@ -18,9 +22,12 @@ def build(rule: str, aggregation: str, seed: int) -> GrowMemForCausalLM:
 
 
 def without_gate_queries(model: GrowMemForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's weights, the gate queries' rows left out of every in_proj."""
+    """The model's weights, the gate queries' rows left out of every in_proj and the gates' own
+    parameters left out."""
     weights = {}
     for name, value in model.state_dict().items():
+        if name.endswith(GATE_PARAMETERS):
+            continue
         if name.endswith("mixer.in_proj.weight"):
             rows = model.get_submodule(name.removesuffix(".in_proj.weight")).gate_query_rows
             if rows is not None:
@@ -29,11 +36,13 @@ def without_gate_queries(model: GrowMemForCausalLM) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.parametrize("gate_options", [{}, GATE_OPTIONS], ids=["", "gate-parameters"])
 @pytest.mark.parametrize("rule", ["gated_delta", "swla", "titans"])
-def test_aggregations_share_every_other_initial_weight(rule):
-    base = without_gate_queries(build(rule, "none", seed=3))
+def test_aggregations_share_every_other_initial_weight(rule, gate_options):
+    """Also with the gates' own parameters (set for every model: the ungated ones have none)."""
+    base = without_gate_queries(build(rule, "none", seed=3, **gate_options))
     for aggregation in AGGREGATIONS[1:]:
-        model = build(rule, aggregation, seed=3)
+        model = build(rule, aggregation, seed=3, **gate_options)
         weights = without_gate_queries(model)
         assert weights.keys() == base.keys()
         for name, value in weights.items():
@@ -42,6 +51,24 @@ def test_aggregations_share_every_other_initial_weight(rule):
         if layer.gate_query_rows is not None:  # the gate queries are drawn, at the same std
             u = layer.in_proj.weight[layer.gate_query_rows]
             assert 0.015 < u.std().item() < 0.025
+        own = {n for n, _ in layer.named_parameters() if n.endswith(GATE_PARAMETERS)}
+        assert own == (set(GATE_PARAMETERS) if gate_options and layer.uses_u else set())
+        if own:  # at their initial values: τ0, b0, and the summary keys drawn like u
+            assert torch.equal(layer.gate_log_temperature.exp(), torch.full((2,), 5.0))
+            assert torch.equal(layer.gate_online_bias, torch.full((2,), 4.0))
+            assert 0.015 < layer.s_proj.weight.std().item() < 0.025
+            assert not torch.equal(layer.s_proj.weight, u)  # a stream of its own
+
+
+def test_the_gate_parameters_leave_every_other_weight_alone():
+    """A grm model with the gates' own parameters starts as the grm model without them."""
+    plain = build("gated_delta", "grm", seed=4).state_dict()
+    weights = build("gated_delta", "grm", seed=4, **GATE_OPTIONS).state_dict()
+    assert {n for n in weights if n not in plain} == {
+        f"model.layers.{i}.mixer.{p}" for i in range(2) for p in GATE_PARAMETERS
+    }
+    for name, value in plain.items():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_seeds_give_other_weights_and_the_same_seed_the_same():

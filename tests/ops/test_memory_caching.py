@@ -47,6 +47,7 @@ from tests.helpers import (
     assert_close,
     assert_grads_close,
     call_op,
+    make_gate_inputs,
     make_op_inputs,
     outputs_and_grads,
     poison_entries,
@@ -61,6 +62,9 @@ B, H = 2, 2
 TOL64 = 1e-9
 MEMORY_KNOBS = ("chunk_size", "mini_batch", "norm", "max_grad_norm", "eps", "decay_to")
 CACHING_KNOBS = ("aggregation", "segment_size", "segments", "top_k", "init", "summary")
+GATE_KNOBS = ("gate_scale", "gate_norm", "detach_summaries")  # Caching's gate settings
+# make()'s arguments for the gate inputs (temperature, online_bias, summary_keys)
+GATE_INPUT_ARGS = ("temperature", "online_bias", "summary_keys")
 
 
 def deep(rule: str) -> bool:
@@ -82,7 +86,7 @@ def run(inp: OpInputs, *, with_state: bool = True, **kw):
         knobs.pop("chunk_size", None)
     else:
         knobs = {n: x for n, x in knobs.items() if n == "chunk_size"}
-    caching = Caching(**{n: kw.pop(n) for n in (*CACHING_KNOBS, "gate_scale") if n in kw})
+    caching = Caching(**{n: kw.pop(n) for n in (*CACHING_KNOBS, *GATE_KNOBS) if n in kw})
     return memory_caching(
         inp.q,
         inp.k,
@@ -90,7 +94,7 @@ def run(inp: OpInputs, *, with_state: bool = True, **kw):
         inp.u,
         memory=memory_spec(inp.rule, **knobs),
         caching=caching,
-        gates=inp.gates,
+        gates=inp.all_gates,
         init_weights=inp.init_weights,
         initial_state=inp.initial_state if with_state else None,
         **kw,
@@ -151,8 +155,14 @@ def check_fast_vs_reference(inp: OpInputs, **kw):
     agg = kw.get("aggregation", "grm")
     if declared(agg).gated and len(segment_lengths(inp.T, **kw)) > 1:  # the gates matter
         assert g_r["u"] is not None and g_r["u"].abs().sum() > 0
+        for name in inp.gate_inputs:  # and so do their own inputs (but stopped summaries)
+            if name == "summary_keys" and kw.get("detach_summaries"):
+                assert g_r[name] is None, "a gradient through detached summaries"
+            else:
+                assert g_r[name] is not None and g_r[name].abs().sum() > 0, name
     if not declared(agg).gated:
         assert g_r["u"] is None
+        assert all(g_r[name] is None for name in inp.gate_inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +205,7 @@ def _case(rule, agg, init, T, dims=None, with_state=True, normalize_q=None, **kw
     )
     name += (f"-D{dims}" if dims else "") + ("" if with_state else "-no_state")
     name += "" if normalize_q is None else f"-normalize_q{normalize_q}"
-    extra = dict(with_state=with_state)
+    extra = dict(with_state=with_state, **{n: kw.pop(n) for n in GATE_INPUT_ARGS if n in kw})
     if dims is not None:
         extra.update(dk=dims[0], dv=dims[1])
     if normalize_q is not None:
@@ -335,7 +345,40 @@ EXTRA_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("rule", "aggregation", "init", "T", "extra", "kw"), EXTRA_CASES)
+# The gates' options (docs/design.md §3.2), alone and together, on both backends and every
+# gated aggregation, with up to 9 caches (loglinear: buckets of 8 and 1).
+GATE_OPTIONS = [
+    dict(gate_norm="l2"),
+    dict(gate_norm="centered"),
+    dict(gate_norm="centered", summary="sum"),
+    dict(detach_summaries=True),
+    dict(temperature="token", online_bias="token"),
+    dict(summary_keys=True, detach_summaries=True),
+    dict(gate_norm="l2", gate_scale=1.0, temperature="head", online_bias="head", summary_keys=True),
+    dict(gate_norm="centered", temperature="head", online_bias="head", summary_keys=True),
+]
+
+
+def _gate_cases() -> list:
+    """Each of GATE_OPTIONS with each gated aggregation, on a matrix and an MLP memory (two
+    rules of each, alternating), the inits alternating too."""
+    cases = []
+    for j, options in enumerate(GATE_OPTIONS):
+        for a, agg in enumerate(GATED):
+            for rule, T, shift in (("gated_delta", 37, 0), ("titans", 29, 1)):
+                rule = {"gated_delta": "delta", "titans": "dla"}[rule] if j % 2 else rule
+                init = "continuous" if agg == "loglinear" else INITS[(j + a + shift) % 2]
+                knobs = dict(segment_size=4, chunk_size=8, mini_batch=3)
+                cases.append(_case(rule, agg, init, T, **knobs, **options))
+    return cases
+
+
+GATE_CASES = _gate_cases()
+
+
+@pytest.mark.parametrize(
+    ("rule", "aggregation", "init", "T", "extra", "kw"), EXTRA_CASES + GATE_CASES
+)
 def test_fast_matches_reference_more(rule, aggregation, init, T, extra, kw):
     inp = make(rule, T, seed=T + 7, requires_grad=True, **extra)
     check_fast_vs_reference(inp, aggregation=aggregation, init=init, **kw)
@@ -607,13 +650,27 @@ CAUSAL_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize(("aggregation", "init"), AGG_INITS)
-@pytest.mark.parametrize("rule", RULES)
-def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
+# every gate option together (the gate inputs per token, so the future ones differ too)
+ALL_GATES = dict(temperature="token", online_bias="token", summary_keys=True)
+CAUSAL_CASES = [
+    *((rule, agg, init, {}) for rule in RULES for agg, init in AGG_INITS),
+    *(
+        (rule, agg, "continuous", dict(ALL_GATES, gate_norm=norm))
+        for rule in ("gated_delta", "titans")
+        for agg in GATED
+        for norm in ("l2", "centered")
+    ),
+]
+
+
+@pytest.mark.parametrize(("rule", "aggregation", "init", "options"), CAUSAL_CASES)
+def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init, options):
     T, layouts, starts = CAUSAL_LAYOUTS["deep" if deep(rule) else "matrix"]
-    inp, other = make(rule, T, seed=9), make(rule, T, seed=10)
+    gate_inputs = {n: options[n] for n in GATE_INPUT_ARGS if n in options}
+    inp, other = make(rule, T, seed=9, **gate_inputs), make(rule, T, seed=10, **gate_inputs)
+    knobs = {n: x for n, x in options.items() if n not in GATE_INPUT_ARGS}
     for seg in layouts:
-        kw = dict(seg, aggregation=aggregation, init=init, top_k=1)
+        kw = dict(seg, aggregation=aggregation, init=init, top_k=1, **knobs)
         kw.pop("T", None)
         o = run(inp, **kw)
         for t0 in starts:
@@ -623,20 +680,28 @@ def test_future_tokens_do_not_change_past_outputs(rule, aggregation, init):
             assert rel_err(o_mix[:, t0:], o[:, t0:]) > 1e-3
 
 
+@pytest.mark.parametrize("gate_norm", ["none", "centered"])
 @pytest.mark.parametrize("aggregation", GATED)
 @pytest.mark.parametrize("rule", ["gated_delta", "titans"])
-def test_gate_queries_of_one_token_change_only_its_output(rule, aggregation):
-    inp = make(rule, 29, seed=11)
+def test_gate_queries_of_one_token_change_only_its_output(rule, aggregation, gate_norm):
+    """u, and the temperature and online bias, weigh one token's reads only."""
+    inp = make(rule, 29, seed=11, temperature="token", online_bias="token")
     kw = dict(aggregation=aggregation, segments=[7, 12, 10], mini_batch=3, chunk_size=8, top_k=1)
+    kw.update(gate_norm=gate_norm)
     o = run(inp, **kw)
     s = 20
-    u = inp.u.clone()
-    u[:, s] = -3.0 * u[:, s]
-    o2 = run(dataclasses.replace(inp, u=u), **kw)
     keep = [t for t in range(29) if t != s]
-    # (ssc groups tokens by selected cache: other tokens may see round-off only)
-    assert torch.equal(o2[:, keep], o[:, keep]) or rel_err(o2[:, keep], o[:, keep]) < 1e-14
-    assert rel_err(o2[:, s], o[:, s]) > 1e-3
+    for name in ("u", "temperature", "online_bias"):
+        changed = inp.gate_inputs.get(name, inp.u).clone()
+        changed[:, s] = -3.0 * changed[:, s] + (1.0 if name == "online_bias" else 0.0)
+        if name == "u":
+            o2 = run(dataclasses.replace(inp, u=changed), **kw)
+        else:
+            o2 = run(dataclasses.replace(inp, gate_inputs={**inp.gate_inputs, name: changed}), **kw)
+        # (ssc groups tokens by selected cache: other tokens may see round-off only)
+        past = o2[:, keep]
+        assert torch.equal(past, o[:, keep]) or rel_err(past, o[:, keep]) < 1e-14, name
+        assert rel_err(o2[:, s], o[:, s]) > 1e-3, name
 
 
 HEAD = 1  # the head that receives the non-finite entries
@@ -660,10 +725,22 @@ def earlier_grads(inp: OpInputs, s: int, **kw):
     return o.detach(), cache, dict(zip(named, grads, strict=True))
 
 
-def check_poisoned_outputs(o, o_c, names, s, what, reads_u: bool):
+def role(name: str, gated: bool) -> str:
+    """What an input does to the outputs: "read" (q, and for the gated aggregations u, the
+    temperature and the online bias: its token's output), "write" (k, v, the rule's gates, and
+    for the gated aggregations the summary keys: every output from its token on) or "unread"
+    (the gate inputs of an ungated aggregation)."""
+    if name == "q" or (gated and name in ("u", "temperature", "online_bias")):
+        return "read"
+    if name in ("u", *GATE_INPUT_ARGS):
+        return "write" if gated and name == "summary_keys" else "unread"
+    return "write"
+
+
+def check_poisoned_outputs(o, o_c, names, s, what, gated: bool):
     """Row i holds a NaN in input names[i] at token s, head HEAD: earlier outputs and the other
     heads are those of the clean run o_c; a write makes the head's outputs NaN from s on, a
-    read (q, and u where the aggregation reads it) only at s."""
+    read only at s (``role``)."""
     T = o.shape[1]
     # (ssc routes the tokens of all rows and heads together, by the caches they select: a
     # changed selection elsewhere may change the round-off of a token's read)
@@ -671,9 +748,9 @@ def check_poisoned_outputs(o, o_c, names, s, what, reads_u: bool):
     others = [h for h in range(o.shape[2]) if h != HEAD]
     assert_close(o[:, :, others], o_c[:, :, others], 1e-14, f"{what}: another head changed")
     for row, name in enumerate(names):
-        if name == "u" and not reads_u:  # not read: nothing changes
-            assert_close(o[row], o_c[row], 1e-14, f"{what}: an unread u changed the output")
-        elif name in ("q", "u"):  # reads: only their own output
+        if role(name, gated) == "unread":  # nothing changes
+            assert_close(o[row], o_c[row], 1e-14, f"{what}: an unread {name} changed the output")
+        elif role(name, gated) == "read":  # only their own output
             assert o[row, s, HEAD].isnan().all(), f"{what}: NaN {name} not in its output"
             keep = [t for t in range(T) if t != s]
             assert_close(o[row, keep, HEAD], o_c[row, keep, HEAD], 1e-14, f"{what}: {name}")
@@ -689,12 +766,13 @@ def test_non_finite_input_reaches_no_earlier_output(rule, aggregation, init):
     i is poisoned in input i), on both paths; a write leaves the stream's memory NaN."""
     T, s, seg = NAN_LAYOUTS["deep" if deep(rule) else "matrix"]
     kw = dict(aggregation=aggregation, init=init, top_k=1, **seg)
-    names = ["q", "k", "v", "u", *make(rule, 1).gates]
+    names = ["q", "k", "v", "u", *make(rule, 1).gates, *GATE_INPUT_ARGS]
+    gated = declared(aggregation).gated
     for impl in ("chunk", "reference"):
-        clean = make(rule, T, seed=71, b=len(names), requires_grad=True)
+        clean = make(rule, T, seed=71, b=len(names), requires_grad=True, **ALL_GATES)
         o_c, _, grads_c = earlier_grads(clean, s, impl=impl, **kw)
         o, cache, grads = earlier_grads(poison_entries(clean, names, s, HEAD), s, impl=impl, **kw)
-        check_poisoned_outputs(o, o_c, names, s, impl, declared(aggregation).gated)
+        check_poisoned_outputs(o, o_c, names, s, impl, gated)
         for n, grad in grads.items():
             if grad is None:
                 assert grads_c[n] is None
@@ -704,7 +782,7 @@ def test_non_finite_input_reaches_no_earlier_output(rule, aggregation, init):
         if cache is not None:  # the memory of a row with a non-finite write stays NaN
             state = cache.online.last.W1 if deep(rule) else cache.online.state
             corrupt = state[:, HEAD].isnan().flatten(1).all(1)  # [rows]
-            assert corrupt.tolist() == [n not in ("q", "u") for n in names]
+            assert corrupt.tolist() == [role(n, gated) == "write" for n in names]
             assert torch.isfinite(state[:, 1 - HEAD]).all()
 
 
@@ -727,7 +805,7 @@ def test_non_finite_write_poisons_the_stream(rule, aggregation):
     memory's pending tokens are kept as given), the earlier ones those of the clean stream."""
     T, _, seg = NAN_LAYOUTS["deep" if deep(rule) else "matrix"]
     names = ["k", "q", "u", *make(rule, 1).gates]
-    writes = [n not in ("q", "u") for n in names]
+    writes = [role(n, declared(aggregation).gated) == "write" for n in names]
     kw = dict(aggregation=aggregation, top_k=1, **seg)
     clean = make(rule, T, seed=73, b=len(names))
     for s, cut in NAN_STREAMS["deep" if deep(rule) else "matrix"]:
@@ -746,6 +824,35 @@ def test_non_finite_write_poisons_the_stream(rule, aggregation):
                         assert x[row, HEAD].isnan().all(), f"{what}: cached {i}, row {row}"
                     else:
                         assert_close(x[row], x_c[row], 1e-12, f"{what}: cached {i}, row {row}")
+
+
+@pytest.mark.parametrize("aggregation", GATED)
+@pytest.mark.parametrize("rule", ["gated_delta", "titans"])
+def test_every_gate_option_changes_the_outputs(rule, aggregation):
+    """Each gate option set alone changes the outputs, so an option the code dropped would
+    show; detach_summaries changes the gradients only: of the summary keys (none) and of the
+    keys (through the memories only)."""
+    inp = make(rule, 29, seed=23, requires_grad=True, **ALL_GATES)
+    plain_inp = dataclasses.replace(inp, gate_inputs={})
+    kw = dict(aggregation=aggregation, segment_size=4, chunk_size=8, mini_batch=3, top_k=1)
+    o = run(plain_inp, **kw)
+    for name, value in [("gate_norm", "l2"), ("gate_norm", "centered"), ("gate_scale", 1.0)]:
+        assert rel_err(run(plain_inp, **kw, **{name: value}), o) > 1e-3, (name, value)
+    for name in GATE_INPUT_ARGS:
+        one = dataclasses.replace(inp, gate_inputs={name: inp.gate_inputs[name]})
+        assert rel_err(run(one, **kw), o) > 1e-3, name
+    for summarised in (plain_inp, dataclasses.replace(inp, gate_inputs={
+        "summary_keys": inp.gate_inputs["summary_keys"]})):  # fmt: skip
+        leaves = summarised.leaves()
+        o_a, g_a = outputs_and_grads(lambda x=summarised: run(x, **kw), leaves)
+        o_d, g_d = outputs_and_grads(
+            lambda x=summarised: run(x, detach_summaries=True, **kw), leaves
+        )
+        assert torch.equal(o_d, o_a)
+        if summarised.gate_inputs:  # the summary keys reach nothing else
+            assert g_d["summary_keys"] is None and g_a["summary_keys"].abs().sum() > 0
+        else:  # the memories still train the keys
+            assert rel_err(g_d["k"], g_a["k"]) > 1e-3 and g_d["k"].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,27 +969,44 @@ def test_streaming_log_segments_equals_parallel(rule, aggregation, init):
 
 
 @pytest.mark.parametrize(
-    ("rule", "aggregation", "init"),
+    ("rule", "aggregation", "init", "options"),
     [
-        *MATRIX_STREAMS,
-        ("dla", "soup", "continuous"),
-        ("titans", "ssc", "independent"),
-        ("titans", "grm", "continuous"),
-        ("titans", "soup", "independent"),
-        ("dla", "residual", "independent"),
+        *((*case, {}) for case in MATRIX_STREAMS),
+        ("dla", "soup", "continuous", {}),
+        ("titans", "ssc", "independent", {}),
+        ("titans", "grm", "continuous", {}),
+        ("titans", "soup", "independent", {}),
+        ("dla", "residual", "independent", {}),
+        # every gate option, on both backends and every gated aggregation
+        *(
+            (rule, agg, "continuous" if agg == "loglinear" else init, options)
+            for rule, init in (("gated_delta", "independent"), ("titans", "continuous"))
+            for agg in GATED
+            for options in (
+                dict(ALL_GATES, gate_norm="centered", summary="sum"),
+                dict(ALL_GATES, gate_norm="l2", detach_summaries=True, temperature="head"),
+            )
+        ),
     ],
 )
-def test_gradients_through_streaming_equal_parallel(rule, aggregation, init):
+def test_gradients_through_streaming_equal_parallel(rule, aggregation, init, options):
+    """A prefill in pieces, then decode steps: the outputs, the final cache and the gradients
+    of every input equal the parallel run's."""
     T = 29
-    inp = make(rule, T, seed=15, requires_grad=True)
+    gate_inputs = {n: options[n] for n in GATE_INPUT_ARGS if n in options}
+    inp = make(rule, T, seed=15, requires_grad=True, **gate_inputs)
     kw = dict(aggregation=aggregation, init=init, top_k=1, segment_size=4, chunk_size=4)
-    kw.update(mini_batch=3)
-    _, g_par = outputs_and_grads(lambda: run(inp, **kw), inp.leaves(), w_seed=0)
-    _, g_str = outputs_and_grads(
-        lambda: stream_run(inp, [5, 11, 20, *range(21, T)], **kw)[0], inp.leaves(), w_seed=0
-    )  # pieces, then decode steps
+    kw.update(mini_batch=3, **{n: x for n, x in options.items() if n not in GATE_INPUT_ARGS})
+    cuts = [5, 11, 20, *range(21, T)]  # pieces, then decode steps
+    o_par, g_par = outputs_and_grads(lambda: run(inp, **kw), inp.leaves(), w_seed=0)
+    o_str, g_str = outputs_and_grads(lambda: stream_run(inp, cuts, **kw)[0], inp.leaves(), w_seed=0)
+    assert_close(o_str, o_par, 1e-10, "streamed vs parallel: o")
     assert_grads_close(g_str, g_par, 1e-10, "streamed vs parallel:")
-    for name in ("q", "k", "v", *inp.gates):  # the comparison is not vacuous
+    with torch.no_grad():
+        cache_par = run(inp, output_cache=True, **kw)[1]
+        assert_same_cache(stream_run(inp, cuts, **kw)[1], cache_par, 1e-10, "the final cache")
+    detached = "summary_keys" if options.get("detach_summaries") else None
+    for name in ("q", "k", "v", *inp.gates, *(n for n in inp.gate_inputs if n != detached)):
         assert g_par[name].abs().sum() > 0, f"parallel gradient of {name} is zero"
 
 
@@ -1078,6 +1202,10 @@ BAD_INPUTS = {
             ("gate_scale", 0.0),
             ("gate_scale", -0.5),
             ("gate_scale", float("nan")),
+            ("gate_norm", "cosine"),
+            ("gate_norm", None),
+            ("detach_summaries", "yes"),
+            ("detach_summaries", 1),
         ]
     },
     **{
@@ -1119,6 +1247,22 @@ BAD_INPUTS = {
     "u missing soup (titans)": (arg("u"), lambda: _with("titans", "soup", u=None)),
     "u wrong shape": (arg("u"), lambda: _with(u=torch.randn(2, 6, 3, 5))),
     "u wrong rank": (arg("u"), lambda: _with(u=torch.randn(2, 6, 12))),
+    # the gate inputs
+    **{
+        f"{name} {what}": (arg(name), lambda name=name, value=value: _with(gates={name: value}))
+        for name, what, value in [
+            ("temperature", "of other heads", torch.ones(2)),
+            ("temperature", "per batch row", torch.ones(2, 3)),
+            ("temperature", "of another length", torch.ones(2, 5, 3)),
+            ("temperature", "of integers", torch.ones(3, dtype=torch.long)),
+            ("online_bias", "of rank 4", torch.ones(2, 6, 3, 1)),
+            ("online_bias", "a number", 4.0),
+            ("summary_keys", "of another Dk", torch.randn(2, 6, 3, 5)),
+            ("summary_keys", "of rank 3", torch.randn(2, 6, 12)),
+            ("summary_keys", "per head", torch.randn(3, 4)),
+            ("tau", "(no such input)", torch.ones(3)),
+        ]
+    },
     # q, k, v
     "no heads": (
         arg("q"),
@@ -1236,15 +1380,24 @@ def test_good_inputs_of_bad_input_table_run(rule, aggregation):
     if deep(rule):
         o2 = _call(_with(rule, aggregation, initial_state=_state(rule)))
         assert o2.shape == o.shape
-    if not declared(aggregation).gated:  # u is ignored
+    inputs = make_gate_inputs((2, 6, 3, 4), 0, torch.float32, False, "head", "token", True)
+    o3 = _call(_with(rule, aggregation, gates=inputs))
+    if not declared(aggregation).gated:  # u and the gate inputs are ignored
         assert torch.equal(_call(_with(rule, aggregation, u=None)), o)
+        assert torch.equal(o3, o)
+    else:
+        assert o3.shape == o.shape and torch.isfinite(o3).all()
 
 
-def _continue(cache, rule="gated_delta", T=3, dtype=torch.float32, b=2, **changes):
-    """T more tokens of the base call's configuration (with ``changes``) after ``cache``."""
-    inp = make(rule, T, seed=1, b=b, h=3, dk=4, dv=5, dh=16, dtype=dtype, with_state=False)
+def _continue(
+    cache, rule="gated_delta", T=3, dtype=torch.float32, b=2, summary_keys=False, **changes
+):  # fmt: skip
+    """T more tokens of the base call's configuration (with ``changes``, and summary keys
+    when told) after ``cache``."""
+    inp = make(rule, T, seed=1, b=b, h=3, dk=4, dv=5, dh=16, dtype=dtype, with_state=False,
+               summary_keys=summary_keys)  # fmt: skip
     kw = _good(rule)
-    kw.update(q=inp.q, k=inp.k, v=inp.v, u=inp.u, gates=inp.gates, cache=cache)
+    kw.update(q=inp.q, k=inp.k, v=inp.v, u=inp.u, gates=inp.all_gates, cache=cache)
     kw.update(changes)
     return _call(kw)
 
@@ -1264,6 +1417,9 @@ CHANGES = {
         dict(caching=Caching(segment_size=5)),
         dict(caching=Caching(segment_size=4, summary="sum")),
         dict(caching=Caching(segment_size=4, gate_scale=0.3)),
+        dict(caching=Caching(segment_size=4, gate_norm="l2")),
+        dict(caching=Caching(segment_size=4, detach_summaries=True)),
+        dict(summary_keys=True),  # the cache's summaries are of k
         dict(dtype=torch.float64),  # the cache holds float32 states
         dict(rule="delta"),
     ],

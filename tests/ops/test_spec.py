@@ -33,6 +33,7 @@ def test_memory_round_trip(spec):
         Caching("ssc", segment_size=5, top_k=3),
         Caching("loglinear", segments="log"),
         Caching("mean", segments=[3, 4], summary="sum", gate_scale=2),
+        Caching("ssc", gate_scale=1, gate_norm="centered", detach_summaries=True),
     ],
 )
 def test_caching_round_trip(caching):
@@ -41,6 +42,9 @@ def test_caching_round_trip(caching):
 
 def test_defaults_and_gates():
     assert Caching().segment_size == DEFAULT_SEGMENT_SIZE
+    gates = Caching()
+    assert (gates.gate_scale, gates.gate_norm, gates.detach_summaries) == (None, "none", False)
+    assert gates.gate_scale_for(16) == 0.25 and Caching(gate_scale=1).gate_scale_for(16) == 1.0
     assert Caching(segments="log").segment_size is None
     assert Caching(segments=[2, 3]).segments == (2, 3)  # lists from YAML become hashable
     assert MatrixMemory("swla").gates == ("g", "beta", "lam")
@@ -92,6 +96,8 @@ def test_aggregation_table():
         (lambda: Caching(init="reset"), "init must be one of"),
         (lambda: Caching(summary="max"), "summary must be one of"),
         (lambda: Caching(gate_scale=-1.0), "gate_scale must be a positive"),
+        (lambda: Caching(gate_norm="cosine"), "gate_norm must be one of"),
+        (lambda: Caching(detach_summaries="no"), "detach_summaries must be True or False"),
         (lambda: Caching("loglinear", init="independent"), "init='continuous'"),
         (lambda: Caching.from_dict({"segment": 4}), r"Caching has no setting \['segment'\]"),
         (lambda: Caching.from_dict([("top_k", 2)]), "needs a dict"),

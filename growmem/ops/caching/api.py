@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from growmem.ops.aggregations import AGGREGATIONS
@@ -11,6 +9,7 @@ from growmem.ops.caching import matrix, mlp  # noqa: F401  (register the two bac
 from growmem.ops.caching.backend import backend_for
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
 from growmem.ops.caching.core import empty_cache, memory_caching_forward
+from growmem.ops.caching.gates import GATE_INPUTS, GateInputs
 from growmem.ops.caching.legacy import from_keywords
 from growmem.ops.caching.naive import memory_caching_reference
 from growmem.ops.caching.segments import SegmentPlan
@@ -47,7 +46,8 @@ def memory_caching(
     docs/design.md §3: the sequence is cut into segments; the memory runs inside each
     (``caching.init``), each finished segment's final memory M^(i) and key summary c_i are
     cached, and token t of segment s outputs an aggregation of its online memory M^(s)_t(q_t)
-    and of the cached M^(i)(q_t), i < s, gated by r_{t,i} = gate_scale <u_t, c_i>.
+    and of the cached M^(i)(q_t), i < s, gated by r_{t,i} = gate_scale · τ_t · <û_t, ĉ_i>
+    (+ b_t for the online memory; ``ops/caching/gates.py``).
 
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries (required by the
@@ -58,15 +58,19 @@ def memory_caching(
             deep rules the mini-batch grid restarts at every segment start, so the cached
             memories are the MLP weights at segment ends.
         caching: the Memory Caching choices (``Caching``: aggregation, segment_size or
-            segments, top_k, init, summary, gate_scale; default ``Caching()``: grm over
-            segments of 256). Explicit segment lengths must sum to T (to at least the stream's
-            length when streaming). loglinear (Log-Linear++) is grm over logarithmic buckets:
-            a token that sees n finished segments reads them as the binary decomposition of n,
-            oldest and largest first (11 -> buckets of 8, 2, 1 segments), each through the
-            memory at its end.
+            segments, top_k, init, summary, gate_scale, gate_norm, detach_summaries; default
+            ``Caching()``: grm over segments of 256). Explicit segment lengths must sum to T
+            (to at least the stream's length when streaming). loglinear (Log-Linear++) is grm
+            over logarithmic buckets: a token that sees n finished segments reads them as the
+            binary decomposition of n, oldest and largest first (11 -> buckets of 8, 2, 1
+            segments), each through the memory at its end.
         gates: the rule's [B, T, H] gates by name (``memory.gates``): g (log-decay), beta
             (write strength; titans' momentum), lam (swla's current-token weight), eta (the
-            deep rules' inner learning rate).
+            deep rules' inner learning rate); and, optionally, Memory Caching's own gate
+            inputs (read by the gated aggregations, ignored by the others, as u is):
+            temperature τ ([H] or [B, T, H], multiplies the gate logits), online_bias b ([H]
+            or [B, T, H], added to the online memory's logit) and summary_keys ([B, T, H,
+            Dk], summarised instead of k).
         init_weights: the deep rules' learned initial weights (W1 [H, Dv, Dh], W2 [H, Dh, Dk]).
         initial_state: the memory before the first token (new streams only): [B, H, Dv, Dk]
             for a matrix memory, a DeepState of [B, H, ...] tensors for a deep one.
@@ -80,7 +84,8 @@ def memory_caching(
         o [B, T, H, Dv] in q's dtype, or (o, cache) when output_cache is True. A NaN or inf in
         q, k, v, u or a gate never reaches an earlier output: from a non-finite k, v or gate
         on, outputs and the returned cache are NaN; a non-finite q or u spoils its own output
-        only (ops/nonfinite.py).
+        only (ops/nonfinite.py). Among the gate inputs, temperature and online_bias act as u,
+        summary_keys as k.
     """
     if keywords:
         memory, caching, gates = from_keywords(memory, caching, gates, keywords)
@@ -89,7 +94,7 @@ def memory_caching(
         raise TypeError(f"caching must be a Caching, got {type(caching).__name__}")
     backend = backend_for(memory)
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    gates = _check_gate_names(memory, gates)
+    gates, extra_gates = _check_gate_names(memory, gates)
     sizes = backend.check((B, T, H, Dk, Dv), gates, init_weights, initial_state)
     check_choice("impl", impl, ("chunk", "reference"))
     agg = caching.spec
@@ -101,6 +106,9 @@ def memory_caching(
             )
         check_tensor("u", u, 4, "[B, T, H, Dk]")
         check_shape("u", u, (B, T, H, Dk), "[B, T, H, Dk] like q")
+        extra_gates = _check_gate_inputs(extra_gates, B, T, H, Dk)
+    else:  # only the gated aggregations read them (as u)
+        extra_gates = GateInputs()
     if cache is not None and not isinstance(cache, MemoryCache):
         raise ValueError(f"cache must be a MemoryCache, got {type(cache).__name__}")
     streaming = output_cache or cache is not None
@@ -116,7 +124,10 @@ def memory_caching(
         init=caching.init,
         summary=caching.summary,
         top_k=caching.top_k if agg.select == "top_k" else None,  # nothing else reads it
-        gate_scale=1.0 / math.sqrt(Dk) if caching.gate_scale is None else caching.gate_scale,
+        gate_scale=caching.gate_scale_for(Dk),
+        gate_norm=caching.gate_norm,
+        detach_summaries=caching.detach_summaries,
+        summary_keys=extra_gates.summary_keys is not None,
         plan=plan,
         batch_size=B,
         num_heads=H,
@@ -130,12 +141,14 @@ def memory_caching(
     # with this call's, so they count too.
     pending = {} if cache is None else backend.pending(cache.online)
     inputs = (q, k, v, *pending.values()) + ((u,) if agg.gated else ())
+    inputs += tuple(x for x in extra_gates if x is not None)
     tokens = T + (next(iter(pending.values())).shape[1] if pending else 0)
     finite = check_values(inputs if impl == "chunk" and tokens > 1 else (), gates, memory.rule)
 
     if impl == "reference":
+        named = {n: x for n, x in extra_gates._asdict().items() if x is not None}
         o = memory_caching_reference(
-            q, k, v, u, memory=memory, caching=caching, gates=gates,
+            q, k, v, u, memory=memory, caching=caching, gates={**gates, **named},
             init_weights=init_weights, initial_state=initial_state,
         )  # fmt: skip
         return o.to(q.dtype)
@@ -160,26 +173,49 @@ def memory_caching(
             backend,
             init_weights,
             finite=finite,
+            extra_gates=GateInputs(*(None if x is None else x.to(dtype) for x in extra_gates)),
         )
     o = o.to(q.dtype)
     return (o, new_cache) if output_cache else o
 
 
-def _check_gate_names(memory, gates) -> dict[str, torch.Tensor]:
-    """The gates as a dict without None entries; a name the rule does not read is a
-    ValueError naming it (the backend checks the rest)."""
+def _check_gate_names(memory, gates) -> tuple[dict[str, torch.Tensor], GateInputs]:
+    """The rule's gates as a dict without None entries, and Memory Caching's gate inputs; a
+    name that is neither is a ValueError naming it (the backend checks the rule's gates,
+    ``_check_gate_inputs`` the others)."""
     if gates is None:
-        return {}
+        return {}, GateInputs()
     if not isinstance(gates, dict):
         raise ValueError(f"gates must be a dict of [B, T, H] tensors, got {type(gates).__name__}")
     gates = {n: x for n, x in gates.items() if x is not None}
     for name in gates:
-        if name not in memory.gates:
+        if name not in memory.gates and name not in GATE_INPUTS:
             raise ValueError(
-                f"{name} is not used by rule {memory.rule!r} (it reads {list(memory.gates)}); "
-                f"pass no {name}"
+                f"{name} is not used by rule {memory.rule!r} (it reads {list(memory.gates)}; "
+                f"the gated aggregations also take {list(GATE_INPUTS)}); pass no {name}"
             )
-    return gates
+    extra = GateInputs(**{n: gates.pop(n) for n in GATE_INPUTS if n in gates})
+    return gates, extra
+
+
+def _check_gate_inputs(extra: GateInputs, B: int, T: int, H: int, Dk: int) -> GateInputs:
+    """The gate inputs checked, a per-head temperature or online_bias [H] expanded to
+    [B, T, H]."""
+    checked = {}
+    for name in ("temperature", "online_bias"):
+        x = getattr(extra, name)
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            check_tensor(name, x, 1, "[H]")
+            check_shape(name, x, (H,), "[H] (one per head)")
+            x = x.expand(B, T, H)
+        elif x is not None:
+            check_tensor(name, x, 3, "[H] or [B, T, H]")
+            check_shape(name, x, (B, T, H), "[B, T, H]")
+        checked[name] = x
+    if extra.summary_keys is not None:
+        check_tensor("summary_keys", extra.summary_keys, 4, "[B, T, H, Dk]")
+        check_shape("summary_keys", extra.summary_keys, (B, T, H, Dk), "[B, T, H, Dk] like k")
+    return GateInputs(**checked, summary_keys=extra.summary_keys)
 
 
 def _plan(caching: Caching, T: int, cache: MemoryCache | None, streaming: bool) -> SegmentPlan:

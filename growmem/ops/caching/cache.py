@@ -18,10 +18,12 @@ class CachingConfig:
     """Everything a cache must agree on with the call that continues it (its fingerprint).
 
     memory: the memory object (MatrixMemory, DeepMemory: the rule and its knobs); aggregation,
-    init, summary: as in ``Caching``; top_k: ``Caching.top_k`` where the aggregation selects
-    the top k caches, else None (nothing reads it); gate_scale: the resolved scale; plan: the
-    segmentation of the stream; the shapes; memory_sizes: the memory's own sizes (an MLP's
-    hidden size); dtype: of the states (float32, or float64 for float64 inputs).
+    init, summary, gate_norm, detach_summaries: as in ``Caching``; top_k: ``Caching.top_k``
+    where the aggregation selects the top k caches, else None (nothing reads it); gate_scale:
+    the resolved scale; summary_keys: the summaries are of the ``summary_keys`` gate input,
+    not of k; plan: the segmentation of the stream; the shapes; memory_sizes: the memory's own
+    sizes (an MLP's hidden size); dtype: of the states (float32, or float64 for float64
+    inputs).
     """
 
     memory: Any
@@ -30,6 +32,9 @@ class CachingConfig:
     summary: str
     top_k: int | None
     gate_scale: float
+    gate_norm: str
+    detach_summaries: bool
+    summary_keys: bool
     plan: SegmentPlan
     batch_size: int
     num_heads: int
@@ -75,11 +80,12 @@ class MemoryCache:
         cached: the N finished segments' final memories, stacked by the backend (matrix:
             MatrixCached(states [B, H, N, Dk, Dv], total [B, H, Dk, Dv]); MLP: DeepState(W1
             [B, H, N, Dv, Dh], W2 [B, H, N, Dh, Dk])).
-        summaries: [B, H, N, Dk] their key summaries c_i (mean or sum of the segment's keys).
+        summaries: [B, H, N, Dk] their key summaries c_i (mean or sum of the segment's keys, or
+            of its summary keys).
         online: the backend's stream state (matrix: MatrixOnline, the state after the last
             token and swla's last key and value; MLP: DeepOnline, the state at the last
             mini-batch boundary, after the last token, and the tokens after the boundary).
-        key_sum: [B, H, Dk] sum of the keys of the current segment seen so far.
+        key_sum: [B, H, Dk] sum of the keys (summary keys) of the current segment seen so far.
         segment_tokens: how many tokens of the current segment have been seen (>= 1 after a
             call; the segment joins ``cached`` when the next token starts a new one).
         seen_tokens: tokens consumed so far.

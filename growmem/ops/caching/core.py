@@ -21,13 +21,11 @@ outputs, the cached memories and the stream's state recorded after a non-finite 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from growmem.ops.caching.backend import MemoryBackend, Mix, ScanInputs, map_tensors
 from growmem.ops.caching.cache import CachingConfig, MemoryCache
-from growmem.ops.caching.select import log_buckets, select_top_k
+from growmem.ops.caching.gates import GateInputs, cache_gates
 from growmem.ops.nonfinite import NonFiniteGuard, poison
 
 
@@ -114,80 +112,27 @@ def _key_summaries(k, pieces, cache: MemoryCache):
     return torch.cat(sums, 1), torch.cat(counts)
 
 
-def cache_gates(u, summaries, cached_summaries, n_tok, cfg: CachingConfig):
-    """Gates of the cached and online memories from r = gate_scale <u_t, c_i>: the one place
-    the gate logits and γ are computed.
-
-    Args:
-        u: [B, T, H, Dk] gate queries; summaries: [B, T, H, Dk] online (causal) summaries;
-        cached_summaries: [B, H, N, Dk]; n_tok: [T] caches each token sees (None: all N).
-
-    Returns:
-        gamma [B, H, T, K + 1] (softmax over K cached candidates, then the online memory;
-        K = N, or the top_k selected, or the bucket slots of the log buckets), and for routed
-        aggregations the caches read, idx [B, H, T, K] and valid [B, H, T, K] (None when
-        every slot is filled).
-    """
-    N = cached_summaries.shape[2]
-    us = (u * cfg.gate_scale).transpose(1, 2)  # [B, H, T, Dk]
-    score_online = (us * summaries.transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, T, 1]
-    select = cfg.spec.select
-    if select == "log_buckets":
-        return _log_bucket_gates(us, score_online, cached_summaries, n_tok, cfg.summary)
-    scores = us @ cached_summaries.transpose(-1, -2)  # [B, H, T, N]
-    if n_tok is not None:
-        hidden = torch.arange(N, device=u.device)[None, :] >= n_tok[:, None]  # [T, N]
-        scores = scores.masked_fill(hidden, -math.inf)
-    if select is None:
-        return torch.softmax(torch.cat([scores, score_online], -1), -1), None, None
-    top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
-    gamma = torch.softmax(torch.cat([top, score_online], -1), -1)
-    # a token that sees fewer than k caches has empty slots (score -inf, weight 0)
-    valid = None if n_tok is None else torch.isfinite(top)
-    return gamma, idx, valid
-
-
-def _log_bucket_gates(us, score_online, cached_summaries, n_tok, summary: str):
-    """cache_gates for the log buckets: one slot per bucket size (see ``log_buckets``).
-
-    A bucket is read through the memory at its end (with continuous init, the memory of all
-    tokens up to there) and scored by the mean (or, for summary "sum", the sum) of its
-    segments' summaries. Bucket scores come from prefix sums over the cached summaries.
-    """
-    B, H, T, Dk = us.shape
-    N = cached_summaries.shape[2]
-    n_seen = torch.full((T,), N, device=us.device) if n_tok is None else n_tok
-    start, end, valid = log_buckets(n_seen, N.bit_length())  # [T, L] each
-    L = start.shape[1]
-    prefix = torch.cat([cached_summaries.new_zeros(B, H, 1, Dk), cached_summaries.cumsum(2)], 2)
-    at = us @ prefix.transpose(-1, -2)  # [B, H, T, N + 1]: <u_t, Σ_{i<j} c_i>
-    scores = at.gather(-1, end.expand(B, H, T, L)) - at.gather(-1, start.expand(B, H, T, L))
-    if summary == "mean":
-        scores = scores / (end - start).clamp(min=1).to(scores.dtype)
-    scores = scores.masked_fill(~valid, -math.inf)  # [B, H, T, L]
-    gamma = torch.softmax(torch.cat([scores, score_online], -1), -1)
-    idx = (end - 1).clamp(min=0).expand(B, H, T, L)
-    return gamma, idx, valid.expand(B, H, T, L)
-
-
 def memory_caching_forward(
     q, k, v, u, gates: dict, cache: MemoryCache, backend: MemoryBackend, init_weights=None,
-    finite: bool = True,
+    finite: bool = True, extra_gates: GateInputs | None = None,
 ):  # fmt: skip
     """Consume T tokens after ``cache``; returns (o [B, T, H, Dv], the updated cache).
 
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] or None (gate queries);
         gates: the rule's per-token gates ([B, T, H] each), all in the compute dtype.
+        extra_gates: Memory Caching's optional gate inputs (temperature, online_bias [B, T,
+            H]; summary_keys [B, T, H, Dk]), for the gated aggregations only; None: none.
         cache: the state after the earlier tokens (``empty_cache`` for a new stream).
         backend: the memory's backend; init_weights: the memory's learned initial weights.
-        finite: q, k, v, u, the gates and the stream's pending tokens are known to be finite;
-            False runs the guarded path, where a non-finite input never reaches an earlier
-            output.
+        finite: q, k, v, u, the gates (all of them) and the stream's pending tokens are
+            known to be finite; False runs the guarded path, where a non-finite input never
+            reaches an earlier output.
     """
     cfg = cache.config
     agg = cfg.spec
     T = q.shape[1]
+    extra_gates = GateInputs() if extra_gates is None else extra_gates
     cache = _close_open_segment(cache, backend, init_weights)
     t0, n0 = cache.seen_tokens, cache.num_cached
     pieces = cfg.plan.pieces(t0, T)
@@ -198,13 +143,23 @@ def memory_caching_forward(
     pending = backend.pending(cache.online)
     extra = next(iter(pending.values())).shape[1] if pending else 0
     raw = {"k": k, "v": v, **gates}
-    reads = {"q": q, "u": u if agg.gated else None}
+    # τ and b weigh one token's read (like u); the summary keys write the summaries every later
+    # token is gated by (like k)
+    reads = {"q": q, "u": u, "temperature": extra_gates.temperature,
+             "online_bias": extra_gates.online_bias}  # fmt: skip
+    summary_keys = {"summary_keys": extra_gates.summary_keys}
+    if not agg.gated:  # only the gated aggregations read them
+        reads, summary_keys = {"q": q}, {}
     if extra:
         raw = {n: torch.cat([pending[n], x], 1) for n, x in raw.items()}
         reads = {n: None if x is None else _pad_front(x, extra) for n, x in reads.items()}
-    guard = NonFiniteGuard(reads, raw, finite)
+        summary_keys = {
+            n: None if x is None else _pad_front(x, extra) for n, x in summary_keys.items()
+        }
+    guard = NonFiniteGuard(reads, {**raw, **summary_keys}, finite)
     writes = dict(guard.writes)
     k_all, v_all = writes.pop("k"), writes.pop("v")
+    s_all = writes.pop("summary_keys", k_all)  # the vectors summarised
     reset = None if cfg.init == "continuous" else _restart(cache, backend, init_weights)
     scanned = backend.scan(
         ScanInputs(
@@ -212,10 +167,14 @@ def memory_caching_forward(
             keep=agg.keeps_segments, init_weights=init_weights,
         )
     )  # fmt: skip
-    q, k = guard.reads["q"][:, extra:], k_all[:, extra:]
+    q = guard.reads["q"][:, extra:]
     u = guard.reads["u"][:, extra:] if agg.gated else None
+    extra_gates = GateInputs(
+        *(guard.reads[n][:, extra:] if n in guard.reads else None
+          for n in ("temperature", "online_bias"))
+    )  # fmt: skip
 
-    key_sums, counts = _key_summaries(k, pieces, cache)
+    key_sums, counts = _key_summaries(s_all[:, extra:], pieces, cache)
     summaries = summarize(key_sums, counts[None, :, None, None], cfg.summary)  # [B, T, H, Dk]
     cached, cached_summaries = cache.cached, cache.summaries  # what this call reads
     kept, kept_summaries = cached, cached_summaries  # what the stream keeps
@@ -234,7 +193,9 @@ def memory_caching_forward(
             kept_summaries = torch.cat([cache.summaries, poison(ends_summaries, bad)], 2)
     N = cached_summaries.shape[2]
     spans = [(a, b, n0 + p) for p, (a, b) in enumerate(pieces)]  # caches each piece sees
-    o = _aggregate(q, u, summaries, cached, cached_summaries, spans, scanned, backend, cfg, N)
+    o = _aggregate(
+        q, (u, extra_gates), summaries, cached, cached_summaries, spans, scanned, backend, cfg, N
+    )
 
     total = extra + T
     new_cache = MemoryCache(
@@ -252,9 +213,11 @@ def memory_caching_forward(
     return o, new_cache
 
 
-def _aggregate(q, u, summaries, cached, cached_summaries, spans, scanned, backend, cfg, N):
+def _aggregate(q, gate_queries, summaries, cached, cached_summaries, spans, scanned, backend,
+               cfg, N):  # fmt: skip
     """The outputs [B, T, H, Dv]: the online memory's, aggregated with the visible caches'
-    reads as the aggregation's declared properties say."""
+    reads as the aggregation's declared properties say (gate_queries: u and the GateInputs
+    temperature and online_bias)."""
     agg = cfg.spec
     if not agg.keeps_segments or not N:
         return scanned.outputs(None)
@@ -269,7 +232,8 @@ def _aggregate(q, u, summaries, cached, cached_summaries, spans, scanned, backen
         if agg.uniform == "mean":
             o = o / (N + 1 if n_tok is None else (n_tok + 1).to(o.dtype)[None, :, None, None])
         return o
-    gamma, idx, valid = cache_gates(u, summaries, cached_summaries, n_tok, cfg)
+    u, extra_gates = gate_queries
+    gamma, idx, valid = cache_gates(u, summaries, cached_summaries, n_tok, cfg, extra_gates)
     if agg.mixes_parameters and not backend.linear:  # soup: the scan reads the mixed memory
         return scanned.outputs(Mix(gamma, cached, spans))
     # (soup on a linear backend: the read of the mix is the mix of the reads, as grm)

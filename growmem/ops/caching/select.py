@@ -29,24 +29,25 @@ def log_bucket_bounds(n: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def log_bucket_scores(u_t: torch.Tensor, summaries: list, summary: str):
-    """Log-Linear++ for one token, literally (the references' version of ``log_buckets``).
+def log_bucket_summaries(summaries: list, summary: str):
+    """Log-Linear++'s buckets for one token, literally (the references' version of
+    ``log_buckets`` and ``bucket_summaries``).
 
     Args:
-        u_t: [B, H, Dk] scaled gate query; summaries: the cached segments' [B, H, Dk]
-            summaries; summary: "mean" or "sum", how a bucket combines its segments'.
+        summaries: the cached segments' [B, H, Dk] summaries, oldest first (centred ones for
+            gate_norm "centered"); summary: "mean" or "sum", how a bucket combines its
+            segments'.
 
     Returns:
-        scores [B, H, m] of the m buckets, oldest first, and the cache each is read from
+        the m buckets' [B, H, Dk] summaries, oldest first, and the cache each is read from
         (its last segment).
     """
     bounds = log_bucket_bounds(len(summaries))
-    scores = []
+    buckets = []
     for start, end in bounds:
         total = sum(summaries[start:end])
-        c = total / (end - start) if summary == "mean" else total
-        scores.append((u_t * c).sum(-1))
-    return torch.stack(scores, -1), [end - 1 for _, end in bounds]
+        buckets.append(total / (end - start) if summary == "mean" else total)
+    return buckets, [end - 1 for _, end in bounds]
 
 
 def log_buckets(n_seen: torch.Tensor, levels: int):
@@ -69,3 +70,27 @@ def log_buckets(n_seen: torch.Tensor, levels: int):
     end = (n >> level) << level
     start = (n >> (level + 1)) << (level + 1)
     return start, end, (n >> level) & 1 == 1
+
+
+def bucket_summaries(cached: torch.Tensor, summary: str):
+    """The summary of the one log bucket that ends at each cache, for all caches at once.
+
+    Every bucket ``log_buckets`` hands a token ends at a segment e whose lowest set bit is
+    its size (a Fenwick tree): the bucket ending at e (1-based) holds segments
+    [e & (e - 1), e), and its slot reads cache e - 1. So N vectors serve every token.
+
+    Args:
+        cached: [B, H, N, Dk] the cached segments' summaries, oldest first; summary: "mean"
+            or "sum", how a bucket combines its segments'.
+
+    Returns:
+        buckets [B, H, N, Dk] (index e - 1: the bucket ending at segment e) and their sizes
+        [N] (int64).
+    """
+    N = cached.shape[2]
+    end = torch.arange(1, N + 1, device=cached.device)
+    start = end & (end - 1)
+    prefix = torch.cat([torch.zeros_like(cached[:, :, :1]), cached.cumsum(2)], 2)
+    sums = prefix[:, :, end] - prefix[:, :, start]  # [B, H, N, Dk]
+    size = end - start
+    return (sums / size[:, None].to(sums.dtype) if summary == "mean" else sums), size
