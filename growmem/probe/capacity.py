@@ -15,8 +15,9 @@ vector's nearest value among the P values (by cosine) is its own. The variants:
 - ``grm``, ``ssc``: the gated aggregations with the library's gates r_i = gate_scale <u, c_i>
   for a gate query aligned with the query (u = the key), c_i the segment's key summary;
   computed by ``memory_caching`` itself, in float64;
-- with ``normalize_summaries``, also grm and ssc with centred, L2-normalised summaries, a
-  geometry the library does not offer yet (issue 24), computed here by the same formula.
+- with ``normalize_summaries``, also grm and ssc with centred, L2-normalised summaries
+  (``Caching(gate_norm="centered")``; the query is a unit key already), also by
+  ``memory_caching``.
 
 Values are random unit vectors of dimension D (Gaussian, L2-normalised), like the keys: they
 fit any P (one-hot values would need D >= P and change the state's size with P), and the
@@ -137,8 +138,9 @@ def recalled(reads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def gated_mix(
     reads: torch.Tensor, logits: torch.Tensor, aggregation: str, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grm or ssc over given reads and gate logits (docs/design.md §3.3), for summaries the
-    library cannot form; tests/test_probe.py checks it against ``memory_caching``.
+    """grm or ssc over given reads and gate logits (docs/design.md §3.3): the gate weights
+    behind the probe's diagnostics (``memory_caching`` returns only the reads);
+    tests/test_probe.py checks its reads against ``memory_caching``'s.
 
     Args:
         reads: [B, P, N, D] reads of the N - 1 cached memories and, last, the online one.
@@ -162,8 +164,9 @@ def gated_mix(
 
 
 def library_reads(
-    q, k, v, u, *, rule, gates, lengths, aggregation, init, summary, top_k, gate_scale
-):
+    q, k, v, u, *, rule, gates, lengths, aggregation, init, summary, top_k, gate_scale,
+    gate_norm="none",
+):  # fmt: skip
     """``memory_caching``'s outputs for these tokens: the probe's one call of the op.
 
     q, k, u: [B, T, 1, D]; v: [B, T, 1, D]; gates: the rule's [B, T, 1] gates; lengths: the
@@ -176,6 +179,7 @@ def library_reads(
         init=init,
         summary=summary,
         gate_scale=gate_scale,
+        gate_norm=gate_norm,
     )
     return memory_caching(q, k, v, u, memory=MatrixMemory(rule), caching=caching, gates=gates)
 
@@ -250,11 +254,13 @@ def probe_reads(
     gates = {"g": torch.zeros(B, T, 1, dtype=DTYPE), "beta": beta}
     gates = {name: gates[name] for name in RULE_GATES[rule]}
 
-    def library(aggregation: str, gate_scale: float = 1.0, init: str = init) -> torch.Tensor:
+    def library(
+        aggregation: str, gate_scale: float = 1.0, init: str = init, gate_norm: str = "none"
+    ) -> torch.Tensor:
         o = library_reads(
             q, k, v, q, rule=rule, gates=gates, lengths=layout.lengths(),
             aggregation=aggregation, init=init, summary=summary, top_k=top_k,
-            gate_scale=gate_scale,
+            gate_scale=gate_scale, gate_norm=gate_norm,
         )  # fmt: skip
         return o[:, W:, 0]  # [B, P, D] the query tokens' outputs
 
@@ -292,9 +298,10 @@ def probe_reads(
         for aggregation in ("grm", "ssc"):
             for geometry, r in logits.items():
                 name = series_name(aggregation, scale, D, normalized=geometry == "normalized")
-                out, gate_weights[name] = gated_mix(cached, scale * r, aggregation, top_k)
-                # the library's own summaries: the library computes the read
-                reads[name] = library(aggregation, scale) if geometry == "library" else out
+                # the gate weights, for the diagnostics; the library computes the read
+                _, gate_weights[name] = gated_mix(cached, scale * r, aggregation, top_k)
+                gate_norm = "none" if geometry == "library" else "centered"
+                reads[name] = library(aggregation, scale, gate_norm=gate_norm)
                 series[name] = {
                     "description": f"{aggregation} at gate scale {scale:g}, u = the key, "
                     f"summaries {SUMMARY_GEOMETRIES[geometry]}",
@@ -319,7 +326,8 @@ DESCRIPTIONS = {
 }
 SUMMARY_GEOMETRIES = {
     "library": "the library's (mean or sum of the segment's keys), by memory_caching",
-    "normalized": "centred on their mean and L2-normalised, by growmem.probe.gated_mix",
+    "normalized": "centred on their mean and L2-normalised (gate_norm='centered'), by "
+    "memory_caching",
 }
 
 
