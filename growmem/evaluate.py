@@ -73,6 +73,123 @@ def evaluate_mqar(
     return {"accuracy": overall, "slices": rows}
 
 
+def _pair_segments(slice_: MQARSlice, segment_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every labelled value of an MQAR slice: the position of its query (where the value
+    is predicted) and the segment that wrote its pair (the segment of the pair's value token in
+    the context; pairs sit at 2j, 2j+1 so an even segment length never splits one).
+
+    Returns: query positions [M] and pair segments [M] (both flattened over examples), and
+    the example of each [M].
+    """
+    ids, labels = slice_.input_ids, slice_.labels  # [N, T]
+    K = slice_.num_kv_pairs
+    example, value_pos = (labels != -100).nonzero(as_tuple=True)  # [M]
+    query_pos = value_pos - 1
+    keys = ids[example, query_pos]  # [M]
+    context_keys = ids[example, 0 : 2 * K : 2]  # [M, K]
+    j = (context_keys == keys[:, None]).int().argmax(1)  # [M] the pair's index
+    return query_pos, (2 * j + 1) // segment_size, example
+
+
+@torch.no_grad()
+def mqar_gate_routing(
+    model: GrowMemForCausalLM, slices: Sequence[MQARSlice], batch_size: int = 64
+) -> dict[str, Any] | None:
+    """How the gates of a gated Memory Caching model (grm, ssc, soup) route on MQAR.
+
+    Per gated layer, over the tokens that see at least one cache:
+    - ``entropy``: the gate weights' entropy divided by log(number of memories the token
+      weighs), 1 = uniform, 0 = one memory;
+    - ``online_weight``: the mean weight of the online memory;
+    and at the query positions whose pair sits in an earlier segment:
+    - ``right_weight``: the mean weight of the cache of the segment that wrote the queried
+      pair (the oracle of the capacity probe);
+    - ``right_top``: how often that cache has the largest weight;
+    - ``chance``: the mean of 1 / (memories weighed), right_weight under uniform gates.
+
+    Args:
+        model: a model with constant segments (``caching.segment_size``).
+        slices: MQAR test slices.
+    Returns: {"layers": [per gated layer {...}]}, or None for a model without gates.
+    """
+    from growmem.ops.caching.gates import record_gates
+
+    memory = model.config.memory
+    if memory is None or not memory.caching.spec.gated or memory.caching.segments is not None:
+        return None
+    if memory.caching.spec.select == "log_buckets":
+        return None
+    S = memory.caching.segment_size
+    model.eval()
+    device = model_device(model)
+    sums: dict[int, dict[str, float]] = {}
+    for s in slices:
+        query_pos, pair_seg, example = _pair_segments(s, S)
+        for start in range(0, s.input_ids.shape[0], batch_size):
+            ids = s.input_ids[start : start + batch_size]
+            with record_gates() as records:
+                model(input_ids=ids.to(device), use_cache=False)
+            rows = (example >= start) & (example < start + ids.shape[0])
+            for layer, record in enumerate(records):
+                stats = _gate_stats(
+                    record, S, example[rows] - start, query_pos[rows], pair_seg[rows]
+                )
+                total = sums.setdefault(layer, {})
+                for name, value in stats.items():
+                    total[name] = total.get(name, 0.0) + value
+    layers = []
+    for layer in sorted(sums):
+        total = sums[layer]
+        layers.append(
+            {
+                "entropy": total["entropy"] / total["tokens"],
+                "online_weight": total["online_weight"] / total["tokens"],
+                "right_weight": total["right_weight"] / max(total["queries"], 1),
+                "right_top": total["right_top"] / max(total["queries"], 1),
+                "chance": total["chance"] / max(total["queries"], 1),
+            }
+        )
+    return {"layers": layers}
+
+
+def _gate_stats(record, segment_size, example, query_pos, pair_seg) -> dict[str, float]:
+    """Sums behind `mqar_gate_routing` for one recorded call: ``record`` from
+    ``record_gates``; the queries' example (within the batch), position and pair segment."""
+    gamma = record.gamma.float().cpu()  # [B, H, T, K + 1]
+    B, H, T, K1 = gamma.shape
+    n_tok = torch.full((T,), record.num_caches) if record.n_tok is None else record.n_tok.cpu()
+    if record.idx is None:  # candidate i is cache i, visible while i < n_tok
+        idx = torch.arange(K1 - 1).expand(B, H, T, K1 - 1)
+        valid = idx < n_tok[None, None, :, None]
+    else:
+        idx = record.idx.cpu()
+        valid = torch.ones_like(idx, dtype=torch.bool) if record.valid is None else record.valid
+        valid = valid.cpu()
+    weighed = valid.sum(-1) + 1  # [B, H, T] memories each token weighs
+    seen = n_tok >= 1  # [T]
+    plogp = torch.where(gamma > 0, gamma * gamma.clamp_min(1e-30).log(), torch.zeros(()))
+    entropy = -plogp.sum(-1) / weighed.clamp_min(2).float().log()  # [B, H, T]
+    stats = {
+        "tokens": float(seen.sum()) * B * H,
+        "entropy": float(entropy[..., seen].sum()),
+        "online_weight": float(gamma[..., -1][..., seen].sum()),
+    }
+    cached = pair_seg < query_pos // segment_size  # the pair is in a cache, not online
+    b, t, right = example[cached], query_pos[cached], pair_seg[cached]  # [M]
+    g = gamma[b, :, t]  # [M, H, K + 1]
+    hit = (idx[b, :, t] == right[:, None, None]) & valid[b, :, t]  # [M, H, K]
+    right_weight = (g[..., :-1] * hit).sum(-1)  # [M, H]
+    top = g.argmax(-1)  # [M, H]
+    right_top = hit.gather(-1, top.clamp_max(K1 - 2)[..., None])[..., 0] & (top < K1 - 1)
+    stats.update(
+        queries=float(right.numel() * H),
+        right_weight=float(right_weight.sum()),
+        right_top=float(right_top.sum()),
+        chance=float((1.0 / weighed[b, :, t].float()).sum()),
+    )
+    return stats
+
+
 @torch.no_grad()
 def evaluate_niah(
     model: GrowMemForCausalLM,

@@ -20,7 +20,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah
+from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, mqar_gate_routing
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import IGNORE_INDEX
 from growmem.training.checkpoint import (
@@ -170,7 +170,9 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
     """The periodic evaluation of the run's task."""
     task, bf16 = config.task, config.train.bf16
     if isinstance(task, MQARTask):
-        return evaluate_mqar(model, data.mqar_test, bf16=bf16)
+        result = evaluate_mqar(model, data.mqar_test, bf16=bf16)
+        routing = mqar_gate_routing(model, data.mqar_test)  # None without gates
+        return result if routing is None else {**result, "gates": routing}
     if isinstance(task, LMTask):
         return evaluate_lm(model, data.lm_eval, max_blocks=task.eval_blocks, bf16=bf16)
     return evaluate_niah(

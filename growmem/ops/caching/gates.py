@@ -23,6 +23,8 @@ learnable per-head parameters); ``Caching.detach_summaries`` puts a stop-gradien
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -51,6 +53,56 @@ class GateInputs(NamedTuple):
 
 
 GATE_INPUTS = GateInputs._fields
+
+
+class GateRecord(NamedTuple):
+    """The gate weights of one ``cache_gates`` call, detached (see `record_gates`).
+
+    gamma: [B, H, T, K + 1] (the K candidates, then the online memory); idx: [B, H, T, K] the
+    cache each candidate is (None: candidate i is cache i); valid: [B, H, T, K] filled slots
+    (None: all); n_tok: [T] caches token t sees (None: all N); num_caches: N.
+    """
+
+    gamma: torch.Tensor
+    idx: torch.Tensor | None
+    valid: torch.Tensor | None
+    n_tok: torch.Tensor | None
+    num_caches: int
+
+
+_recorders: list[list[GateRecord]] = []
+
+
+@contextmanager
+def record_gates() -> Iterator[list[GateRecord]]:
+    """Collect the gate weights of every gated Memory Caching call made inside the block, in
+    call order (one per gated layer and forward), for diagnostics such as gate entropy and
+    routing (growmem.evaluate.mqar_gate_routing). Recording detaches; outside the block
+    nothing is kept.
+
+    Yields: the list the records are appended to.
+    """
+    records: list[GateRecord] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def _recorded(gamma, idx, valid, n_tok, num_caches):
+    """``(gamma, idx, valid)``, recorded first when a `record_gates` block is open."""
+    if _recorders:
+        record = GateRecord(
+            gamma.detach(),
+            None if idx is None else idx.detach(),
+            valid,
+            n_tok,
+            num_caches,
+        )
+        for records in _recorders:
+            records.append(record)
+    return gamma, idx, valid
 
 
 def cache_gates(
@@ -94,17 +146,18 @@ def cache_gates(
         idx = (end - 1).clamp(min=0).expand(B, H, T, L)
         slots = scores.gather(-1, idx).masked_fill(~valid, -math.inf)  # [B, H, T, L]
         gamma = torch.softmax(torch.cat([slots, score_online], -1), -1)
-        return gamma, idx, valid.expand(B, H, T, L)
+        return _recorded(gamma, idx, valid.expand(B, H, T, L), n_tok, N)
     if n_tok is not None:
         hidden = torch.arange(N, device=u.device)[None, :] >= n_tok[:, None]  # [T, N]
         scores = scores.masked_fill(hidden, -math.inf)
     if select is None:
-        return torch.softmax(torch.cat([scores, score_online], -1), -1), None, None
+        gamma = torch.softmax(torch.cat([scores, score_online], -1), -1)
+        return _recorded(gamma, None, None, n_tok, N)
     top, idx = select_top_k(scores, min(cfg.top_k, N))  # [B, H, T, k]
     gamma = torch.softmax(torch.cat([top, score_online], -1), -1)
     # a token that sees fewer than k caches has empty slots (score -inf, weight 0)
     valid = None if n_tok is None else torch.isfinite(top)
-    return gamma, idx, valid
+    return _recorded(gamma, idx, valid, n_tok, N)
 
 
 def _logits(us, online, cached, n_tok, cfg: CachingConfig, buckets: bool):
