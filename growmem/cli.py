@@ -93,7 +93,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, plot_results
+    from growmem.evaluate import (
+        evaluate_lm,
+        evaluate_mqar,
+        evaluate_niah,
+        mqar_gate_routing,
+        plot_results,
+    )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.models.model_spec import spec_of
     from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
@@ -138,6 +144,8 @@ def cmd_eval(args) -> int:
     task_name = args.task or run.task.name
     if args.kv_pairs and task_name != "mqar":
         raise ValueError(f"--kv-pairs applies to the mqar task, not {task_name}")
+    if args.data_seed is not None and task_name == "lm":
+        raise ValueError("--data-seed applies to the mqar and niah tasks, not lm")
     task = run.task if task_name == run.task.name else TASK_TYPES[task_name]()
     tokenizer = None
     if task_name in ("niah", "lm"):
@@ -164,6 +172,7 @@ def cmd_eval(args) -> int:
             f"{config.max_position_embeddings}"
         )
     out = ensure_folder(args.out or folder, "--out")
+    data_seed = run.train.seed if args.data_seed is None else args.data_seed
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if task_name == "mqar":
         if lengths:
@@ -172,7 +181,11 @@ def cmd_eval(args) -> int:
             task = dataclasses.replace(task, test_num_kv_pairs=args.kv_pairs)
         if task.vocab_size != config.vocab_size:
             raise ValueError(f"MQAR vocab {task.vocab_size} != model vocab {config.vocab_size}")
-        results = evaluate_mqar(model, mqar_data(task, run.train.seed).mqar_test)
+        slices = mqar_data(task, data_seed).mqar_test
+        results = evaluate_mqar(model, slices)
+        routing = mqar_gate_routing(model, slices)  # None without gates
+        if routing is not None:
+            results["gates"] = routing
     elif task_name == "niah":
         results = evaluate_niah(
             model,
@@ -180,7 +193,7 @@ def cmd_eval(args) -> int:
             variant=task.variant,
             lengths=lengths or task.eval_lengths or [task.seq_len * m for m in (1, 2, 4, 8)],
             num_examples=task.num_eval_examples,
-            seed=run.train.seed,
+            seed=data_seed,
             haystack=task.haystack,
         )
     else:
@@ -271,6 +284,13 @@ def build_parser() -> Parser:
         metavar="SEGMENT",
         help="read the memory through Memory Caching at inference only: the model's spec "
         "becomes RULE+mean@SEGMENT (uniform mean over segments of SEGMENT tokens)",
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int_at_least(0),
+        help="mqar, niah: generator seed of the evaluation examples (default: the run's "
+        "seed, whose test stream is disjoint from its training stream); a seed no training "
+        "used gives every model the same held-out examples",
     )
     p.add_argument(
         "--max-blocks", type=int_at_least(0), default=0, help="lm: blocks to score (0: task's)"

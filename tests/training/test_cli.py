@@ -141,6 +141,26 @@ def test_eval_kv_pairs_keeps_the_slices_that_fit(mqar_run, tmp_path, capsys):
     assert "--kv-pairs applies to the mqar task" in capsys.readouterr().err
 
 
+def test_eval_data_seed_draws_other_examples(mqar_run, tmp_path, capsys, monkeypatch):
+    import growmem.evaluate
+
+    seen = []
+    real = growmem.evaluate.evaluate_mqar
+
+    def spy(model, slices, **kwargs):
+        seen.append(torch.cat([s.input_ids for s in slices]))
+        return real(model, slices, **kwargs)
+
+    monkeypatch.setattr(growmem.evaluate, "evaluate_mqar", spy)
+    model = mqar_run / "model"
+    for seed in ([], ["--data-seed", "1000"], ["--data-seed", "1000"]):
+        assert main(["eval", str(model), *seed, "--out", str(tmp_path)]) == 0
+    default, held_out, again = seen
+    assert not torch.equal(default, held_out) and torch.equal(held_out, again)
+    assert main(["eval", str(model), "--task", "lm", "--data-seed", "3"]) == 2
+    assert "--data-seed applies to the mqar and niah tasks" in capsys.readouterr().err
+
+
 def test_eval_of_a_checkpoint_folder(mqar_run, tmp_path):
     folder = mqar_run / "checkpoints" / (mqar_run / "checkpoints" / "latest").read_text().strip()
     assert main(["eval", str(folder), "--out", str(tmp_path)]) == 0
