@@ -328,6 +328,10 @@ def _train_in(
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     step = start_step
+    if settings.eval_every and start_step == 0:  # the curves start at the initial model
+        if env.main:
+            log({"step": 0, "eval": evaluate_run(model, data, config)})
+        env.barrier()
     window_tokens, window_start = 0, time.perf_counter()
     try:
         for step in range(start_step, settings.steps):

@@ -139,7 +139,7 @@ class TrainSettings:
         grad_clip: max global gradient norm (0: off).
         bf16: bfloat16 autocast for the forward (memory states stay fp32).
         seed: model init and data order.
-        eval_every: steps between evaluations (0: only at the end).
+        eval_every: steps between evaluations, the first before training (0: only at the end).
         log_every: steps between metric lines.
         checkpoint_every: steps between checkpoints (0: only at the end).
         keep_checkpoints: most recent checkpoints kept.
