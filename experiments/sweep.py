@@ -328,6 +328,9 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
         "tokens_per_s": sum(m["tokens_per_s"] for m in train_lines) / len(train_lines),
         "eval": json.loads((out / "model" / "eval.json").read_text()),
         "evals": evals,
+        # the evaluations during training (step 0 is the initial model): learning curves, and
+        # for gated models the gates' routing over training
+        "history": [m for m in metrics if "eval" in m],
     }
     return write_json(result_path(experiment, cell, seed), result)
 

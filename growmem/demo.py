@@ -1,9 +1,14 @@
-"""The MQAR demo: does Memory Caching change how much a recurrent model can recall?
+"""The MQAR demo: where a recurrent state is too small for what the context holds, does Memory
+Caching give the recall back?
 
-Trains Transformer++, gated_delta, gated_delta+grm and gated_delta+ssc on the ``mqar`` task base
-(``growmem train mqar --model SPEC``, ``--jobs`` trainings at a time, one thread each), then
-prints the accuracy of each model per number of key-value pairs and plots it. Runs whose model
-folder exists are not retrained, so an interrupted demo continues where it stopped.
+First the capacity probe (no training, seconds): how many key-value pairs an 8-dimensional
+delta-rule memory recalls, and how many an oracle that reads the right segment's cached memory
+would. Then it trains gated_delta and gated_delta+grm on the ``mqar_capacity`` task base (2
+heads of 8 dimensions, 64 tokens, 2-16 pairs; ``growmem train mqar_capacity --model SPEC``,
+``--jobs`` trainings at a time, one thread each), and prints each model's accuracy per number
+of pairs on held-out examples next to the probe, with how grm's gates route, and plots it.
+Runs whose model folder exists are not retrained, so an interrupted demo continues where it
+stopped.
 
     python -m growmem.demo [--out runs/demo] [--jobs 2] [--set section.key=value ...]
 """
@@ -24,16 +29,17 @@ import matplotlib.pyplot as plt
 
 from growmem.cli import Parser, int_at_least, resolve_config
 from growmem.models.model_spec import ModelSpec
+from growmem.probe.capacity import capacity_probe
 from growmem.training.config import load_config
 
-TASK = "mqar"
+TASK = "mqar_capacity"
 # table label: model spec
 MODELS = {
-    "Transformer++": "transformer",
     "gated_delta": "gated_delta",
     "gated_delta+grm": "gated_delta+grm",
-    "gated_delta+ssc": "gated_delta+ssc",
 }
+# draws of the probe per number of pairs
+PROBE_DRAWS = 50
 
 
 def run_folder(root: Path, spec: str) -> Path:
@@ -56,16 +62,19 @@ def launch(spec: str, out: Path, overrides: list[str]) -> subprocess.Popen:
     return process
 
 
-def check_overrides(root: Path, overrides: list[str]) -> None:
+def check_overrides(root: Path, overrides: list[str]) -> dict:
     """Load every model's config with ``overrides`` as its training will (before anything
     starts).
 
+    Returns: {table label: RunConfig}.
     Raises:
         ValueError: an override that a model's config refuses.
     """
-    for spec in MODELS.values():
+    configs = {}
+    for name, spec in MODELS.items():
         out = f"train.out_dir={run_folder(root, spec)}"
-        load_config(resolve_config(TASK), [*overrides, out], model=spec)
+        configs[name] = load_config(resolve_config(TASK), [*overrides, out], model=spec)
+    return configs
 
 
 def _last_line(path: Path) -> str:
@@ -111,30 +120,84 @@ def run_all(root: Path, jobs: int, overrides: list[str]) -> None:
             process.log.close()
 
 
-def report(root: Path) -> Path:
-    """Print the accuracy table and write the plot; returns the PNG's path."""
+def probe(config) -> dict:
+    """The capacity probe in the task's layout: the model's head size, one pair per 2 tokens
+    (a key, then a value that writes nothing more), its segment length, the test slices'
+    pairs. Returns {"base": [recall per P], "oracle": [...]}."""
+    memory = config.model["memory"]
+    D = config.model.get("head_dim") or config.model["hidden_size"] // config.model["num_heads"]
+    payload = capacity_probe(
+        head_dim=D,
+        segment_size=memory["caching"]["segment_size"],
+        pairs=sorted(set(config.task.test_num_kv_pairs)),
+        draws=PROBE_DRAWS,
+        filler=1,
+        seed=config.train.seed,
+    )
+    series = {e["name"]: e["recall"] for e in payload["series"]}
+    return {"pairs": payload["pairs"], "head_dim": D, **{n: series[n] for n in ("base", "oracle")}}
+
+
+def _routing_line(name: str, result: dict) -> str | None:
+    """One line on how a gated model's gates route (from its evaluation's ``gates``)."""
+    if "gates" not in result:
+        return None
+    parts = [
+        f"layer {i}: entropy {g['entropy']:.2f}, weight on the queried pair's cache "
+        f"{g['right_weight']:.2f} (uniform: {g['chance']:.2f}), largest in {g['right_top']:.0%}"
+        for i, g in enumerate(result["gates"]["layers"])
+    ]
+    return f"{name} gates: " + "; ".join(parts)
+
+
+def report(root: Path, configs: dict) -> Path:
+    """Print the accuracy table next to the probe and write the plot; returns the PNG's
+    path."""
     results = {
         name: json.loads((run_folder(root, spec) / "model" / "eval.json").read_text())
         for name, spec in MODELS.items()
     }
-    pairs = [s["num_kv_pairs"] for s in next(iter(results.values()))["slices"]]
-    seq_len = next(iter(results.values()))["slices"][0]["seq_len"]
-    header = f"MQAR accuracy at seq_len {seq_len}, by number of key-value pairs"
+    config = next(iter(configs.values()))
+    expected = probe(config)
+    first = next(iter(results.values()))
+    pairs = [s["num_kv_pairs"] for s in first["slices"]]
+    seq_len = first["slices"][0]["seq_len"]
+    D = expected["head_dim"]
+    header = (
+        f"MQAR with a state too small for the pairs: {config.model['num_heads']} heads of {D} "
+        f"dimensions, {seq_len} tokens"
+    )
     print("\n" + header)
-    print(f"| model | {' | '.join(str(p) for p in pairs)} | all |")
-    print(f"|---|{'---|' * (len(pairs) + 1)}")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    print(
+        "probe: no training, random unit keys written into a D x D memory; trained: accuracy of "
+        "the value predictions on held-out examples"
+    )
+    columns = ["probe: base memory", "probe: oracle cache", *results]
+    print(f"| pairs | {' | '.join(columns)} |")
+    print(f"|---|{'---|' * len(columns)}")
+    by_pairs = {P: i for i, P in enumerate(expected["pairs"])}
+    for i, P in enumerate(pairs):
+        cells = [f"{expected['base'][by_pairs[P]]:.2f}", f"{expected['oracle'][by_pairs[P]]:.2f}"]
+        cells += [f"{r['slices'][i]['accuracy']:.3f}" for r in results.values()]
+        print(f"| {P} | {' | '.join(cells)} |")
+    overall = " | ".join(f"{r['accuracy']:.3f}" for r in results.values())
+    print(f"| all | - | - | {overall} |")
     for name, result in results.items():
-        accuracy = [s["accuracy"] for s in result["slices"]]
-        cells = " | ".join(f"{a:.3f}" for a in accuracy)
-        print(f"| {name} | {cells} | {result['accuracy']:.3f} |")
-        ax.plot(pairs, accuracy, "o-", label=name)
+        line = _routing_line(name, result)
+        if line:
+            print(line)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    probe_pairs = expected["pairs"]
+    ax.plot(probe_pairs, expected["base"], "k:", marker=".", label="probe: base memory")
+    ax.plot(probe_pairs, expected["oracle"], "k--", marker=".", label="probe: oracle cache")
+    for name, result in results.items():
+        ax.plot(pairs, [s["accuracy"] for s in result["slices"]], "o-", label=f"trained {name}")
     ax.set_xlabel("key-value pairs")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("recall / accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(header, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = root / "mqar_demo.png"
     fig.savefig(path, dpi=110)
@@ -152,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override the mqar task base for every model, e.g. --set train.steps=100",
+        help="override the mqar_capacity task base for every model, e.g. --set train.steps=100",
     )
     args = parser.parse_args(argv)
     root = Path(args.out)
     start = time.time()
     try:
-        check_overrides(root, args.set)
+        configs = check_overrides(root, args.set)
         run_all(root, args.jobs, args.set)
     except (ValueError, OSError) as error:
         print(f"growmem demo: error: {error}", file=sys.stderr)
@@ -166,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         print(f"growmem demo: error: {error}", file=sys.stderr)
         return 1
-    report(root)
+    report(root, configs)
     print(f"demo took {time.time() - start:.0f} s")
     return 0
 

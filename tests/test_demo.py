@@ -1,5 +1,5 @@
-"""growmem.demo end to end with tiny settings: trains the four models, prints the table,
-writes the plot, and a rerun reuses the finished runs; bad overrides and failed trainings."""
+"""growmem.demo end to end with tiny settings: trains the models, prints the table next to the
+probe, writes the plot, and a rerun reuses the finished runs; bad overrides and failed trainings."""
 
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ def test_demo_trains_reports_and_reuses_runs(tmp_path, capsys):
     assert demo.main(args) == 0
     out = capsys.readouterr().out
     for name in demo.MODELS:
-        assert f"| {name} | " in out
         assert f"training {name}" in out
-    assert "| model | 4 | 8 | 12 | 16 | all |" in out
+    assert (
+        "| pairs | probe: base memory | probe: oracle cache | gated_delta | gated_delta+grm |"
+        in out
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 16 | ")]
+    base, oracle = (float(x) for x in rows[0].split(" | ")[1:3])
+    assert 0 < base < oracle <= 1  # 16 pairs overflow an 8 x 8 memory; the right cache holds 4
+    assert "gated_delta+grm gates: layer 0: entropy" in out
     assert (tmp_path / "mqar_demo.png").stat().st_size > 0
     assert demo.main(args) == 0  # everything trained: nothing is retrained
-    assert "training" not in capsys.readouterr().out
+    assert not [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("training")
+    ]
 
 
 def test_bad_override_is_refused_before_any_training(tmp_path, capsys):
@@ -52,7 +60,7 @@ def test_a_failed_training_stops_the_others(tmp_path, capsys, monkeypatch):
     def fake_launch(spec, out, overrides):
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "train.log", "a")  # noqa: SIM115 -- closed by run_all
-        if spec == demo.MODELS["Transformer++"]:
+        if spec == demo.MODELS["gated_delta"]:
             code = "print('growmem train: error: out of ideas'); raise SystemExit(2)"
         else:
             code = "import time; time.sleep(120)"
@@ -64,6 +72,6 @@ def test_a_failed_training_stops_the_others(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "launch", fake_launch)
     assert demo.main(["--out", str(tmp_path), "--jobs", "2"]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("growmem demo: error: training Transformer++ failed")
+    assert error.startswith("growmem demo: error: training gated_delta failed")
     assert "(growmem train: error: out of ideas)" in error
     assert len(started) == 2 and started[1].poll() is not None  # stopped, not left running
