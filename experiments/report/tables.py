@@ -285,9 +285,14 @@ class CostRow:
     experiment: str
     models: int
     seeds: int
+    cells: int  # (model, seed) results
     cell_minutes: float
     longest_cell: str
     longest_minutes: float
+
+    @property
+    def minutes_per_cell(self) -> float:
+        return self.cell_minutes / self.cells
 
     @property
     def wall_minutes(self) -> float:
@@ -309,6 +314,7 @@ def cost_row(experiment: str, runs: dict[str, list[dict]]) -> CostRow:
         experiment=experiment,
         models=len(runs),
         seeds=len({r["seed"] for results in runs.values() for r in results}),
+        cells=sum(len(results) for results in runs.values()),
         cell_minutes=sum(sum(v) for v in minutes.values()),
         longest_cell=longest,
         longest_minutes=max(minutes[longest]),
