@@ -62,16 +62,20 @@ def capacity_curves(path: Path, runs: dict[str, list[dict]], accuracy: list[str]
     against step for the models ``accuracy``, and layer 0's normalised gate entropy against
     step for the models ``gated``."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.get_cmap("tab10")
-    for i, model in enumerate(accuracy):
-        steps, values = curve(runs[model], lambda e: e["accuracy"])
-        left.plot(steps, values, ".-", color=colors(i % 10), label=model)
-    for i, model in enumerate(gated):
-        steps, values = curve(runs[model], lambda e: e["gates"]["layers"][0]["entropy"])
-        right.plot(steps, values, ".-", color=colors(i % 10), label=model)
+    palette = plt.get_cmap("tab10")
+    color = {m: palette(i % 10) for i, m in enumerate(runs)}  # a model's colour in both panels
+    for ax, models, metric in (
+        (left, accuracy, lambda e: e["accuracy"]),
+        (right, gated, lambda e: e["gates"]["layers"][0]["entropy"]),
+    ):
+        for model in models:
+            steps, values = curve(runs[model], metric)
+            if steps:  # results without a history (the sweep's first cells) have no curve
+                seeds = sum("history" in r for r in runs[model])
+                ax.plot(steps, values, ".-", color=color[model], label=f"{model} ({seeds})")
     left.axhline(1 / 32, color="grey", ls=":", lw=1)
     left.set_ylabel("accuracy (all pairs)")
-    left.set_title("learning curves (the run's own test examples)", fontsize=9)
+    left.set_title("learning curves (the run's own test examples; seeds in brackets)", fontsize=9)
     right.set_ylabel("gate entropy, layer 0 (1 = uniform)")
     right.set_title("routing over training", fontsize=9)
     for ax in (left, right):

@@ -129,13 +129,13 @@ def crossed_footnote(trained_pairs: int) -> str:
     )
 
 
-def unfinished(experiment: str, runs: dict, missing: list[str]) -> list[str]:
-    """Lines naming models with fewer than 3 seeds and models without any result."""
+def unfinished(experiment: str, runs: dict, missing: list[str], seeds: int = 3) -> list[str]:
+    """Lines naming models with fewer than ``seeds`` seeds and models without any result."""
     lines = []
-    few = [m for m, results in runs.items() if len(results) < 3]
+    few = [m for m, results in runs.items() if len(results) < seeds]
     if few:
         lines.append(
-            f"\nFewer than 3 seeds so far for {len(few)} of {len(runs)} models (the seeds "
+            f"\nFewer than {seeds} seeds so far for {len(few)} of {len(runs)} models (the seeds "
             f"column); `python -m experiments.sweep {experiment}` finishes them."
         )
     if missing:

@@ -26,6 +26,12 @@ def _paired(p) -> str:
     )
 
 
+def _verdict(verdict: v.Verdict) -> str:
+    if verdict is v.Verdict.INCONCLUSIVE:
+        return f"inconclusive (fewer than {v.MIN_PAIRED_SEEDS} paired seeds)"
+    return verdict.value
+
+
 def capacity_finding(item) -> str:
     """One finding of ``verdicts.capacity_claims`` as the clause of its claim's line."""
     if isinstance(item, v.CapacityLift):
@@ -42,20 +48,20 @@ def capacity_finding(item) -> str:
                 )
         if item.verdict is v.Verdict.NOT_TESTABLE:
             return text + ": not testable (no model, Transformer++ included, left chance)"
-        return f"{text}: {item.verdict.value}"
+        return f"{text}: {_verdict(item.verdict)}"
     if isinstance(item, v.CapacityGate):
-        return f"{item.gain.model} vs {item.gain.reference}: {_paired(item.gain)}: " + (
-            item.verdict.value
-        )
+        gain = item.gain
+        return f"{gain.model} vs {gain.reference}: {_paired(gain)}: {_verdict(item.verdict)}"
     if isinstance(item, v.CapacityKeep):
         base = item.grm.reference
         if item.kept is None:
-            return f"{item.grm.model} gains nothing over {base} ({_paired(item.grm)}): not testable"
+            nothing = f"{item.grm.model} gains nothing over {base} ({_paired(item.grm)})"
+            return f"{nothing}: {_verdict(item.verdict)}"
         share = "ssc gains more than grm" if item.kept > 1 else f"keeps {item.kept:.0%}"
         return (
             f"gain over {base}: {item.ssc.model} {item.ssc.difference:+.3f} (higher in "
             f"{item.ssc.better}/{len(item.ssc.seeds)} seeds), {item.grm.model} "
-            f"{item.grm.difference:+.3f} ({share}): {item.verdict.value}"
+            f"{item.grm.difference:+.3f} ({share}): {_verdict(item.verdict)}"
         )
     raise TypeError(f"no rendering for {type(item).__name__}")
 
@@ -174,7 +180,8 @@ def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm) -> list[str]:
         "Claims 1-3 are judged on `mqar_capacity` first (held-out accuracy, seeds paired; "
         f"reproduced: a mean gain above the margin ({v.LIFT_MARGIN} for claim 1, "
         f"{v.GATE_MARGIN} for claim 2) that holds in at least {float(v.SEED_SHARE):.0%} of "
-        "the seeds; partly: a mean gain that holds in fewer).",
+        "the seeds; partly: a mean gain that holds in fewer; claim 3: ssc's mean gain over the "
+        "base at least half of grm's).",
         "",
     ]
     for claim, items in claims_1_3.items():

@@ -41,6 +41,8 @@ LM_MARGIN = 0.01  # LM (bits per byte)
 # Share of the paired seeds in which a difference must hold for a paired claim to count as
 # reproduced (4 of 5 seeds); a mean difference with fewer seeds is partly reproduced.
 SEED_SHARE = Fraction(4, 5)
+# Fewer paired seeds than this leave a paired claim inconclusive, whatever the difference.
+MIN_PAIRED_SEEDS = 3
 # LM blocks shorter than this leave a long-context gain no room to show (a few caches a block):
 # the LM claim is not testable on them, whatever the loss difference.
 LM_MIN_BLOCK = 2048
@@ -184,7 +186,10 @@ def claims_1_to_3(views: list[tuple[str, dict[str, dict[int, float]]]]) -> dict[
 
 def paired_verdict(found: Paired, margin: float) -> Verdict:
     """REPRODUCED when the model beats the reference by more than ``margin`` on average and in
-    at least SEED_SHARE of the seeds; PARTLY when on average only; else NOT_REPRODUCED."""
+    at least SEED_SHARE of the seeds; PARTLY when on average only; else NOT_REPRODUCED;
+    INCONCLUSIVE on fewer than MIN_PAIRED_SEEDS seeds."""
+    if len(found.seeds) < MIN_PAIRED_SEEDS:
+        return Verdict.INCONCLUSIVE
     if found.difference <= margin:
         return Verdict.NOT_REPRODUCED
     held = found.better >= SEED_SHARE * len(found.seeds)
@@ -268,6 +273,8 @@ def capacity_claims(scores: Scores) -> dict[int, list]:
         if grm_gain.difference > GATE_MARGIN:
             kept = ssc_gain.difference / grm_gain.difference
         verdict = Verdict.NOT_TESTABLE if kept is None else _reproduced(kept >= 0.5)
+        if len(seeds) < MIN_PAIRED_SEEDS:
+            verdict = Verdict.INCONCLUSIVE
         claims[3].append(CapacityKeep(ssc_gain, grm_gain, kept, verdict))
     return claims
 

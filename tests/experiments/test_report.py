@@ -698,6 +698,14 @@ def test_capacity_claim_1_not_testable_when_no_model_left_chance():
     assert lift.verdict is Verdict.NOT_TESTABLE
 
 
+def test_capacity_claims_on_fewer_than_3_paired_seeds_are_inconclusive():
+    claims = claims_for(base=[0.05, 0.05], residual=[0.1, 0.1], grm=[0.6, 0.7], ssc=[0.5, 0.6])
+    for claim in (1, 2, 3):
+        (found,) = claims[claim]
+        assert found.verdict is Verdict.INCONCLUSIVE
+        assert "inconclusive (fewer than 3 paired seeds)" in render_verdicts.capacity_finding(found)
+
+
 def test_report_renders_the_capacity_experiments_first(tmp_path):
     accuracies = {
         "Transformer++": [1.0, 1.0, 0.9, 0.8],
@@ -727,6 +735,7 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     assert f"| {CHOSEN_GRM} | gated_delta | 5 | 0.720 | 0.120 | +0.600 ± 0.000 | 5/5 |" in text
     assert "| gated_delta | 16 | 16 x 16 | 1 | 0.500 | 0.500 |" in text
     assert "| Transformer++ | - | key-value cache | 5 |" in text
+    assert "Fewer than 5 seeds so far for 2 of 2 models" in text  # the paired experiments' 5
     for name in ("mqar_capacity_recall", "mqar_capacity_curves", "mqar_state_size"):
         assert (tmp_path / "docs" / "img" / f"{name}.png").stat().st_size > 0
     # the cost table has the new experiments; the verdicts judge them first
