@@ -63,7 +63,7 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
     routing = capacity.routing_rows(runs)
     if routing:
         lines += render_capacity.routing_table(routing)
-    best = capacity.best_mc(scores)
+    best = tables.best_mc(scores)
     shown = [m for b in verdicts.FAMILIES if b in runs for m in (b, best.get(b)) if m]
     shown += [tables.TRANSFORMER] if tables.TRANSFORMER in runs else []
     plots.capacity_recall(src.img / "mqar_capacity_recall.png", rows, pairs, shown)
@@ -132,9 +132,8 @@ def mqar_section(
     if setting.num_kv_pairs in pairs:
         lines.append(render.crossed_footnote(setting.num_kv_pairs))
     lines += [*render.unfinished(experiment, runs, load.missing_models(experiment, runs)), ""]
-    plots.mqar_recall(
-        src.img / f"{experiment}_recall.png", rows, pairs, seq_len, tables.best_mc(runs)
-    )
+    best = set(tables.best_mc(tables.mqar_seed_scores(runs)).values())
+    plots.mqar_recall(src.img / f"{experiment}_recall.png", rows, pairs, seq_len, best)
     lines += [f"![MQAR accuracy against key-value pairs](img/{experiment}_recall.png)", ""]
     where = f"`{experiment}` at {seq_len} tokens"
     if setting.extra_overrides:

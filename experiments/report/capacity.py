@@ -220,17 +220,6 @@ def curve(results: list[dict], metric: Callable[[dict], float]) -> tuple[list[in
     return steps, [statistics.mean(metric(h[s]) for h in histories) for s in steps]
 
 
-def best_mc(scores: Scores) -> dict[str, str]:
-    """{base: its Memory Caching cell with the highest mean held-out accuracy}."""
-    best: dict[str, str] = {}
-    mean = {m: statistics.mean(s.values()) for m, s in scores.items()}
-    for model in scores:
-        base = mc_base(model)
-        if base and (base not in best or mean[model] > mean[best[base]]):
-            best[base] = model
-    return best
-
-
 @dataclass(frozen=True)
 class StateSizeRow:
     """Held-out accuracy of one series at one head dimension (None: Transformer++, whose

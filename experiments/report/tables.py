@@ -113,15 +113,19 @@ def mc_base(model: str) -> str | None:
     return model.split("+")[0] if "+" in model and model != TRANSFORMER else None
 
 
-def best_mc(runs: dict[str, list[dict]]) -> set[str]:
-    """The best Memory Caching variant of each base model, by mean overall accuracy."""
-    overall = {m: statistics.mean(r["eval"]["accuracy"] for r in rs) for m, rs in runs.items()}
-    best = {}
-    for model, acc in overall.items():
+def best_mc(scores: dict[str, dict[int, float]]) -> dict[str, str]:
+    """{base model: its best Memory Caching variant}, by mean accuracy over seeds.
+
+    Args:
+        scores: {model: {seed: accuracy}}.
+    """
+    mean = {m: statistics.mean(s.values()) for m, s in scores.items()}
+    best: dict[str, str] = {}
+    for model, acc in mean.items():
         base = mc_base(model)
-        if base and (base not in best or acc > overall[best[base]]):
+        if base and (base not in best or acc > mean[best[base]]):
             best[base] = model
-    return set(best.values())
+    return best
 
 
 @dataclass(frozen=True)

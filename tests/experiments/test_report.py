@@ -118,7 +118,11 @@ def test_mqar_rows_are_means_over_seeds_with_crossings(src):
     assert by_model(rows, "gated_delta+ssc").crossed == 0  # 0.40 and 0.41 at 8 pairs
     # the mqar grid's post-training MC is not on the test slices: no row here
     assert not any(r.post_training for r in rows)
-    assert tables.best_mc(runs) == {"gated_delta+grm", "swla+grm", "titans+grm"}
+    assert tables.best_mc(tables.mqar_seed_scores(runs)) == {
+        "gated_delta": "gated_delta+grm",
+        "swla": "swla+grm",
+        "titans": "titans+grm",
+    }
     # the sweep's MQAR models without a result
     assert load.missing_models("mqar", runs)[:3] == ["swla+residual", "swla+ssc", "titans+residual"]
 
