@@ -33,8 +33,9 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
     to ``lines``; returns its runs (empty before any result)."""
     runs = src.experiment("mqar_capacity")
     lines += ["### A state too small for the pairs (`mqar_capacity`)", ""]
+    command = render.sweep_command("mqar_capacity", PAIRED_SEEDS)
     if not runs:
-        lines += render.not_measured("python -m experiments.sweep mqar_capacity")
+        lines += render.not_measured(command)
         return runs
     pairs = capacity.tested_pairs(runs)
     seq_len = load.held_out(next(iter(runs.values()))[0])["slices"][0]["seq_len"]
@@ -44,7 +45,7 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
     rows = capacity.capacity_rows(runs)
     scores = capacity.seed_scores(runs)
     lines += [
-        render_capacity.setting(setting, pairs, seq_len, held_out, chosen),
+        render_capacity.setting(setting, pairs, seq_len, held_out, chosen, command),
         "",
         render.note_link("capacity", "The no-training probe and the calibration runs"),
         "",
@@ -83,14 +84,15 @@ def state_size_section(src: Sources, capacity_runs: capacity.Runs, lines: list[s
     """mqar_state_size: held-out accuracy against head dimension, table and plot."""
     lines += ["### Accuracy against state size (`mqar_state_size`)", ""]
     runs = src.experiment("mqar_state_size")
+    command = render.sweep_command("mqar_capacity mqar_state_size", PAIRED_SEEDS)
     if not runs:
-        lines += render.not_measured("python -m experiments.sweep mqar_state_size")
+        lines += render.not_measured(command)
         return
     both = {"mqar_capacity": capacity_runs, "mqar_state_size": runs}
     rows = capacity.state_size_rows(both, load.state_size_cells())
     head_dim = load.mqar_setting("mqar_capacity").head_dim
     lines += [
-        render_capacity.state_size_intro(" ".join(load.held_out_arguments()), head_dim),
+        render_capacity.state_size_intro(" ".join(load.held_out_arguments()), head_dim, command),
         "",
         *render_capacity.state_size_table(rows),
         *render.unfinished(

@@ -129,19 +129,29 @@ def crossed_footnote(trained_pairs: int) -> str:
     )
 
 
-def unfinished(experiment: str, runs: dict, missing: list[str], seeds: int = 3) -> list[str]:
-    """Lines naming models with fewer than ``seeds`` seeds and models without any result."""
+def sweep_command(experiment: str, seeds: int | None = None) -> str:
+    """The sweep's command for ``experiment``; ``seeds``: run seeds 0 .. seeds-1 rather than
+    the sweep's default seeds."""
+    command = f"python -m experiments.sweep {experiment}"
+    return command if seeds is None else f"{command} --seeds {' '.join(map(str, range(seeds)))}"
+
+
+def unfinished(experiment: str, runs: dict, missing: list[str], seeds: int | None = None):
+    """Lines naming models with fewer seeds than ``seeds`` (None: the sweep's default 3) and
+    models without any result, with the command that runs them."""
+    command = sweep_command(experiment, seeds)
+    seeds = 3 if seeds is None else seeds
     lines = []
     few = [m for m, results in runs.items() if len(results) < seeds]
     if few:
         lines.append(
             f"\nFewer than {seeds} seeds so far for {len(few)} of {len(runs)} models (the seeds "
-            f"column); `python -m experiments.sweep {experiment}` finishes them."
+            f"column); `{command}` finishes them."
         )
     if missing:
         lines.append(
             f"\nNot run yet in this setting: {', '.join(f'`{m}`' for m in missing)} "
-            f"(`python -m experiments.sweep {experiment}` runs them)."
+            f"(`{command}` runs them)."
         )
     return lines
 

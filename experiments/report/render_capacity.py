@@ -22,7 +22,9 @@ def _numbers(values) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def setting(s: MQARSetting, pairs: list[int], seq_len: int, held_out: str, chosen: str) -> str:
+def setting(
+    s: MQARSetting, pairs: list[int], seq_len: int, held_out: str, chosen: str, command: str
+) -> str:
     """The training and evaluation setting of mqar_capacity.
 
     Args:
@@ -31,6 +33,7 @@ def setting(s: MQARSetting, pairs: list[int], seq_len: int, held_out: str, chose
         seq_len: the sequence length.
         held_out: the ``growmem eval`` arguments of the held-out evaluation.
         chosen: the label of the gates of ssc and titans+grm.
+        command: the sweep's command that runs every cell and seed.
     """
     trained = s.num_kv_pairs if isinstance(s.num_kv_pairs, list) else [s.num_kv_pairs]
     titans = ""
@@ -53,7 +56,7 @@ def setting(s: MQARSetting, pairs: list[int], seq_len: int, held_out: str, chose
         f"seed. Accuracy on held-out examples (`growmem eval {held_out}`: "
         f"{s.num_test_examples} sequences per number of pairs from a generator seed no "
         "training used, the same for every model and seed), mean ± std over seeds. Command: "
-        f"`python -m experiments.sweep {s.experiment} && python -m experiments.report`."
+        f"`{command} && python -m experiments.report`."
     )
 
 
@@ -200,13 +203,12 @@ def state_size_table(rows: list[StateSizeRow]) -> list[str]:
     return table([*header, "all"], cells)
 
 
-def state_size_intro(held_out: str, capacity_head_dim: int) -> str:
+def state_size_intro(held_out: str, capacity_head_dim: int, command: str) -> str:
     return (
         "The paper's MQAR view: held-out accuracy against the size of the recurrent state, at "
         "the same pairs. The head dimension D sets the state (D x D per head and layer); "
         f"every other setting is mqar_capacity's, whose cells give D = {capacity_head_dim}. "
         "Transformer++ (mqar_capacity's) is the reference: its state, the key-value cache, "
         f"grows with the context. Held-out evaluation `growmem eval {held_out}`, mean ± std "
-        "over seeds. Command: `python -m experiments.sweep mqar_capacity mqar_state_size && "
-        "python -m experiments.report`."
+        f"over seeds. Command: `{command} && python -m experiments.report`."
     )
