@@ -73,9 +73,9 @@ def small_state_intro() -> str:
     """What the `mqar_small_state` experiment is now: an earlier, superseded setting."""
     return (
         "An earlier setting with a state too small for the pairs, superseded by "
-        "`mqar_capacity` above: trained with 16 pairs only (queries never fall in some "
-        "segments), growmem's former default gates (1/√D), 3 seeds, test examples from the "
-        "training stream's generator."
+        "`mqar_capacity` above: trained with 16 pairs only (no training query falls in a "
+        "segment that holds pairs), growmem's former default gates (1/√D), 3 seeds not paired, "
+        "no held-out generator seed."
     )
 
 

@@ -51,12 +51,12 @@ def setting(
         f"{s.lr:g}, batch {s.batch_size}, {s.steps} steps; Transformer++ "
         f"{s.transformer_heads} head(s), {s.transformer_steps} steps at {s.transformer_lr:g}. "
         "Every gated cell pins all of its gate settings (the gate ablation's rows below; ssc "
-        f"and titans+grm use `{chosen}`). A seed gives every cell the same initial weights "
-        "(the gates' own parameters aside) and the same batches, so cells are compared seed by "
-        f"seed. Accuracy on held-out examples (`growmem eval {held_out}`: "
-        f"{s.num_test_examples} sequences per number of pairs from a generator seed no "
-        "training used, the same for every model and seed), mean ± std over seeds. Command: "
-        f"`{command} && python -m experiments.report`."
+        f"and titans+grm use `{chosen}`). A seed gives the cells of one base model the same "
+        "initial weights (the gates' own parameters aside) and every cell the same batches, so "
+        "cells are compared seed by seed. Accuracy on held-out examples (`growmem eval "
+        f"{held_out}`: {s.num_test_examples} sequences per number of pairs from a generator "
+        "seed no training used, the same for every model and seed), mean ± std over seeds. "
+        f"Command: `{command} && python -m experiments.report`."
     )
 
 
