@@ -4,19 +4,110 @@
 
 Reads results/experiments/*/*/seed*.json (experiments.sweep) and the benchmarks' JSON
 (results/*.json); a section whose data is missing says so. Modules: ``load`` (result files
-and the sweep's settings), ``tables`` (structured rows), ``verdicts`` (the paper's claims
-judged), ``render`` and ``render_verdicts`` (markdown), ``plots`` (figures).
+and the sweep's settings), ``tables`` and ``capacity`` (structured rows), ``verdicts`` (the
+paper's claims judged), ``render``, ``render_capacity`` and ``render_verdicts`` (markdown),
+``plots`` (figures).
 """
 
 from __future__ import annotations
 
-from experiments.report import load, plots, render, render_verdicts, tables, verdicts
+from experiments.report import (
+    capacity,
+    load,
+    plots,
+    render,
+    render_capacity,
+    render_verdicts,
+    tables,
+    verdicts,
+)
 from experiments.report.load import Sources
 
-EXPERIMENTS = ["mqar", "mqar_small_state", "niah", "lm"]
+EXPERIMENTS = ["mqar_capacity", "mqar_state_size", "mqar", "mqar_small_state", "niah", "lm"]
+# seeds the capacity experiments are reported over (paired; the sweep runs them with --seeds 0-4)
+PAIRED_SEEDS = 5
 
 
-def mqar_section(src: Sources, experiment: str, heading: str, lines: list[str]) -> list:
+def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
+    """mqar_capacity: setting, held-out table, paired comparisons, routing and plots, appended
+    to ``lines``; returns its runs (empty before any result)."""
+    runs = src.experiment("mqar_capacity")
+    lines += ["### A state too small for the pairs (`mqar_capacity`)", ""]
+    command = render.sweep_command("mqar_capacity", PAIRED_SEEDS)
+    if not runs:
+        lines += render.not_measured(command)
+        return runs
+    pairs = capacity.tested_pairs(runs)
+    seq_len = load.held_out(next(iter(runs.values()))[0])["slices"][0]["seq_len"]
+    setting = load.mqar_setting("mqar_capacity")
+    settings, chosen = load.gate_settings()
+    held_out = " ".join(load.held_out_arguments())
+    rows = capacity.capacity_rows(runs)
+    scores = capacity.seed_scores(runs)
+    lines += [
+        render_capacity.setting(setting, pairs, seq_len, held_out, chosen, command),
+        "",
+        render.note_link("capacity", "The no-training probe and the calibration runs"),
+        "",
+        *render_capacity.main_table(rows, pairs),
+        render_capacity.main_footnote(setting.eval_every),
+        *render.unfinished(
+            "mqar_capacity", runs, load.missing_models("mqar_capacity", runs), PAIRED_SEEDS
+        ),
+        "",
+    ]
+    comparisons, ablation = capacity.mc_comparisons(scores), capacity.gate_ablation(scores)
+    if comparisons:
+        lines += render_capacity.mc_table(comparisons)
+    if any(found for _, found in ablation):
+        lines += render_capacity.gate_table(ablation, settings)
+    routing = capacity.routing_rows(runs)
+    if routing:
+        lines += render_capacity.routing_table(routing)
+    best = tables.best_mc(scores)
+    shown = [m for b in verdicts.FAMILIES if b in runs for m in (b, best.get(b)) if m]
+    shown += [tables.TRANSFORMER] if tables.TRANSFORMER in runs else []
+    plots.capacity_recall(src.img / "mqar_capacity_recall.png", rows, pairs, shown)
+    family = [m for m in runs if m == "gated_delta" or tables.mc_base(m) == "gated_delta"]
+    gated = [r.model for r in routing if r.layer == 0]
+    plots.capacity_curves(src.img / "mqar_capacity_curves.png", runs, family, gated)
+    lines += [
+        "![held-out accuracy against key-value pairs](img/mqar_capacity_recall.png)",
+        "",
+        "![learning curves and gate entropy over training](img/mqar_capacity_curves.png)",
+        "",
+    ]
+    return runs
+
+
+def state_size_section(src: Sources, capacity_runs: capacity.Runs, lines: list[str]) -> None:
+    """mqar_state_size: held-out accuracy against head dimension, table and plot."""
+    lines += ["### Accuracy against state size (`mqar_state_size`)", ""]
+    runs = src.experiment("mqar_state_size")
+    command = render.sweep_command("mqar_capacity mqar_state_size", PAIRED_SEEDS)
+    if not runs:
+        lines += render.not_measured(command)
+        return
+    both = {"mqar_capacity": capacity_runs, "mqar_state_size": runs}
+    rows = capacity.state_size_rows(both, load.state_size_cells())
+    head_dim = load.mqar_setting("mqar_capacity").head_dim
+    lines += [
+        render_capacity.state_size_intro(" ".join(load.held_out_arguments()), head_dim, command),
+        "",
+        *render_capacity.state_size_table(rows),
+        *render.unfinished(
+            "mqar_state_size", runs, load.missing_models("mqar_state_size", runs), PAIRED_SEEDS
+        ),
+        "",
+        "![held-out accuracy against state size](img/mqar_state_size.png)",
+        "",
+    ]
+    plots.state_size(src.img / "mqar_state_size.png", rows)
+
+
+def mqar_section(
+    src: Sources, experiment: str, heading: str, lines: list[str], intro: str | None = None
+) -> list:
     """One MQAR experiment's setting, table and plot, appended to ``lines``.
 
     Returns:
@@ -24,6 +115,8 @@ def mqar_section(src: Sources, experiment: str, heading: str, lines: list[str]) 
     """
     runs = src.experiment(experiment)
     lines += [heading, ""]
+    if intro:
+        lines += [intro, ""]
     if not runs:
         lines += render.not_measured(f"python -m experiments.sweep {experiment}")
         return []
@@ -41,11 +134,10 @@ def mqar_section(src: Sources, experiment: str, heading: str, lines: list[str]) 
     if setting.num_kv_pairs in pairs:
         lines.append(render.crossed_footnote(setting.num_kv_pairs))
     lines += [*render.unfinished(experiment, runs, load.missing_models(experiment, runs)), ""]
-    plots.mqar_recall(
-        src.img / f"{experiment}_recall.png", rows, pairs, seq_len, tables.best_mc(runs)
-    )
+    best = set(tables.best_mc(tables.mqar_seed_scores(runs)).values())
+    plots.mqar_recall(src.img / f"{experiment}_recall.png", rows, pairs, seq_len, best)
     lines += [f"![MQAR accuracy against key-value pairs](img/{experiment}_recall.png)", ""]
-    where = f"at {seq_len} tokens"
+    where = f"`{experiment}` at {seq_len} tokens"
     if setting.extra_overrides:
         where += f", {setting.head_dim}-dimensional heads, {setting.num_kv_pairs} pairs"
     return [(where, tables.mqar_seed_scores(runs))]
@@ -54,7 +146,7 @@ def mqar_section(src: Sources, experiment: str, heading: str, lines: list[str]) 
 def grid_section(src: Sources, lines: list[str]) -> load.Grid:
     """MQAR beyond the training setting: longer sequences and more key-value pairs."""
     grid = load.mqar_grid(src.experiment("mqar"))
-    lines += ["### Beyond the training setting: longer sequences, more pairs", ""]
+    lines += ["#### The control beyond its training setting: longer sequences, more pairs", ""]
     if not grid:
         lines += render.not_measured("python -m experiments.sweep mqar")
         return {}
@@ -78,18 +170,18 @@ def niah_section(niah: dict, lines: list[str]) -> None:
     ]
 
 
-def lm_section(src: Sources, lines: list[str]) -> dict[str, dict[int, float]]:
+def lm_section(src: Sources, lines: list[str]):
+    """The LM setting and tables; returns the LM claim's findings (``verdicts.lm_claim``)."""
     runs = src.experiment("lm")
     lines += ["## 3. Language modelling on the standard library source", ""]
     if not runs:
         lines += render.not_measured("python -m experiments.sweep lm")
-        return {}
+        return [], None
     config = load.cell_config("lm", "gated_delta")
+    segment = config.model["memory"]["caching"]["segment_size"]
     lines += [render.lm_setting(config), ""]
-    lines += render.lm_tables(
-        tables.lm_rows(runs), config.model["memory"]["caching"]["segment_size"]
-    )
-    return tables.lm_seed_bits(runs)
+    lines += render.lm_tables(tables.lm_rows(runs), segment)
+    return verdicts.lm_claim(tables.lm_seed_bits(runs), config.task.seq_len, segment)
 
 
 def efficiency_section(src: Sources, lines: list[str]) -> dict | None:
@@ -167,29 +259,36 @@ def build(src: Sources) -> str:
         "paper's numbers.",
         "",
     ]
-    trained = mqar_section(src, "mqar", "## 1. MQAR: recall against memory", lines)
+    lines += ["## 1. MQAR: recall against memory", ""]
+    capacity_runs = capacity_section(src, lines)
+    state_size_section(src, capacity_runs, lines)
+    trained = mqar_section(
+        src, "mqar", "### No-pressure control (`mqar`)", lines, render.control_intro()
+    )
     grid = grid_section(src, lines)
     trained += mqar_section(
         src,
         "mqar_small_state",
-        "### A state too small for the pairs (`mqar_small_state`)",
+        "### An earlier small-state setting (`mqar_small_state`)",
         lines,
+        render.small_state_intro(),
     )
     niah = src.experiment("niah")
     niah_section(niah, lines)
-    bits = lm_section(src, lines)
+    lm = lm_section(src, lines)
     train = efficiency_section(src, lines)
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]
     if costs:
         lines += render.cost(costs)
     lines += render_verdicts.verdict_section(
+        verdicts.capacity_claims(capacity.seed_scores(capacity_runs)),
         verdicts.claims_1_to_3([*trained, *verdicts.load_view(grid)]),
         [
             *verdicts.mqar_extrapolation(grid),
             *([verdicts.niah_extrapolation(niah)] if niah else []),
         ],
         verdicts.throughput(train),
-        verdicts.lm_claim(bits),
+        lm,
     )
     return "\n".join(lines)
 

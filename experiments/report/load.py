@@ -103,6 +103,7 @@ class MQARSetting:
     lr: float
     batch_size: int
     steps: int
+    eval_every: int  # steps between the evaluations during training
     num_test_examples: int
     transformer_heads: int
     transformer_steps: int
@@ -128,7 +129,8 @@ def mqar_setting(experiment: str) -> MQARSetting:
         layers=model["num_hidden_layers"],
         hidden_size=model["hidden_size"],
         heads=model["num_heads"],
-        head_dim=model["hidden_size"] // model["num_heads"],
+        # an explicit head_dim (mqar_capacity) or, unset, the width split over the heads
+        head_dim=model.get("head_dim") or model["hidden_size"] // model["num_heads"],
         vocab_size=task.vocab_size,
         random_filler=task.random_non_queries,
         num_kv_pairs=task.num_kv_pairs,
@@ -136,6 +138,7 @@ def mqar_setting(experiment: str) -> MQARSetting:
         lr=train.lr,
         batch_size=train.batch_size,
         steps=train.steps,
+        eval_every=train.eval_every,
         num_test_examples=task.num_test_examples,
         transformer_heads=tpp.model["num_heads"],
         transformer_steps=tpp.train.steps,
@@ -191,3 +194,42 @@ def post_training_segment() -> int:
     from experiments.sweep import MQAR_POST_TRAINING_MC
 
     return int(MQAR_POST_TRAINING_MC[-1])
+
+
+def held_out_arguments() -> list[str]:
+    """The ``growmem eval`` arguments of the held-out evaluation (the sweep's HELD_OUT: a
+    generator seed no training used, the same examples for every model and seed)."""
+    from experiments.sweep import HELD_OUT
+
+    return list(HELD_OUT)
+
+
+def held_out(result: dict) -> dict:
+    """The evaluation of a run on the held-out examples (``held_out_arguments``)."""
+    return result["evals"][" ".join(held_out_arguments())]
+
+
+def gate_settings() -> tuple[dict[str, dict[str, str]], str]:
+    """(the sweep's gate settings GATES: {label: {model.memory key: value}}, in order; the
+    label of the chosen ones)."""
+    from experiments.sweep import CHOSEN_GATES, GATES
+
+    return GATES, CHOSEN_GATES
+
+
+def state_size_cells() -> dict[str, dict[int, tuple[str, str]]]:
+    """{series: {head dimension: (experiment, cell name)}} of the state-size view: every
+    mqar_state_size cell is ``"series, D=<head_dim>"``; the mqar_capacity cell named ``series``
+    is the series at the capacity experiment's own head dimension."""
+    series: dict[str, dict[int, tuple[str, str]]] = {}
+    for name in cell_names("mqar_state_size"):
+        head_dim = cell_config("mqar_state_size", name).model["head_dim"]
+        label = name.removesuffix(f", D={head_dim}")
+        if label == name:
+            raise ValueError(f"mqar_state_size cell {name!r}: expected a name ending ', D=<D>'")
+        series.setdefault(label, {})[head_dim] = ("mqar_state_size", name)
+    for label, sizes in series.items():
+        if cell_by_name("mqar_capacity", label) is None:
+            raise ValueError(f"state-size series {label!r} has no mqar_capacity cell of that name")
+        sizes[cell_config("mqar_capacity", label).model["head_dim"]] = ("mqar_capacity", label)
+    return {label: dict(sorted(sizes.items())) for label, sizes in series.items()}

@@ -22,6 +22,7 @@ from experiments.report.tables import (
 
 # The dated notes a section links to (paths relative to docs/).
 NOTES = {
+    "capacity": "notes/2026-12-capacity-calibration.md",
     "mqar": "notes/2026-11-mqar-calibration.md",
     "niah": "notes/2026-11-niah-calibration.md",
     "cost": "notes/2026-11-experiment-budget.md",
@@ -54,6 +55,28 @@ def note_link(key: str, what: str) -> str:
 
 def not_measured(command: str) -> list[str]:
     return [f"Not measured yet: run `{command}`.", ""]
+
+
+def control_intro() -> str:
+    """What the `mqar` experiment is now: the setting without capacity pressure."""
+    return (
+        "The no-pressure control: 2 heads of 64 dimensions hold 8 pairs with room to spare "
+        "(with no training, the base memory, uniform averaging and an oracle that reads the "
+        "right segment all recall 1.00 at D = 64, P = 8), so Memory Caching has nothing to add "
+        "here. Its training always uses 8 pairs, whose 16-token context fills the first "
+        "segment exactly, so no training query falls in that segment, the one holding the "
+        "pairs; on the 4-pair test slice many do. " + note_link("capacity", "The probe")
+    )
+
+
+def small_state_intro() -> str:
+    """What the `mqar_small_state` experiment is now: an earlier, superseded setting."""
+    return (
+        "An earlier setting with a state too small for the pairs, superseded by "
+        "`mqar_capacity` above: trained with 16 pairs only (no training query falls in a "
+        "segment that holds pairs), growmem's former default gates (1/√D), 3 seeds not paired, "
+        "no held-out generator seed."
+    )
 
 
 def mqar_setting(s: MQARSetting, pairs: list[int], seq_len: int) -> str:
@@ -106,19 +129,29 @@ def crossed_footnote(trained_pairs: int) -> str:
     )
 
 
-def unfinished(experiment: str, runs: dict, missing: list[str]) -> list[str]:
-    """Lines naming models with fewer than 3 seeds and models without any result."""
+def sweep_command(experiment: str, seeds: int | None = None) -> str:
+    """The sweep's command for ``experiment``; ``seeds``: run seeds 0 .. seeds-1 rather than
+    the sweep's default seeds."""
+    command = f"python -m experiments.sweep {experiment}"
+    return command if seeds is None else f"{command} --seeds {' '.join(map(str, range(seeds)))}"
+
+
+def unfinished(experiment: str, runs: dict, missing: list[str], seeds: int | None = None):
+    """Lines naming models with fewer seeds than ``seeds`` (None: the sweep's default 3) and
+    models without any result, with the command that runs them."""
+    command = sweep_command(experiment, seeds)
+    seeds = 3 if seeds is None else seeds
     lines = []
-    few = [m for m, results in runs.items() if len(results) < 3]
+    few = [m for m, results in runs.items() if len(results) < seeds]
     if few:
         lines.append(
-            f"\nFewer than 3 seeds so far for {len(few)} of {len(runs)} models (the seeds "
-            f"column); `python -m experiments.sweep {experiment}` finishes them."
+            f"\nFewer than {seeds} seeds so far for {len(few)} of {len(runs)} models (the seeds "
+            f"column); `{command}` finishes them."
         )
     if missing:
         lines.append(
-            f"\nNot run yet in this setting: {', '.join(missing)} "
-            f"(`python -m experiments.sweep {experiment}` runs them)."
+            f"\nNot run yet in this setting: {', '.join(f'`{m}`' for m in missing)} "
+            f"(`{command}` runs them)."
         )
     return lines
 
@@ -292,12 +325,21 @@ def threads(n: int) -> str:
     return f"{n} thread{'s' if n > 1 else ''}"
 
 
-COST_HEADER = ["experiment", "models", "seeds", "cell-minutes", "wall minutes", "a seed"]
+COST_HEADER = [
+    "experiment",
+    "models",
+    "seeds",
+    "cells",
+    "minutes a cell",
+    "cell-minutes",
+    "wall minutes",
+    "a seed",
+]
 
 
 def cost(rows: list[CostRow]) -> list[str]:
     cells = [
-        [r.experiment, r.models, r.seeds]
+        [r.experiment, r.models, r.seeds, r.cells, f"{r.minutes_per_cell:.1f}"]
         + [f"{x:.0f}" for x in (r.cell_minutes, r.wall_minutes, r.seed_minutes)]
         + [f"{r.longest_cell}, {r.longest_minutes:.0f} min"]
         for r in rows

@@ -113,15 +113,19 @@ def mc_base(model: str) -> str | None:
     return model.split("+")[0] if "+" in model and model != TRANSFORMER else None
 
 
-def best_mc(runs: dict[str, list[dict]]) -> set[str]:
-    """The best Memory Caching variant of each base model, by mean overall accuracy."""
-    overall = {m: statistics.mean(r["eval"]["accuracy"] for r in rs) for m, rs in runs.items()}
-    best = {}
-    for model, acc in overall.items():
+def best_mc(scores: dict[str, dict[int, float]]) -> dict[str, str]:
+    """{base model: its best Memory Caching variant}, by mean accuracy over seeds.
+
+    Args:
+        scores: {model: {seed: accuracy}}.
+    """
+    mean = {m: statistics.mean(s.values()) for m, s in scores.items()}
+    best: dict[str, str] = {}
+    for model, acc in mean.items():
         base = mc_base(model)
-        if base and (base not in best or acc > overall[best[base]]):
+        if base and (base not in best or acc > mean[best[base]]):
             best[base] = model
-    return set(best.values())
+    return best
 
 
 @dataclass(frozen=True)
@@ -285,9 +289,14 @@ class CostRow:
     experiment: str
     models: int
     seeds: int
+    cells: int  # (model, seed) results
     cell_minutes: float
     longest_cell: str
     longest_minutes: float
+
+    @property
+    def minutes_per_cell(self) -> float:
+        return self.cell_minutes / self.cells
 
     @property
     def wall_minutes(self) -> float:
@@ -309,6 +318,7 @@ def cost_row(experiment: str, runs: dict[str, list[dict]]) -> CostRow:
         experiment=experiment,
         models=len(runs),
         seeds=len({r["seed"] for results in runs.values() for r in results}),
+        cells=sum(len(results) for results in runs.values()),
         cell_minutes=sum(sum(v) for v in minutes.values()),
         longest_cell=longest,
         longest_minutes=max(minutes[longest]),

@@ -1,19 +1,29 @@
 """The paper's claims judged on the measured numbers: one structured finding per model family
 and view, each with a ``Verdict``. ``render`` writes them as sentences.
 
-Claims (PAPER.md): 1 MC lifts recurrent models on recall; 2 content-dependent gating matters
-(GRM beats Residual); 3 SSC keeps most of GRM's gain; 4 MC helps length extrapolation, also
-post-training; 5 MC's training throughput lies between the RNN's and the Transformer's;
-LM: MC lowers the validation loss of language models.
+Claims (PAPER.md): 1 MC lifts recurrent models on recall and closes part of the gap to
+attention; 2 content-dependent gating matters (GRM beats Residual, i.e. uniform averaging);
+3 SSC keeps most of GRM's gain; 4 MC helps length extrapolation, also post-training; 5 MC's
+training throughput lies between the RNN's and the Transformer's; LM: MC lowers the
+validation loss of language models.
+
+Claims 1-3 are judged first on mqar_capacity (``capacity_claims``: held-out accuracy, paired
+seeds), where the state is too small for the pairs; the older MQAR settings
+(``claims_1_to_3``) are the no-pressure control and earlier settings.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from enum import StrEnum
+from fractions import Fraction
 
-from experiments.report.load import Grid, niah_views
+from experiments.report import capacity
+from experiments.report.capacity import Paired, Scores
+from experiments.report.load import Grid, gate_settings, niah_views
+from experiments.report.tables import TRANSFORMER, mc_base
 
 FAMILIES = ("gated_delta", "swla", "titans")
 # MQAR accuracy below which a model has not learned the task (chance is 1/32 on 64 tokens);
@@ -28,6 +38,14 @@ NIAH_TOKENS_LEARNED = 0.5
 LIFT_MARGIN = 0.02  # claims 1 and 4 (accuracy)
 GATE_MARGIN = 0.01  # claims 2 and 3 (accuracy)
 LM_MARGIN = 0.01  # LM (bits per byte)
+# Share of the paired seeds in which a difference must hold for a paired claim to count as
+# reproduced (4 of 5 seeds); a mean difference with fewer seeds is partly reproduced.
+SEED_SHARE = Fraction(4, 5)
+# Fewer paired seeds than this leave a paired claim inconclusive, whatever the difference.
+MIN_PAIRED_SEEDS = 3
+# LM blocks shorter than this leave a long-context gain no room to show (a few caches a block):
+# the LM claim is not testable on them, whatever the loss difference.
+LM_MIN_BLOCK = 2048
 
 
 class Verdict(StrEnum):
@@ -166,6 +184,101 @@ def claims_1_to_3(views: list[tuple[str, dict[str, dict[int, float]]]]) -> dict[
     return claims
 
 
+def paired_verdict(found: Paired, margin: float) -> Verdict:
+    """REPRODUCED when the model beats the reference by more than ``margin`` on average and in
+    at least SEED_SHARE of the seeds; PARTLY when on average only; else NOT_REPRODUCED;
+    INCONCLUSIVE on fewer than MIN_PAIRED_SEEDS seeds."""
+    if len(found.seeds) < MIN_PAIRED_SEEDS:
+        return Verdict.INCONCLUSIVE
+    if found.difference <= margin:
+        return Verdict.NOT_REPRODUCED
+    held = found.better >= SEED_SHARE * len(found.seeds)
+    return Verdict.REPRODUCED if held else Verdict.PARTLY
+
+
+@dataclass(frozen=True)
+class CapacityLift:
+    """Claim 1 on mqar_capacity: the best of a family's ``candidates`` Memory Caching cells
+    against its base, seed by seed, and the share of the gap to Transformer++ it closes
+    (``closed``, None when it does not lift the base or Transformer++ is not above it)."""
+
+    lift: Paired
+    candidates: int
+    transformer: float | None  # mean over the lift's seeds it has (all of its seeds if none)
+    closed: float | None
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class CapacityGate:
+    """Claim 2 on mqar_capacity: a grm cell against residual (= uniform averaging under the
+    output norm), seed by seed."""
+
+    gain: Paired
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class CapacityKeep:
+    """Claim 3 on mqar_capacity: ssc's and grm's gains over the base on the seeds all three
+    share; ``kept`` = ssc's mean gain / grm's (None: grm gains nothing, nothing to keep)."""
+
+    ssc: Paired
+    grm: Paired
+    kept: float | None
+    verdict: Verdict
+
+
+def capacity_claims(scores: Scores) -> dict[int, list]:
+    """Findings of claims 1-3 on mqar_capacity, by claim, per family with cells there.
+
+    Args:
+        scores: ``capacity.seed_scores``: {model: {seed: held-out overall accuracy}}.
+    """
+    _, chosen = gate_settings()
+    claims: dict[int, list] = {1: [], 2: [], 3: []}
+    tpp = scores.get(TRANSFORMER, {})
+    for base in FAMILIES:
+        found = [
+            p for m in scores if mc_base(m) == base and (p := capacity.paired(scores, m, base))
+        ]
+        if not found:
+            continue
+        lift = max(found, key=lambda p: p.difference)
+        shared = [s for s in lift.seeds if s in tpp] or list(tpp)
+        transformer = statistics.mean(tpp[s] for s in shared) if shared else None
+        closed = None
+        if lift.difference > 0 and transformer is not None and transformer > lift.reference_score:
+            closed = lift.difference / (transformer - lift.reference_score)
+        if max(lift.model_score, lift.reference_score, transformer or 0.0) < LEARNED:
+            verdict = Verdict.NOT_TESTABLE  # no model left chance, Transformer++ included
+        else:
+            verdict = paired_verdict(lift, LIFT_MARGIN)
+        claims[1].append(CapacityLift(lift, len(found), transformer, closed, verdict))
+        for gates in dict.fromkeys((chosen, capacity.GATE_REFERENCE)):
+            gain = capacity.paired(
+                scores, capacity.gated_cell("grm", gates, base), f"{base}+residual"
+            )
+            if gain:
+                claims[2].append(CapacityGate(gain, paired_verdict(gain, GATE_MARGIN)))
+        grm, ssc = (capacity.gated_cell(a, chosen, base) for a in ("grm", "ssc"))
+        if not all(m in scores for m in (grm, ssc, base)):
+            continue
+        seeds = set(scores[grm]) & set(scores[ssc]) & set(scores[base])
+        if not seeds:
+            continue
+        grm_gain = capacity.paired(scores, grm, base, seeds)
+        ssc_gain = capacity.paired(scores, ssc, base, seeds)
+        kept = None
+        if grm_gain.difference > GATE_MARGIN:
+            kept = ssc_gain.difference / grm_gain.difference
+        verdict = Verdict.NOT_TESTABLE if kept is None else _reproduced(kept >= 0.5)
+        if len(seeds) < MIN_PAIRED_SEEDS:
+            verdict = Verdict.INCONCLUSIVE
+        claims[3].append(CapacityKeep(ssc_gain, grm_gain, kept, verdict))
+    return claims
+
+
 def load_view(grid: Grid) -> list[tuple[str, dict[str, dict[int, float]]]]:
     """The heaviest memory load of the MQAR grid: per seed, the mean accuracy over the pairs
     at the longest length, for the trained models (post-training MC rows left out)."""
@@ -179,7 +292,7 @@ def load_view(grid: Grid) -> list[tuple[str, dict[str, dict[int, float]]]]:
         for model, seeds in grid.items()
         if "post-training" not in model
     }
-    return [(f"at {longest} tokens, {pairs[0]}-{pairs[-1]} pairs", scores)]
+    return [(f"`mqar` grid at {longest} tokens, {pairs[0]}-{pairs[-1]} pairs", scores)]
 
 
 @dataclass(frozen=True)
@@ -338,24 +451,33 @@ def throughput(data: dict | None) -> Throughput | None:
 
 @dataclass(frozen=True)
 class LMFamily:
-    """LM claim: validation bits per byte of a base and its MC variants (lower is better)."""
+    """LM claim: validation bits per byte of a base and its MC variants (lower is better), on
+    blocks of ``block`` tokens in which the last token reads at most ``caches`` caches.
+    Blocks shorter than LM_MIN_BLOCK make the claim not testable whatever the numbers."""
 
     base: str
     base_bits: float
     variants: tuple[tuple[str, float], ...]
     seeds: tuple[int, ...]
+    block: int
+    caches: int
     verdict: Verdict
 
 
 def lm_claim(
-    bits: dict[str, dict[int, float]],
+    bits: dict[str, dict[int, float]], block: int, segment: int
 ) -> tuple[list[LMFamily], tuple[float, tuple[int, ...]] | None]:
     """(a finding per family, Transformer++'s (mean bits per byte, seeds) or None).
 
     Args:
         bits: {model: {seed: validation bits per byte}}; a family is compared on the seeds
             all its models have.
+        block: the validation blocks' length in tokens.
+        segment: the MC cells' segment length.
     """
+    if block < 1 or segment < 1:
+        raise ValueError(f"block and segment must be positive, got {block} and {segment}")
+    caches = math.ceil(block / segment) - 1
     families = []
     for base in ("gated_delta", "titans"):
         scores, seeds = _common_seeds(bits, [base, f"{base}+grm", f"{base}+ssc"])
@@ -363,8 +485,9 @@ def lm_claim(
         if base not in scores or not variants:
             continue
         lower = min(variants.values()) < scores[base] - LM_MARGIN
+        verdict = Verdict.NOT_TESTABLE if block < LM_MIN_BLOCK else _reproduced(lower)
         families.append(
-            LMFamily(base, scores[base], tuple(variants.items()), seeds, _reproduced(lower))
+            LMFamily(base, scores[base], tuple(variants.items()), seeds, block, caches, verdict)
         )
     tpp = bits.get("Transformer++")
     transformer = (statistics.mean(tpp.values()), tuple(sorted(tpp))) if tpp else None
