@@ -1,7 +1,7 @@
 """The experiments behind docs/results.md: training runs over task bases, models, seeds and
 overrides.
 
-    python -m experiments.sweep [EXPERIMENT ...] [--seeds 0 1 2] [--jobs 2] [--models NAME ...]
+    python -m experiments.sweep [EXPERIMENT ...] [--seeds S ...] [--jobs 2] [--models NAME ...]
                                 [--list]
 
 Each cell (experiment, model, seed) trains with ``growmem train TASK --model SPEC`` into
@@ -253,6 +253,12 @@ EXPERIMENTS = {
 }
 
 
+# Seeds a sweep runs by default: the capacity experiments pair five (their verdicts count
+# seeds out of five), the older ones three.
+DEFAULT_SEEDS = (0, 1, 2)
+SEEDS = {"mqar_capacity": (0, 1, 2, 3, 4), "mqar_state_size": (0, 1, 2, 3, 4)}
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
@@ -338,7 +344,12 @@ def run_cell(experiment: str, cell: Cell, seed: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="seeds of every experiment (default: each experiment's SEEDS)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="cells trained at a time")
     parser.add_argument("--models", nargs="+", help="only these models (names as in --list)")
     parser.add_argument("--list", action="store_true", help="list the cells and their state")
@@ -353,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [
         (exp, cell, seed)
         for exp in args.experiments
-        for seed in args.seeds
+        for seed in args.seeds or SEEDS.get(exp, DEFAULT_SEEDS)
         for cell in EXPERIMENTS[exp]()
         if not args.models or cell.name in args.models
     ]

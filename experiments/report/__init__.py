@@ -22,10 +22,11 @@ from experiments.report import (
     verdicts,
 )
 from experiments.report.load import Sources
+from experiments.sweep import SEEDS
 
 EXPERIMENTS = ["mqar_capacity", "mqar_state_size", "mqar", "mqar_small_state", "niah", "lm"]
-# seeds the capacity experiments are reported over (paired; the sweep runs them with --seeds 0-4)
-PAIRED_SEEDS = 5
+# seeds the capacity experiments are reported over (paired): as many as the sweep runs
+PAIRED_SEEDS = len(SEEDS["mqar_capacity"])
 
 
 def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
