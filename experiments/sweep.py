@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from growmem.evaluate import HELD_OUT_SEED
 from growmem.utils.provenance import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def _mqar_small_state() -> list[Cell]:
 # gated cell pins all of its gate settings, so its meaning does not follow the library's
 # defaults. HELD_OUT: every model is also scored on the same examples of a generator seed no
 # training used (training seeds are small numbers).
-HELD_OUT = ["--data-seed", "100000"]
+HELD_OUT = ["--data-seed", str(HELD_OUT_SEED)]
 GATES = {  # label: the gate settings of a gated cell
     "1/sqrt(D)": {"caching.gate_norm": "none", "caching.gate_scale": "null"},
     "raw, as the paper": {"caching.gate_norm": "none", "caching.gate_scale": "1.0"},

@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from growmem.cli import Parser, int_at_least, resolve_config
+from growmem.evaluate import HELD_OUT_SEED
 from growmem.models.model_spec import ModelSpec
 from growmem.probe.capacity import capacity_probe
 from growmem.training.config import load_config
@@ -150,13 +151,23 @@ def _routing_line(name: str, result: dict) -> str | None:
     return f"{name} gates: " + "; ".join(parts)
 
 
+def held_out(root: Path, spec: str) -> dict:
+    """The evaluation of the trained model ``spec`` on the held-out examples
+    (``growmem eval --data-seed HELD_OUT_SEED``), run once and kept in its run folder."""
+    model = run_folder(root, spec) / "model"
+    out = run_folder(root, spec) / "held_out"
+    path = out / "eval-mqar.json"
+    if not path.is_file():
+        command = [sys.executable, "-m", "growmem.cli", "eval", str(model), "--threads", "1"]
+        command += ["--data-seed", str(HELD_OUT_SEED), "--out", str(out)]
+        subprocess.run(command, check=True, capture_output=True)
+    return json.loads(path.read_text())
+
+
 def report(root: Path, configs: dict) -> Path:
     """Print the accuracy table next to the probe and write the plot; returns the PNG's
     path."""
-    results = {
-        name: json.loads((run_folder(root, spec) / "model" / "eval.json").read_text())
-        for name, spec in MODELS.items()
-    }
+    results = {name: held_out(root, spec) for name, spec in MODELS.items()}
     config = next(iter(configs.values()))
     expected = probe(config)
     first = next(iter(results.values()))

@@ -32,6 +32,11 @@ from growmem.tasks import (
     score_exact_match,
 )
 
+# The generator seed of held-out evaluation examples (``growmem eval --data-seed``): no
+# training uses it (training seeds are small numbers), so every model and seed is scored on the
+# same examples, drawn from streams no training drew from.
+HELD_OUT_SEED = 100_000
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of ``model``: its ``device`` (Hugging Face models), else its parameters'

@@ -37,6 +37,9 @@ def test_demo_trains_reports_and_reuses_runs(tmp_path, capsys):
     assert 0 < base < oracle <= 1  # 16 pairs overflow an 8 x 8 memory; the right cache holds 4
     assert "gated_delta+grm gates: layer 0: entropy" in out
     assert (tmp_path / "mqar_demo.png").stat().st_size > 0
+    for spec in demo.MODELS.values():  # scored on the held-out examples, as the sweep's cells
+        held_out = demo.run_folder(tmp_path, spec) / "held_out" / "eval-mqar.json"
+        assert held_out.is_file()
     assert demo.main(args) == 0  # everything trained: nothing is retrained
     assert not [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("training")
