@@ -1,4 +1,5 @@
-"""Single needle-in-a-haystack (S-NIAH-1/2/3) in the style of RULER's niah_single_1/2/3.
+"""Needle-in-a-haystack, single (S-NIAH-1/2/3) and multi-key, in the style of RULER's
+niah_single_1/2/3 and niah_multikey_1.
 
 Hsieh et al., "RULER: What's the Real Context Size of Your Long-Context Language Models?"
 (2024). A prompt reads (with ``{kind}`` "number" or "uuid")::
@@ -35,9 +36,11 @@ and the question asks for one of them, so a model must tell the queried key's va
 K - 1 distractors' (a fixed-size state has to keep all K pairs apart). The queried needle goes
 at the sentence boundary nearest ``depth``; each distractor at the free boundary nearest a
 depth drawn uniformly from [0, 1) by the example's seed, so every needle sits at its own
-sentence boundary; a length whose haystack has fewer than K boundaries is an error. The seed
-draws the queried key, its value and the haystack's first sentence, then the distractors' keys,
-values and depths, so K = 1 gives exactly the single-needle examples.
+sentence boundary (in the order queried, then distractors as drawn; the first on a tie); a
+length whose haystack has fewer than K boundaries is an error. The seed draws the queried key,
+its value and the haystack's first sentence, then each distractor's key and value (redrawn
+until unlike all earlier ones), then the distractors' depths, so K = 1 gives exactly the
+single-needle examples.
 
 =========  ==============================================================================
 K          needles in the haystack (the question asks for the one at ``depth``)
