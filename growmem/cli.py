@@ -110,7 +110,7 @@ def cmd_eval(args) -> int:
         verify_checksums,
     )
     from growmem.training.config import TASK_TYPES, build_config
-    from growmem.training.data import mqar_data
+    from growmem.training.data import mqar_data, niah_eval_lengths
     from growmem.training.device import resolve_device
     from growmem.training.rundir import ensure_folder
     from growmem.utils.provenance import write_json
@@ -191,10 +191,12 @@ def cmd_eval(args) -> int:
             model,
             tokenizer,
             variant=task.variant,
-            lengths=lengths or task.eval_lengths or [task.seq_len * m for m in (1, 2, 4, 8)],
+            lengths=lengths or niah_eval_lengths(task),
             num_examples=task.num_eval_examples,
             seed=data_seed,
             haystack=task.haystack,
+            num_needles=task.num_needles,
+            train_length=run.task.seq_len,
         )
     else:
         seq_len = max(lengths) if lengths else task.seq_len

@@ -195,6 +195,10 @@ def _gate_stats(record, segment_size, example, query_pos, pair_seg) -> dict[str,
     return stats
 
 
+def _mean(rows: Sequence[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 @torch.no_grad()
 def evaluate_niah(
     model: GrowMemForCausalLM,
@@ -206,19 +210,44 @@ def evaluate_niah(
     seed: int,
     haystack: str | None = None,
     bf16: bool = False,
+    num_needles: int = 1,
+    train_length: int | None = None,
 ) -> dict[str, Any]:
-    """Exact-match retrieval of the needle's value, generated greedily for as many tokens as
-    the answer has, at each length, and the teacher-forced accuracy of the answer's tokens
-    (partial credit: a model that gets 5 of 7 digits right scores 0 on exact match but 5/7
-    here).
+    """Exact-match retrieval of the queried needle's value, generated greedily for as many
+    tokens as the answer has, at each length, and the teacher-forced accuracy of the answer's
+    tokens (partial credit: a model that gets 5 of 7 digits right scores 0 on exact match but
+    5/7 here).
 
     Examples come from a seed stream disjoint from training's (``fold_seed(seed, 1, length)``)
-    with needle depths on an even grid.
+    with the queried needle's depths on an even grid.
+
+    Args:
+        model: a causal LM with ``generate`` (Hugging Face style).
+        tokenizer: the model's tokenizer.
+        variant, haystack, num_needles: the examples' (`growmem.tasks.niah.make_niah_example`);
+            a model trained with K needles is evaluated with K needles.
+        lengths: evaluation lengths in tokens (prompt + answer).
+        num_examples: examples per length.
+        seed: the run's data seed.
+        bf16: autocast to bfloat16 on the model's device.
+        train_length: the model's training length, if known: each length is then marked
+            "within" (<= train_length) or "beyond" it (extrapolation) and each group gets its
+            own means, so extrapolation is reported apart from the task itself.
 
     Returns:
-        {"accuracy": mean over lengths, "token_accuracy": mean over lengths, "lengths":
-        [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]}.
+        {"accuracy": mean over lengths, "token_accuracy": mean over lengths, "num_needles",
+        "lengths": [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]};
+        with ``train_length`` also "train_length", each row's "regime" ("within" or "beyond")
+        and, for each regime present, "<regime>_accuracy" and "<regime>_token_accuracy" (means
+        over its lengths).
+
+    Raises:
+        ValueError: a train_length that is not a positive int.
     """
+    if train_length is not None and (
+        isinstance(train_length, bool) or not isinstance(train_length, int) or train_length < 1
+    ):
+        raise ValueError(f"train_length: expected None or an int >= 1, got {train_length!r}")
     model.eval()
     device = model_device(model)
     rows = []
@@ -230,6 +259,7 @@ def evaluate_niah(
             num_examples=num_examples,
             seed=fold_seed(seed, 1, length),
             haystack=haystack,
+            num_needles=num_needles,
         )
         hits, token_hits = [], []
         for example in examples:
@@ -254,19 +284,29 @@ def evaluate_niah(
                 )
             text = tokenizer.decode(out[0, ids.shape[1] :].tolist())
             hits.append(score_exact_match(text, example.answer))
-        rows.append(
-            {
-                "length": length,
-                "accuracy": sum(hits) / len(hits),
-                "token_accuracy": sum(token_hits) / len(token_hits),
-                "depths": [[e.depth, h] for e, h in zip(examples, hits, strict=True)],
-            }
-        )
-    return {
-        "accuracy": sum(r["accuracy"] for r in rows) / len(rows),
-        "token_accuracy": sum(r["token_accuracy"] for r in rows) / len(rows),
+        row = {
+            "length": length,
+            "accuracy": sum(hits) / len(hits),
+            "token_accuracy": sum(token_hits) / len(token_hits),
+            "depths": [[e.depth, h] for e, h in zip(examples, hits, strict=True)],
+        }
+        if train_length is not None:
+            row["regime"] = "within" if length <= train_length else "beyond"
+        rows.append(row)
+    results = {
+        "accuracy": _mean(rows, "accuracy"),
+        "token_accuracy": _mean(rows, "token_accuracy"),
+        "num_needles": num_needles,
         "lengths": rows,
     }
+    if train_length is not None:
+        results["train_length"] = train_length
+        for regime in ("within", "beyond"):
+            group = [r for r in rows if r["regime"] == regime]
+            if group:
+                results[f"{regime}_accuracy"] = _mean(group, "accuracy")
+                results[f"{regime}_token_accuracy"] = _mean(group, "token_accuracy")
+    return results
 
 
 @torch.no_grad()
@@ -347,6 +387,9 @@ def plot_results(task: str, results: dict[str, Any], path: Path, title: str = ""
     elif task == "niah":
         rows = results["lengths"]
         ax.plot([r["length"] for r in rows], [r["accuracy"] for r in rows], "o-")
+        if "train_length" in results:  # right of the line: extrapolation
+            ax.axvline(results["train_length"], color="grey", ls="--", label="training length")
+            ax.legend()
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("exact match")

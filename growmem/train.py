@@ -184,6 +184,8 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
         seed=config.train.seed,
         haystack=task.haystack,
         bf16=bf16,
+        num_needles=task.num_needles,
+        train_length=task.seq_len,
     )
 
 

@@ -1,4 +1,5 @@
-"""Single needle-in-a-haystack (S-NIAH-1/2/3) in the style of RULER's niah_single_1/2/3.
+"""Needle-in-a-haystack, single (S-NIAH-1/2/3) and multi-key, in the style of RULER's
+niah_single_1/2/3 and niah_multikey_1.
 
 Hsieh et al., "RULER: What's the Real Context Size of Your Long-Context Language Models?"
 (2024). A prompt reads (with ``{kind}`` "number" or "uuid")::
@@ -28,6 +29,25 @@ object with ``encode(str) -> list[int]``), so examples fall short of the target 
 word's tokens. The needle goes in at the sentence boundary nearest ``depth`` (fraction of the
 haystack's words: 0 = first, 1 = last); the haystack may end mid-sentence, and the needle never
 follows such a fragment, so depth 1 is off by at most one sentence.
+
+Multi-key needles (``num_needles`` K > 1), in the style of RULER's niah_multikey_1: the
+haystack holds K needles of the variant's format with K distinct keys and K distinct values,
+and the question asks for one of them, so a model must tell the queried key's value from the
+K - 1 distractors' (a fixed-size state has to keep all K pairs apart). The queried needle goes
+at the sentence boundary nearest ``depth``; each distractor at the free boundary nearest a
+depth drawn uniformly from [0, 1) by the example's seed, so every needle sits at its own
+sentence boundary (in the order queried, then distractors as drawn; the first on a tie); a
+length whose haystack has fewer than K boundaries is an error. The seed draws the queried key,
+its value and the haystack's first sentence, then each distractor's key and value (redrawn
+until unlike all earlier ones), then the distractors' depths, so K = 1 gives exactly the
+single-needle examples.
+
+=========  ==============================================================================
+K          needles in the haystack (the question asks for the one at ``depth``)
+=========  ==============================================================================
+1          the queried needle only (S-NIAH-1/2/3, the default)
+K > 1      the queried needle and K - 1 distractors with other keys and values
+=========  ==============================================================================
 """
 
 from __future__ import annotations
@@ -127,7 +147,9 @@ class NIAHExample:
             and answer tokens is exact; the full sequence is input_ids + answer_ids.
         depth: the requested needle depth in [0, 1].
         variant: 1, 2 or 3.
-        key: the needle's key, e.g. "brave-lantern".
+        key: the queried needle's key, e.g. "brave-lantern".
+        distractors: (key, value) of the other needles (multi-key examples), in the order
+            the seed drew them; empty for a single needle.
     """
 
     prompt: str
@@ -137,6 +159,7 @@ class NIAHExample:
     depth: float
     variant: int
     key: str
+    distractors: tuple[tuple[str, str], ...] = ()
 
 
 def _docstring_sentences(source: str) -> list[str]:
@@ -181,19 +204,40 @@ def _haystack_words(text: str) -> tuple[tuple[str, ...], frozenset[int], tuple[i
     return words, frozenset(starts), tuple(starts)
 
 
-def _context(
-    words: Sequence[str], starts: frozenset[int], first: int, count: int, depth: float, needle: str
-) -> str:
-    """``count`` haystack words from word ``first`` (wrapping), the needle inserted by depth.
+def _boundaries(words: Sequence[str], starts: frozenset[int], first: int, count: int) -> list[int]:
+    """Where a needle may go in ``count`` words from word ``first`` (wrapping): the offsets
+    j in [0, count] of the sentence starts (offset ``count`` only if a sentence starts after
+    the run; offset 0 always does)."""
+    return [j for j in range(count + 1) if (first + j) % len(words) in starts]
 
-    The needle goes before the sentence start nearest to word ``depth * count`` (the end of the
-    haystack counts only if it ends a sentence; word ``first`` always starts one).
+
+def _context(
+    words: Sequence[str],
+    starts: frozenset[int],
+    first: int,
+    count: int,
+    needles: Sequence[tuple[float, str]],
+) -> str:
+    """``count`` haystack words from word ``first`` (wrapping), the needles inserted by depth.
+
+    ``needles`` are (depth, text), the queried one first: each goes before the sentence start
+    nearest to word ``depth * count`` (the first on a tie) that no earlier needle took; once
+    every boundary is taken the rest share the nearest one (`make_niah_example` rejects such a
+    haystack, it only sizes with it).
     """
-    index = [(first + j) % len(words) for j in range(count + 1)]  # one past the end, too
-    boundaries = [j for j, i in enumerate(index) if i in starts]
-    cut = min(boundaries, key=lambda j: abs(j - depth * count))
-    chosen = [words[i] for i in index[:count]]
-    return " ".join([*chosen[:cut], needle, *chosen[cut:]])
+    boundaries = _boundaries(words, starts, first, count)
+    at: dict[int, list[str]] = {}
+    for depth, needle in needles:
+        free = [j for j in boundaries if j not in at] or boundaries
+        cut = min(free, key=lambda j: abs(j - depth * count))
+        at.setdefault(cut, []).append(needle)
+    chosen = [words[(first + j) % len(words)] for j in range(count)]
+    parts = []
+    for j in range(count + 1):
+        parts += at.get(j, [])
+        if j < count:
+            parts.append(chosen[j])
+    return " ".join(parts)
 
 
 def _largest_fitting(fits: Callable[[int], bool], guess: int, limit: int) -> int:
@@ -216,6 +260,14 @@ def _largest_fitting(fits: Callable[[int], bool], guess: int, limit: int) -> int
     return low
 
 
+def _draw_distinct(draw: Callable[[], str], taken: set[str]) -> str:
+    """``draw()`` until it gives a string not in ``taken``; adds it there."""
+    while (drawn := draw()) in taken:
+        pass
+    taken.add(drawn)
+    return drawn
+
+
 def make_niah_example(
     tokenizer: _Encoder,
     *,
@@ -224,6 +276,7 @@ def make_niah_example(
     depth: float,
     seed: int,
     haystack: str | None = None,
+    num_needles: int = 1,
 ) -> NIAHExample:
     """One S-NIAH example of ``length`` tokens (prompt and answer), a function of its arguments.
 
@@ -232,13 +285,18 @@ def make_niah_example(
         variant: 1, 2 or 3 (see the module docstring).
         length: target number of tokens of prompt + answer; the result has between
             ``length`` minus one word's tokens and ``length``.
-        depth: needle position as a fraction of the haystack, in [0, 1].
-        seed: non-negative; picks key, value and the haystack's first sentence.
-        haystack: text to hide the needle in, instead of the variant's default.
+        depth: the queried needle's position as a fraction of the haystack, in [0, 1].
+        seed: non-negative; picks keys, values, the distractors' depths and the haystack's
+            first sentence.
+        haystack: text to hide the needles in, instead of the variant's default.
+        num_needles: K >= 1 needles with distinct keys and values, each at its own sentence
+            boundary; the question asks for the one at ``depth`` (1: S-NIAH, K > 1: multi-key,
+            see the module docstring).
 
     Raises:
-        ValueError: a bad variant, depth, seed or haystack, or a length too small for the
-            prompt without any haystack.
+        ValueError: a bad variant, depth, seed, num_needles or haystack, or a length too small
+            for the prompt with its needles and the haystack words that give every needle its
+            own sentence boundary (none for one needle).
     """
     if variant not in _VARIANTS:
         raise ValueError(f"variant: expected 1, 2 or 3, got {variant!r}")
@@ -246,32 +304,56 @@ def make_niah_example(
         raise ValueError(f"depth: expected a fraction in [0, 1], got {depth}")
     if seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed}")
+    max_needles = len(_ADJECTIVES) * len(_NOUNS)  # one key each
+    if (
+        isinstance(num_needles, bool)
+        or not isinstance(num_needles, int)
+        or not 1 <= num_needles <= max_needles
+    ):
+        raise ValueError(f"num_needles: expected an int in [1, {max_needles}], got {num_needles!r}")
     spec = _VARIANTS[variant]
     if haystack is None:
         haystack = stdlib_essay() if spec.essay else NOISE_HAYSTACK
     words, starts, start_list = _haystack_words(haystack)
 
+    # The single-needle draws come first, so one needle gives the examples it always gave.
     rng = random.Random(seed)
     key = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
     answer = spec.make_value(rng)
     first = rng.choice(start_list)
-    needle = _NEEDLE.format(kind=spec.kind, key=key, value=answer)
+    keys, values = {key}, {answer}
+    distractors = []  # (key, value), each unlike the queried pair and the other distractors
+    for _ in range(num_needles - 1):
+        other_key = _draw_distinct(lambda: f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}", keys)
+        distractors.append((other_key, _draw_distinct(lambda: spec.make_value(rng), values)))
+    needles = [(depth, _NEEDLE.format(kind=spec.kind, key=key, value=answer))]
+    needles += [
+        (rng.random(), _NEEDLE.format(kind=spec.kind, key=k, value=v)) for k, v in distractors
+    ]
     header = _HEADER.format(kind=spec.kind)
     question = _QUESTION.format(kind=spec.kind, key=key)
     answer_ids = list(tokenizer.encode(" " + answer))
 
     def prompt(count: int) -> str:
-        return header + _context(words, starts, first, count, depth, needle) + question
+        return header + _context(words, starts, first, count, needles) + question
 
     def fits(count: int) -> bool:
         return len(tokenizer.encode(prompt(count))) + len(answer_ids) <= length
 
+    # The shortest haystack with a sentence boundary per needle: the offset of the K-th
+    # sentence start from word ``first`` (0 for one needle: word ``first`` starts one).
+    enough, seen = -1, 0
+    while seen < num_needles:
+        enough += 1
+        seen += (first + enough) % len(words) in starts
     # Every word costs at least one token for the tokenizers in use; the limit guards the rest.
     count = _largest_fitting(fits, guess=length // 8, limit=16 * length)
-    if count < 0:
-        minimum = len(tokenizer.encode(prompt(0))) + len(answer_ids)
+    if count < enough:
+        minimum = len(tokenizer.encode(prompt(enough))) + len(answer_ids)
+        needles_note = f" with num_needles={num_needles}" if num_needles > 1 else ""
         raise ValueError(
-            f"length: expected at least {minimum} tokens for variant {variant}, got {length}"
+            f"length: expected at least {minimum} tokens for variant {variant}{needles_note}, "
+            f"got {length}"
         )
     text = prompt(count)
     return NIAHExample(
@@ -282,6 +364,7 @@ def make_niah_example(
         depth=depth,
         variant=variant,
         key=key,
+        distractors=tuple(distractors),
     )
 
 
@@ -303,11 +386,12 @@ def niah_dataset(
     seed: int,
     depths: Sequence[float] | None = None,
     haystack: str | None = None,
+    num_needles: int = 1,
 ) -> list[NIAHExample]:
     """``num_examples`` examples; example i uses seed ``fold_seed(seed, i)``.
 
     Args:
-        tokenizer, variant, length, haystack: as in `make_niah_example`.
+        tokenizer, variant, length, haystack, num_needles: as in `make_niah_example`.
         num_examples: >= 1.
         seed: non-negative.
         depths: example i gets ``depths[i % len(depths)]``; default ``depth_grid(num_examples)``.
@@ -325,6 +409,7 @@ def niah_dataset(
             depth=depths[i % len(depths)],
             seed=fold_seed(seed, i),
             haystack=haystack,
+            num_needles=num_needles,
         )
         for i in range(num_examples)
     ]

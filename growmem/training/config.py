@@ -68,18 +68,25 @@ class MQARTask:
 
 @dataclass
 class NIAHTask:
-    """Single needle in a haystack, S-NIAH-1/2/3 (growmem.tasks.niah).
+    """Needles in a haystack, S-NIAH-1/2/3 and multi-key (growmem.tasks.niah).
 
     Args:
         variant: 1 (passkey, noise haystack), 2 (7-digit number, essay), 3 (UUID, essay).
         seq_len: training length in tokens.
         num_train_examples: training examples.
-        eval_lengths: evaluation lengths in tokens (default 1x, 2x, 4x, 8x seq_len).
+        eval_lengths: evaluation lengths in tokens (default 1x, 2x, 4x, 8x seq_len); lengths up
+            to seq_len are reported as "within" the training length, longer ones as "beyond"
+            (extrapolation), each group with its own mean.
         num_eval_examples: examples per evaluation length (needle depths on a grid).
         haystack: "noise" or "essay" (default per variant).
         tokenizer: "byte" or a saved tokenizer directory.
         train_on_prompt: train every token of an example (language-modelling loss), not only
             the answer's.
+        num_needles: needles per example, training and evaluation alike: 1 is S-NIAH; K > 1
+            hides K needles with distinct keys and values (RULER's niah_multikey style) and
+            asks for one, so the model must keep K pairs apart. Each needle and the haystack
+            sentence that keeps it apart from the next cost about 80 byte tokens, and every
+            length must hold them all (variant 1, byte tokens: about 600 tokens for K = 4).
     """
 
     name: str = "niah"
@@ -91,6 +98,7 @@ class NIAHTask:
     haystack: str | None = None
     tokenizer: str = "byte"
     train_on_prompt: bool = False
+    num_needles: int = 1
 
 
 @dataclass
@@ -314,6 +322,7 @@ _TASK_AT_LEAST = {
     "num_test_examples": 1,
     "eval_lengths": 1,
     "num_eval_examples": 1,
+    "num_needles": 1,
     "bpe_vocab_size": 1,
     "eval_blocks": 0,
 }

@@ -124,6 +124,7 @@ def niah_data(task: NIAHTask, seed: int) -> TaskData:
         num_examples=task.num_train_examples,
         seed=seed,
         haystack=task.haystack,
+        num_needles=task.num_needles,
     )
     batch = niah_training_batch(
         examples, pad_id=tokenizer.pad_id, train_on_prompt=task.train_on_prompt
@@ -134,6 +135,8 @@ def niah_data(task: NIAHTask, seed: int) -> TaskData:
 
 
 def niah_eval_lengths(task: NIAHTask) -> list[int]:
+    """The evaluation lengths of ``task``: its own, or the training length first, then 2x,
+    4x and 8x it (extrapolation)."""
     return task.eval_lengths or [task.seq_len * m for m in (1, 2, 4, 8)]
 
 

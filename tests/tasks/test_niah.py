@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -17,6 +18,8 @@ from growmem.tasks.niah import (
     stdlib_essay,
 )
 from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer
+
+from .niah_rules import haystack_count, multikey_prompts, run_boundaries, seed_draws
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 VALUE_FORMAT = {1: r"[1-9]\d{6}", 2: r"[1-9]\d{6}", 3: UUID}
@@ -188,3 +191,140 @@ def test_essay_is_offline_prose():
     assert ">>>" not in essay and "def " not in essay and "\n" not in essay
     assert essay == stdlib_essay()
     assert NOISE_HAYSTACK.startswith("The grass is green.")
+
+
+# ---------------------------------------------------------------- multi-key needles
+
+VALUE = {1: r"\d{7}", 2: r"\d{7}", 3: UUID}
+
+
+def needles_of(prompt: str, variant: int) -> list[tuple[str, str, int]]:
+    """(key, value, character offset) of every needle in ``prompt``."""
+    pattern = (
+        rf"One of the special magic {KIND[variant]}s for ([a-z]+-[a-z]+) is: ({VALUE[variant]})\."
+    )
+    return [(m[1], m[2], m.start()) for m in re.finditer(pattern, prompt)]
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_multikey_needles_are_distinct_apart_and_the_queried_one_answers(tokenizer, variant):
+    for seed, depth in enumerate((0.0, 0.3, 0.5, 1.0)):
+        ex = make_niah_example(
+            tokenizer, variant=variant, length=1600, depth=depth, seed=seed, num_needles=4
+        )
+        needles = needles_of(ex.prompt, variant)
+        assert len(needles) == 4
+        assert len({k for k, _, _ in needles}) == len({v for _, v, _ in needles}) == 4
+        by_key = {k: v for k, v, _ in needles}
+        assert by_key[ex.key] == ex.answer  # the question's key names the answer's needle
+        assert ex.prompt.endswith(f"for {ex.key} mentioned in the provided text is")
+        assert sorted(ex.distractors) == sorted((k, v) for k, v, _ in needles if k != ex.key)
+        assert ex.prompt.count(ex.answer) == 1
+        # each at its own sentence boundary: after a sentence's end, with haystack between
+        offsets = sorted(at for _, _, at in needles)
+        for at in offsets:
+            assert ex.prompt[:at].endswith(("\n", ". ", "! ", "? "))
+        for at, following in itertools.pairwise(offsets):
+            between = ex.prompt[at:following].split(".", 1)[1]  # after the needle's own end
+            assert between.strip(), "two needles at one boundary"
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_multikey_queried_needle_at_requested_depth(byte, depth):
+    ex = make_niah_example(byte, variant=2, length=20_000, depth=depth, seed=4, num_needles=5)
+    prompt = ex.prompt
+    for key, value in ex.distractors:  # the haystack as the queried needle sees it
+        prompt = prompt.replace(f"One of the special magic numbers for {key} is: {value}. ", "")
+    assert len(needles_of(prompt, 2)) == 1
+    needle = f"One of the special magic numbers for {ex.key} is: {ex.answer}."
+    assert abs(needle_fraction(prompt, needle) - depth) < 0.015  # a sentence is <= 200 chars
+
+
+def test_multikey_distractors_spread_over_the_haystack(byte):
+    """Distractor depths are drawn per example: over many examples they cover the haystack."""
+    fractions = []
+    for seed in range(12):
+        ex = make_niah_example(byte, variant=1, length=3000, depth=0.5, seed=seed, num_needles=3)
+        for key, value in ex.distractors:
+            needle = f"One of the special magic numbers for {key} is: {value}."
+            fractions.append(needle_fraction(ex.prompt, needle))
+    assert min(fractions) < 0.2 and max(fractions) > 0.8
+
+
+def test_multikey_deterministic_by_seed(tokenizer):
+    kwargs = dict(variant=3, length=1500, depth=0.5, num_needles=3)
+    a = make_niah_example(tokenizer, seed=5, **kwargs)
+    assert a == make_niah_example(tokenizer, seed=5, **kwargs)
+    b = make_niah_example(tokenizer, seed=6, **kwargs)
+    assert a.answer != b.answer and a.distractors != b.distractors and a.prompt != b.prompt
+
+
+@pytest.mark.parametrize("num_needles", [2, 4, 8])
+def test_multikey_length_contract(tokenizer, num_needles):
+    """prompt + answer within the target, short of it by at most one word's tokens."""
+    longest_word = max(len(tokenizer.encode(" " + w)) for w in NOISE_HAYSTACK.split())
+    for length in (1100, 1500, 2500):
+        for seed in range(3):
+            ex = make_niah_example(
+                tokenizer, variant=1, length=length, depth=0.7, seed=seed, num_needles=num_needles
+            )
+            total = len(ex.input_ids) + len(ex.answer_ids)
+            assert length - longest_word - 2 <= total <= length, (length, seed)
+            assert ex.input_ids == tokenizer.encode(ex.prompt)
+            assert len(needles_of(ex.prompt, 1)) == num_needles
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_multikey_shortest_length_is_stated_and_exact(byte, variant):
+    """Too short for K needles at their own boundaries: the error states the shortest length
+    that fits, and that length does fit."""
+    for seed in range(4):
+        kwargs = dict(variant=variant, depth=0.5, seed=seed, num_needles=4)
+        with pytest.raises(ValueError, match=r"length: .* with num_needles=4, got 500") as caught:
+            make_niah_example(byte, length=500, **kwargs)
+        shortest = int(re.search(r"at least (\d+) tokens", str(caught.value))[1])
+        ex = make_niah_example(byte, length=shortest, **kwargs)
+        assert len(needles_of(ex.prompt, variant)) == 4
+        # its haystack is the shortest run from its first sentence with 4 sentence starts
+        haystack = NOISE_HAYSTACK if variant == 1 else stdlib_essay()
+        first = seed_draws(seed, variant=variant, num_needles=4, haystack=haystack)[2]
+        count = haystack_count(ex.prompt, 4)
+        assert len(run_boundaries(haystack, first, count)) >= 4
+        assert len(run_boundaries(haystack, first, count - 1)) < 4
+        with pytest.raises(ValueError, match="length"):
+            make_niah_example(byte, length=shortest - 1, **kwargs)
+
+
+def test_num_needles_errors(byte):
+    kwargs = dict(variant=1, length=2000, depth=0.5, seed=0)
+    for bad in (0, -1, 1.5, True, "2", 2501):
+        with pytest.raises(ValueError, match="num_needles"):
+            make_niah_example(byte, **kwargs, num_needles=bad)
+    with pytest.raises(ValueError, match="num_needles"):
+        niah_dataset(byte, variant=1, length=2000, num_examples=2, seed=0, num_needles=0)
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_one_needle_is_the_single_needle_example(tokenizer, variant):
+    """num_needles=1 rebuilds, from the seed's documented draws and the placement rules
+    (tests/tasks/niah_rules.py), exactly the single-needle example."""
+    haystack = NOISE_HAYSTACK if variant == 1 else stdlib_essay()
+    for seed, (length, depth) in enumerate(itertools.product((450, 900, 2000), (0.0, 0.35, 1.0))):
+        ex = make_niah_example(tokenizer, variant=variant, length=length, depth=depth, seed=seed)
+        assert ex == make_niah_example(
+            tokenizer, variant=variant, length=length, depth=depth, seed=seed, num_needles=1
+        )
+        key, value, _, others = seed_draws(seed, variant=variant, num_needles=1, haystack=haystack)
+        assert (ex.key, ex.answer, ex.distractors, others) == (key, value, (), [])
+        same, _ = multikey_prompts(
+            ex.prompt, seed=seed, variant=variant, num_needles=1, depth=depth, haystack=haystack
+        )
+        assert ex.prompt == same
+
+
+def test_multikey_dataset(byte):
+    examples = niah_dataset(byte, variant=1, length=1200, num_examples=4, seed=0, num_needles=3)
+    assert [e.depth for e in examples] == depth_grid(4)
+    for e in examples:
+        assert len(e.distractors) == 2 and len(needles_of(e.prompt, 1)) == 3
+    assert len({e.answer for e in examples}) == 4

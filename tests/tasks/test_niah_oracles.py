@@ -8,7 +8,7 @@ import pytest
 from growmem.tasks.niah import NOISE_HAYSTACK, make_niah_example
 from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer
 
-from .niah_rules import grown_prompts
+from .niah_rules import grown_prompts, multikey_prompts
 
 # a haystack with every sentence end the rules know, short sentences and a long one
 PROSE = (
@@ -52,3 +52,34 @@ def test_each_example_is_the_longest_that_fits(tokenizers, name, variant):
             )
             for prompt in grown:  # one more word does not fit
                 assert len(tokenizer.encode(prompt)) + len(ex.answer_ids) > length, (length, depth)
+
+
+@pytest.mark.parametrize("name", ["byte", "bpe"])
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_each_multikey_example_is_the_rules_and_the_longest_that_fits(tokenizers, name, variant):
+    """A K-needle example is what the documented rules build from its seed (keys, values,
+    first sentence, distractor depths, placement), and one more haystack word would not fit."""
+    tokenizer = tokenizers[name]
+    haystack = NOISE_HAYSTACK if variant == 1 else PROSE
+    for length in (1100, 2600):
+        for seed, depth in enumerate((0.0, 0.35, 1.0)):
+            ex = make_niah_example(
+                tokenizer,
+                variant=variant,
+                length=length,
+                depth=depth,
+                seed=seed,
+                haystack=None if variant == 1 else PROSE,
+                num_needles=4,
+            )
+            assert len(ex.input_ids) + len(ex.answer_ids) <= length
+            same, grown = multikey_prompts(
+                ex.prompt,
+                seed=seed,
+                variant=variant,
+                num_needles=4,
+                depth=depth,
+                haystack=haystack,
+            )
+            assert ex.prompt == same, (length, seed)
+            assert len(tokenizer.encode(grown)) + len(ex.answer_ids) > length, (length, seed)

@@ -46,8 +46,8 @@ def mqar_run(tmp_path_factory):
 def test_configs_lists_task_bases_and_the_model_spec_grammar(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:-1] == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert lines[:-1] == ["lm", "mqar", "mqar_capacity", "niah"]
+    bases = ["lm", "mqar", "mqar_capacity", "niah", "niah_multikey"]
+    assert lines[:-1] == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == bases
     assert lines[-1].startswith("model specs (growmem train BASE --model SPEC): 'transformer'")
 
 
@@ -160,6 +160,35 @@ def test_eval_data_seed_draws_other_examples(mqar_run, tmp_path, capsys, monkeyp
     assert not torch.equal(default, held_out) and torch.equal(held_out, again)
     assert main(["eval", str(model), "--task", "lm", "--data-seed", "3"]) == 2
     assert "--data-seed applies to the mqar and niah tasks" in capsys.readouterr().err
+
+
+def test_eval_niah_uses_the_runs_needles_and_training_length(tmp_path, monkeypatch):
+    """growmem eval of a multi-key S-NIAH model evaluates with the run's needles, marks its
+    lengths against the run's training length, and defaults to the run's lengths."""
+    import growmem.evaluate
+
+    task = {"name": "niah", "variant": 1, "seq_len": 520, "num_train_examples": 2}
+    task |= {"num_needles": 2, "eval_lengths": [500, 700], "num_eval_examples": 1}
+    cfg = write_yaml(tmp_path / "c.yaml", raw_config(tmp_path / "run", task=task))
+    assert main(["train", str(cfg), "--set", "train.steps=1", "--set", "train.batch_size=2"]) == 0
+    calls = []
+    real = growmem.evaluate.evaluate_niah
+
+    def spy(model, tokenizer, **kwargs):
+        calls.append(kwargs)
+        return real(model, tokenizer, **kwargs)
+
+    monkeypatch.setattr(growmem.evaluate, "evaluate_niah", spy)
+    model = str(tmp_path / "run" / "model")
+    assert main(["eval", model, "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", model, "--lengths", "600", "--out", str(tmp_path / "b")]) == 0
+    assert [(c["num_needles"], c["train_length"], c["lengths"]) for c in calls] == [
+        (2, 520, [500, 700]),
+        (2, 520, [600]),
+    ]
+    results = json.loads((tmp_path / "a" / "eval-niah.json").read_text())
+    assert [r["regime"] for r in results["lengths"]] == ["within", "beyond"]
+    assert results["num_needles"] == 2
 
 
 def test_eval_of_a_checkpoint_folder(mqar_run, tmp_path):
@@ -330,6 +359,9 @@ def test_bad_setting(tmp_path, capsys, override, expected):
         ({"name": "niah", "haystack": "hay"}, "task.haystack must be 'noise' or 'essay'"),
         ({"name": "lm", "eval_split": "train"}, "task.eval_split must be 'val' or 'test'"),
         ({"name": "niah", "eval_lengths": [0]}, "task.eval_lengths must be >= 1, got [0]"),
+        ({"name": "niah", "num_needles": 0}, "task.num_needles must be >= 1, got 0"),
+        ({"name": "niah", "num_needles": 1.5}, "task.num_needles must be of type int, got 1.5"),
+        ({"name": "niah", "num_needles": True}, "task.num_needles must be of type int, got True"),
     ],
 )
 def test_bad_task_setting(tmp_path, capsys, task, expected):

@@ -227,12 +227,14 @@ def test_to_dict_round_trips(config_file):
 
 
 def test_task_bases_are_few_and_each_is_used():
-    """A task base per task; the sweep and the demo name the model with a spec."""
+    """A task base per task and setting (``TASK_SETTING``, e.g. mqar_capacity); the sweep and
+    the demo name the model with a spec."""
     from experiments.sweep import EXPERIMENTS
     from growmem.demo import TASK
 
     used = {cell.task for cells in EXPERIMENTS.values() for cell in cells()} | {TASK}
-    assert {p.stem for p in PRESETS} == used == {"mqar", "niah", "lm"}
+    bases = {"mqar", "mqar_capacity", "niah", "niah_multikey", "lm"}
+    assert {p.stem for p in PRESETS} == used == bases
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -240,7 +242,7 @@ def test_task_bases_are_few_and_each_is_used():
 def test_every_task_base_loads_with_every_kind_of_model(path, spec):
     config = load_config(path, model=spec)
     assert build_config(config.to_dict()).to_dict() == config.to_dict()
-    assert config.train.out_dir and config.task.name == path.stem
+    assert config.train.out_dir and config.task.name == path.stem.partition("_")[0]
     overridden = load_config(path, ["train.steps=5"], model=spec)
     assert overridden.train.steps == 5
 

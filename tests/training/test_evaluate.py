@@ -65,6 +65,78 @@ def test_niah_generation_stops_at_the_answer_length():
     assert results["accuracy"] == 1.0  # the digits after the value are not generated
 
 
+class KeyedCopier(NextTokenOracle):
+    """Generating, it reads the question's key and copies the value of the needle with that
+    key (``distractor=False``) or of a needle with another key (``distractor=True``)."""
+
+    def __init__(self, tokenizer: ByteTokenizer, distractor: bool):
+        super().__init__(tokenizer.vocab_size, [])
+        self.tokenizer, self.distractor = tokenizer, distractor
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **_) -> torch.Tensor:
+        prompt = self.tokenizer.decode(input_ids[0].tolist())
+        asked = re.search(r"special magic number for ([a-z-]+) mentioned", prompt)[1]
+        needles = re.findall(r"numbers for ([a-z]+-[a-z]+) is: (\d+)\.", prompt)
+        values = [v for k, v in needles if (k != asked) == self.distractor]
+        assert values, f"no needle to copy (distractor={self.distractor})"
+        answer = self.tokenizer.encode(f" {values[0]}")[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([answer])], dim=1)
+
+
+@pytest.mark.parametrize("distractor, expected", [(False, 1.0), (True, 0.0)])
+def test_multikey_niah_scores_the_queried_needle_only(distractor, expected):
+    tokenizer = ByteTokenizer()
+    model = KeyedCopier(tokenizer, distractor)
+    results = evaluate_niah(
+        model, tokenizer, variant=1, lengths=[700, 900], num_examples=3, seed=0, num_needles=3
+    )
+    assert results["accuracy"] == expected
+    assert [r["accuracy"] for r in results["lengths"]] == [expected, expected]
+    assert results["num_needles"] == 3
+
+
+class ShortSighted(NeedleCopier):
+    """Copies the needle's value in prompts of at most ``reach`` tokens, else says nothing."""
+
+    def __init__(self, tokenizer: ByteTokenizer, reach: int):
+        super().__init__(tokenizer)
+        self.reach = reach
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        if input_ids.shape[1] <= self.reach:
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+        return torch.cat([input_ids, torch.zeros(1, max_new_tokens, dtype=torch.long)], dim=1)
+
+
+def test_niah_lengths_within_and_beyond_the_training_length():
+    """Lengths up to the training length are "within" it, longer ones "beyond"; each group has
+    its own means, and the overall means stay over every length."""
+    tokenizer = ByteTokenizer()
+    model = ShortSighted(tokenizer, reach=450)  # solves the lengths it was "trained" at
+    lengths = [400, 450, 600, 800]
+    results = evaluate_niah(
+        model, tokenizer, variant=1, lengths=lengths, num_examples=2, seed=0, train_length=450
+    )
+    assert [r["regime"] for r in results["lengths"]] == ["within", "within", "beyond", "beyond"]
+    assert [r["accuracy"] for r in results["lengths"]] == [1.0, 1.0, 0.0, 0.0]
+    assert (results["within_accuracy"], results["beyond_accuracy"]) == (1.0, 0.0)
+    assert results["accuracy"] == 0.5 and results["train_length"] == 450
+    assert results["within_token_accuracy"] == results["beyond_token_accuracy"] == 1.0
+
+    only_within = evaluate_niah(
+        model, tokenizer, variant=1, lengths=[400], num_examples=1, seed=0, train_length=450
+    )
+    assert "within_accuracy" in only_within and "beyond_accuracy" not in only_within
+    unknown = evaluate_niah(model, tokenizer, variant=1, lengths=[400], num_examples=1, seed=0)
+    assert "regime" not in unknown["lengths"][0]
+    assert not {"train_length", "within_accuracy", "beyond_accuracy"} & set(unknown)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="train_length"):
+            evaluate_niah(
+                model, tokenizer, variant=1, lengths=[400], num_examples=1, seed=0, train_length=bad
+            )
+
+
 # ---------------------------------------------------------------- the model's device
 
 

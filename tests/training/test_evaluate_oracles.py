@@ -359,3 +359,33 @@ def test_niah_train_on_prompt_reaches_the_batch_labels(tmp_path, train_on_prompt
         assert (labels[end:] == IGNORE_INDEX).all()
         ends.append(end)
     assert len(set(ends)) > 1  # rows of several lengths: padding is present
+
+
+def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path):
+    """A run with num_needles K: every training example and every evaluation prompt holds K
+    needles with distinct keys, the label is the queried key's value, and the evaluation marks
+    its lengths against the training length."""
+    task = {"name": "niah", "variant": 1, "seq_len": 700, "num_train_examples": 6}
+    task |= {"num_needles": 3, "eval_lengths": [600, 700, 900], "num_eval_examples": 2}
+    config = tiny_config(tmp_path, task=task)
+    data = build_task_data(config.task, config.train.seed, tmp_path)
+    ids, labels = data.train.tensors["input_ids"], data.train.tensors["labels"]
+    for prompt, row, label in zip(training_prompts(data), ids, labels, strict=True):
+        needles = dict(m.groups() for m in NEEDLE.finditer(prompt))
+        assert len(needles) == 3
+        asked = re.search(r"special magic number for ([a-z-]+) mentioned", prompt)[1]
+        answer = data.tokenizer.decode(row[label != IGNORE_INDEX].tolist())
+        assert answer == " " + needles[asked]
+
+    model = PromptRecorder(data.tokenizer.vocab_size)
+    results = evaluate_run(model, data, config)
+    assert [(r["length"], r["regime"]) for r in results["lengths"]] == [
+        (600, "within"),
+        (700, "within"),
+        (900, "beyond"),
+    ]
+    assert results["train_length"] == 700 and results["num_needles"] == 3
+    assert len(model.prompts) == 6
+    for prompt_ids, _ in model.prompts:
+        prompt = data.tokenizer.decode(prompt_ids)
+        assert len({key for key, _ in NEEDLE.findall(prompt)}) == 3

@@ -492,6 +492,12 @@ MUTANTS: tuple[Mutant, ...] = (
         "NIAH evaluation examples come from the training seed stream",
     ),
     _evaluation(
+        "niah-eval-one-needle",
+        "num_needles=num_needles,",
+        "num_needles=1,",
+        "NIAH evaluation ignores the needles of a multi-key run",
+    ),
+    _evaluation(
         "niah-generates-extra-token",
         "max_new_tokens=len(example.answer_ids),",
         "max_new_tokens=len(example.answer_ids) + 1,",
@@ -553,9 +559,16 @@ MUTANTS: tuple[Mutant, ...] = (
     _tasks(
         "niah-needle-farthest-boundary",
         NIAH,
-        "cut = min(boundaries, key=lambda j: abs(j - depth * count))",
-        "cut = max(boundaries, key=lambda j: abs(j - depth * count))",
+        "cut = min(free, key=lambda j: abs(j - depth * count))",
+        "cut = max(free, key=lambda j: abs(j - depth * count))",
         "the needle goes at the sentence boundary farthest from its depth",
+    ),
+    _tasks(
+        "niah-needles-share-boundary",
+        NIAH,
+        "free = [j for j in boundaries if j not in at] or boundaries",
+        "free = boundaries",
+        "multi-key needles may share a sentence boundary instead of each having its own",
     ),
     _tasks(
         "niah-example-not-longest",
