@@ -120,7 +120,7 @@ def test_mqar_end_to_end(tmp_path):
         assert m["lr"] == pytest.approx(1e-2 * m["step"] / 4)
     assert lines[4]["lr"] > lines[-1]["lr"] >= 1e-2 * 0.1  # cosine decay to min_lr_ratio
     evals = eval_lines(out)
-    assert [m["step"] for m in evals] == [4, 8]
+    assert [m["step"] for m in evals] == [0, 4, 8]  # step 0: the initial model
     assert evals[-1]["eval"] == results
     assert set(evals[0]["eval"]) == {"accuracy", "slices"}
     # the metrics file holds nothing else
@@ -168,7 +168,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert deterministic(loss_lines(b)) == deterministic(loss_lines(a))
     assert [m["step"] for m in loss_lines(b)] == list(range(1, 10))
     assert eval_lines(b) == eval_lines(a)
-    assert [m["step"] for m in eval_lines(b)] == [4, 8, 9]
+    assert [m["step"] for m in eval_lines(b)] == [0, 4, 8, 9]
     assert_same_weights(a / "model", b / "model")
     assert (a / "model" / "eval.json").read_text() == (b / "model" / "eval.json").read_text()
     steps_a = sorted(p.name for p in (a / "checkpoints").glob("step_*"))
