@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experiments.report.load import gate_settings, held_out
+from experiments.report.load import gate_settings, held_out, training_minutes
 from experiments.report.tables import TRANSFORMER, Stat, mc_base
 
 # Held-out overall accuracy at and above which a seed has learned the task (chance is 1/32).
@@ -57,7 +57,7 @@ class CapacityRow:
     learned: int
     crossings: tuple[int | None, ...]
     tokens_per_s: float
-    minutes: float  # mean wall minutes of a cell's training session
+    minutes: float  # mean minutes of a cell's training (its tokens at its measured rate)
 
     @property
     def crossing_step(self) -> float | None:
@@ -66,8 +66,8 @@ class CapacityRow:
         return statistics.median(reached) if reached else None
 
 
-def capacity_rows(runs: Runs) -> list[CapacityRow]:
-    """One row per model, in the order of ``runs`` (the sweep's)."""
+def capacity_rows(runs: Runs, experiment: str = "mqar_capacity") -> list[CapacityRow]:
+    """One row per model of ``experiment``, in the order of ``runs`` (the sweep's)."""
     rows = []
     for model, results in runs.items():
         evals = [held_out(r) for r in results]
@@ -81,7 +81,7 @@ def capacity_rows(runs: Runs) -> list[CapacityRow]:
                 learned=sum(e["accuracy"] >= LEARNED for e in evals),
                 crossings=tuple(crossing_step(r["history"]) for r in results if "history" in r),
                 tokens_per_s=statistics.mean(r["tokens_per_s"] for r in results),
-                minutes=statistics.mean(r["train_seconds_this_session"] / 60 for r in results),
+                minutes=statistics.mean(training_minutes(experiment, r) for r in results),
             )
         )
     return rows

@@ -103,8 +103,8 @@ def main_footnote(eval_every: int) -> str:
         f"curve (evaluations every {eval_every} steps on the run's own test examples, step 0 "
         f"before training) reached {LEARNED}, median over the seeds that reached it (in "
         "brackets: those seeds / the seeds with a recorded curve); '-': none did. *min/cell*: "
-        "wall minutes of a cell's training session, its evaluations during training "
-        "included, one thread with another cell beside it."
+        "minutes of a cell's training, its tokens at its measured rate (evaluations not "
+        "included), one thread with another cell beside it."
     )
 
 
