@@ -46,7 +46,9 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
     rows = capacity.capacity_rows(runs)
     scores = capacity.seed_scores(runs)
     lines += [
-        render_capacity.setting(setting, pairs, seq_len, held_out, chosen, command),
+        render_capacity.setting(
+            setting, pairs, seq_len, held_out, chosen, load.ssc_gates(), command
+        ),
         "",
         render.note_link("capacity", "The no-training probe and the calibration runs"),
         "",

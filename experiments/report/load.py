@@ -217,6 +217,13 @@ def gate_settings() -> tuple[dict[str, dict[str, str]], str]:
     return GATES, CHOSEN_GATES
 
 
+def ssc_gates() -> str:
+    """The gate label of the mqar_capacity ssc cell (the sweep's SSC_GATES)."""
+    from experiments.sweep import SSC_GATES
+
+    return SSC_GATES
+
+
 def state_size_cells() -> dict[str, dict[int, tuple[str, str]]]:
     """{series: {head dimension: (experiment, cell name)}} of the state-size view: every
     mqar_state_size cell is ``"series, D=<head_dim>"``; the mqar_capacity cell named ``series``

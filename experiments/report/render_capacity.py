@@ -23,7 +23,13 @@ def _numbers(values) -> str:
 
 
 def setting(
-    s: MQARSetting, pairs: list[int], seq_len: int, held_out: str, chosen: str, command: str
+    s: MQARSetting,
+    pairs: list[int],
+    seq_len: int,
+    held_out: str,
+    chosen: str,
+    ssc: str,
+    command: str,
 ) -> str:
     """The training and evaluation setting of mqar_capacity.
 
@@ -32,7 +38,8 @@ def setting(
         pairs: the tested numbers of key-value pairs.
         seq_len: the sequence length.
         held_out: the ``growmem eval`` arguments of the held-out evaluation.
-        chosen: the label of the gates of ssc and titans+grm.
+        chosen: the label of the chosen gates (the library's default; titans+grm's).
+        ssc: the label of the ssc cell's gates.
         command: the sweep's command that runs every cell and seed.
     """
     trained = s.num_kv_pairs if isinstance(s.num_kv_pairs, list) else [s.num_kv_pairs]
@@ -51,7 +58,8 @@ def setting(
         f"{s.lr:g}, batch {s.batch_size}, {s.steps} steps; Transformer++ "
         f"{s.transformer_heads} head(s), {s.transformer_steps} steps at {s.transformer_lr:g}. "
         "Every gated cell pins all of its gate settings (the gate ablation's rows below; ssc "
-        f"and titans+grm use `{chosen}`). A seed gives the cells of one base model the same "
+        f"uses `{ssc}`, titans+grm and the state-size view `{chosen}`, the ablation's choice and "
+        "the library's default). A seed gives the cells of one base model the same "
         "initial weights (the gates' own parameters aside) and every cell the same batches, so "
         "cells are compared seed by seed. Accuracy on held-out examples (`growmem eval "
         f"{held_out}`: {s.num_test_examples} sequences per number of pairs from a generator "

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 from experiments.report import capacity
 from experiments.report.capacity import Paired, Scores
-from experiments.report.load import Grid, gate_settings, niah_views
+from experiments.report.load import Grid, gate_settings, niah_views, ssc_gates
 from experiments.report.tables import TRANSFORMER, mc_base
 
 FAMILIES = ("gated_delta", "swla", "titans")
@@ -261,7 +261,8 @@ def capacity_claims(scores: Scores) -> dict[int, list]:
             )
             if gain:
                 claims[2].append(CapacityGate(gain, paired_verdict(gain, GATE_MARGIN)))
-        grm, ssc = (capacity.gated_cell(a, chosen, base) for a in ("grm", "ssc"))
+        # ssc against grm with the same gates
+        grm, ssc = (capacity.gated_cell(a, ssc_gates(), base) for a in ("grm", "ssc"))
         if not all(m in scores for m in (grm, ssc, base)):
             continue
         seeds = set(scores[grm]) & set(scores[ssc]) & set(scores[base])

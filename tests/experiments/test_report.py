@@ -435,7 +435,8 @@ def test_op_benchmarks_as_ratio_tables():
 
 HELD_OUT = " ".join(sweep.HELD_OUT)
 CHOSEN_GRM = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
-CHOSEN_SSC = f"gated_delta+ssc, {sweep.CHOSEN_GATES}"
+CHOSEN_SSC = f"gated_delta+ssc, {sweep.SSC_GATES}"
+SSC_GRM = f"gated_delta+grm, {sweep.SSC_GATES}"  # claim 3's grm: the ssc cell's gates
 REFERENCE_GRM = f"gated_delta+grm, {capacity.GATE_REFERENCE}"
 
 
@@ -637,7 +638,7 @@ def claims_for(base, residual, grm, ssc=None, tpp=None) -> dict[int, list]:
         "gated_delta": base,
         "gated_delta+residual": residual,
         CHOSEN_GRM: grm,
-        **({CHOSEN_SSC: ssc} if ssc else {}),
+        **({SSC_GRM: grm, CHOSEN_SSC: ssc} if ssc else {}),
         **({"Transformer++": tpp} if tpp else {}),
     }
     return verdicts.capacity_claims({m: dict(enumerate(v)) for m, v in scores.items()})
@@ -655,7 +656,7 @@ def test_capacity_claim_1_reproduced_when_mc_lifts_recall_in_4_of_5_seeds():
     assert (lift.lift.model, lift.lift.reference, lift.candidates) == (
         CHOSEN_GRM,
         "gated_delta",
-        3,
+        4,  # residual, grm with the chosen gates and with ssc's, ssc
     )
     assert (lift.lift.better, lift.verdict) == (4, Verdict.REPRODUCED)
     assert lift.transformer == pytest.approx(0.95)
