@@ -261,7 +261,9 @@ def with_legacy_gates(memory):
     if spec is None or not spec.gated:  # an unknown name: MemoryConfig's error names it
         return memory
     caching.setdefault("gate_norm", LEGACY_GATE_NORM)
-    return {"gate_temperature": LEGACY_GATE_TEMPERATURE, **memory, "caching": caching}
+    pinned = {**memory, "caching": caching}
+    pinned.setdefault("gate_temperature", LEGACY_GATE_TEMPERATURE)
+    return pinned
 
 
 def nested_from_flat(flat: dict, memory: dict | None = None) -> dict:

@@ -160,8 +160,9 @@ NORMS = ("mixer_norm.weight", "mlp_norm.weight")
 ATTENTION = tuple(f"mixer.{p}_proj.weight" for p in "qkvo")
 
 # Weight matrices (projections, the gates' projections included) decay; embeddings (input
-# and untied output), norms, biases, the per-head gate parameters A_log and dt_bias, the
-# depthwise convolution's kernel and the deep memories' initial weights W1_0, W2_0 do not.
+# and untied output), norms, biases, the per-head gate parameters A_log and dt_bias, the gated
+# aggregations' temperature (a default), the depthwise convolution's kernel and the deep
+# memories' initial weights W1_0, W2_0 do not.
 GROUP_CASES = {
     "swla-grm-hybrid": (
         {
@@ -175,7 +176,7 @@ GROUP_CASES = {
         {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
         | layer(0, *NORMS, "mixer.A_log", "mixer.dt_bias", "mixer.conv.weight")
         | layer(0, "mixer.conv.bias", "mixer.b_proj.bias", "mixer.l_proj.bias")
-        | layer(0, "mixer.o_norm.weight")
+        | layer(0, "mixer.o_norm.weight", "mixer.gate_log_temperature")
         | layer(1, *NORMS),
     ),
     "titans": (
@@ -187,7 +188,7 @@ GROUP_CASES = {
         {"model.embed_tokens.weight", "model.norm.weight"}
         | layer(0, *NORMS, "mixer.W1_0", "mixer.W2_0", "mixer.A_log", "mixer.dt_bias")
         | layer(0, "mixer.conv.weight", "mixer.conv.bias", "mixer.eta_proj.bias")
-        | layer(0, "mixer.b_proj.bias", "mixer.o_norm.weight"),
+        | layer(0, "mixer.b_proj.bias", "mixer.o_norm.weight", "mixer.gate_log_temperature"),
     ),
     "transformer++": (
         {"memory": None, "num_hidden_layers": 2},
