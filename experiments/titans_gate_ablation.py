@@ -35,7 +35,11 @@ PRESETS = ROOT / "growmem" / "configs"
 
 # The gates of the sweep's mqar cells when they ran: the scaled dot product, no temperature
 # (the library's defaults then; docs/design.md §3.2).
-GATES_THEN = ["model.memory.caching.gate_norm=none", "model.memory.gate_temperature=null"]
+GATES_THEN = [
+    "model.memory.caching.gate_norm=none",
+    "model.memory.gate_temperature=null",
+    "model.memory.summary_source=keys",
+]
 
 
 def _config(aggregation: str, seed: int) -> RunConfig:

@@ -43,6 +43,10 @@ from growmem.ops.spec import (
 DEEP_LAYER_DEFAULTS = {"expansion": 4, "eta_max": 0.1}
 # What the gates' summaries summarise: the memory keys, or a projection of their own.
 SUMMARY_SOURCES = ("keys", "gate_keys")
+# The default: summaries of a projection of their own (x W_s), chosen with the temperature by
+# the paired gate ablation in docs/results.md (mqar_capacity); the memory keys before.
+DEFAULT_SUMMARY_SOURCE = "gate_keys"
+LEGACY_SUMMARY_SOURCE = "keys"
 # The initial value τ0 of the gated aggregations' learnable per-head temperature: with the
 # default cosine gates (growmem/ops/spec.py DEFAULT_GATE_NORM) the logits start in [-5, 5].
 # Chosen by the paired gate ablation in docs/results.md (mqar_capacity), with the geometry.
@@ -77,9 +81,10 @@ class MemoryConfig:
         gate_online_bias: None (no bias) or b0: a learnable per-head bias, starting at b0, is
             added to the online memory's gate logit (b0 = 4 starts grm and ssc close to the
             plain RNN, online weight ≈ 1, and lets the gates open the caches as they learn).
-        summary_source: what the gates' segment summaries summarise: "keys" (the memory keys,
-            after the short convolution and the q/k norm) or "gate_keys" (a projection of
-            their own, x W_s, like the gate queries u).
+        summary_source: what the gates' segment summaries summarise: "gate_keys" (default,
+            ``DEFAULT_SUMMARY_SOURCE``: a projection of their own, s_t = x_t W_s, like the gate
+            queries u) or "keys" (the memory keys, after the short convolution and the q/k
+            norm).
         o_norm_eps: epsilon of the output RMSNorm; None: the layer's ``norm_eps``.
 
         The four gate settings (and ``caching``'s gate ones) act only in the gated
@@ -96,7 +101,7 @@ class MemoryConfig:
     eta_max: float | None = None
     gate_temperature: float | None = DEFAULT_GATE_TEMPERATURE
     gate_online_bias: float | None = None
-    summary_source: str = "keys"
+    summary_source: str = DEFAULT_SUMMARY_SOURCE
     o_norm_eps: float | None = None
 
     def __post_init__(self):
@@ -243,7 +248,8 @@ def with_legacy_gates(memory):
     """A memory dict saved by an earlier release (``MemoryConfig.to_dict``'s form: config.json,
     a run's run.yaml, flat settings converted), with the gate settings that it lacks because
     they did not exist then set to what it meant: ``caching.gate_norm`` "none" (the scaled dot
-    product, ``LEGACY_GATE_NORM``) and ``gate_temperature`` None (``LEGACY_GATE_TEMPERATURE``).
+    product, ``LEGACY_GATE_NORM``), ``gate_temperature`` None (``LEGACY_GATE_TEMPERATURE``) and
+    ``summary_source`` "keys" (``LEGACY_SUMMARY_SOURCE``).
     The one place saved configs are read with the old gate defaults; what it already has is
     kept, and a dict a user writes now takes today's defaults.
 
@@ -263,6 +269,7 @@ def with_legacy_gates(memory):
     caching.setdefault("gate_norm", LEGACY_GATE_NORM)
     pinned = {**memory, "caching": caching}
     pinned.setdefault("gate_temperature", LEGACY_GATE_TEMPERATURE)
+    pinned.setdefault("summary_source", LEGACY_SUMMARY_SOURCE)
     return pinned
 
 

@@ -11,6 +11,7 @@ import torch
 from growmem.layers import MemoryCachingAttention, MemoryConfig
 from growmem.layers.config import (
     DEFAULT_GATE_TEMPERATURE,
+    DEFAULT_SUMMARY_SOURCE,
     FLAT_DEFAULTS,
     FLAT_PATHS,
     nested_from_flat,
@@ -69,7 +70,8 @@ def test_defaults():
     # the gates: cosine with a learnable temperature starting at τ0 (the library's constants)
     assert (config.caching.gate_norm, config.caching.gate_scale) == (DEFAULT_GATE_NORM, None)
     gates = (config.gate_temperature, config.gate_online_bias, config.summary_source)
-    assert gates == (DEFAULT_GATE_TEMPERATURE, None, "keys") and config.o_norm_eps is None
+    assert gates == (DEFAULT_GATE_TEMPERATURE, None, DEFAULT_SUMMARY_SOURCE)
+    assert config.o_norm_eps is None
     assert isinstance(config.gate_temperature, float)
     # a dict a user writes now, however partial, takes today's defaults
     partial = MemoryConfig.from_dict({"caching": {"aggregation": "ssc", "segment_size": 8}})
@@ -158,6 +160,7 @@ def test_flat_settings_convert():
         conv_size=3,
         qk_norm=False,
         gate_temperature=None,
+        summary_source="keys",
     )  # mini_batch and eta_max did nothing for a matrix memory: dropped
     assert convert({**FLAT_DEEP, "chunk_size": 8}) == MemoryConfig(
         memory=DeepMemory("titans", mini_batch=4, norm=False, max_grad_norm=None, decay_to="zero"),
@@ -165,6 +168,7 @@ def test_flat_settings_convert():
         expansion=2,
         eta_max=0.3,
         gate_temperature=None,
+        summary_source="keys",
     )  # the flat settings predate the gate settings: their gates are the old ones
     assert convert({"rule": "dla", "decay_to": "zero"}).memory == DeepMemory("dla")
     assert convert({"ssc_top_k": 3}).caching.top_k == 3
@@ -187,7 +191,7 @@ def test_flat_settings_written_over_a_nested_memory():
     config = convert({"rule": "titans", "aggregation": "grm", "mini_batch": 2}, base)
     assert config.memory == DeepMemory("titans", mini_batch=2)
     assert config.caching == Caching("grm", segment_size=16, **LEGACY)
-    assert config.gate_temperature is None
+    assert (config.gate_temperature, config.summary_source) == (None, "keys")
     # gate settings the nested memory names are kept
     named = {**base, "gate_temperature": 2.0, "caching": {**base["caching"], "gate_norm": "l2"}}
     config = convert({"aggregation": "grm"}, named)

@@ -151,6 +151,7 @@ def test_flat_arguments_convert_with_a_future_warning():
         expansion=4,
         eta_max=0.1,
         gate_temperature=None,
+        summary_source="keys",
     )  # the flat settings predate the gate settings: the gates they had
     with pytest.warns(FutureWarning, match=r"\['rule', 'segment_size'\] .*; pass memory=None$"):
         assert GrowMemConfig(**BASE, rule="attention", segment_size=8).memory is None
@@ -228,7 +229,12 @@ def test_a_model_saved_before_the_gate_settings_keeps_its_gates(aggregation, tmp
     it reads as today's config of the same model. A memory dict given now takes today's
     defaults."""
     old = {**OLD_MEMORY, "caching": {**OLD_MEMORY["caching"], "aggregation": aggregation}}
-    legacy = {**old, "gate_temperature": None, "caching": {**old["caching"], "gate_norm": "none"}}
+    legacy = {
+        **old,
+        "gate_temperature": None,
+        "summary_source": "keys",
+        "caching": {**old["caching"], "gate_norm": "none"},
+    }
     explicit = MemoryConfig.from_dict(legacy)
     torch.manual_seed(0)
     reference = GrowMemForCausalLM(GrowMemConfig(**BASE, memory=explicit)).eval()

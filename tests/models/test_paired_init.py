@@ -4,7 +4,7 @@ same network for one seed, so a comparison measures the aggregation, not the dra
 import pytest
 import torch
 
-from growmem.layers.config import DEFAULT_GATE_TEMPERATURE
+from growmem.layers.config import DEFAULT_GATE_TEMPERATURE, DEFAULT_SUMMARY_SOURCE
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.aggregations import AGGREGATIONS
 
@@ -12,8 +12,12 @@ from growmem.ops.aggregations import AGGREGATIONS
 GATE_OPTIONS = dict(gate_temperature=3.0, gate_online_bias=4.0, summary_source="gate_keys")
 GATE_PARAMETERS = ("gate_log_temperature", "gate_online_bias", "s_proj.weight")
 # the gated aggregations' parameters with the library's defaults: the temperature (if any)
-DEFAULT_PARAMETERS = set() if DEFAULT_GATE_TEMPERATURE is None else {"gate_log_temperature"}
-NO_GATE_PARAMETERS = dict(gate_temperature=None)
+# and the summary keys' projection (if the summaries are of their own keys)
+DEFAULT_PARAMETERS = {
+    *(() if DEFAULT_GATE_TEMPERATURE is None else ("gate_log_temperature",)),
+    *(("s_proj.weight",) if DEFAULT_SUMMARY_SOURCE == "gate_keys" else ()),
+}
+NO_GATE_PARAMETERS = dict(gate_temperature=None, summary_source="keys")
 
 
 def build(rule: str, aggregation: str, seed: int, **layer) -> GrowMemForCausalLM:

@@ -323,6 +323,7 @@ def test_flat_model_keys_convert_with_a_future_warning(tmp_path):
             "rule": "gated_delta",
             "caching": {"aggregation": "grm", "segment_size": 16, "top_k": 3, "gate_norm": "none"},
             "gate_temperature": None,
+            "summary_source": "keys",
         },
     }
     # over a base in the new form, and as an old-style override

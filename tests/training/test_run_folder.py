@@ -268,7 +268,7 @@ def test_a_run_yaml_of_an_earlier_release_keeps_the_gates_of_then(tmp_path, caps
     out = tmp_path / "run"
     memory = {"rule": "gated_delta", "caching": {"aggregation": "grm", "segment_size": 16}}
     caching = {**memory["caching"], "gate_norm": "none"}
-    legacy = {**memory, "caching": caching, "gate_temperature": None}
+    legacy = {**memory, "caching": caching, "gate_temperature": None, "summary_source": "keys"}
     settings = dict(model={"memory": legacy}, train=RESUMABLE)
     then = write_yaml(tmp_path / "then.yaml", raw_config(out, **settings))
     assert train(tiny_config(out, **settings), stop_after=2) is None
