@@ -16,7 +16,9 @@ vector's nearest value among the P values (by cosine) is its own. The variants:
   "default"): ``Caching``'s default geometry (``DEFAULT_GATE_NORM``, cosine gates) at its
   default scale, times the temperature input τ = ``DEFAULT_GATE_TEMPERATURE``, the layer's
   initial τ0, for a gate query aligned with the query (u = the key), c_i the segment's key
-  summary; computed by ``memory_caching`` itself, in float64;
+  summary (a trained layer's default summaries are of keys of its own, ``summary_source``
+  "gate_keys", which have no analogue before training: the probe summarises the keys);
+  computed by ``memory_caching`` itself, in float64;
 - ``grm s=…``, ``ssc s=…``: the dot-product gates r_i = s <u, c_i> (gate_norm "none") at the
   scales ``gate_scales`` names: "invsqrtD" (1/sqrt(D), the library's default before the
   cosine gates), "raw" (1, the paper's inner product, Eq. 9-10), "sqrtD" or numbers;
