@@ -33,10 +33,21 @@ OUT = ROOT / "results" / "experiments" / "titans_gate_ablation.json"
 PRESETS = ROOT / "growmem" / "configs"
 
 
+# The gates of the sweep's mqar cells when they ran: the scaled dot product, no temperature
+# (the library's defaults then; docs/design.md §3.2).
+GATES_THEN = [
+    "model.memory.caching.gate_norm=none",
+    "model.memory.gate_temperature=null",
+    "model.memory.summary_source=keys",
+]
+
+
 def _config(aggregation: str, seed: int) -> RunConfig:
-    """The sweep's titans+AGGREGATION cell on mqar (its per_model titans settings)."""
+    """The sweep's titans+AGGREGATION cell on mqar (its per_model titans settings), with the
+    gates it ran with."""
     spec = f"titans+{aggregation}"
-    return load_config(PRESETS / "mqar.yaml", [f"train.seed={seed}"], PRESETS, model=spec)
+    settings = [f"train.seed={seed}", *GATES_THEN]
+    return load_config(PRESETS / "mqar.yaml", settings, PRESETS, model=spec)
 
 
 def shared_start(aggregation: str, data: TaskData, seed: int) -> GrowMemForCausalLM:

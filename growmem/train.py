@@ -30,7 +30,7 @@ from growmem.training.checkpoint import (
     save_model_folder,
     write_text_atomic,
 )
-from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings
+from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
 from growmem.training.rundir import (
@@ -286,8 +286,13 @@ def _train_in(
         return trim_metrics(out / METRICS_FILE, start_step)
 
     _say(env, env.on_main(record_run, share=False))
-    # what every checkpoint and the final model record (run.yaml)
-    run_config = {**config.to_dict(), "processes": env.world_size}
+    # what every checkpoint and the final model record (run.yaml): the memory with every
+    # setting written out, so that a later default does not change what the record means
+    run_config = {
+        **config.to_dict(),
+        "model": model_record(config.model),
+        "processes": env.world_size,
+    }
     metrics_path = out / METRICS_FILE
     ddp = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

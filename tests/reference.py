@@ -25,7 +25,8 @@ The layer, for one row of tokens x_t (docs/design.md §4):
                                                    else the keys k above)
     τ = exp(gate_log_temperature), b = gate_online_bias    per head (when configured)
     o = memory_caching(q, k, v, u; gates, τ, b, s) per-token op reference, gate scale
-                                                   caching.gate_scale or 1/√D
+                                                   caching.gate_scale, or 1/√D for
+                                                   gate_norm "none" and 1 otherwise
     y = (RMSNorm_head(o) · w ⊙ SiLU(z)) W_o       eps: o_norm_eps, else the layer's norm_eps
 """
 
@@ -153,8 +154,10 @@ def memory_layer_reference(
         if config.gate_online_bias is not None:
             gates["online_bias"] = params["gate_online_bias"].expand(B, T, H)
 
-    # the gate scale the layer leaves to the op is 1/sqrt(head_dim) (docs/design.md §3.2)
-    scale = 1.0 / math.sqrt(D) if caching.gate_scale is None else caching.gate_scale
+    # the gate scale the layer leaves to the op (docs/design.md §3.2): 1/sqrt(head_dim) for the
+    # dot product (gate_norm "none"), 1 for the cosine logits of "l2" and "centered"
+    default_scale = 1.0 / math.sqrt(D) if caching.gate_norm == "none" else 1.0
+    scale = default_scale if caching.gate_scale is None else caching.gate_scale
     o = memory_caching_reference(
         q,
         k,

@@ -4,6 +4,7 @@ are what the docs say."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,10 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from growmem.layers.config import DEFAULT_GATE_TEMPERATURE
+from growmem.ops.spec import DEFAULT_GATE_NORM, Caching
 from growmem.probe import (
+    Gates,
     Layout,
     capacity_probe,
     draw_keys,
+    gate_setting,
     gated_mix,
     probe_reads,
     recalled,
@@ -23,6 +28,11 @@ from growmem.probe import (
 from growmem.probe import command as probe
 
 DTYPE = torch.float64
+# the series of the library's default gates with normalize_summaries: the centred variant
+# only where the default geometry is not centred already
+DEFAULT_SERIES = (
+    ["grm", "ssc"] if DEFAULT_GATE_NORM == "centered" else ["grm", "grm norm", "ssc", "ssc norm"]
+)
 
 
 def draw(P, D, C, *, keys="random", filler=0, draws=3, seed=0, **settings):
@@ -105,13 +115,29 @@ def test_oracle_is_at_least_base_on_the_default_grid():
     assert base[:2] == oracle[:2]  # one segment: the oracle's memory is base's
 
 
+def test_default_gates_are_the_library_s():
+    """ "default" is the library's default parameterisation: Caching()'s geometry and scale,
+    and the layer's initial temperature as the op's temperature input; the named scales are
+    dot-product gates."""
+    library = Caching()
+    assert gate_setting("default", 8) == Gates(
+        "default", library.gate_norm, library.gate_scale_for(8), DEFAULT_GATE_TEMPERATURE
+    )
+    assert gate_setting("default", 8).factor == library.gate_scale_for(8) * DEFAULT_GATE_TEMPERATURE
+    assert gate_setting("invsqrtD", 16) == Gates("invsqrtD", "none", 0.25)
+    assert gate_setting("raw", 16) == Gates("raw", "none", 1.0)
+    assert gate_setting("sqrtD", 16) == Gates("sqrtD", "none", 4.0)
+    assert gate_setting(0.5, 16) == Gates("0.5", "none", 0.5)
+
+
 @pytest.mark.parametrize("filler", [0, 2])
 def test_one_segment_makes_every_variant_base(filler):
     P = 6
     _, _, _v, out = draw(
-        P, 4, P * (1 + filler), filler=filler, gate_scales=(0.5, 1e3), normalize_summaries=True
-    )
-    assert len(out["reads"]) == 3 + 2 * 2 * 2
+        P, 4, P * (1 + filler), filler=filler, gate_scales=("default", 0.5, 1e3),
+        normalize_summaries=True,
+    )  # fmt: skip
+    assert len(out["reads"]) == 3 + 2 * 2 * 2 + len(DEFAULT_SERIES)
     for name, reads in out["reads"].items():
         torch.testing.assert_close(reads, out["reads"]["base"], rtol=0, atol=1e-12, msg=name)
 
@@ -153,13 +179,13 @@ def test_sharp_gates_with_the_key_as_gate_query_read_the_holding_segment():
 def test_reads_are_memory_caching_s_and_follow_the_design_formulas(rule, init, summary, filler):
     # The probe's grm, ssc and uniform come from memory_caching; they must equal the formulas
     # of docs/design.md §3.3 applied to linear_memory's segment states and the probe's own
-    # summaries: a change in the library's gates, or query tokens that disturbed the
-    # memory or the online summary, would show here. gated_mix (the normalised summaries'
-    # variants) is the same formula.
-    scales = (0.25, 3.0)
+    # summaries, in each geometry: a change in the library's gates, or query tokens that
+    # disturbed the memory or the online summary, would show here. gated_mix (the gate
+    # weights of the diagnostics) is the same formula.
+    scales = ("default", 0.25, 3.0)
     layout, _k, _v, out = draw(
         37, 8, 5, filler=filler, rule=rule, init=init, summary=summary, top_k=2,
-        gate_scales=scales,
+        gate_scales=scales, normalize_summaries=True,
     )  # fmt: skip
     n = layout.num_segments
     assert n > 3  # ssc selects among more caches than top_k
@@ -169,15 +195,22 @@ def test_reads_are_memory_caching_s_and_follow_the_design_formulas(rule, init, s
             out["reads"]["base"], segment_reads[..., -1, :], rtol=0, atol=1e-12
         )
     torch.testing.assert_close(out["reads"]["uniform"], segment_reads.mean(-2), rtol=0, atol=1e-12)
-    for scale in scales:
-        r = scale * out["logits"]["library"]
-        for aggregation in ("grm", "ssc"):
-            name = series_name(aggregation, scale, 8, normalized=False)
-            expected = torch.einsum("bpn,bpnd->bpd", torch.softmax(_topk_mask(r, aggregation), -1),
-                                    segment_reads)  # fmt: skip
-            torch.testing.assert_close(out["reads"][name], expected, rtol=0, atol=1e-12)
-            mixed, _ = gated_mix(segment_reads, r, aggregation, top_k=2)
-            torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-12)
+    checked = 0
+    for gates in (gate_setting(x, 8) for x in scales):
+        variants = [(gates, False), (dataclasses.replace(gates, gate_norm="centered"), True)]
+        for setting, normalized in variants:
+            if normalized and gates.gate_norm == "centered":
+                continue  # the default gates centred already: no variant of their own
+            r = setting.factor * out["logits"][setting.gate_norm]
+            for aggregation in ("grm", "ssc"):
+                name = series_name(aggregation, setting, normalized)
+                weights = torch.softmax(_topk_mask(r, aggregation), -1)
+                expected = torch.einsum("bpn,bpnd->bpd", weights, segment_reads)
+                torch.testing.assert_close(out["reads"][name], expected, rtol=0, atol=1e-12)
+                mixed, _ = gated_mix(segment_reads, r, aggregation, top_k=2)
+                torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-12)
+                checked += 1
+    assert checked == len(out["reads"]) - 3  # every gated series
 
 
 def _topk_mask(r, aggregation):
@@ -194,9 +227,16 @@ def _topk_mask(r, aggregation):
 def test_summaries_are_the_segments_key_means():
     _layout, k, _, out = draw(10, 4, 4)
     means = torch.stack([k[:, 0:4].mean(1), k[:, 4:8].mean(1), k[:, 8:10].mean(1)], 1)
-    torch.testing.assert_close(
-        out["logits"]["library"], torch.einsum("bpd,bnd->bpn", k, means), rtol=0, atol=1e-14
-    )
+    logits = {
+        "none": torch.einsum("bpd,bnd->bpn", k, means),
+        "l2": torch.einsum("bpd,bnd->bpn", k, F.normalize(means, dim=-1)),
+        "centered": torch.einsum(
+            "bpd,bnd->bpn", k, F.normalize(means - means.mean(1, keepdim=True), dim=-1)
+        ),
+    }
+    assert out["logits"].keys() == logits.keys()
+    for norm, expected in logits.items():
+        torch.testing.assert_close(out["logits"][norm], expected, rtol=0, atol=1e-14, msg=norm)
 
 
 @pytest.mark.parametrize("init", ["continuous", "independent"])
@@ -229,11 +269,18 @@ def test_command_writes_json_and_png(tmp_path, capsys):
                             "seconds"}  # fmt: skip
     assert {"versions", "git", "python"} <= set(payload["provenance"])
     assert payload["pairs"] == [4, 16] and payload["segments"] == [1, 4]
-    assert payload["settings"]["gate_scales"] == {"default": 1 / math.sqrt(8), "raw": 1.0}
+    assert payload["settings"]["gate_scales"] == {
+        "default": {
+            "gate_norm": DEFAULT_GATE_NORM,
+            "gate_scale": Caching().gate_scale_for(8),
+            "temperature": DEFAULT_GATE_TEMPERATURE,
+        },
+        "raw": {"gate_norm": "none", "gate_scale": 1.0, "temperature": None},
+    }
     names = [e["name"] for e in payload["series"]]
     assert names == [
-        "base", "uniform", "oracle", "grm", "grm norm", "ssc", "ssc norm", "grm s=1",
-        "grm norm s=1", "ssc s=1", "ssc norm s=1",
+        "base", "uniform", "oracle", *DEFAULT_SERIES, "grm s=1", "grm norm s=1", "ssc s=1",
+        "ssc norm s=1",
     ]  # fmt: skip
     for entry in payload["series"]:
         assert len(entry["recall"]) == len(entry["sem"]) == 2
@@ -263,6 +310,8 @@ def test_command_writes_json_and_png(tmp_path, capsys):
         (dict(gate_scales=["sharp"]), "gate_scales"),
         (dict(gate_scales=[-1.0]), "gate_scales"),
         (dict(gate_scales=["raw", 1]), "gate_scales repeat"),
+        (dict(gate_scales=["default", "default"]), "gate_scales repeat"),
+        (dict(gate_scales=[True]), "gate_scales"),
     ],
 )
 def test_bad_settings_are_named(settings, named):

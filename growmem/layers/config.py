@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
+from growmem.ops.aggregations import TABLE as AGGREGATION_TABLE
 from growmem.ops.checks import (
     LINEAR_RULES,
     check_bool,
@@ -29,12 +30,29 @@ from growmem.ops.checks import (
     check_positive_float,
     check_positive_int,
 )
-from growmem.ops.spec import DEEP_RULES, Caching, DeepMemory, MatrixMemory, memory_spec
+from growmem.ops.spec import (
+    DEEP_RULES,
+    LEGACY_GATE_NORM,
+    Caching,
+    DeepMemory,
+    MatrixMemory,
+    memory_spec,
+)
 
 # The layer's settings of deep memories only, and their defaults.
 DEEP_LAYER_DEFAULTS = {"expansion": 4, "eta_max": 0.1}
 # What the gates' summaries summarise: the memory keys, or a projection of their own.
 SUMMARY_SOURCES = ("keys", "gate_keys")
+# The default: summaries of a projection of their own (x W_s), chosen with the temperature by
+# the paired gate ablation in docs/results.md (mqar_capacity); the memory keys before.
+DEFAULT_SUMMARY_SOURCE = "gate_keys"
+LEGACY_SUMMARY_SOURCE = "keys"
+# The initial value τ0 of the gated aggregations' learnable per-head temperature: with the
+# default cosine gates (growmem/ops/spec.py DEFAULT_GATE_NORM) the logits start in [-5, 5].
+# Chosen by the paired gate ablation in docs/results.md (mqar_capacity), with the geometry.
+DEFAULT_GATE_TEMPERATURE = 5.0
+# No temperature: what configs of earlier releases, saved before the setting existed, meant.
+LEGACY_GATE_TEMPERATURE = None
 
 
 @dataclass(frozen=True)
@@ -46,8 +64,9 @@ class MemoryConfig:
             linear | decay | delta | gated_delta | swla, ``DeepMemory`` for dla | titans).
         caching: the Memory Caching choices, passed to the op: aggregation, segment_size or
             segments ("log": Log-Linear++'s logarithmic segments, or explicit lengths), top_k,
-            init, summary, gate_scale (None: 1/sqrt(head_dim)), gate_norm ("none", "l2",
-            "centered"), detach_summaries.
+            init, summary, gate_scale (None: 1/sqrt(head_dim) for gate_norm "none", 1 for the
+            cosine gates), gate_norm ("none", "l2", "centered"; default the cosine gates of
+            ``DEFAULT_GATE_NORM``), detach_summaries.
         use_short_conv: causal depthwise convolution (with SiLU) on q, k and v.
         conv_size: its kernel size.
         qk_norm: L2-normalise q and k (the delta rules need it for stability).
@@ -55,19 +74,22 @@ class MemoryConfig:
             expansion · head_dim. Setting it for a matrix memory is a ValueError.
         eta_max: deep memories only (default 0.1): bound of the inner learning rate
             η = eta_max · sigmoid(x W_η). Setting it for a matrix memory is a ValueError.
-        gate_temperature: None (no temperature) or τ0 > 0: the gate logits of head h are
-            multiplied by a learnable τ_h = exp(gate_log_temperature_h), which starts at τ0
-            (with gate_norm "l2" or "centered" it sets the gates' sharpness).
+        gate_temperature: τ0 > 0 (default ``DEFAULT_GATE_TEMPERATURE``, 5) or None (no
+            temperature): the gate logits of head h are multiplied by a learnable
+            τ_h = exp(gate_log_temperature_h), which starts at τ0 (with gate_norm "l2" or
+            "centered", the default cosine gates, it sets the gates' sharpness).
         gate_online_bias: None (no bias) or b0: a learnable per-head bias, starting at b0, is
             added to the online memory's gate logit (b0 = 4 starts grm and ssc close to the
             plain RNN, online weight ≈ 1, and lets the gates open the caches as they learn).
-        summary_source: what the gates' segment summaries summarise: "keys" (the memory keys,
-            after the short convolution and the q/k norm) or "gate_keys" (a projection of
-            their own, x W_s, like the gate queries u).
+        summary_source: what the gates' segment summaries summarise: "gate_keys" (default,
+            ``DEFAULT_SUMMARY_SOURCE``: a projection of their own, s_t = x_t W_s, like the gate
+            queries u) or "keys" (the memory keys, after the short convolution and the q/k
+            norm).
         o_norm_eps: epsilon of the output RMSNorm; None: the layer's ``norm_eps``.
 
         The four gate settings (and ``caching``'s gate ones) act only in the gated
-        aggregations (grm, soup, ssc, loglinear); the others ignore them.
+        aggregations (grm, soup, ssc, loglinear); the others ignore them. Configs saved before
+        gate_norm and gate_temperature existed keep their gates (``with_legacy_gates``).
     """
 
     memory: MatrixMemory | DeepMemory = field(default_factory=MatrixMemory)
@@ -77,9 +99,9 @@ class MemoryConfig:
     qk_norm: bool = True
     expansion: int | None = None
     eta_max: float | None = None
-    gate_temperature: float | None = None
+    gate_temperature: float | None = DEFAULT_GATE_TEMPERATURE
     gate_online_bias: float | None = None
-    summary_source: str = "keys"
+    summary_source: str = DEFAULT_SUMMARY_SOURCE
     o_norm_eps: float | None = None
 
     def __post_init__(self):
@@ -144,7 +166,8 @@ class MemoryConfig:
     @classmethod
     def from_dict(cls, values: dict) -> MemoryConfig:
         """The inverse of ``to_dict``; missing settings take their defaults (rule:
-        gated_delta).
+        gated_delta), today's (a dict saved by an earlier release goes through
+        ``with_legacy_gates`` first: GrowMemConfig.from_dict does it for config.json).
 
         Raises:
             ValueError: a setting that neither the rule nor the layer has (naming both lists),
@@ -221,10 +244,41 @@ FLAT_PATHS = {
 _DEEP_ONLY = {"mini_batch", "max_grad_norm", "mlp_norm", "decay_to", *DEEP_LAYER_DEFAULTS}
 
 
+def with_legacy_gates(memory):
+    """A memory dict saved by an earlier release (``MemoryConfig.to_dict``'s form: config.json,
+    a run's run.yaml, flat settings converted), with the gate settings that it lacks because
+    they did not exist then set to what it meant: ``caching.gate_norm`` "none" (the scaled dot
+    product, ``LEGACY_GATE_NORM``), ``gate_temperature`` None (``LEGACY_GATE_TEMPERATURE``) and
+    ``summary_source`` "keys" (``LEGACY_SUMMARY_SOURCE``).
+    The one place saved configs are read with the old gate defaults; what it already has is
+    kept, and a dict a user writes now takes today's defaults.
+
+    Only gated aggregations (grm, soup, ssc, loglinear; caching.aggregation's default is grm)
+    get them: the others have no gates, so either value builds the same model, and today's
+    defaults keep such a config equal to a new one of the same model (a resume compares them).
+    Anything but a dict (None: a Transformer++; a malformed value, which building the config
+    reports) is returned as it is.
+    """
+    if not isinstance(memory, dict) or not isinstance(memory.get("caching", {}), dict):
+        return memory
+    caching = dict(memory.get("caching") or {})
+    name = caching.get("aggregation", Caching.aggregation)
+    spec = AGGREGATION_TABLE.get(name) if isinstance(name, str) else None
+    if spec is None or not spec.gated:  # an unknown name: MemoryConfig's error names it
+        return memory
+    caching.setdefault("gate_norm", LEGACY_GATE_NORM)
+    pinned = {**memory, "caching": caching}
+    pinned.setdefault("gate_temperature", LEGACY_GATE_TEMPERATURE)
+    pinned.setdefault("summary_source", LEGACY_SUMMARY_SOURCE)
+    return pinned
+
+
 def nested_from_flat(flat: dict, memory: dict | None = None) -> dict:
     """The memory dict (``MemoryConfig.to_dict``'s form) of flat settings of earlier releases,
     written over ``memory`` (e.g. a base config's memory dict; default: none, so the missing
-    settings take MemoryConfig's defaults, which are the flat ones).
+    settings take MemoryConfig's defaults, which are the flat ones). The flat settings
+    predate the gate settings: a gated aggregation keeps the gates it had then
+    (``with_legacy_gates``).
 
     The old layer ignored the settings its rule does not have (a gated_delta config carried
     mini_batch, a titans one chunk_size, a dla one decay_to): they are dropped, so every saved
@@ -251,7 +305,7 @@ def nested_from_flat(flat: dict, memory: dict | None = None) -> dict:
             continue
         section, _, key = FLAT_PATHS[name].rpartition(".")
         (caching if section == "caching" else memory)[key] = value
-    return {**memory, "caching": caching}
+    return with_legacy_gates({**memory, "caching": caching})
 
 
 def warn_flat(owner: str, names, instead: str) -> None:

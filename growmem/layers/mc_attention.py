@@ -104,8 +104,9 @@ class MemoryCachingAttention(nn.Module):
     deep rules the inner learning rate η = eta_max·sigmoid(x W_η), titans' momentum β by
     sigmoid) -> ``memory_caching`` -> per-head RMSNorm with an output gate -> o_proj. The deep
     rules' initial MLP weights are parameters of the layer (per head, shared by the batch).
-    The gated aggregations may add per-head gate parameters (a temperature, an online-logit
-    bias) and a projection of the summaries' keys (``MemoryConfig``; docs/design.md §4.2).
+    The gated aggregations add per-head gate parameters (a temperature, by default; an
+    online-logit bias) and a projection of the summaries' keys as ``MemoryConfig`` says
+    (docs/design.md §4.2).
 
     Args:
         hidden_size: model width.

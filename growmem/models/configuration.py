@@ -14,6 +14,7 @@ from growmem.layers.config import (
     flat_value,
     nested_from_flat,
     warn_flat,
+    with_legacy_gates,
 )
 from growmem.models.cache import CACHE_FIELD
 from growmem.ops.checks import (
@@ -78,6 +79,11 @@ class GrowMemConfig(PreTrainedConfig):
             converted to ``memory`` with a FutureWarning (save_pretrained writes the new form).
             Titans models trained before growmem's decay toward the initial weights
             (docs/design.md §2.4) need ``decay_to="zero"``.
+
+    A saved config (``from_dict``, which ``from_pretrained`` uses) whose memory lacks the gate
+    settings of today's defaults was saved before they existed and keeps the gates it had
+    (``growmem.layers.config.with_legacy_gates``); a ``memory`` dict passed here takes today's
+    defaults.
     """
 
     model_type = "growmem"
@@ -159,6 +165,18 @@ class GrowMemConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """The config of a saved ``config_dict`` (config.json; ``from_pretrained`` and the Auto
+        classes call this): a memory dict saved before ``caching.gate_norm`` and
+        ``gate_temperature`` existed gets the values it meant (``with_legacy_gates``; every
+        memory dict saved since holds them). ``kwargs``: as transformers' ``from_dict``; a
+        ``memory`` among them takes today's defaults.
+        """
+        if isinstance(config_dict, dict) and isinstance(config_dict.get("memory"), dict):
+            config_dict = {**config_dict, "memory": with_legacy_gates(config_dict["memory"])}
+        return super().from_dict(config_dict, **kwargs)
 
     def __setattr__(self, name, value):
         # config.memory always holds a checked MemoryConfig (or None), also when a dict is

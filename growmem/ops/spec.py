@@ -34,6 +34,15 @@ DECAY_TARGETS = ("init", "zero")
 INITS = ("continuous", "independent")
 SUMMARIES = ("mean", "sum")
 GATE_NORMS = ("none", "l2", "centered")
+# The gate geometry of the gated aggregations when none is chosen: cosine gates (u and the
+# summaries L2-normalised), whose sharpness a temperature sets (the layer's learnable τ,
+# growmem/layers/config.py DEFAULT_GATE_TEMPERATURE). Chosen by the paired gate ablation in
+# docs/results.md (mqar_capacity): cosine gates with τ0 5 beat the scaled dot product 1/sqrt(D)
+# and the paper-literal raw product (docs/design.md §3.2).
+DEFAULT_GATE_NORM = "l2"
+# The geometry before gate_norm existed (the scaled dot product): what configs and calls of
+# earlier releases, which cannot name it, keep meaning.
+LEGACY_GATE_NORM = "none"
 DEFAULT_SEGMENT_SIZE = 256
 
 
@@ -181,11 +190,17 @@ class Caching(_Spec):
         summary: "mean" or "sum" of a segment's keys, its summary c_i (the keys: k, or the
             ``summary_keys`` gate input when given).
         gate_scale: the fixed factor s of the gate logits r = s · τ · <û_t, ĉ_i> (+ b on the
-            online memory's; docs/design.md §3.2); None: 1/sqrt(Dk). 1.0 with gate_norm
-            "none" is the paper's literal raw inner product (Eq. 9-10).
+            online memory's; docs/design.md §3.2); None: 1/sqrt(Dk) with gate_norm "none"
+            (the scaled dot product), 1.0 with "l2" or "centered" (cosine logits in [-1, 1],
+            whose sharpness the temperature τ sets). 1.0 with gate_norm "none" is the
+            paper's literal raw inner product (Eq. 9-10).
         gate_norm: the geometry of the logits: "none" (<u_t, c_i>), "l2" (u_t and every
             summary L2-normalised: cosine gates) or "centered" (the summaries a token sees,
             the online one included, centred on their mean, then L2-normalised, as is u_t).
+            Default: ``DEFAULT_GATE_NORM`` (cosine gates). The temperature τ is an input of
+            the op (``gates["temperature"]``; the layer passes its learnable per-head τ,
+            which starts at ``MemoryConfig.gate_temperature``): an op-level call without it
+            gets τ = 1, so the default cosine logits lie in [-1, 1] and the gates are soft.
         detach_summaries: the gates see the summaries through a stop-gradient, so no gradient
             reaches the keys through the gates (the memories still train them).
     """
@@ -197,7 +212,7 @@ class Caching(_Spec):
     init: str = "continuous"
     summary: str = "mean"
     gate_scale: float | None = None
-    gate_norm: str = "none"
+    gate_norm: str = DEFAULT_GATE_NORM
     detach_summaries: bool = False
 
     def __post_init__(self):
@@ -244,6 +259,9 @@ class Caching(_Spec):
         return lookup_aggregation(self.aggregation)
 
     def gate_scale_for(self, key_dim: int) -> float:
-        """The gate logits' fixed factor for keys of ``key_dim`` dims: gate_scale, or
-        1/sqrt(key_dim) when it is None."""
-        return 1.0 / math.sqrt(key_dim) if self.gate_scale is None else self.gate_scale
+        """The gate logits' fixed factor for keys of ``key_dim`` dims: gate_scale, or when it
+        is None 1/sqrt(key_dim) for the dot product (gate_norm "none") and 1 for the cosine
+        logits of "l2" and "centered" (the temperature sets their sharpness)."""
+        if self.gate_scale is not None:
+            return self.gate_scale
+        return 1.0 / math.sqrt(key_dim) if self.gate_norm == "none" else 1.0

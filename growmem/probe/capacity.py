@@ -12,12 +12,19 @@ vector's nearest value among the P values (by cosine) is its own. The variants:
   (docs/design.md §3.3; recall by cosine does not see the scale);
 - ``oracle``: the cached memory at the end of the segment that holds the queried pair (the
   online memory for the last segment), the best any routing of whole segments can do;
-- ``grm``, ``ssc``: the gated aggregations with the library's gates r_i = gate_scale <u, c_i>
-  for a gate query aligned with the query (u = the key), c_i the segment's key summary;
+- ``grm``, ``ssc``: the gated aggregations with the library's default gates (``gate_scales``
+  "default"): ``Caching``'s default geometry (``DEFAULT_GATE_NORM``, cosine gates) at its
+  default scale, times the temperature input τ = ``DEFAULT_GATE_TEMPERATURE``, the layer's
+  initial τ0, for a gate query aligned with the query (u = the key), c_i the segment's key
+  summary (a trained layer's default summaries are of keys of its own, ``summary_source``
+  "gate_keys", which have no analogue before training: the probe summarises the keys);
   computed by ``memory_caching`` itself, in float64;
-- with ``normalize_summaries``, also grm and ssc with centred, L2-normalised summaries
-  (``Caching(gate_norm="centered")``; the query is a unit key already), also by
-  ``memory_caching``.
+- ``grm s=…``, ``ssc s=…``: the dot-product gates r_i = s <u, c_i> (gate_norm "none") at the
+  scales ``gate_scales`` names: "invsqrtD" (1/sqrt(D), the library's default before the
+  cosine gates), "raw" (1, the paper's inner product, Eq. 9-10), "sqrtD" or numbers;
+- with ``normalize_summaries``, also ``grm norm …``, ``ssc norm …``: each of them with the
+  summaries centred on their mean and, like u, L2-normalised (``gate_norm="centered"``, the
+  same factor), also by ``memory_caching``.
 
 Values are random unit vectors of dimension D (Gaussian, L2-normalised), like the keys: they
 fit any P (one-hot values would need D >= P and change the state's size with P), and the
@@ -32,11 +39,12 @@ nearest-value test then asks only that the read points toward its own value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from growmem.layers.config import DEFAULT_GATE_TEMPERATURE
 from growmem.ops import linear_memory, memory_caching
 from growmem.ops.checks import (
     RULE_GATES,
@@ -45,19 +53,56 @@ from growmem.ops.checks import (
     check_positive_float,
     check_positive_int,
 )
-from growmem.ops.spec import INITS, SUMMARIES, Caching, MatrixMemory
+from growmem.ops.spec import GATE_NORMS, INITS, SUMMARIES, Caching, MatrixMemory
 
 RULES = ("gated_delta", "delta", "linear")
 KEYS = ("random", "orthogonal")
 DEFAULT_PAIRS = (4, 8, 16, 32, 64, 128)
-# Named gate scales: the library's default, the paper's raw inner product (Eq. 9-10), and a
-# scale as much sharper than the raw product as the default is softer.
+# The name of the library's default gates among the gate settings.
+DEFAULT_GATES = "default"
+# Named dot-product scales: 1/sqrt(D) (the library's default before the cosine gates), the
+# paper's raw inner product (Eq. 9-10), and a scale as much sharper than the raw product as
+# 1/sqrt(D) is softer.
 NAMED_SCALES = {
-    "default": lambda d: 1.0 / math.sqrt(d),
+    "invsqrtD": lambda d: 1.0 / math.sqrt(d),
     "raw": lambda d: 1.0,
     "sqrtD": lambda d: math.sqrt(d),
 }
+# What <û, ĉ_i> is in each geometry (gate_norm), u being the queried key (a unit vector).
+GEOMETRIES = {
+    "none": "the dot product <u, c_i> with the segment's key mean (sum)",
+    "l2": "the cosine of u and c_i",
+    "centered": "the cosine of u and c_i centred on the mean of the summaries",
+}
 DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Gates:
+    """One parameterisation of the probe's grm and ssc gates: r_i = gate_scale · τ · <û, ĉ_i>
+    (docs/design.md §3.2), u the queried key.
+
+    Args:
+        name: how it was asked for: "default", a named scale or a number.
+        gate_norm: the geometry (``Caching.gate_norm``).
+        gate_scale: the fixed factor s (``Caching.gate_scale``).
+        temperature: τ, the op's temperature input, or None (τ = 1).
+    """
+
+    name: str
+    gate_norm: str
+    gate_scale: float
+    temperature: float | None = None
+
+    @property
+    def factor(self) -> float:
+        """s · τ: the logits are factor · <û, ĉ_i>."""
+        return self.gate_scale * (1.0 if self.temperature is None else self.temperature)
+
+    def to_dict(self) -> dict:
+        """The settings, for the JSON."""
+        return {"gate_norm": self.gate_norm, "gate_scale": self.gate_scale,
+                "temperature": self.temperature}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,20 +141,47 @@ class Layout:
         return [C] * (n - 1) + [self.writes - (n - 1) * C + self.pairs]
 
 
-def gate_scale_value(name: str, head_dim: int) -> float:
-    """The gate scale ``name`` stands for at head size ``head_dim``: a positive number, or
-    ``default`` (1/sqrt(D), the library's default), ``raw`` (1) or ``sqrtD`` (sqrt(D))."""
+def gate_setting(name, head_dim: int) -> Gates:
+    """The gates ``name`` stands for at head size ``head_dim``: "default", the library's
+    default gates (``Caching()``'s geometry and scale, the layer's initial temperature
+    ``DEFAULT_GATE_TEMPERATURE`` as the op's temperature input), or dot-product gates
+    (gate_norm "none") at a scale: a positive number, "invsqrtD" (1/sqrt(D)), "raw" (1) or
+    "sqrtD" (sqrt(D)).
+
+    Raises:
+        ValueError: anything else, naming ``gate_scales``.
+    """
+    if name == DEFAULT_GATES:
+        library = Caching()
+        return Gates(
+            name, library.gate_norm, library.gate_scale_for(head_dim), DEFAULT_GATE_TEMPERATURE
+        )
     if name in NAMED_SCALES:
-        return NAMED_SCALES[name](head_dim)
-    try:
-        value = float(name)
-    except (TypeError, ValueError):
-        value = None
+        return Gates(name, "none", NAMED_SCALES[name](head_dim))
+    value = None
+    if not isinstance(name, bool):
+        try:
+            value = float(name)
+        except (TypeError, ValueError):
+            value = None
     if value is None or not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f"gate_scales must hold positive numbers or {list(NAMED_SCALES)}, got {name!r}"
+            f"gate_scales must hold positive numbers, {DEFAULT_GATES!r} or "
+            f"{list(NAMED_SCALES)}, got {name!r}"
         )
-    return value
+    return Gates(str(name), "none", value)
+
+
+def gate_logits(keys: torch.Tensor, summaries: torch.Tensor, gate_norm: str) -> torch.Tensor:
+    """[B, P, N] <û_j, ĉ_i> at factor 1 in the geometry ``gate_norm``: keys [B, P, D] are the
+    gate queries (unit vectors, so û = u), summaries [B, N, D] the segments' c_i, which
+    "centered" centres on their mean (the N summaries the queries see) and "l2" and
+    "centered" L2-normalise."""
+    if gate_norm == "centered":
+        summaries = summaries - summaries.mean(1, keepdim=True)
+    if gate_norm != "none":
+        summaries = F.normalize(summaries, dim=-1)
+    return torch.einsum("bpd,bnd->bpn", keys, summaries)
 
 
 def draw_keys(layout: Layout, head_dim: int, draws: int, keys: str, gen) -> torch.Tensor:
@@ -164,13 +236,14 @@ def gated_mix(
 
 
 def library_reads(
-    q, k, v, u, *, rule, gates, lengths, aggregation, init, summary, top_k, gate_scale,
-    gate_norm="none",
+    q, k, v, u, *, rule, gates, lengths, aggregation, init, summary, top_k, gate_scale=None,
+    gate_norm="none", temperature=None,
 ):  # fmt: skip
     """``memory_caching``'s outputs for these tokens: the probe's one call of the op.
 
     q, k, u: [B, T, 1, D]; v: [B, T, 1, D]; gates: the rule's [B, T, 1] gates; lengths: the
-    segment lengths. Returns [B, T, 1, D].
+    segment lengths; gate_scale, gate_norm: ``Caching``'s; temperature: the op's temperature
+    input τ (one head), or None. Returns [B, T, 1, D].
     """
     caching = Caching(
         aggregation,
@@ -181,6 +254,8 @@ def library_reads(
         gate_scale=gate_scale,
         gate_norm=gate_norm,
     )
+    if temperature is not None:
+        gates = {**gates, "temperature": torch.full((1,), temperature, dtype=q.dtype)}  # [H]
     return memory_caching(q, k, v, u, memory=MatrixMemory(rule), caching=caching, gates=gates)
 
 
@@ -193,7 +268,7 @@ def probe_reads(
     init: str = "continuous",
     summary: str = "mean",
     top_k: int = 2,
-    gate_scales: tuple[float, ...] = (),
+    gate_scales: tuple = (),
     normalize_summaries: bool = False,
     gen: torch.Generator | None = None,
 ) -> dict:
@@ -214,16 +289,18 @@ def probe_reads(
             (from zeros), for the cached memories; base is the plain RNN either way.
         summary: the segment summary c_i, "mean" or "sum" of its keys.
         top_k: caches ssc selects.
-        gate_scales: the gate scales for grm and ssc (none: no gated variants).
+        gate_scales: the gates of grm and ssc (``gate_setting``: "default", the library's,
+            or dot-product scales; none: no gated variants).
         normalize_summaries: also grm and ssc with c_i centred (minus the mean of the N
-            summaries) and L2-normalised.
+            summaries) and L2-normalised, for each of the gates (gate_norm "centered").
         gen: the generator of the filler keys (required when layout.filler > 0).
 
     Returns:
         {"reads": {name: [B, P, D]}, "gates": {name: [B, P, N] gate weights of the gated
         variants, the online memory last}, "segment_reads": [B, P, N, D] every segment's
-        memory at its end read at every key, "logits": {"library" | "normalized": [B, P, N]
-        gate logits at scale 1}, "series": {name: what the variant is}}.
+        memory at its end read at every key, "logits": {gate_norm: [B, P, N] <û, ĉ_i>, the
+        gate logits at factor 1, for every geometry}, "series": {name: what the variant
+        is}}.
     """
     B, P, D = keys.shape
     if layout.pairs != P:
@@ -254,15 +331,14 @@ def probe_reads(
     gates = {"g": torch.zeros(B, T, 1, dtype=DTYPE), "beta": beta}
     gates = {name: gates[name] for name in RULE_GATES[rule]}
 
-    def library(
-        aggregation: str, gate_scale: float = 1.0, init: str = init, gate_norm: str = "none"
-    ) -> torch.Tensor:
+    def library(aggregation: str, setting: Gates | None = None, init: str = init) -> torch.Tensor:
+        """The query tokens' outputs [B, P, D] of ``aggregation`` with the gates ``setting``."""
+        chosen = {} if setting is None else setting.to_dict()
         o = library_reads(
             q, k, v, q, rule=rule, gates=gates, lengths=layout.lengths(),
-            aggregation=aggregation, init=init, summary=summary, top_k=top_k,
-            gate_scale=gate_scale, gate_norm=gate_norm,
+            aggregation=aggregation, init=init, summary=summary, top_k=top_k, **chosen,
         )  # fmt: skip
-        return o[:, W:, 0]  # [B, P, D] the query tokens' outputs
+        return o[:, W:, 0]
 
     # The memory at the end of every segment [B, N, D, D]: the oracle reads its pair's.
     if init == "continuous":
@@ -289,25 +365,24 @@ def probe_reads(
         "oracle": cached[:, torch.arange(P), holder],
     }
     series = {name: {"description": DESCRIPTIONS[name]} for name in reads}
-    logits = {"library": torch.einsum("bpd,bnd->bpn", keys, summaries)}  # [B, P, N] at scale 1
-    if normalize_summaries:
-        centred = F.normalize(summaries - summaries.mean(1, keepdim=True), dim=-1)
-        logits["normalized"] = torch.einsum("bpd,bnd->bpn", keys, centred)
+    logits = {norm: gate_logits(keys, summaries, norm) for norm in GATE_NORMS}  # [B, P, N]
     gate_weights = {}
-    for scale in gate_scales:
+    for setting in (gate_setting(s, D) for s in gate_scales):
+        variants = [(setting, False)]
+        if normalize_summaries and setting.gate_norm != "centered":
+            variants.append((replace(setting, gate_norm="centered"), True))
         for aggregation in ("grm", "ssc"):
-            for geometry, r in logits.items():
-                name = series_name(aggregation, scale, D, normalized=geometry == "normalized")
+            for gates_of, normalized in variants:
+                name = series_name(aggregation, gates_of, normalized)
+                r = gates_of.factor * logits[gates_of.gate_norm]
                 # the gate weights, for the diagnostics; the library computes the read
-                _, gate_weights[name] = gated_mix(cached, scale * r, aggregation, top_k)
-                gate_norm = "none" if geometry == "library" else "centered"
-                reads[name] = library(aggregation, scale, gate_norm=gate_norm)
+                _, gate_weights[name] = gated_mix(cached, r, aggregation, top_k)
+                reads[name] = library(aggregation, gates_of)
                 series[name] = {
-                    "description": f"{aggregation} at gate scale {scale:g}, u = the key, "
-                    f"summaries {SUMMARY_GEOMETRIES[geometry]}",
+                    "description": describe(aggregation, gates_of),
                     "aggregation": aggregation,
-                    "gate_scale": scale,
-                    "summaries": geometry,
+                    "gates": setting.name,
+                    **gates_of.to_dict(),
                 }
     return {
         "reads": reads,
@@ -324,19 +399,22 @@ DESCRIPTIONS = {
     "= residual after the output norm",
     "oracle": "the memory at the end of the segment holding the pair (linear_memory's states)",
 }
-SUMMARY_GEOMETRIES = {
-    "library": "the library's (mean or sum of the segment's keys), by memory_caching",
-    "normalized": "centred on their mean and L2-normalised (gate_norm='centered'), by "
-    "memory_caching",
-}
 
 
-def series_name(aggregation: str, scale: float, head_dim: int, normalized: bool) -> str:
-    """``grm``, ``ssc`` at the library's default scale 1/sqrt(D); ``grm s=1``, ``ssc norm s=4``
-    ... otherwise."""
+def describe(aggregation: str, gates: Gates) -> str:
+    """What a gated series is, in words."""
+    text = f"{aggregation}, u = the key, logits {gates.factor:g} x {GEOMETRIES[gates.gate_norm]}"
+    if gates.temperature is not None:
+        text += f" (scale {gates.gate_scale:g}, temperature {gates.temperature:g})"
+    return text + ", by memory_caching"
+
+
+def series_name(aggregation: str, gates: Gates, normalized: bool) -> str:
+    """``grm``, ``ssc`` with the library's default gates (``grm norm``: with centred
+    summaries); ``grm s=1``, ``ssc norm s=4`` ... for dot-product gates at scale s."""
     parts = [aggregation] + (["norm"] if normalized else [])
-    if not math.isclose(scale, NAMED_SCALES["default"](head_dim)):
-        parts.append(f"s={scale:g}")
+    if gates.name != DEFAULT_GATES:
+        parts.append(f"s={gates.gate_scale:g}")
     return " ".join(parts)
 
 
@@ -344,8 +422,8 @@ def check_settings(
     head_dim, segment_size, pairs, draws, rule, init, filler, keys, summary, top_k,
     gate_scales, normalize_summaries, seed,
 ) -> list[float]:  # fmt: skip
-    """ValueError naming the first bad setting of ``capacity_probe``; returns the gate scales'
-    values."""
+    """ValueError naming the first bad setting of ``capacity_probe``; returns the gates
+    ``gate_scales`` stand for."""
     check_positive_int("head_dim", head_dim)
     check_positive_int("segment_size", segment_size)
     if not isinstance(pairs, (list, tuple)) or not pairs:
@@ -362,17 +440,21 @@ def check_settings(
     check_positive_int("top_k", top_k)
     if not isinstance(gate_scales, (list, tuple)):
         raise ValueError(f"gate_scales must be a list, got {gate_scales!r}")
-    scales = []
+    settings = []
     for s in gate_scales:
         if not isinstance(s, str):
             check_positive_float("gate_scales[i]", s)
-        scales.append(gate_scale_value(str(s), head_dim))
-    if len({round(s, 12) for s in scales}) < len(scales):
-        raise ValueError(f"gate_scales repeat a scale: {list(gate_scales)} -> {scales}")
+        settings.append(gate_setting(s, head_dim))
+    distinct = {(g.gate_norm, round(g.factor, 12)) for g in settings}
+    if len(distinct) < len(settings):
+        raise ValueError(
+            f"gate_scales repeat a setting: {list(gate_scales)} -> "
+            f"{[(g.gate_norm, g.factor) for g in settings]}"
+        )
     check_bool("normalize_summaries", normalize_summaries)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return scales
+    return settings
 
 
 def capacity_probe(
@@ -387,7 +469,7 @@ def capacity_probe(
     keys: str = "random",
     summary: str = "mean",
     top_k: int = 2,
-    gate_scales=("default",),
+    gate_scales=(DEFAULT_GATES,),
     normalize_summaries: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -406,8 +488,10 @@ def capacity_probe(
         keys: "random" or "orthogonal" (orthonormal within blocks of D consecutive pairs).
         summary: a segment's summary, the "mean" or "sum" of its keys.
         top_k: caches ssc selects.
-        gate_scales: gate scales of the grm and ssc variants: numbers, or "default"
-            (1/sqrt(D)), "raw" (1, the paper's inner product), "sqrtD" (sqrt(D)).
+        gate_scales: the gates of the grm and ssc variants: "default" (the library's default
+            gates, with the layer's initial temperature), or dot-product gates at a scale:
+            numbers, "invsqrtD" (1/sqrt(D)), "raw" (1, the paper's inner product), "sqrtD"
+            (sqrt(D)).
         normalize_summaries: also grm and ssc with centred, L2-normalised summaries.
         seed: the draws for P come from the generator seeded seed·100003 + P, so one P's
             numbers do not depend on which other P are probed.
@@ -415,14 +499,15 @@ def capacity_probe(
     Returns:
         A JSON-ready dict: ``settings``, ``pairs``, ``segments`` (N per P) and ``series``, a
         list of {name, description, recall [per P: mean over draws], sem, per_draw [per P:
-        per draw]}; the gated series add aggregation, gate_scale, summaries, ``gate_on_holder``
+        per draw]}; the gated series add aggregation, gates (the ``gate_scales`` entry),
+        gate_norm, gate_scale, temperature, ``gate_on_holder``
         (mean gate weight on the segment that holds the queried pair) and
         ``top_gate_on_holder`` (fraction of queries whose largest gate weight is on it).
 
     Raises:
         ValueError naming the first bad argument.
     """
-    scales = check_settings(
+    settings = check_settings(
         head_dim, segment_size, pairs, draws, rule, init, filler, keys, summary, top_k,
         gate_scales, normalize_summaries, seed,
     )  # fmt: skip
@@ -436,7 +521,7 @@ def capacity_probe(
         v = F.normalize(torch.randn(draws, P, head_dim, generator=gen, dtype=DTYPE), dim=-1)
         out = probe_reads(
             k, v, layout, rule=rule, init=init, summary=summary, top_k=top_k,
-            gate_scales=tuple(scales), normalize_summaries=normalize_summaries, gen=gen,
+            gate_scales=tuple(gate_scales), normalize_summaries=normalize_summaries, gen=gen,
         )  # fmt: skip
         holder = layout.segment_of_pair()  # [P]
         for name, reads in out["reads"].items():
@@ -467,7 +552,7 @@ def capacity_probe(
             "values": "random unit vectors of dimension head_dim",
             "summary": summary,
             "top_k": top_k,
-            "gate_scales": {str(s): v for s, v in zip(gate_scales, scales, strict=True)},
+            "gate_scales": {g.name: g.to_dict() for g in settings},
             "normalize_summaries": normalize_summaries,
             "seed": seed,
             "dtype": "float64",

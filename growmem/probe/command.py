@@ -17,6 +17,7 @@ from growmem.cli import int_at_least
 from growmem.ops.spec import INITS, SUMMARIES
 from growmem.probe import capacity
 from growmem.probe.capacity import (
+    DEFAULT_GATES,
     DEFAULT_PAIRS,
     KEYS,
     RULES,
@@ -32,15 +33,16 @@ def plot(payload: dict, path: Path) -> Path:
     at P = D."""
     s = payload["settings"]
     fixed = {"base": ("k", "-"), "oracle": ("k", "--"), "uniform": ("0.55", "-")}
-    scales = sorted({e["gate_scale"] for e in payload["series"] if "gate_scale" in e})
+    gates = list(s["gate_scales"])  # "default" (the library's gates), then the scales
+    markers = {"none": "o", "l2": "^", "centered": "s"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for entry in payload["series"]:
         if entry["name"] in fixed:
             (color, line), marker = fixed[entry["name"]], "o"
-        else:  # a colour per gate scale, a line per aggregation, a marker per summary
-            color = f"C{scales.index(entry['gate_scale'])}"
+        else:  # a colour per gate setting, a line per aggregation, a marker per geometry
+            color = f"C{gates.index(entry['gates'])}"
             line = "-" if entry["aggregation"] == "grm" else "-."
-            marker = "s" if entry["summaries"] == "normalized" else "o"
+            marker = markers[entry["gate_norm"]]
         ax.errorbar(
             payload["pairs"], entry["recall"], yerr=entry["sem"], color=color, linestyle=line,
             marker=marker, markersize=3, capsize=2, label=entry["name"],
@@ -99,12 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", choices=SUMMARIES, default="mean", help="segment summary")
     parser.add_argument("--top-k", type=int_at_least(1), default=2, help="caches ssc selects")
     parser.add_argument(
-        "--gate-scale", nargs="+", default=["default"], metavar="SCALE",
-        help="gate scales of grm/ssc: numbers or default (1/sqrt(D)), raw (1), sqrtD",
+        "--gate-scale", nargs="+", default=[DEFAULT_GATES], metavar="SCALE",
+        help="gates of grm/ssc: default (the library's: cosine with the layer's initial "
+        "temperature) or dot-product scales: numbers, invsqrtD (1/sqrt(D)), raw (1), sqrtD",
     )  # fmt: skip
     parser.add_argument(
         "--normalize-summaries", action="store_true",
-        help="also grm/ssc with centred, L2-normalised summaries",
+        help="also grm/ssc with centred, L2-normalised summaries (gate_norm centered)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(

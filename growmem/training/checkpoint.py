@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from growmem.models import GrowMemForCausalLM
+from growmem.training.config import model_from_record
 from growmem.training.config_files import load_yaml
 from growmem.utils.provenance import provenance
 
@@ -282,7 +283,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_run_config(folder: Path) -> dict[str, Any]:
-    """The run config recorded in a model or checkpoint folder (``run.yaml``), checked.
+    """The run config recorded in a model or checkpoint folder (``run.yaml``), checked; its
+    model section as the run meant it (``model_from_record``: a record of an earlier release
+    keeps the defaults of then).
 
     Raises:
         FileNotFoundError: no run.yaml (not a growmem model or checkpoint folder).
@@ -301,7 +304,7 @@ def read_run_config(folder: Path) -> dict[str, Any]:
     sections = ("model", "task", "train")
     if not isinstance(record, dict) or not all(isinstance(record.get(k), dict) for k in sections):
         raise ValueError(f"{path} is damaged: expected the mappings {list(sections)}")
-    return record
+    return {**record, "model": model_from_record(record["model"])}
 
 
 def load_weights(folder: Path, model: GrowMemForCausalLM) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from growmem.layers.config import warn_flat
+from growmem.layers.config import warn_flat, with_legacy_gates
 from growmem.models import GrowMemConfig
 from growmem.models.configuration import FLAT_ARGUMENTS, memory_from_flat
 from growmem.models.model_spec import MEMORY_RULES, TRANSFORMER, ModelSpec
@@ -221,6 +221,26 @@ def model_settings(model: dict) -> dict:
     exactly when they build the same model."""
     config = GrowMemConfig(vocab_size=1, **nested_model(model)).to_dict()
     return {k: v for k, v in config.items() if k not in ("vocab_size", "transformers_version")}
+
+
+def model_record(model: dict) -> dict:
+    """A (nested) model section as a run folder records it (run.yaml): ``memory`` as its full
+    dict, every setting written out, so that the record keeps its meaning when a default
+    changes (``model_from_record`` reads it back)."""
+    memory = GrowMemConfig(vocab_size=1, **model).memory
+    return {**model, "memory": None if memory is None else memory.to_dict()}
+
+
+def model_from_record(model: dict) -> dict:
+    """The model section of a run.yaml as the run that wrote it meant it. Records written since
+    ``model_record`` hold every memory setting; earlier ones hold the section as the run's
+    config file gave it, so a setting it leaves out had the default of then: a memory dict
+    without the gate settings gets their values of then (``with_legacy_gates``), and a section
+    without ``memory`` was the default memory of then. Flat memory keys (older still) are
+    left to their conversion, which does the same (``nested_model``)."""
+    if FLAT_ARGUMENTS & set(model):
+        return model
+    return {**model, "memory": with_legacy_gates(model.get("memory", {}))}
 
 
 def _check_keys(section: str, given: dict, valid: list[str]) -> None:

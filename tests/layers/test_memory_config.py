@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from growmem.layers import MemoryCachingAttention, MemoryConfig
-from growmem.layers.config import FLAT_DEFAULTS, FLAT_PATHS, nested_from_flat
-from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
+from growmem.layers.config import (
+    DEFAULT_GATE_TEMPERATURE,
+    DEFAULT_SUMMARY_SOURCE,
+    FLAT_DEFAULTS,
+    FLAT_PATHS,
+    nested_from_flat,
+)
+from growmem.ops.spec import DEFAULT_GATE_NORM, Caching, DeepMemory, MatrixMemory
+
+# the gates of configs written before gate_norm and gate_temperature existed: the scaled dot
+# product, no temperature
+LEGACY = dict(gate_norm="none")
 
 CONFIGS = [
     MemoryConfig(),
@@ -57,8 +67,18 @@ def test_defaults():
     assert config.caching == Caching("grm", segment_size=256, top_k=2)
     deep = MemoryConfig.from_dict({"rule": "titans"})
     assert (deep.expansion, deep.eta_max, deep.memory.max_grad_norm) == (4, 0.1, 1.0)
+    # the gates: cosine with a learnable temperature starting at τ0 (the library's constants)
+    assert (config.caching.gate_norm, config.caching.gate_scale) == (DEFAULT_GATE_NORM, None)
     gates = (config.gate_temperature, config.gate_online_bias, config.summary_source)
-    assert gates == (None, None, "keys") and config.o_norm_eps is None
+    assert gates == (DEFAULT_GATE_TEMPERATURE, None, DEFAULT_SUMMARY_SOURCE)
+    assert config.o_norm_eps is None
+    assert isinstance(config.gate_temperature, float)
+    # a dict a user writes now, however partial, takes today's defaults
+    partial = MemoryConfig.from_dict({"caching": {"aggregation": "ssc", "segment_size": 8}})
+    assert (partial.caching.gate_norm, partial.gate_temperature) == (
+        DEFAULT_GATE_NORM,
+        DEFAULT_GATE_TEMPERATURE,
+    )
     assert MemoryConfig(gate_online_bias=4).gate_online_bias == 4.0  # a float, also from an int
 
 
@@ -133,17 +153,23 @@ def test_flat_settings_convert():
     matrix = convert({**FLAT_MATRIX, "mini_batch": 4, "eta_max": 1.0})
     assert matrix == MemoryConfig(
         memory=MatrixMemory("swla", chunk_size=16),
-        caching=Caching("ssc", segment_size=8, top_k=3, init="independent", summary="sum"),
+        caching=Caching(
+            "ssc", segment_size=8, top_k=3, init="independent", summary="sum", **LEGACY
+        ),
         use_short_conv=False,
         conv_size=3,
         qk_norm=False,
+        gate_temperature=None,
+        summary_source="keys",
     )  # mini_batch and eta_max did nothing for a matrix memory: dropped
     assert convert({**FLAT_DEEP, "chunk_size": 8}) == MemoryConfig(
         memory=DeepMemory("titans", mini_batch=4, norm=False, max_grad_norm=None, decay_to="zero"),
-        caching=Caching("soup", segment_size=8),
+        caching=Caching("soup", segment_size=8, **LEGACY),
         expansion=2,
         eta_max=0.3,
-    )
+        gate_temperature=None,
+        summary_source="keys",
+    )  # the flat settings predate the gate settings: their gates are the old ones
     assert convert({"rule": "dla", "decay_to": "zero"}).memory == DeepMemory("dla")
     assert convert({"ssc_top_k": 3}).caching.top_k == 3
     with pytest.raises(ValueError, match=r"top_k .* and ssc_top_k .* name one setting"):
@@ -164,7 +190,12 @@ def test_flat_settings_written_over_a_nested_memory():
     base = {"rule": "gated_delta", "caching": {"aggregation": "none", "segment_size": 16}}
     config = convert({"rule": "titans", "aggregation": "grm", "mini_batch": 2}, base)
     assert config.memory == DeepMemory("titans", mini_batch=2)
-    assert config.caching == Caching("grm", segment_size=16)
+    assert config.caching == Caching("grm", segment_size=16, **LEGACY)
+    assert (config.gate_temperature, config.summary_source) == (None, "keys")
+    # gate settings the nested memory names are kept
+    named = {**base, "gate_temperature": 2.0, "caching": {**base["caching"], "gate_norm": "l2"}}
+    config = convert({"aggregation": "grm"}, named)
+    assert (config.caching.gate_norm, config.gate_temperature) == ("l2", 2.0)
 
 
 def test_layer_takes_the_flat_settings_with_a_future_warning():

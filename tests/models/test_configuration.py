@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
+from growmem.layers.config import DEFAULT_GATE_TEMPERATURE
 from growmem.models import GrowMemConfig, GrowMemForCausalLM, MemoryConfig
-from growmem.ops.spec import Caching, DeepMemory, MatrixMemory
+from growmem.ops.spec import DEFAULT_GATE_NORM, Caching, DeepMemory, MatrixMemory
 from tests.helpers import memory_config
 
 BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2)
@@ -146,10 +147,12 @@ def test_flat_arguments_convert_with_a_future_warning():
         config = GrowMemConfig(**BASE, **flat, chunk_size=16)  # chunk_size: not titans'
     assert config.memory == MemoryConfig(
         memory=DeepMemory("titans", mini_batch=4),
-        caching=Caching("ssc", segment_size=8, top_k=3),
+        caching=Caching("ssc", segment_size=8, top_k=3, gate_norm="none"),
         expansion=4,
         eta_max=0.1,
-    )
+        gate_temperature=None,
+        summary_source="keys",
+    )  # the flat settings predate the gate settings: the gates they had
     with pytest.warns(FutureWarning, match=r"\['rule', 'segment_size'\] .*; pass memory=None$"):
         assert GrowMemConfig(**BASE, rule="attention", segment_size=8).memory is None
     with pytest.warns(FutureWarning, match=r"read config.memory.caching.top_k$"):
@@ -195,6 +198,92 @@ def test_a_model_folder_saved_with_the_flat_config_loads(name, tmp_path):
     saved = json.loads((copy / "config.json").read_text())
     assert "rule" not in saved and "ssc_top_k" not in saved
     assert GrowMemConfig.from_pretrained(copy).memory == model.config.memory  # no warning now
+
+
+# config.json's memory as growmem wrote it before the gate settings existed (d0cee83^): no
+# caching.gate_norm or detach_summaries, no gate_temperature, gate_online_bias, summary_source
+# or o_norm_eps.
+OLD_MEMORY = {
+    "rule": "gated_delta",
+    "chunk_size": 64,
+    "caching": {
+        "aggregation": "grm",
+        "segment_size": 8,
+        "segments": None,
+        "top_k": 2,
+        "init": "continuous",
+        "summary": "mean",
+        "gate_scale": None,
+    },
+    "use_short_conv": True,
+    "conv_size": 4,
+    "qk_norm": True,
+}
+
+
+@pytest.mark.parametrize("aggregation", ["grm", "ssc", "residual"])
+def test_a_model_saved_before_the_gate_settings_keeps_its_gates(aggregation, tmp_path):
+    """A config.json whose memory lacks gate_norm and gate_temperature meant the gates of then
+    (the scaled dot product, no temperature): it loads with them, no temperature parameter, and
+    the logits of a model built with them explicitly. An ungated aggregation has no gates, so
+    it reads as today's config of the same model. A memory dict given now takes today's
+    defaults."""
+    old = {**OLD_MEMORY, "caching": {**OLD_MEMORY["caching"], "aggregation": aggregation}}
+    legacy = {
+        **old,
+        "gate_temperature": None,
+        "summary_source": "keys",
+        "caching": {**old["caching"], "gate_norm": "none"},
+    }
+    explicit = MemoryConfig.from_dict(legacy)
+    torch.manual_seed(0)
+    reference = GrowMemForCausalLM(GrowMemConfig(**BASE, memory=explicit)).eval()
+    reference.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "memory": old}))
+
+    model = GrowMemForCausalLM.from_pretrained(tmp_path).eval()
+    gated = aggregation != "residual"
+    assert model.config.memory == (explicit if gated else MemoryConfig.from_dict(old))
+    assert AutoConfig.from_pretrained(tmp_path).memory == model.config.memory
+    assert model.state_dict().keys() == reference.state_dict().keys()  # no temperature
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "again")  # now with every gate setting written out
+    assert GrowMemConfig.from_pretrained(tmp_path / "again").memory == model.config.memory
+
+    today = GrowMemConfig(**BASE, memory=old).memory
+    assert (today.caching.gate_norm, today.gate_temperature) == (
+        DEFAULT_GATE_NORM,
+        DEFAULT_GATE_TEMPERATURE,
+    )
+    assert GrowMemConfig.from_pretrained(tmp_path, memory=old).memory == today  # an override
+    assert GrowMemConfig.from_dict({**BASE, "memory": legacy}).memory == explicit
+
+
+def test_a_model_saved_now_keeps_the_default_gates(tmp_path):
+    """Today's defaults (cosine gates, a learnable temperature from τ0) survive a save and
+    load: config.json writes them out."""
+    config = GrowMemConfig(**BASE, memory={"caching": {"aggregation": "ssc", "segment_size": 8}})
+    memory = config.memory
+    assert (memory.caching.gate_norm, memory.gate_temperature) == (
+        DEFAULT_GATE_NORM,
+        DEFAULT_GATE_TEMPERATURE,
+    )
+    torch.manual_seed(0)
+    model = GrowMemForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["memory"]
+    assert saved["caching"]["gate_norm"] == DEFAULT_GATE_NORM
+    assert saved["gate_temperature"] == DEFAULT_GATE_TEMPERATURE
+    loaded = GrowMemForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.memory == memory
+    tau = loaded.model.layers[0].mixer.gate_log_temperature.exp()
+    torch.testing.assert_close(tau, torch.full((2,), DEFAULT_GATE_TEMPERATURE))
+    ids = torch.randint(0, 64, (1, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_decay_to_reaches_the_titans_layers():

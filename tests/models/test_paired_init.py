@@ -4,12 +4,20 @@ same network for one seed, so a comparison measures the aggregation, not the dra
 import pytest
 import torch
 
+from growmem.layers.config import DEFAULT_GATE_TEMPERATURE, DEFAULT_SUMMARY_SOURCE
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.aggregations import AGGREGATIONS
 
 # the gates' own parameters: a temperature, an online bias, the summary keys' projection
-GATE_OPTIONS = dict(gate_temperature=5.0, gate_online_bias=4.0, summary_source="gate_keys")
+GATE_OPTIONS = dict(gate_temperature=3.0, gate_online_bias=4.0, summary_source="gate_keys")
 GATE_PARAMETERS = ("gate_log_temperature", "gate_online_bias", "s_proj.weight")
+# the gated aggregations' parameters with the library's defaults: the temperature (if any)
+# and the summary keys' projection (if the summaries are of their own keys)
+DEFAULT_PARAMETERS = {
+    *(() if DEFAULT_GATE_TEMPERATURE is None else ("gate_log_temperature",)),
+    *(("s_proj.weight",) if DEFAULT_SUMMARY_SOURCE == "gate_keys" else ()),
+}
+NO_GATE_PARAMETERS = dict(gate_temperature=None, summary_source="keys")
 
 
 def build(rule: str, aggregation: str, seed: int, **layer) -> GrowMemForCausalLM:
@@ -36,10 +44,19 @@ def without_gate_queries(model: GrowMemForCausalLM) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize("gate_options", [{}, GATE_OPTIONS], ids=["", "gate-parameters"])
+@pytest.mark.parametrize(
+    ("gate_options", "parameters"),
+    [
+        ({}, DEFAULT_PARAMETERS),
+        (NO_GATE_PARAMETERS, set()),
+        (GATE_OPTIONS, set(GATE_PARAMETERS)),
+    ],
+    ids=["defaults", "no-gate-parameters", "gate-parameters"],
+)
 @pytest.mark.parametrize("rule", ["gated_delta", "swla", "titans"])
-def test_aggregations_share_every_other_initial_weight(rule, gate_options):
-    """Also with the gates' own parameters (set for every model: the ungated ones have none)."""
+def test_aggregations_share_every_other_initial_weight(rule, gate_options, parameters):
+    """With the library's default gates, without any gate parameter, and with all of them (set
+    for every model: the ungated ones have none)."""
     base = without_gate_queries(build(rule, "none", seed=3, **gate_options))
     for aggregation in AGGREGATIONS[1:]:
         model = build(rule, aggregation, seed=3, **gate_options)
@@ -52,17 +69,21 @@ def test_aggregations_share_every_other_initial_weight(rule, gate_options):
             u = layer.in_proj.weight[layer.gate_query_rows]
             assert 0.015 < u.std().item() < 0.025
         own = {n for n, _ in layer.named_parameters() if n.endswith(GATE_PARAMETERS)}
-        assert own == (set(GATE_PARAMETERS) if gate_options and layer.uses_u else set())
-        if own:  # at their initial values: τ0, b0, and the summary keys drawn like u
-            assert torch.equal(layer.gate_log_temperature.exp(), torch.full((2,), 5.0))
+        assert own == (parameters if layer.uses_u else set())
+        # at their initial values: τ0, b0, and the summary keys drawn like u
+        if "gate_log_temperature" in own:
+            tau0 = gate_options.get("gate_temperature", DEFAULT_GATE_TEMPERATURE)
+            assert torch.equal(layer.gate_log_temperature.exp(), torch.full((2,), tau0))
+        if "gate_online_bias" in own:
             assert torch.equal(layer.gate_online_bias, torch.full((2,), 4.0))
+        if "s_proj.weight" in own:
             assert 0.015 < layer.s_proj.weight.std().item() < 0.025
             assert not torch.equal(layer.s_proj.weight, u)  # a stream of its own
 
 
 def test_the_gate_parameters_leave_every_other_weight_alone():
     """A grm model with the gates' own parameters starts as the grm model without them."""
-    plain = build("gated_delta", "grm", seed=4).state_dict()
+    plain = build("gated_delta", "grm", seed=4, **NO_GATE_PARAMETERS).state_dict()
     weights = build("gated_delta", "grm", seed=4, **GATE_OPTIONS).state_dict()
     assert {n for n in weights if n not in plain} == {
         f"model.layers.{i}.mixer.{p}" for i in range(2) for p in GATE_PARAMETERS

@@ -39,7 +39,7 @@ from growmem.ops.caching.select import log_bucket_bounds, log_buckets
 from growmem.ops.checks import LINEAR_RULES, check_gates
 from growmem.ops.deep import DEEP_RULES
 from growmem.ops.linear.naive import linear_step
-from growmem.ops.spec import INITS
+from growmem.ops.spec import DEFAULT_GATE_NORM, GATE_NORMS, INITS
 from tests.helpers import (
     OpInputs,
     aggregation_inits,
@@ -348,7 +348,7 @@ EXTRA_CASES = [
 # The gates' options (docs/design.md §3.2), alone and together, on both backends and every
 # gated aggregation, with up to 9 caches (loglinear: buckets of 8 and 1).
 GATE_OPTIONS = [
-    dict(gate_norm="l2"),
+    dict(gate_norm="none"),  # the cases without gate options have the default geometry
     dict(gate_norm="centered"),
     dict(gate_norm="centered", summary="sum"),
     dict(detach_summaries=True),
@@ -658,7 +658,7 @@ CAUSAL_CASES = [
         (rule, agg, "continuous", dict(ALL_GATES, gate_norm=norm))
         for rule in ("gated_delta", "titans")
         for agg in GATED
-        for norm in ("l2", "centered")
+        for norm in GATE_NORMS
     ),
 ]
 
@@ -835,9 +835,10 @@ def test_every_gate_option_changes_the_outputs(rule, aggregation):
     inp = make(rule, 29, seed=23, requires_grad=True, **ALL_GATES)
     plain_inp = dataclasses.replace(inp, gate_inputs={})
     kw = dict(aggregation=aggregation, segment_size=4, chunk_size=8, mini_batch=3, top_k=1)
+    kw.update(gate_norm="none")  # against the scaled dot product: every option changes it
     o = run(plain_inp, **kw)
     for name, value in [("gate_norm", "l2"), ("gate_norm", "centered"), ("gate_scale", 1.0)]:
-        assert rel_err(run(plain_inp, **kw, **{name: value}), o) > 1e-3, (name, value)
+        assert rel_err(run(plain_inp, **{**kw, name: value}), o) > 1e-3, (name, value)
     for name in GATE_INPUT_ARGS:
         one = dataclasses.replace(inp, gate_inputs={name: inp.gate_inputs[name]})
         assert rel_err(run(one, **kw), o) > 1e-3, name
@@ -1408,6 +1409,8 @@ def base_cache(request):
     return request.param, cache
 
 
+# a gate geometry other than the default one
+OTHER_GATE_NORM = next(n for n in GATE_NORMS if n != DEFAULT_GATE_NORM)
 CHANGES = {
     "gated_delta": [
         dict(caching=Caching("ssc", segment_size=4)),
@@ -1417,7 +1420,7 @@ CHANGES = {
         dict(caching=Caching(segment_size=5)),
         dict(caching=Caching(segment_size=4, summary="sum")),
         dict(caching=Caching(segment_size=4, gate_scale=0.3)),
-        dict(caching=Caching(segment_size=4, gate_norm="l2")),
+        dict(caching=Caching(segment_size=4, gate_norm=OTHER_GATE_NORM)),
         dict(caching=Caching(segment_size=4, detach_summaries=True)),
         dict(summary_keys=True),  # the cache's summaries are of k
         dict(dtype=torch.float64),  # the cache holds float32 states
@@ -1671,8 +1674,12 @@ def test_backward_memory_grows_linearly_with_segment_count(rule, aggregation):
 
 @pytest.mark.parametrize("rule", ["swla", "titans"])
 def test_old_keyword_form_warns_and_computes_the_same(rule):
+    """The keyword form computes what it did: it predates gate_norm, so its gates stay the
+    scaled dot product (not today's default)."""
     inp = make(rule, 20, seed=30)
-    new = run(inp, aggregation="ssc", segment_size=6, top_k=1, chunk_size=4, mini_batch=3)
+    kw = dict(aggregation="ssc", segment_size=6, top_k=1, chunk_size=4, mini_batch=3)
+    new = run(inp, **kw, gate_norm="none")
+    assert not torch.equal(run(inp, **kw), new)  # today's default gates differ
     knobs = dict(mini_batch=3, max_grad_norm=1.0) if deep(rule) else dict(chunk_size=4)
     with pytest.warns(FutureWarning, match=r"memory=MatrixMemory\(rule.*caching=Caching\("):
         old = memory_caching(

@@ -4,7 +4,9 @@ import pytest
 
 from growmem.ops.aggregations import AGGREGATIONS, TABLE, aggregation
 from growmem.ops.spec import (
+    DEFAULT_GATE_NORM,
     DEFAULT_SEGMENT_SIZE,
+    GATE_NORMS,
     Caching,
     DeepMemory,
     MatrixMemory,
@@ -43,8 +45,18 @@ def test_caching_round_trip(caching):
 def test_defaults_and_gates():
     assert Caching().segment_size == DEFAULT_SEGMENT_SIZE
     gates = Caching()
-    assert (gates.gate_scale, gates.gate_norm, gates.detach_summaries) == (None, "none", False)
-    assert gates.gate_scale_for(16) == 0.25 and Caching(gate_scale=1).gate_scale_for(16) == 1.0
+    assert (gates.gate_scale, gates.gate_norm, gates.detach_summaries) == (
+        None,
+        DEFAULT_GATE_NORM,
+        False,
+    )
+    # gate_scale None: 1/sqrt(Dk) for the dot product, 1 for the cosine logits (the temperature
+    # sets their sharpness); a number is itself whatever the geometry
+    expected = {"none": 0.25, "l2": 1.0, "centered": 1.0}
+    assert {n: Caching(gate_norm=n).gate_scale_for(16) for n in GATE_NORMS} == expected
+    assert gates.gate_scale_for(16) == expected[DEFAULT_GATE_NORM]
+    for gate_norm in GATE_NORMS:
+        assert Caching(gate_scale=2, gate_norm=gate_norm).gate_scale_for(16) == 2.0
     assert Caching(segments="log").segment_size is None
     assert Caching(segments=[2, 3]).segments == (2, 3)  # lists from YAML become hashable
     assert MatrixMemory("swla").gates == ("g", "beta", "lam")

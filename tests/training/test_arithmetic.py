@@ -159,9 +159,11 @@ MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 NORMS = ("mixer_norm.weight", "mlp_norm.weight")
 ATTENTION = tuple(f"mixer.{p}_proj.weight" for p in "qkvo")
 
-# Weight matrices (projections, the gates' projections included) decay; embeddings (input
-# and untied output), norms, biases, the per-head gate parameters A_log and dt_bias, the
-# depthwise convolution's kernel and the deep memories' initial weights W1_0, W2_0 do not.
+# Weight matrices (projections, the gates' projections included: s_proj, the summary keys' of
+# the default gates) decay; embeddings (input
+# and untied output), norms, biases, the per-head gate parameters A_log and dt_bias, the gated
+# aggregations' temperature (a default), the depthwise convolution's kernel and the deep
+# memories' initial weights W1_0, W2_0 do not.
 GROUP_CASES = {
     "swla-grm-hybrid": (
         {
@@ -170,12 +172,12 @@ GROUP_CASES = {
             "attn_layers": [1],
             "tie_word_embeddings": False,
         },
-        layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "a", "b", "l", "o")))
+        layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "a", "b", "l", "o", "s")))
         | layer(1, *MLP, *ATTENTION),
         {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
         | layer(0, *NORMS, "mixer.A_log", "mixer.dt_bias", "mixer.conv.weight")
         | layer(0, "mixer.conv.bias", "mixer.b_proj.bias", "mixer.l_proj.bias")
-        | layer(0, "mixer.o_norm.weight")
+        | layer(0, "mixer.o_norm.weight", "mixer.gate_log_temperature")
         | layer(1, *NORMS),
     ),
     "titans": (
@@ -183,11 +185,11 @@ GROUP_CASES = {
             "memory": {"rule": "titans", "mini_batch": 4, "caching": {"aggregation": "soup"}},
             "num_hidden_layers": 1,
         },
-        layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "eta", "a", "b", "o"))),
+        layer(0, *MLP, *(f"mixer.{p}_proj.weight" for p in ("in", "eta", "a", "b", "o", "s"))),
         {"model.embed_tokens.weight", "model.norm.weight"}
         | layer(0, *NORMS, "mixer.W1_0", "mixer.W2_0", "mixer.A_log", "mixer.dt_bias")
         | layer(0, "mixer.conv.weight", "mixer.conv.bias", "mixer.eta_proj.bias")
-        | layer(0, "mixer.b_proj.bias", "mixer.o_norm.weight"),
+        | layer(0, "mixer.b_proj.bias", "mixer.o_norm.weight", "mixer.gate_log_temperature"),
     ),
     "transformer++": (
         {"memory": None, "num_hidden_layers": 2},

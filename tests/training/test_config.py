@@ -319,9 +319,11 @@ def test_flat_model_keys_convert_with_a_future_warning(tmp_path):
     assert config.model == {
         "hidden_size": 16,
         "num_heads": 2,
-        "memory": {
+        "memory": {  # the flat settings predate the gate settings: the gates of then
             "rule": "gated_delta",
-            "caching": {"aggregation": "grm", "segment_size": 16, "top_k": 3},
+            "caching": {"aggregation": "grm", "segment_size": 16, "top_k": 3, "gate_norm": "none"},
+            "gate_temperature": None,
+            "summary_source": "keys",
         },
     }
     # over a base in the new form, and as an old-style override

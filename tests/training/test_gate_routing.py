@@ -40,7 +40,7 @@ def test_recorded_grm_weights_follow_the_gate_equation():
     B, T, H, D, S, scale = 2, 13, 3, 5, 4, 0.7
     q, k, v, gates, _ = make_inputs("gated_delta", B, T, H, D, D)
     u = make_u(B, T, H, D)
-    caching = Caching("grm", segment_size=S, gate_scale=scale)
+    caching = Caching("grm", segment_size=S, gate_scale=scale, gate_norm="none")
     with record_gates() as records:
         memory_caching(q, k, v, u, memory=MatrixMemory("gated_delta"), caching=caching, gates=gates)
     assert len(records) == 1
@@ -59,7 +59,7 @@ def test_recorded_ssc_candidates_are_the_top_k_caches():
     B, T, H, D, S = 1, 17, 2, 4, 4
     q, k, v, gates, _ = make_inputs("gated_delta", B, T, H, D, D, seed=3)
     u = make_u(B, T, H, D, seed=3)
-    caching = Caching("ssc", segment_size=S, top_k=2, gate_scale=1.0)
+    caching = Caching("ssc", segment_size=S, top_k=2, gate_scale=1.0, gate_norm="none")
     with record_gates() as records:
         memory_caching(q, k, v, u, memory=MatrixMemory("gated_delta"), caching=caching, gates=gates)
     (record,) = records
@@ -116,15 +116,18 @@ def test_pair_segments_find_the_queried_pair():
         assert s == (2 * j + 1) // 4 and ids[e, q + 1] == ids[e, 2 * j + 1]
 
 
-def tiny(aggregation: str) -> GrowMemForCausalLM:
+def tiny(aggregation: str, gate_norm: str | None = None, **layer) -> GrowMemForCausalLM:
+    """A fresh 2-layer model (the default gates unless ``gate_norm`` or ``layer`` say)."""
     torch.manual_seed(0)
     caching = {"aggregation": aggregation, "segment_size": 4}
+    if gate_norm is not None:
+        caching["gate_norm"] = gate_norm
     config = GrowMemConfig(
         vocab_size=32,
         hidden_size=16,
         num_hidden_layers=2,
         num_heads=2,
-        memory={"rule": "gated_delta", "caching": caching},
+        memory={"rule": "gated_delta", "caching": caching, **layer},
     )
     return GrowMemForCausalLM(config)
 
@@ -134,9 +137,15 @@ def test_routing_of_a_model():
     slices = mqar_splits([config], [config], seed=0).test
     assert mqar_gate_routing(tiny("none"), slices) is None
     assert mqar_gate_routing(tiny("residual"), slices) is None
-    routing = mqar_gate_routing(tiny("grm"), slices, batch_size=3)
+    # the scaled dot product's fresh gates are near uniform (u = x W_u is small)
+    dot = tiny("grm", gate_norm="none", gate_temperature=None)
+    routing = mqar_gate_routing(dot, slices, batch_size=3)
     assert len(routing["layers"]) == 2
     for layer in routing["layers"]:
-        assert 0.9 < layer["entropy"] <= 1.0 + 1e-9  # fresh gates are near uniform
+        assert 0.9 < layer["entropy"] <= 1.0 + 1e-9
         assert layer["right_weight"] == pytest.approx(layer["chance"], abs=0.05)
         assert 0 <= layer["right_top"] <= 1
+    # the default cosine gates with a temperature are sharper from the start
+    routing = mqar_gate_routing(tiny("grm"), slices, batch_size=3)
+    for layer in routing["layers"]:
+        assert 0 < layer["entropy"] < 0.9 and 0 <= layer["right_top"] <= 1

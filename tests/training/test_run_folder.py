@@ -112,6 +112,7 @@ def test_folders_of_an_older_growmem_still_load(stopped_run, uninterrupted, tmp_
     (folder / "SHA256SUMS").unlink()
     record = yaml.safe_load((folder / "run.yaml").read_text())
     del record["provenance"], record["processes"]
+    record["model"] = TINY_MODEL  # the config's model section, as they recorded it
     (folder / "run.yaml").write_text(yaml.safe_dump(record))
     assert main(["train", str(cfg), "--resume"]) == 0
     assert deterministic(loss_lines(out)) == uninterrupted
@@ -119,6 +120,7 @@ def test_folders_of_an_older_growmem_still_load(stopped_run, uninterrupted, tmp_
     (model / "SHA256SUMS").unlink()
     record = yaml.safe_load((model / "run.yaml").read_text())
     del record["provenance"]
+    record["model"] = TINY_MODEL
     (model / "run.yaml").write_text(yaml.safe_dump(record))
     assert main(["eval", str(model), "--out", str(tmp_path / "eval")]) == 0
 
@@ -256,6 +258,31 @@ def test_resume_a_checkpoint_whose_run_yaml_has_the_flat_model_keys(stopped_run,
     same = ["--set", "model.memory.chunk_size=64"]  # the default, spelled out
     with pytest.warns(FutureWarning, match="flat memory settings"):
         assert main(["train", str(cfg), "--resume", *same]) == 0
+
+
+def test_a_run_yaml_of_an_earlier_release_keeps_the_gates_of_then(tmp_path, capsys):
+    """Earlier releases recorded the model section as the config gave it; one without the gate
+    settings, from before they existed, meant the gates of then (the scaled dot product, no
+    temperature). A grm run resumes with them spelled out, and the same config without them,
+    which means today's default gates now, is refused as another model."""
+    out = tmp_path / "run"
+    memory = {"rule": "gated_delta", "caching": {"aggregation": "grm", "segment_size": 16}}
+    caching = {**memory["caching"], "gate_norm": "none"}
+    legacy = {**memory, "caching": caching, "gate_temperature": None, "summary_source": "keys"}
+    settings = dict(model={"memory": legacy}, train=RESUMABLE)
+    then = write_yaml(tmp_path / "then.yaml", raw_config(out, **settings))
+    assert train(tiny_config(out, **settings), stop_after=2) is None
+    folder = latest_checkpoint(out)
+    record = yaml.safe_load((folder / "run.yaml").read_text())
+    assert record["model"]["memory"]["summary_source"] == "keys"  # recorded in full now
+    record["model"]["memory"] = memory
+    rewrite_checked(folder, "run.yaml", yaml.safe_dump(record))
+    assert read_run_config(folder)["model"]["memory"] == legacy
+    today = raw_config(out, model={"memory": memory}, train=RESUMABLE)
+    today = write_yaml(tmp_path / "today.yaml", today)
+    assert main(["train", str(today), "--resume"]) == 2
+    assert "is from another model or task" in one_line_error(capsys, "train")
+    assert main(["train", str(then), "--resume"]) == 0
 
 
 def test_resume_refuses_another_process_count_with_the_same_batch(stopped_run, capsys):

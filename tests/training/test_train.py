@@ -106,7 +106,10 @@ def test_mqar_end_to_end(tmp_path):
     assert min(slices.values()) <= results["accuracy"] <= max(slices.values())
 
     recorded = read_run_config(final)
-    assert recorded["model"] == config.model
+    # the memory with every setting written out: a later default cannot change its meaning
+    memory = GrowMemConfig(vocab_size=32, **config.model).memory.to_dict()
+    assert recorded["model"] == {**config.model, "memory": memory}
+    assert "gate_norm" in memory["caching"] and "gate_temperature" in memory
     assert recorded["train"]["steps"] == 8
 
     lines = loss_lines(out)

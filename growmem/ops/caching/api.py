@@ -49,6 +49,13 @@ def memory_caching(
     and of the cached M^(i)(q_t), i < s, gated by r_{t,i} = gate_scale · τ_t · <û_t, ĉ_i>
     (+ b_t for the online memory; ``ops/caching/gates.py``).
 
+    The default gates (``Caching()``) are cosine gates (``DEFAULT_GATE_NORM``) at scale 1, and
+    τ is an input: without ``gates["temperature"]`` τ = 1, so the logits lie in [-1, 1] and
+    the gates are soft. The layer passes its learnable per-head τ (initially
+    ``MemoryConfig.gate_temperature``, 5 by default); an op-level call can do the same, e.g.
+    ``gates={..., "temperature": torch.full((H,), 5.0)}``, or choose the scaled dot product
+    (``Caching(gate_norm="none")``, scale 1/sqrt(Dk)).
+
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; u: [B, T, H, Dk] gate queries (required by the
             gated aggregations grm, soup, ssc and loglinear; ignored otherwise).
@@ -68,7 +75,8 @@ def memory_caching(
             (write strength; titans' momentum), lam (swla's current-token weight), eta (the
             deep rules' inner learning rate); and, optionally, Memory Caching's own gate
             inputs (read by the gated aggregations, ignored by the others, as u is):
-            temperature τ ([H] or [B, T, H], multiplies the gate logits), online_bias b ([H]
+            temperature τ ([H] or [B, T, H], multiplies the gate logits; default 1),
+            online_bias b ([H]
             or [B, T, H], added to the online memory's logit) and summary_keys ([B, T, H,
             Dk], summarised instead of k).
         init_weights: the deep rules' learned initial weights (W1 [H, Dv, Dh], W2 [H, Dh, Dk]).

@@ -16,8 +16,11 @@ or of the ``summary_keys`` input), c_s(t) the causal one of the open segment, an
   token t sees, c_1 .. c_{s−1} and c_s(t) (causal: the online one is part of it); a bucket
   combines its segments' centred summaries, then is normalised.
 
-τ (``temperature``) and b (``online_bias``) are optional per-token inputs (the layer's
-learnable per-head parameters); ``Caching.detach_summaries`` puts a stop-gradient on c.
+τ (``temperature``, default 1) and b (``online_bias``, default 0) are optional per-token
+inputs (the layer's learnable per-head parameters; its τ starts at 5 by default, which the
+default cosine gates need to be sharp: without it their logits lie in [-1, 1]);
+``Caching.detach_summaries`` puts a stop-gradient on c. gate_scale is
+``Caching.gate_scale_for(Dk)``: 1/sqrt(Dk) for "none", 1 for "l2" and "centered" unless set.
 """
 
 from __future__ import annotations

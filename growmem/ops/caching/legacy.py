@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 from growmem.ops.checks import LINEAR_RULES
-from growmem.ops.spec import DEEP_RULES, Caching, memory_spec
+from growmem.ops.spec import DEEP_RULES, LEGACY_GATE_NORM, Caching, memory_spec
 
 GATES = ("g", "beta", "lam", "eta")
 CACHING = ("segment_size", "segments", "aggregation", "top_k", "init", "summary", "gate_scale")
@@ -32,6 +32,8 @@ def from_keywords(memory, caching, gates, keywords: dict):
 
     As before, the deep rules' knobs norm, eps and decay_to are ignored for matrix rules, and
     chunk_size for deep rules; mini_batch and max_grad_norm given to a matrix rule are errors.
+    The keyword form predates ``gate_norm`` and cannot name it: its gates stay the scaled dot
+    product (``LEGACY_GATE_NORM``), as they were.
     """
     unknown = sorted(set(keywords) - set(KEYWORDS))
     if unknown:
@@ -58,6 +60,6 @@ def from_keywords(memory, caching, gates, keywords: dict):
         knobs = {}
     return (
         memory_spec(rule, **knobs),
-        Caching(**{n: keywords[n] for n in CACHING if n in keywords}),
+        Caching(**{n: keywords[n] for n in CACHING if n in keywords}, gate_norm=LEGACY_GATE_NORM),
         {n: keywords[n] for n in GATES if keywords.get(n) is not None},
     )
