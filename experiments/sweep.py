@@ -14,15 +14,19 @@ its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from growmem.evaluate import HELD_OUT_SEED
+from growmem.models.model_spec import ModelSpec
+from growmem.ops.aggregations import aggregation
 from growmem.utils.provenance import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,14 +268,33 @@ def _lm() -> list[Cell]:
     return cells
 
 
+def _gates_of_then(cells: Callable[[], list[Cell]]) -> Callable[[], list[Cell]]:
+    """The cells of an experiment swept before the library's gate defaults changed, its gated
+    cells pinned to the gates they ran with (the scaled dot product 1/sqrt(D) over the memory
+    keys, no temperature), so that a rerun repeats them."""
+
+    def pinned() -> list[Cell]:
+        out = []
+        for cell in cells():
+            name = ModelSpec.parse(cell.model).aggregation
+            if name != "none" and aggregation(name).gated:
+                cell = dataclasses.replace(
+                    cell, overrides=[*cell.overrides, *gate_overrides("1/sqrt(D)")]
+                )
+            out.append(cell)
+        return out
+
+    return pinned
+
+
 EXPERIMENTS = {
-    "mqar": _mqar,
-    "mqar_small_state": _mqar_small_state,
+    "mqar": _gates_of_then(_mqar),
+    "mqar_small_state": _gates_of_then(_mqar_small_state),
     "mqar_capacity": _mqar_capacity,
     "mqar_state_size": _mqar_state_size,
-    "niah": _niah,
+    "niah": _gates_of_then(_niah),
     "niah_multikey": _niah_multikey,
-    "lm": _lm,
+    "lm": _gates_of_then(_lm),
 }
 
 
