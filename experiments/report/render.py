@@ -26,7 +26,7 @@ NOTES = {
     "mqar": "notes/2026-11-mqar-calibration.md",
     "niah": "notes/2026-11-niah-calibration.md",
     "cost": "notes/2026-11-experiment-budget.md",
-    "reading": "notes/2026-12-reading-of-the-results.md",
+    "reading": "notes/2026-12-capacity-results.md",
     "speed": "notes/2026-11-speed-log.md",
 }
 
