@@ -46,6 +46,8 @@ def capacity_finding(item) -> str:
                     if item.closed > 1
                     else f" (closes {item.closed:.0%} of the gap)"
                 )
+        else:
+            text += " (Transformer++ not run here: the lift is judged, the gap to attention is not)"
         if item.verdict is v.Verdict.NOT_TESTABLE:
             return text + ": not testable (no model, Transformer++ included, left chance)"
         return f"{text}: {_verdict(item.verdict)}"

@@ -685,6 +685,8 @@ def test_capacity_claim_1_partly_when_the_gain_holds_in_3_of_5_seeds():
     (lift,) = claims[1]
     assert (lift.lift.better, lift.verdict) == (3, Verdict.PARTLY)
     assert (lift.transformer, lift.closed) == (None, None)
+    text = render_verdicts.capacity_finding(lift)
+    assert "(Transformer++ not run here: the lift is judged, the gap to attention is not)" in text
 
 
 def test_capacity_claims_not_reproduced_without_a_gain():
