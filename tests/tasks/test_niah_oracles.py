@@ -25,6 +25,15 @@ def tokenizers():
     return {"byte": ByteTokenizer(), "bpe": BPETokenizer.train(texts, vocab_size=400)}
 
 
+def example(tokenizer, variant: int, length: int, depth: float, seed: int, **settings):
+    """The S-NIAH example of these arguments, variants 2 and 3 in the test prose."""
+    haystack = None if variant == 1 else PROSE
+    return make_niah_example(
+        tokenizer, variant=variant, length=length, depth=depth, seed=seed, haystack=haystack,
+        **settings,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["byte", "bpe"])
 @pytest.mark.parametrize("variant", [1, 2, 3])
 def test_each_example_is_the_longest_that_fits(tokenizers, name, variant):
@@ -32,14 +41,7 @@ def test_each_example_is_the_longest_that_fits(tokenizers, name, variant):
     haystack = NOISE_HAYSTACK if variant == 1 else PROSE
     for length in (430, 701, 1300, 2600):
         for seed, depth in enumerate((0.0, 0.35, 0.5, 1.0)):
-            ex = make_niah_example(
-                tokenizer,
-                variant=variant,
-                length=length,
-                depth=depth,
-                seed=seed,
-                haystack=None if variant == 1 else PROSE,
-            )
+            ex = example(tokenizer, variant, length, depth, seed)
             total = len(ex.input_ids) + len(ex.answer_ids)
             assert total <= length, (length, depth)  # never longer
             grown = grown_prompts(
@@ -63,15 +65,7 @@ def test_each_multikey_example_is_the_rules_and_the_longest_that_fits(tokenizers
     haystack = NOISE_HAYSTACK if variant == 1 else PROSE
     for length in (1100, 2600):
         for seed, depth in enumerate((0.0, 0.35, 1.0)):
-            ex = make_niah_example(
-                tokenizer,
-                variant=variant,
-                length=length,
-                depth=depth,
-                seed=seed,
-                haystack=None if variant == 1 else PROSE,
-                num_needles=4,
-            )
+            ex = example(tokenizer, variant, length, depth, seed, num_needles=4)
             assert len(ex.input_ids) + len(ex.answer_ids) <= length
             same, grown = multikey_prompts(
                 ex.prompt,
