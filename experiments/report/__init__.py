@@ -62,6 +62,10 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
     comparisons, ablation = capacity.mc_comparisons(scores), capacity.gate_ablation(scores)
     if comparisons:
         lines += render_capacity.mc_table(comparisons)
+    demo_mc = capacity.gated_cell("grm", chosen)
+    demo = capacity.demo_seeds(scores, "gated_delta", demo_mc)
+    if demo:
+        lines += render_capacity.demo_table(demo, "gated_delta", demo_mc)
     if any(found for _, found in ablation):
         lines += render_capacity.gate_table(ablation, settings)
     routing = capacity.routing_rows(runs)

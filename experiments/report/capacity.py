@@ -20,6 +20,10 @@ from experiments.report.tables import TRANSFORMER, Stat, mc_base
 LEARNED = 0.2
 # The gate setting the gate ablation compares every other one with: growmem's former default.
 GATE_REFERENCE = "1/sqrt(D)"
+# The demo's outcome in one seed: the base stays below LEARNED and Memory Caching recovers
+# recall, at least RECOVERED_RATIO times the base's accuracy and RECOVERED_GAIN above it.
+RECOVERED_RATIO = 2.0
+RECOVERED_GAIN = 0.1
 
 Runs = dict[str, list[dict]]  # {model: [result per seed]}
 Scores = dict[str, dict[int, float]]  # {model: {seed: held-out overall accuracy}}
@@ -158,6 +162,45 @@ def gate_ablation(scores: Scores) -> list[tuple[str, Paired | None]]:
             continue
         rows.append((label, None if label == GATE_REFERENCE else paired(scores, cell, reference)))
     return rows
+
+
+@dataclass(frozen=True)
+class DemoSeed:
+    """The demo's two models (the base and Memory Caching with the default gates) in one seed
+    of the sweep: held-out accuracies and which parts of the demo's outcome hold."""
+
+    seed: int
+    base: float
+    mc: float
+
+    @property
+    def base_fails(self) -> bool:
+        return self.base < LEARNED
+
+    @property
+    def mc_recovers(self) -> bool:
+        return self.mc >= RECOVERED_RATIO * self.base and self.mc >= self.base + RECOVERED_GAIN
+
+    @property
+    def mc_learned(self) -> bool:
+        return self.mc >= LEARNED
+
+    @property
+    def outcome(self) -> bool:
+        """The demo's outcome: a base that fails and Memory Caching that recovers recall."""
+        return self.base_fails and self.mc_recovers
+
+
+def demo_seeds(scores: Scores, base: str, mc: str) -> list[DemoSeed]:
+    """The demo's pair (``base`` and ``mc``, mqar_capacity cells) seed by seed, on the seeds
+    both have."""
+    found = paired(scores, mc, base)
+    if found is None:
+        return []
+    return [
+        DemoSeed(seed, b, m)
+        for seed, m, b in zip(found.seeds, found.model_scores, found.reference_scores, strict=True)
+    ]
 
 
 def gated_cell(aggregation: str, gates: str, base: str = "gated_delta") -> str:

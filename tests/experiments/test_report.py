@@ -551,6 +551,24 @@ def test_paired_differences_use_the_seeds_both_models_have():
     assert comparisons[1].better == 0
 
 
+def test_demo_outcome_needs_a_failing_base_and_a_recovery_of_twice_and_a_tenth():
+    mc = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
+    scores = {
+        "gated_delta": {0: 0.05, 1: 0.05, 2: 0.09, 3: 0.25, 4: 0.02, 5: 0.1},
+        # recovers; +0.09 only; 2x but +0.09; base learned; x2.5 and +0.03 only; seed 5 missing
+        mc: {0: 0.5, 1: 0.14, 2: 0.18, 3: 0.9, 4: 0.05},
+    }
+    rows = capacity.demo_seeds(scores, "gated_delta", mc)
+    assert [r.seed for r in rows] == [0, 1, 2, 3, 4]
+    assert [r.outcome for r in rows] == [True, False, False, False, False]
+    assert [r.base_fails for r in rows] == [True, True, True, False, True]
+    assert [r.mc_learned for r in rows] == [True, False, False, True, False]
+    text = "\n".join(render_capacity.demo_table(rows, "gated_delta", mc))
+    assert "holds in **1/5** seeds; Memory Caching reaches 0.2 in 2/5" in text
+    assert "| 3 | 0.250 | 0.900 | no | yes |" in text
+    assert capacity.demo_seeds(scores, "gated_delta", "gated_delta+residual") == []
+
+
 def test_gate_ablation_pairs_every_gate_setting_with_the_reference():
     labels = list(sweep.GATES)
     scores = {f"gated_delta+grm, {label}": {0: 0.1 * i, 1: 0.3} for i, label in enumerate(labels)}
