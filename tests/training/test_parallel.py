@@ -70,8 +70,17 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(tmp_path):
                 # the clipping norm over both processes' shards is the whole gradient's
                 assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (name, x, y)
                 assert x["lr"] == y["lr"]
-            # rank 0 alone writes: one final evaluation
-            assert [m["step"] for m in eval_lines(fsdp)] == [STEPS]
+            # every process evaluates the sharded model, rank 0 alone writes: one final line,
+            # that of the unsharded model
+            (fsdp_eval,), (single_eval,) = eval_lines(fsdp), eval_lines(single)
+            assert fsdp_eval["step"] == STEPS
+            assert fsdp_eval["eval"]["slices"] == single_eval["eval"]["slices"]
+            for x, y in zip(
+                fsdp_eval["eval"]["gates"]["layers"],
+                single_eval["eval"]["gates"]["layers"],
+                strict=True,
+            ):
+                assert x == pytest.approx(y, rel=1e-4), name
             # the model folder holds the full weights, gathered from the shards
             assert max_difference(weights(fsdp / "model"), weights(single / "model")) < 1e-5
             model = AutoModelForCausalLM.from_pretrained(fsdp / "model")
