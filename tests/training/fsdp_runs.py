@@ -23,23 +23,26 @@ MODELS = ("gated_delta+grm", "titans+soup")  # a matrix memory and a deep one
 RESUMED = (MODELS[0], False)
 STOP_AFTER = 3
 STEPS = 4
-BATCH = 2  # sequences per process per step
+# (batch_size, grad_accum) of each process of a sharded run of a model: 2 sequences a step,
+# in one micro-batch or two
+SPLIT = {"gated_delta+grm": (2, 1), "titans+soup": (1, 2)}
 
 
 def run_name(spec: str, checkpointing: bool) -> str:
     return f"{ModelSpec.parse(spec).slug}_{'ac' if checkpointing else 'noac'}"
 
 
-def run_config(
-    out: Path, spec: str, checkpointing: bool, parallel: str, grad_accum: int
-) -> RunConfig:
-    """A tiny MQAR run (hidden 32, 2 layers) of model ``spec``; a checkpoint every 2 steps.
+def run_config(out: Path, spec: str, checkpointing: bool, parallel: str) -> RunConfig:
+    """A tiny MQAR run (hidden 32, 2 layers) of model ``spec``, a global batch of 4
+    sequences; a checkpoint every 2 steps.
 
     Args:
-        parallel: train.parallel.
-        grad_accum: micro-batches of BATCH sequences per process: a run of one process
-            with 2 takes the two halves of the global batch the 2 sharded processes take.
+        parallel: train.parallel; "fsdp" takes 2 processes, the others one, which takes
+            the micro-batches of both sharded processes, one after the other.
     """
+    batch_size, grad_accum = SPLIT[spec]
+    if parallel != "fsdp":
+        grad_accum *= 2
     model = ModelSpec.parse(spec).apply(
         {**TINY_MODEL, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2}
     )
@@ -50,7 +53,7 @@ def run_config(
         task={"num_kv_pairs": [1, 4]},  # micro-batches hold unequal numbers of labels
         train={
             "steps": STEPS,
-            "batch_size": BATCH,
+            "batch_size": batch_size,
             "grad_accum": grad_accum,
             "checkpoint_every": 2,
             "keep_checkpoints": 5,
@@ -66,8 +69,8 @@ def main(root: Path) -> None:
         for spec in MODELS:
             for checkpointing in (False, True):
                 name = run_name(spec, checkpointing)
-                train(run_config(root / "fsdp" / name, spec, checkpointing, "fsdp", 1))
-        resumed = run_config(root / "resumed", *RESUMED, "fsdp", 1)
+                train(run_config(root / "fsdp" / name, spec, checkpointing, "fsdp"))
+        resumed = run_config(root / "resumed", *RESUMED, "fsdp")
         assert train(resumed, stop_after=STOP_AFTER) is None
         train(resumed, resume=True)
     finally:

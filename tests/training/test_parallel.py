@@ -60,8 +60,8 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(tmp_path):
         for checkpointing in (False, True):
             name = run_name(spec, checkpointing)
             fsdp, single = tmp_path / "fsdp" / name, tmp_path / "single" / name
-            # one process on the two half-batches the two sharded processes take
-            train(run_config(single, spec, checkpointing, "none", grad_accum=2))
+            # one process on the micro-batches the two sharded processes take
+            train(run_config(single, spec, checkpointing, "none"))
             references[spec, checkpointing] = single
             a, b = loss_lines(fsdp), loss_lines(single)
             assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, STEPS + 1))
@@ -118,7 +118,7 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(tmp_path):
         verify_checksums(stopped)
     # a sharded checkpoint is resumed sharded, not by one process
     spec, checkpointing = RESUMED
-    config = run_config(uninterrupted, spec, checkpointing, "ddp", grad_accum=2)
+    config = run_config(uninterrupted, spec, checkpointing, "ddp")
     with pytest.raises(ValueError, match=r"train\.parallel 'fsdp' -> 'ddp'"):
         train(config, resume=True)
     with pytest.raises(ValueError, match="sharded checkpoint"):
