@@ -400,7 +400,8 @@ def _train_in(
                     )
                     (mb_loss * scale).backward()
                 loss_sum += mb_loss.detach().double()
-            grad_norm = clip_gradients(model, settings.grad_clip)
+            clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            grad_norm = clip_gradients(model, clip)
             loss = float(env.all_sum(loss_sum) / labelled.clamp_min(1))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # every rank sees the same summed loss and gradients, so all stop here

@@ -153,14 +153,13 @@ def gradient_sync(wrapped: torch.nn.Module, last: bool):
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Scale the gradients to a global 2-norm of at most ``max_norm`` (0: no clipping):
+    """Scale the gradients to a global 2-norm of at most ``max_norm`` (inf: no clipping):
     ``torch.nn.utils.clip_grad_norm_``, and with sharded gradients its two halves with the
     norm taken over the whole gradient, every process's shards together.
 
     Returns:
         The global gradient norm before clipping, a 0-dim tensor (the same on every process).
     """
-    max_norm = max_norm if max_norm > 0 else float("inf")
     parameters = [p for p in model.parameters() if p.grad is not None]
     if not any(isinstance(p, DTensor) for p in parameters):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
