@@ -10,11 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
+from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.models.model_spec import ModelSpec
 from growmem.train import train
 from growmem.training.config import RunConfig
+from growmem.training.parallel import shard
 
 from .common import TINY_MODEL, tiny_config
 
@@ -63,9 +67,25 @@ def run_config(out: Path, spec: str, checkpointing: bool, parallel: str) -> RunC
     )
 
 
+def check_sharded(spec: str) -> None:
+    """Every parameter of a sharded model is a DTensor cut on dim 0 over the 2 processes:
+    each holds its half (rows rounded up on rank 0)."""
+    config = run_config(Path("unused"), spec, False, "fsdp")
+    model = GrowMemForCausalLM(GrowMemConfig(vocab_size=32, **config.model))
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    shard(model, torch.device("cpu"), 2, bf16=False)
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor) and p.placements == (Shard(0),), name
+        assert p.shape == shapes[name], name
+        rows = (shapes[name][0] + 1) // 2
+        expected = rows if dist.get_rank() == 0 else shapes[name][0] - rows
+        assert p.to_local().shape[0] == expected, (name, p.to_local().shape, shapes[name])
+
+
 def main(root: Path) -> None:
     dist.init_process_group("gloo")
     try:
+        check_sharded(MODELS[1])
         for spec in MODELS:
             for checkpointing in (False, True):
                 name = run_name(spec, checkpointing)
