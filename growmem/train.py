@@ -1,10 +1,10 @@
 """Training: AdamW with warmup + cosine, gradient accumulation, clipping, bf16 autocast,
 periodic evaluation, JSONL metrics, atomic checkpoints with exact resume, and
-DistributedDataParallel when launched by torchrun."""
+DistributedDataParallel or FSDP2 sharding when launched by torchrun
+(growmem.training.parallel)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, mqar_gate_routing
@@ -33,6 +32,15 @@ from growmem.training.checkpoint import (
 from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
+from growmem.training.parallel import (
+    check_launch,
+    clip_gradients,
+    gather_model,
+    gradient_sync,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    wrap,
+)
 from growmem.training.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -220,6 +228,7 @@ def train(
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     world_size, local_rank = Distributed.launch()
+    check_launch(config.train.parallel, world_size)
     device = resolve_device(config.train.device, "train.device", local_rank, world_size)
     env = Distributed.from_env(device)
     # rank 0 alone writes the run folder, and holds its lock for the whole run
@@ -268,12 +277,18 @@ def _train_in(
         )
     torch.manual_seed(settings.seed)
     model = GrowMemForCausalLM(model_config).to(device)
+    sharded = settings.parallel == "fsdp"
+    if plan.checkpoint is not None and not sharded:
+        load_weights(plan.checkpoint, model)
+    wrapped = wrap(model, settings, env.world_size, device)  # DDP, or sharded in place
     optimizer, scheduler = build_optimizer(model, settings)
     start_step = 0
     if plan.checkpoint is not None:
-        load_weights(plan.checkpoint, model)
-        state = load_trainer_state(plan.checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            state = load_sharded_checkpoint(env, plan.checkpoint, model, optimizer)
+        else:
+            state = load_trainer_state(plan.checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_states(state, device)
         start_step = state["step"]
@@ -294,19 +309,23 @@ def _train_in(
         "processes": env.world_size,
     }
     metrics_path = out / METRICS_FILE
-    ddp = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if env.world_size > 1
-        else model
-    )
 
     def checkpoint(step: int) -> None:
-        if env.main:
-            trainer_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                **rng_states(device),
-            }
+        trainer_state = {"scheduler": scheduler.state_dict(), **rng_states(device)}
+        if sharded:  # every process writes its shards
+            save_sharded_checkpoint(
+                env,
+                out,
+                step,
+                model,
+                optimizer,
+                run_config,
+                trainer_state,
+                data.tokenizer,
+                keep=settings.keep_checkpoints,
+            )
+        elif env.main:
+            trainer_state["optimizer"] = optimizer.state_dict()
             save_checkpoint(
                 out,
                 step,
@@ -327,6 +346,15 @@ def _train_in(
                 message = f"could not append to {metrics_path} ({error.strerror or error})"
                 raise OSError(error.errno, message) from error
 
+    def evaluate(step: int) -> dict[str, Any] | None:
+        """Rank 0 evaluates and logs; under FSDP every process runs the evaluation with it
+        (a sharded forward gathers each block from them all) and rank 0 logs."""
+        if not (env.main or sharded):
+            return None
+        results = evaluate_run(model, data, config)
+        log({"step": step, "eval": results})
+        return results
+
     bar = tqdm(
         total=settings.steps,
         initial=start_step,
@@ -336,8 +364,7 @@ def _train_in(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     step = start_step
     if settings.eval_every and start_step == 0:  # the curves start at the initial model
-        if env.main:
-            log({"step": 0, "eval": evaluate_run(model, data, config)})
+        evaluate(0)
         env.barrier()
     window_tokens, window_start = 0, time.perf_counter()
     try:
@@ -362,10 +389,9 @@ def _train_in(
             )
             for i, (mb_ids, mb_labels) in enumerate(micro):
                 last = i == len(micro) - 1
-                # DDP averages gradients on the last micro-batch only
-                with contextlib.nullcontext() if last or env.world_size == 1 else ddp.no_sync():
+                with gradient_sync(wrapped, last):
                     with autocast:
-                        logits = ddp(input_ids=mb_ids, use_cache=False).logits
+                        logits = wrapped(input_ids=mb_ids, use_cache=False).logits
                     mb_loss = F.cross_entropy(
                         logits[:, :-1].float().flatten(0, 1),
                         mb_labels[:, 1:].flatten(),
@@ -375,7 +401,7 @@ def _train_in(
                     (mb_loss * scale).backward()
                 loss_sum += mb_loss.detach().double()
             clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = clip_gradients(model, clip)
             loss = float(env.all_sum(loss_sum) / labelled.clamp_min(1))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # every rank sees the same summed loss and gradients, so all stop here
@@ -408,8 +434,7 @@ def _train_in(
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
             if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
-                if env.main:
-                    log({"step": done, "eval": evaluate_run(model, data, config)})
+                evaluate(done)
                 env.barrier()
             if settings.checkpoint_every and done % settings.checkpoint_every == 0:
                 checkpoint(done)
@@ -430,10 +455,12 @@ def _train_in(
     if not settings.checkpoint_every or settings.steps % settings.checkpoint_every:
         checkpoint(settings.steps)
     final = out / "model"
-    if env.main:
-        results = evaluate_run(model, data, config)
-        log({"step": settings.steps, "eval": results})
+    results = evaluate(settings.steps)
+    exported = gather_model(env, model) if sharded else model  # full weights on rank 0
+
+    def export() -> None:
         eval_json = json.dumps({"provenance": provenance(), **results}, indent=2) + "\n"
-        save_model_folder(final, model, run_config, data.tokenizer, {"eval.json": eval_json})
-    env.barrier()
+        save_model_folder(final, exported, run_config, data.tokenizer, {"eval.json": eval_json})
+
+    env.on_main(export, share=False)
     return final

@@ -12,6 +12,9 @@ A checkpoint holds the model (``config.json`` + ``model.safetensors``, loadable 
 (``run.yaml``), the tokenizer when the task has one, ``trainer_state.pt`` (step, optimizer,
 scheduler and RNG states) and ``SHA256SUMS``: the sha256 of every other file (the format of
 ``sha256sum``), checked when a file is loaded so that a damaged file is refused, not used.
+A checkpoint of a sharded run (``train.parallel=fsdp``) holds, in place of the weights and the
+optimizer state, ``distributed/``: the model and optimizer as torch.distributed.checkpoint
+wrote them, every process its shards (growmem.training.parallel), and ``config.json`` alone.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKSUMS = "SHA256SUMS"
 LATEST = "latest"
+SHARDS = "distributed"  # a sharded checkpoint's torch.distributed.checkpoint folder
 TMP_PREFIX = ".tmp-"  # every temporary file or folder this module makes starts with it
 _STEP_NAME = re.compile(r"step_\d+")
 # what versions before TMP_PREFIX left: ".step_00000005-1a2b3c4d", ".model-1a2b3c4d"
@@ -166,10 +170,19 @@ def _no_hf_progress_bars():
 
 
 def _write_model_files(
-    folder: Path, model: GrowMemForCausalLM, run_config: dict[str, Any], tokenizer=None
+    folder: Path,
+    model: GrowMemForCausalLM,
+    run_config: dict[str, Any],
+    tokenizer=None,
+    weights: bool = True,
 ) -> None:
-    with _no_hf_progress_bars():
-        model.save_pretrained(folder, safe_serialization=True)
+    """The model's HF files (``config.json`` alone without ``weights``), run.yaml and the
+    tokenizer."""
+    if weights:
+        with _no_hf_progress_bars():
+            model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.config.save_pretrained(folder)
     record = {**run_config, "provenance": provenance()}
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer")
@@ -235,19 +248,28 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer=None,
     keep: int = 2,
+    shards: Path | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, drop all but ``keep``
     (and what an earlier, killed save left behind).
+
+    Args:
+        shards: a folder from `shards_folder` that the processes of a sharded run filled
+            with their distributed checkpoint: it becomes the checkpoint's ``distributed/``,
+            in place of ``model.safetensors`` (``trainer_state`` then holds no optimizer).
 
     Returns:
         The checkpoint folder.
     """
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
-    remove_temporaries(root)
+    if shards is None:  # else shards_folder cleaned up, before the shards were written
+        remove_temporaries(root)
 
     def write(tmp: Path) -> None:
-        _write_model_files(tmp, model, run_config, tokenizer)
+        _write_model_files(tmp, model, run_config, tokenizer, weights=shards is None)
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
         torch.save({"step": step, **trainer_state}, tmp / STATE_FILE)
 
     _write_folder_atomic(root / name, write)
@@ -256,6 +278,17 @@ def save_checkpoint(
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         shutil.rmtree(old)
     return root / name
+
+
+def shards_folder(run_dir: Path) -> Path:
+    """A fresh hidden folder of ``run_dir``'s checkpoints for the shards of the next sharded
+    checkpoint (`save_checkpoint` moves it into place; an interrupted save leaves it to
+    `remove_temporaries`), after removing what an earlier, killed save left behind. Called
+    by the one process writing the run."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(root)
+    return _temporary(root, "shards")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -316,6 +349,12 @@ def load_weights(folder: Path, model: GrowMemForCausalLM) -> None:
         ValueError: a truncated or corrupt file, or weights of another model.
     """
     path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file() and (Path(folder) / SHARDS).is_dir():
+        raise ValueError(
+            f"{folder} is a sharded checkpoint (train.parallel=fsdp, its weights in {SHARDS}/): "
+            "resume it with train.parallel=fsdp under torchrun; the run's model/ folder holds "
+            "the full weights"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
     verify_checksums(folder, [WEIGHTS_FILE])

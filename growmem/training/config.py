@@ -34,6 +34,7 @@ from growmem.training.config_files import merge, parse_override, read_yaml_confi
 from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
+PARALLEL = ("none", "ddp", "fsdp")  # train.parallel
 
 
 @dataclass
@@ -155,6 +156,13 @@ class TrainSettings:
         progress: show a progress bar.
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" (under torchrun each
             process takes cuda:LOCAL_RANK) or another torch device such as "cuda:1" or "mps".
+        parallel: how the processes of a torchrun launch share the work
+            (growmem.training.parallel): "ddp" (a replica per process, gradients averaged;
+            one process without torchrun), "fsdp" (FSDP2: parameters, gradients and
+            optimizer states sharded over the processes; needs torchrun with 2 or more) or
+            "none" (one process, no torchrun launch of several).
+        activation_checkpointing: recompute each block's activations in the backward
+            instead of keeping them (less memory, about one more forward of compute).
     """
 
     out_dir: str = "runs/default"
@@ -177,6 +185,8 @@ class TrainSettings:
     threads: int = 0
     progress: bool = True
     device: str = "auto"
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -362,6 +372,11 @@ def _check_train(train: TrainSettings) -> None:
     if not train.out_dir.strip():
         raise ValueError("train.out_dir must name a folder, got an empty string")
     parse_device(train.device, "train.device")
+    if train.parallel not in PARALLEL:
+        raise ValueError(
+            f"train.parallel must be one of {list(PARALLEL)} (growmem.training.parallel), "
+            f"got {train.parallel!r}"
+        )
 
 
 def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
