@@ -37,6 +37,7 @@ def _fla_semantics(rule, q, k, v, scale, initial_state, output_final_state, gate
     Bq, Tq, Hq, K = q.shape
     V = v.shape[-1]
     assert k.shape == q.shape and v.shape == (Bq, Tq, Hq, V), "fla takes [B, T, H, D]"
+    assert q.dtype == k.dtype == v.dtype, "fla takes q, k, v of one dtype"
     assert all(x.shape == (Bq, Tq, Hq) for x in gates.values()), "fla's gates are [B, T, H]"
     if initial_state is not None:
         assert initial_state.shape == (Bq, Hq, K, V), "fla's state is [B, H, K, V]"
@@ -179,6 +180,20 @@ def test_auto_dispatches_to_fla_where_it_runs(fla_on_cpu, rule):
     assert_close(o, o_ref, TOL64, "o")
     assert_close(states, states_ref, TOL64, "states")
     assert_grads_close(grads, grads_ref, TOL64, rule)
+
+
+def test_mixed_input_dtypes_reach_fla_in_one_dtype(fla_on_cpu):
+    named = scan_inputs("gated_delta")
+    named["k"] = named["k"].detach().float().requires_grad_()  # e.g. an fp32 norm's output
+    (o, states), grads = outputs_and_grads(lambda: scan(named, "gated_delta"), named)
+    assert fla_on_cpu["gated_delta"].calls == 1
+    (o_ref, states_ref), grads_ref = outputs_and_grads(
+        lambda: scan(named, "gated_delta", scan_impl="torch"), named
+    )
+    assert o.dtype == states.dtype == torch.float64
+    assert_close(o, o_ref, TOL64, "o")
+    assert_close(states, states_ref, TOL64, "states")
+    assert_grads_close(grads, grads_ref, TOL64, "mixed dtypes")
 
 
 @pytest.mark.parametrize("init", ["continuous", "independent"])

@@ -171,6 +171,10 @@ def fla_linear_memory(
     """
     T = q.shape[1]
     dtype = compute_dtype(q)
+    # fla's kernels take q, k, v of one dtype (growmem's path casts each to the compute dtype)
+    # and accumulate the log-decays in fp32 (the compute dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    g = None if g is None else g.to(dtype)
     gates = {n: x for n, x in (("g", g), ("beta", beta)) if n in FLA_GATES[rule]}
     extra = {"use_qk_l2norm_in_kernel": False} if "beta" in gates else {}
     # fla's state layout [B, H, Dk, Dv], in fp32 as its kernels keep it
