@@ -3,7 +3,7 @@
 Usage: python -m benchmarks.bench_gpu [--out results/gpu_bench.json] [--budget-s 400]
        python -m benchmarks.bench_gpu --smoke   (tiny sizes, CPU or GPU, a few seconds)
 
-Sections (docs/api.md "GPU benchmark" says how to read them):
+Sections (docs/api.md §9 says how to read them):
 - ops: fwd+bwd tokens/s at 4k, 16k and 64k tokens a sequence (batch B = 64k / T, 16 heads of
   128 dims, bf16 inputs) of causal attention (torch SDPA, flash backend), growmem's PyTorch
   chunk scan of gated_delta, the same through fla (scan_impl "fla") and fla's own
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import RESULTS, fwd_bwd, machine, time_interleaved
 from growmem.cli import CONFIGS
@@ -164,9 +165,10 @@ def model_config(spec: str, s: dict) -> GrowMemConfig:
     return GrowMemConfig(vocab_size=s["vocab"], **model)
 
 
-def fla_version() -> str | None:
+def installed(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None when it is not installed."""
     try:
-        return metadata.version("flash-linear-attention")
+        return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
 
@@ -207,7 +209,7 @@ def ops_row(s: dict, T: int, B: int, device: torch.device) -> dict:
     def sdpa():
         if device.type != "cuda":  # no flash kernel on CPU: the smoke mode takes any
             return F.scaled_dot_product_attention(*heads_first, is_causal=True)
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(*heads_first, is_causal=True)
 
     def scan(impl):
@@ -388,10 +390,12 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": {
             **machine(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cuda": torch.version.cuda,
+            "triton": installed("triton"),
         },
         "setting": {**s, "mode": "smoke" if args.smoke else "full", "budget_s": args.budget_s},
         "fla": {
-            "version": fla_version(),
+            "version": installed("flash-linear-attention"),
             "used": fla_ready(device),
             "why_not": fla_why or None,
         },
