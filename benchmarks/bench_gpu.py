@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> Path:
         },
         "setting": {**s, "mode": "smoke" if args.smoke else "full", "budget_s": args.budget_s},
         "fla": {
-            "version": installed("flash-linear-attention"),
+            "version": installed("flash-linear-attention") or installed("fla-core"),
             "used": fla_ready(device),
             "why_not": fla_why or None,
         },
