@@ -12,7 +12,7 @@ STAMP := $(VENV)/.growmem-installed
 TEST_STAMP := $(VENV)/.growmem-test-installed
 LINT_PATHS := growmem tests benchmarks experiments tools
 
-.PHONY: install demo train test test-latest lint bench results clean
+.PHONY: install demo train test test-latest lint bench bench-gpu results clean
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_deep_memory
 	$(PY) -m benchmarks.bench_models
 	$(PY) -m benchmarks.bench_train_throughput
+
+# The GPU benchmark (one CUDA GPU, <= 8 minutes; docs/api.md "GPU benchmark"). With fla's
+# kernels: $(PY) -m pip install -e ".[fla]" first.
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.bench_gpu --out results/gpu_bench.json
 
 # Every experiment of docs/results.md; cells and benchmarks whose JSON exists are skipped
 # (delete a JSON to rerun it). Hours of CPU: run it in the background, across sittings.

@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from growmem.ops.linear.fla_scan import fla_linear_memory, fla_op
 from growmem.ops.linear.recurrence import DeltaRecurrence
 from growmem.ops.precision import compute_dtype
 
@@ -60,6 +61,7 @@ def chunk_linear_memory(
     ends: list[int] | None = None,
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = 64,
+    scan_impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel memory scan; same contract as ``linear_memory_reference``.
 
@@ -70,11 +72,18 @@ def chunk_linear_memory(
         ends: token counts (1..T) after which to return the state; None returns the final one.
         prev_kv: swla only: (k [B, H, Dk], v [B, H, Dv]) of the token before q[:, 0].
         chunk_size: tokens per chunk (a compute detail: results do not depend on it).
+        scan_impl: auto | torch | fla, or None for the process default: whether the scan may
+            run in flash-linear-attention's kernels (CUDA only; fla_scan.py).
 
     Returns:
         o: [B, T, H, Dv]; states: [B, H, Dv, Dk] or [B, len(ends), H, Dv, Dk]; both in the
         compute dtype (float64 for float64 inputs, float32 otherwise).
     """
+    op = fla_op(scan_impl, rule, q)
+    if op is not None:
+        return fla_linear_memory(
+            op, q, k, v, rule=rule, g=g, beta=beta, initial_state=initial_state, ends=ends
+        )
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     dtype = compute_dtype(q)
