@@ -40,12 +40,24 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# The kernels call triton.language's builtins only (tl.full, tl.reduce, ...), none of its @jit
+# library functions (tl.sum, tl.zeros, tl.max, tl.cdiv): those fail in interpreted kernels when
+# triton was first imported outside the interpreter, as torch.compile imports it.
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    """tl.sum of float32 x, by the combine function tl.sum reduces with (which the interpreter
+    sums with numpy)."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
 # ---- the dense read ----------------------------------------------------------------------------
 
 
 @triton.jit
 def _dense_fwd(
-    Q, S, W, NT, O,
+    Q, S, W, NT, TILE_N, O,
     sq_b, sq_h, sq_t, sq_k,
     ss_b, ss_h, ss_n, ss_k, ss_v,
     sw_b, sw_h, sw_t, sw_n,
@@ -53,7 +65,9 @@ def _dense_fwd(
     H, T, DK, DV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """O[tile] = Σ_i W[:, i] ⊙ (Q[tile] @ S_i[:, cols]); grid (T / BT, Dv / BV, B·H)."""
+    """O[tile] = Σ_i W[:, i] ⊙ (Q[tile] @ S_i[:, cols]); grid (T / BT, Dv / BV, B·H).
+
+    NT [T]: caches each token sees; TILE_N [T / BT]: the most a token of each tile sees."""
     pid_t, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -68,8 +82,8 @@ def _dense_fwd(
     n_t = tl.load(NT + offs_t, mask=mt, other=0)  # [BT] caches each token sees
     s_ptr = S + b * ss_b + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :] * ss_v
     w_ptr = W + b * sw_b + h * sw_h + offs_t * sw_t
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
-    for i in range(0, tl.max(n_t, 0)):
+    acc = tl.full([BT, BV], 0.0, tl.float32)
+    for i in range(0, tl.load(TILE_N + pid_t)):
         s = tl.load(s_ptr + i * ss_n, mask=mk[:, None] & mv[None, :], other=0.0)  # [BK, BV]
         w = tl.load(w_ptr + i * sw_n, mask=mt & (i < n_t), other=0.0).to(tl.float32)
         acc += w[:, None] * tl.dot(q, s, input_precision=PREC)
@@ -82,7 +96,7 @@ def _dense_fwd(
 
 @triton.jit
 def _dense_bwd_dq_dw(
-    Q, S, W, NT, DO, DQ, DW,
+    Q, S, W, NT, TILE_N, DO, DQ, DW,
     sq_b, sq_h, sq_t, sq_k,
     ss_b, ss_h, ss_n, ss_k, ss_v,
     sw_b, sw_h, sw_t, sw_n,
@@ -109,14 +123,14 @@ def _dense_bwd_dq_dw(
     n_t = tl.load(NT + offs_t, mask=mt, other=0)
     s_ptr = S + b * ss_b + h * ss_h + offs_k[None, :] * ss_k + offs_v[:, None] * ss_v  # S_i^T
     w_off = b * sw_b + h * sw_h + offs_t * sw_t
-    dq = tl.zeros([BT, BK], dtype=tl.float32)
-    for i in range(0, tl.max(n_t, 0)):
+    dq = tl.full([BT, BK], 0.0, tl.float32)
+    for i in range(0, tl.load(TILE_N + pid_t)):
         st = tl.load(s_ptr + i * ss_n, mask=mv[:, None] & mk[None, :], other=0.0)  # [BV, BK]
         seen = mt & (i < n_t)
         w = tl.load(W + w_off + i * sw_n, mask=seen, other=0.0).to(tl.float32)
         dp = tl.dot(do, st, input_precision=PREC)  # [BT, BK]
         dq += w[:, None] * dp
-        dw = tl.sum(dp * q.to(tl.float32), 1)
+        dw = _sum(dp * q.to(tl.float32), 1)
         tl.store(DW + w_off + i * sw_n, dw.to(DW.dtype.element_ty), mask=seen)
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=mt[:, None] & mk[None, :])
 
@@ -134,11 +148,11 @@ def _dense_bwd_ds(
     cache i. DS: [B, H, N, Dk, Dv] contiguous."""
     i, pid_kv, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    n_v = tl.cdiv(DV, BV)
+    n_v = (DV + BV - 1) // BV
     offs_k = (pid_kv // n_v) * BK + tl.arange(0, BK)
     offs_v = (pid_kv % n_v) * BV + tl.arange(0, BV)
     mk, mv = offs_k < DK, offs_v < DV
-    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    acc = tl.full([BK, BV], 0.0, tl.float32)
     for t0 in range(tl.load(FIRST + i), T, BT):
         offs_t = t0 + tl.arange(0, BT)
         mt = offs_t < T
@@ -187,7 +201,7 @@ def _routed_fwd(
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mt, mv = offs_t < T, offs_v < DV
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    acc = tl.full([BT, BV], 0.0, tl.float32)
     for j in range(0, KSEL):
         slot = bh * T * KSEL + offs_t * KSEL + j
         c = tl.load(IDX + slot, mask=mt, other=0).to(tl.int64)  # [BT] selected cache
@@ -206,7 +220,7 @@ def _routed_fwd(
                 mask=(mt[:, None] & mk[None, :])[:, :, None] & mv[None, None, :],
                 other=0.0,
             ).to(tl.float32)  # [BT, BK, BV]: each token's own selected state
-            acc += w[:, None] * tl.sum(q[:, :, None] * s, 1)
+            acc += w[:, None] * _sum(q[:, :, None] * s, 1)
     tl.store(
         O + bh * T * DV + offs_t[:, None] * DV + offs_v[None, :],
         acc.to(O.dtype.element_ty),
@@ -231,7 +245,7 @@ def _routed_bwd_dq_dw(
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_j = tl.arange(0, BJ)
     mt = offs_t < T
-    dw = tl.zeros([BT, BJ], dtype=tl.float32)
+    dw = tl.full([BT, BJ], 0.0, tl.float32)
     for k0 in range(0, DK, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < DK
@@ -240,13 +254,13 @@ def _routed_bwd_dq_dw(
             mask=mt[:, None] & mk[None, :],
             other=0.0,
         ).to(tl.float32)  # [BT, BK]
-        dq = tl.zeros([BT, BK], dtype=tl.float32)
+        dq = tl.full([BT, BK], 0.0, tl.float32)
         for j in range(0, KSEL):
             slot = bh * T * KSEL + offs_t * KSEL + j
             c = tl.load(IDX + slot, mask=mt, other=0).to(tl.int64)
             w = tl.load(WR + slot, mask=mt, other=0.0).to(tl.float32)
             s_row = S + b * ss_b + h * ss_h + c * ss_n
-            r = tl.zeros([BT, BK], dtype=tl.float32)
+            r = tl.full([BT, BK], 0.0, tl.float32)
             for v0 in range(0, DV, BV):
                 offs_v = v0 + tl.arange(0, BV)
                 mv = offs_v < DV
@@ -262,9 +276,9 @@ def _routed_bwd_dq_dw(
                     mask=(mt[:, None] & mk[None, :])[:, :, None] & mv[None, None, :],
                     other=0.0,
                 ).to(tl.float32)  # [BT, BK, BV]
-                r += tl.sum(s * do[:, None, :], 2)
+                r += _sum(s * do[:, None, :], 2)
             dq += w[:, None] * r
-            dw += tl.where(offs_j[None, :] == j, tl.sum(q * r, 1)[:, None], 0.0)
+            dw += tl.where(offs_j[None, :] == j, _sum(q * r, 1)[:, None], 0.0)
         tl.store(
             DQ + bh * T * DK + offs_t[:, None] * DK + offs_k[None, :],
             dq.to(DQ.dtype.element_ty),
@@ -288,12 +302,12 @@ def _routed_bwd_ds(
     the pairs of state g, ORDER[OFFS[g]:OFFS[g + 1]] (flat slots into [B, H, T, KSEL]).
     WR: [B, H, T, KSEL] and DO: [B, H, T, Dv] contiguous; DS: [B, H, N, Dk, Dv] contiguous."""
     g, pid_kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n_v = tl.cdiv(DV, BV)
+    n_v = (DV + BV - 1) // BV
     offs_k = (pid_kv // n_v) * BK + tl.arange(0, BK)
     offs_v = (pid_kv % n_v) * BV + tl.arange(0, BV)
     mk, mv = offs_k < DK, offs_v < DV
     end = tl.load(OFFS + g + 1)
-    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    acc = tl.full([BK, BV], 0.0, tl.float32)
     for m0 in range(tl.load(OFFS + g), end, BM):
         offs_m = m0 + tl.arange(0, BM)
         mm = offs_m < end
@@ -340,6 +354,12 @@ def _token_tile(BK: int, BV: int) -> int:
     return 64 if max(BK, BV) <= 64 else 32 if max(BK, BV) <= 128 else 16
 
 
+def _tile_max(counts: torch.Tensor, BT: int) -> torch.Tensor:
+    """The most caches a token of each tile of BT tokens sees: [T / BT] int32."""
+    pad = -counts.shape[0] % BT
+    return torch.nn.functional.pad(counts, (0, pad)).view(-1, BT).amax(1)
+
+
 def span_counts(spans, T: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The spans (a, b, n) as tensors, once per call: counts [T] int32 (caches token t sees,
     0 outside the spans) and first [N] int32 (the first token that sees cache i; T if
@@ -360,7 +380,7 @@ class TritonMixedRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, St, W, counts, first):
         B, H, T, Dk = Q.shape
-        N, Dv = St.shape[2], St.shape[-1]
+        Dv = St.shape[-1]
         out = Q.new_empty(B, H, T, Dv)
         ctx.save_for_backward(Q, St, W, counts, first)
         if out.numel() == 0:
@@ -369,8 +389,8 @@ class TritonMixedRead(torch.autograd.Function):
         BT = _token_tile(BK, BV)
         grid = (triton.cdiv(T, BT), triton.cdiv(Dv, BV), B * H)
         _dense_fwd[grid](
-            Q, St, W, counts, out, *Q.stride(), *St.stride(), *W.stride(), *out.stride(),
-            H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q),
+            Q, St, W, counts, _tile_max(counts, BT), out,
+            *Q.stride(), *St.stride(), *W.stride(), *out.stride(), H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q),
         )  # fmt: skip
         return out
 
@@ -378,6 +398,8 @@ class TritonMixedRead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         Q, St, W, counts, first = ctx.saved_tensors
+        # (contiguous: dQ and dW are written with the strides of Q and W)
+        Q, W = Q.contiguous(), W.contiguous()
         B, H, T, Dk = Q.shape
         N, Dv = St.shape[2], St.shape[-1]
         dQ, dSt, dW = torch.empty_like(Q), St.new_empty(B, H, N, Dk, Dv), torch.zeros_like(W)
@@ -388,8 +410,8 @@ class TritonMixedRead(torch.autograd.Function):
         BK, BV = _block(Dk), _block(Dv)
         BT = _token_tile(BK, BV)
         _dense_bwd_dq_dw[(triton.cdiv(T, BT), B * H)](
-            Q, St, W, counts, dout, dQ, dW, *Q.stride(), *St.stride(), *W.stride(),
-            H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=prec,
+            Q, St, W, counts, _tile_max(counts, BT), dout, dQ, dW,
+            *Q.stride(), *St.stride(), *W.stride(), H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=prec,
         )  # fmt: skip
         BK, BV = _block(Dk, 64), _block(Dv, 64)
         grid = (N, triton.cdiv(Dk, BK) * triton.cdiv(Dv, BV), B * H)
