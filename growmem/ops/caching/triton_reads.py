@@ -390,7 +390,8 @@ class TritonMixedRead(torch.autograd.Function):
         grid = (triton.cdiv(T, BT), triton.cdiv(Dv, BV), B * H)
         _dense_fwd[grid](
             Q, St, W, counts, _tile_max(counts, BT), out,
-            *Q.stride(), *St.stride(), *W.stride(), *out.stride(), H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q),
+            *Q.stride(), *St.stride(), *W.stride(), *out.stride(),
+            H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q),
         )  # fmt: skip
         return out
 
