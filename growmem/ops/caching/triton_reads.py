@@ -469,8 +469,6 @@ class TritonRoutedRead(torch.autograd.Function):
             Q, St, idx, w, dout, dQ, dw, *Q.stride(), *St.stride(),
             H, T, Dk, Dv, k, BT=16, BK=16, BV=_block(Dv, 32), BJ=_block(k),
         )  # fmt: skip
-        if live is not None:
-            dw = dw * live  # an invalid slot is not read: no gradient reaches its weight
         # the (token, slot) pairs by state, invalid ones last (state B·H·N): each state's are
         # ORDER[offsets[g]:offsets[g + 1]]
         G = B * H * N
