@@ -1,8 +1,8 @@
 """The Triton reads of cached matrix memories (growmem/ops/caching/triton_reads.py), run by the
 Triton interpreter on CPU in float32 at odd sizes: outputs and every gradient against the
 PyTorch reads (reads.py), and ``memory_caching(impl="triton")`` against impl="chunk" and the
-per-token reference (grm, soup, ssc on gated_delta), parallel and streaming; then the impl
-choice (dispatch, errors, the layer's knob).
+per-token reference (grm, soup, ssc, loglinear on gated_delta), parallel and streaming; then
+the impl choice (dispatch, errors, the layer's knob).
 
 The suite installs triton (``make test``); without it the module is skipped, which strict
 skips (GROWMEM_STRICT_SKIPS=1, as in CI) turn into a failure.
@@ -116,6 +116,25 @@ def test_routed_read_matches_torch(kernels, case):
         assert not g["w"][~valid].any(), f"{case}: gradient of an empty slot's weight"
 
 
+def _count_calls(patch, kernels) -> list[str]:
+    """The names of the kernels' entry points, appended at each call."""
+    calls = []
+    for name in ("triton_mixed_read", "triton_routed_read"):
+        fn = getattr(kernels, name)
+        patch.setattr(kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    return calls
+
+
+# the kernels each aggregation reads with (residual: prefix sums, in torch)
+READS = {
+    "grm": "triton_mixed_read",
+    "soup": "triton_mixed_read",
+    "ssc": "triton_routed_read",
+    "loglinear": "triton_routed_read",
+    "residual": None,
+}
+
+
 def _caching(inp, aggregation, impl, **kw):
     return memory_caching(
         inp.q, inp.k, inp.v, inp.u,
@@ -126,15 +145,20 @@ def _caching(inp, aggregation, impl, **kw):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("aggregation", ["grm", "soup", "ssc"])
-def test_memory_caching_triton_matches_chunk_and_reference(aggregation):
-    """Outputs and the gradients of every input: 37 tokens in segments of 8 (4 cached)."""
+@pytest.mark.parametrize("aggregation", READS)
+def test_memory_caching_triton_matches_chunk_and_reference(kernels, monkeypatch, aggregation):
+    """Outputs and the gradients of every input: 37 tokens in segments of 8 (4 cached).
+    loglinear reads its buckets by the routed kernels; residual reads prefix sums in torch
+    whatever impl is."""
     inp = make_op_inputs("gated_delta", 37, b=2, h=3, dk=7, dv=9, dtype=torch.float32,
                          requires_grad=True)  # fmt: skip
-    results = {
-        impl: outputs_and_grads(lambda impl=impl: _caching(inp, aggregation, impl), inp.leaves())
-        for impl in ("triton", "chunk", "reference")
-    }
+    calls = _count_calls(monkeypatch, kernels)
+    results = {}
+    for impl in ("triton", "chunk", "reference"):
+        run = lambda impl=impl: _caching(inp, aggregation, impl)  # noqa: E731
+        results[impl] = outputs_and_grads(run, inp.leaves())
+        assert set(calls) == ({READS[aggregation]} - {None} if impl == "triton" else set())
+        calls.clear()
     o, g = results["triton"]
     for other in ("chunk", "reference"):
         o_x, g_x = results[other]
@@ -156,7 +180,7 @@ def test_streamed_triton_equals_parallel(aggregation):
     assert_close(o, full, 1e-5, f"{aggregation}: streamed triton vs parallel chunk")
 
 
-def test_layer_impl_reaches_the_op():
+def test_layer_impl_reaches_the_op(kernels, monkeypatch):
     """MemoryConfig.impl: a layer with impl="triton" equals one with "chunk" (outputs and
     d/dx), and refuses the kernels on CPU outside the interpreter."""
     torch.manual_seed(0)
@@ -168,7 +192,11 @@ def test_layer_impl_reaches_the_op():
     }
     layers["triton"].load_state_dict(layers["chunk"].state_dict())
     x = torch.randn(2, 11, 24)
-    (o_c, g_c), (o_t, g_t) = (layer_past_loss(layers[i], x, 11) for i in ("chunk", "triton"))
+    calls = _count_calls(monkeypatch, kernels)
+    o_c, g_c = layer_past_loss(layers["chunk"], x, 11)
+    assert not calls
+    o_t, g_t = layer_past_loss(layers["triton"], x, 11)
+    assert calls == ["triton_mixed_read"]
     assert_close(o_t, o_c, 1e-5, "layer output")
     assert_close(g_t, g_c, 1e-4, "layer d/dx")
     with pytest.MonkeyPatch.context() as patch:
