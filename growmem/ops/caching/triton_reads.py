@@ -343,10 +343,15 @@ def _block(d: int, cap: int | None = None) -> int:
 
 
 def _precision(x: torch.Tensor) -> str:
-    """tl.dot's input precision: TF32 for float32 only where torch's matmuls use it."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input precision: float32 products in TF32 only where torch's matmuls use it
+    (16-bit inputs take tl.dot's default, their own tensor-core products)."""
+    exact = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    return "ieee" if exact else "tf32"
+
+
+def _warps(*blocks: int) -> int:
+    """Warps of a program whose largest block is max(blocks): 8 for heads of 128 and more."""
+    return 8 if max(blocks) >= 128 else 4
 
 
 def _token_tile(BK: int, BV: int) -> int:
@@ -391,7 +396,7 @@ class TritonMixedRead(torch.autograd.Function):
         _dense_fwd[grid](
             Q, St, W, counts, _tile_max(counts, BT), out,
             *Q.stride(), *St.stride(), *W.stride(), *out.stride(),
-            H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q),
+            H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=_precision(Q), num_warps=_warps(BK, BV),
         )  # fmt: skip
         return out
 
@@ -413,6 +418,7 @@ class TritonMixedRead(torch.autograd.Function):
         _dense_bwd_dq_dw[(triton.cdiv(T, BT), B * H)](
             Q, St, W, counts, _tile_max(counts, BT), dout, dQ, dW,
             *Q.stride(), *St.stride(), *W.stride(), H, T, Dk, Dv, BT=BT, BK=BK, BV=BV, PREC=prec,
+            num_warps=_warps(BK, BV),
         )  # fmt: skip
         BK, BV = _block(Dk, 64), _block(Dv, 64)
         grid = (N, triton.cdiv(Dk, BK) * triton.cdiv(Dv, BV), B * H)
