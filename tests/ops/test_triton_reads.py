@@ -34,8 +34,10 @@ from tests.helpers import (
 )
 
 KERNELS = "growmem.ops.caching.triton_reads"
-# float32 throughout: the kernels accumulate in float32 in another order than torch's matmuls
-TOL = 1e-5
+# float32 throughout: the kernels sum in float32 in another order than torch's matmuls (the
+# largest relative errors measured: 1.5e-7 for the reads, 5e-7 end to end)
+TOL = 1e-6
+TOL_END_TO_END = 5e-6
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,7 +106,8 @@ def test_routed_read_matches_torch(kernels, case):
     idx = torch.rand(B, H, T, N, generator=gen).argsort(-1)[..., :k]
     if valid is not None:
         valid = torch.rand(B, H, T, k, generator=gen) < 0.6
-        valid[:, :, :2] = False  # tokens that see no cache yet
+        if T > 2:
+            valid[:, :, :2] = False  # tokens that see no cache yet
     args = (idx, named["w"], valid)
     o_t, g_t = outputs_and_grads(lambda: sparse_read(named["Q"], named["St"], *args), named)
     o, g = outputs_and_grads(
@@ -162,8 +165,8 @@ def test_memory_caching_triton_matches_chunk_and_reference(kernels, monkeypatch,
     o, g = results["triton"]
     for other in ("chunk", "reference"):
         o_x, g_x = results[other]
-        assert_close(o, o_x, 1e-5, f"{aggregation}: triton vs {other}")
-        assert_grads_close(g, g_x, 1e-4, f"{aggregation}: triton vs {other}")
+        assert_close(o, o_x, TOL_END_TO_END, f"{aggregation}: triton vs {other}")
+        assert_grads_close(g, g_x, TOL_END_TO_END, f"{aggregation}: triton vs {other}")
 
 
 @pytest.mark.parametrize("aggregation", ["grm", "ssc"])
@@ -177,7 +180,7 @@ def test_streamed_triton_equals_parallel(aggregation):
         return _caching(inp.part(a, b), aggregation, "triton", cache=cache, output_cache=True)
 
     o, _ = stream(call, [5, 13, 14, 15, 16], 27)
-    assert_close(o, full, 1e-5, f"{aggregation}: streamed triton vs parallel chunk")
+    assert_close(o, full, TOL_END_TO_END, f"{aggregation}: streamed triton vs parallel chunk")
 
 
 def test_layer_impl_reaches_the_op(kernels, monkeypatch):
@@ -197,8 +200,8 @@ def test_layer_impl_reaches_the_op(kernels, monkeypatch):
     assert not calls
     o_t, g_t = layer_past_loss(layers["triton"], x, 11)
     assert calls == ["triton_mixed_read"]
-    assert_close(o_t, o_c, 1e-5, "layer output")
-    assert_close(g_t, g_c, 1e-4, "layer d/dx")
+    assert_close(o_t, o_c, TOL_END_TO_END, "layer output")
+    assert_close(g_t, g_c, TOL_END_TO_END, "layer d/dx")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match=r"^impl='triton' runs on CUDA"):
