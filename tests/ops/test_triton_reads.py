@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from growmem.layers import MemoryCachingAttention
+from growmem.models import GrowMemConfig
 from growmem.ops import Caching, memory_caching, memory_spec
 from growmem.ops.caching import read_impl
 from growmem.ops.caching.reads import mixed_read, sparse_read
@@ -234,3 +235,6 @@ def test_impl_choice():
     with pytest.raises(ValueError, match=arg("impl")):
         memory_config(impl="reference")
     assert "impl" not in dict(memory_config(impl="triton").settings())
+    # the model config carries it in its memory settings, through config.json too
+    config = GrowMemConfig(memory={"rule": "gated_delta", "impl": "triton"})
+    assert GrowMemConfig.from_dict(config.to_dict()).memory.impl == "triton"
