@@ -86,9 +86,9 @@ def memory_caching(
         cache: a MemoryCache from an earlier call: these tokens continue that stream.
         output_cache: also return the cache to continue from.
         impl: how to compute: "auto" (default: "triton" for CUDA tensors when triton
-            imports and the states are float32 (or 16-bit), else "chunk"), "chunk" (the
+            imports, unless the inputs are float64; else "chunk"), "chunk" (the
             chunkwise-parallel PyTorch path), "triton" (the chunk path with the reads of
-            cached matrix memories, grm, soup and ssc, in Triton kernels,
+            cached matrix memories, grm, soup, ssc and loglinear, in Triton kernels,
             ops/caching/triton_reads.py; needs ``pip install 'growmem[triton]'`` and CUDA
             tensors, or CPU ones under ``TRITON_INTERPRET=1``) or "reference" (per-token
             loop; parallel calls only). Deep memories (titans, dla) read in PyTorch whatever
