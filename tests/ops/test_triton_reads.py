@@ -145,6 +145,7 @@ def _caching(inp, aggregation, impl, **kw):
         memory=memory_spec(inp.rule),
         caching=Caching(aggregation, segment_size=8, top_k=2),
         gates={**inp.gates, "temperature": torch.full((inp.q.shape[2],), 3.0)},
+        init_weights=inp.init_weights,
         initial_state=None if kw.get("cache") else inp.initial_state, impl=impl, **kw,
     )  # fmt: skip
 
@@ -207,6 +208,15 @@ def test_layer_impl_reaches_the_op(kernels, monkeypatch):
         patch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match=r"^impl='triton' runs on CUDA"):
             layers["triton"](x)
+
+
+def test_deep_memories_read_in_torch_whatever_impl(kernels, monkeypatch):
+    """titans' cached memories are MLPs: impl="triton" reads them as impl="chunk" does."""
+    inp = make_op_inputs("titans", 19, b=1, h=2, dk=4, dh=8, dtype=torch.float32)
+    calls = _count_calls(monkeypatch, kernels)
+    o = _caching(inp, "grm", "triton")
+    assert not calls
+    assert torch.equal(o, _caching(inp, "grm", "chunk"))
 
 
 def _gated_delta_call(impl, dtype=torch.float32, device="cpu"):
