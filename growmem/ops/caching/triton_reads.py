@@ -37,7 +37,6 @@ from torch.autograd.function import once_differentiable
 
 # The kernels below were defined for the interpreter (CPU tensors) rather than the GPU.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # The kernels call triton.language's builtins only (tl.full, tl.reduce, ...), none of its @jit
