@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
-# the tests also exercise the lm-eval adapter: install that extra too
+# the tests also exercise the lm-eval adapter and the Triton kernels (in the interpreter, on
+# CPU): install those extras too
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev,lm-eval]"
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev,lm-eval,triton]"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
@@ -51,8 +52,8 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install --no-deps -e .
 	echo "$(TORCH)" > $(LATEST_VENV)/torch-constraint.txt
 	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager \
-		-c $(LATEST_VENV)/torch-constraint.txt $$($(PYTHON) tools/latest_requirements.py dev lm-eval)
-	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E "^(torch|transformers|tokenizers|lm.eval)=="
+		-c $(LATEST_VENV)/torch-constraint.txt $$($(PYTHON) tools/latest_requirements.py dev lm-eval triton)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E "^(torch|transformers|tokenizers|lm.eval|triton)=="
 	GROWMEM_STRICT_SKIPS=1 $(LATEST_VENV)/bin/python -m pytest -n 2 -q
 
 lint: $(STAMP)

@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 
 from growmem.ops.aggregations import TABLE as AGGREGATION_TABLE
+from growmem.ops.caching.read_impl import LAYER_IMPLS
 from growmem.ops.checks import (
     LINEAR_RULES,
     check_bool,
@@ -86,6 +87,10 @@ class MemoryConfig:
             queries u) or "keys" (the memory keys, after the short convolution and the q/k
             norm).
         o_norm_eps: epsilon of the output RMSNorm; None: the layer's ``norm_eps``.
+        impl: how the op computes (``memory_caching``'s impl, without "reference"): "auto"
+            (default: the Triton reads of cached matrix memories on CUDA when triton is
+            installed, else PyTorch), "chunk" (PyTorch) or "triton". Not part of a cache's
+            fingerprint: every impl keeps the same cache.
 
         The four gate settings (and ``caching``'s gate ones) act only in the gated
         aggregations (grm, soup, ssc, loglinear); the others ignore them. Configs saved before
@@ -103,6 +108,7 @@ class MemoryConfig:
     gate_online_bias: float | None = None
     summary_source: str = DEFAULT_SUMMARY_SOURCE
     o_norm_eps: float | None = None
+    impl: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.memory, (MatrixMemory, DeepMemory)):
@@ -119,6 +125,7 @@ class MemoryConfig:
         check_float("gate_online_bias", self.gate_online_bias, allow_none=True)
         check_choice("summary_source", self.summary_source, SUMMARY_SOURCES)
         check_positive_float("o_norm_eps", self.o_norm_eps, allow_none=True)
+        check_choice("impl", self.impl, LAYER_IMPLS)
         for name in ("gate_temperature", "gate_online_bias", "o_norm_eps"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
@@ -160,6 +167,7 @@ class MemoryConfig:
         what a cache fingerprints, and what its mismatch messages name."""
         values = self.to_dict()
         caching = values.pop("caching")
+        del values["impl"]  # how the op computes, not what: a cache serves every impl
         pairs = [*values.items(), *((f"caching.{k}", v) for k, v in caching.items())]
         return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in pairs)
 

@@ -354,6 +354,7 @@ class MemoryCachingAttention(nn.Module):
             init_weights=(self.W1_0, self.W2_0) if self.deep else None,
             cache=group.memory,
             output_cache=True,
+            impl=self.config.impl,
         )
         o = self.o_norm(o, out_gate).reshape(g, n, H * D)
         return self.o_proj(o), RowGroup(rows=group.rows, memory=state, conv=conv)

@@ -1359,7 +1359,7 @@ BAD_INPUTS = {
         arg("impl"),
         lambda: _with(impl="reference", output_cache=True),
     ),
-    "unknown impl": (arg("impl"), lambda: _with(impl="triton")),
+    "unknown impl": (arg("impl"), lambda: _with(impl="cuda")),
 }
 
 

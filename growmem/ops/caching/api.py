@@ -12,6 +12,7 @@ from growmem.ops.caching.core import empty_cache, memory_caching_forward
 from growmem.ops.caching.gates import GATE_INPUTS, GateInputs
 from growmem.ops.caching.legacy import from_keywords
 from growmem.ops.caching.naive import memory_caching_reference
+from growmem.ops.caching.read_impl import IMPLS, resolve_reads
 from growmem.ops.caching.segments import SegmentPlan
 from growmem.ops.checks import check_choice, check_qkv, check_shape, check_tensor, check_values
 from growmem.ops.precision import autocast_off, compute_dtype
@@ -38,7 +39,7 @@ def memory_caching(
     initial_state=None,
     cache: MemoryCache | None = None,
     output_cache: bool = False,
-    impl: str = "chunk",
+    impl: str = "auto",
     **keywords,
 ) -> torch.Tensor | tuple[torch.Tensor, MemoryCache]:
     """A recurrent memory whose checkpoints at segment ends are cached and read later.
@@ -84,7 +85,15 @@ def memory_caching(
             for a matrix memory, a DeepState of [B, H, ...] tensors for a deep one.
         cache: a MemoryCache from an earlier call: these tokens continue that stream.
         output_cache: also return the cache to continue from.
-        impl: "chunk" (default) or "reference" (per-token loop; parallel calls only).
+        impl: how to compute: "auto" (default: "triton" for CUDA tensors when triton
+            imports, unless the inputs are float64; else "chunk"), "chunk" (the
+            chunkwise-parallel PyTorch path), "triton" (the chunk path with the reads of
+            cached matrix memories, grm, soup, ssc and loglinear, in Triton kernels,
+            ops/caching/triton_reads.py; needs ``pip install 'growmem[triton]'`` and CUDA
+            tensors, or CPU ones under ``TRITON_INTERPRET=1``) or "reference" (per-token
+            loop; parallel calls only). Deep memories (titans, dla) read in PyTorch whatever
+            impl is; residual and mean read prefix sums of the states, plain matmuls that
+            stay in PyTorch.
         keywords: the deprecated keyword form (rule=, g=, segment_size=, aggregation=, ...),
             accepted for one release with a FutureWarning (ops/caching/legacy.py).
 
@@ -104,7 +113,10 @@ def memory_caching(
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     gates, extra_gates = _check_gate_names(memory, gates)
     sizes = backend.check((B, T, H, Dk, Dv), gates, init_weights, initial_state)
-    check_choice("impl", impl, ("chunk", "reference"))
+    check_choice("impl", impl, IMPLS)
+    dtype = compute_dtype(q)
+    # the same backend, reading cached memories as impl asks (ops/caching/read_impl.py)
+    backend = backend_for(memory, resolve_reads(impl, dtype, q.device))
     agg = caching.spec
     if agg.gated:
         if u is None:
@@ -125,7 +137,6 @@ def memory_caching(
             "impl='reference' computes whole sequences only: it takes no cache and returns none"
         )
     plan = _plan(caching, T, cache, streaming)
-    dtype = compute_dtype(q)
     config = CachingConfig(
         memory=memory,
         aggregation=caching.aggregation,
@@ -151,7 +162,7 @@ def memory_caching(
     inputs = (q, k, v, *pending.values()) + ((u,) if agg.gated else ())
     inputs += tuple(x for x in extra_gates if x is not None)
     tokens = T + (next(iter(pending.values())).shape[1] if pending else 0)
-    finite = check_values(inputs if impl == "chunk" and tokens > 1 else (), gates, memory.rule)
+    finite = check_values(inputs if impl != "reference" and tokens > 1 else (), gates, memory.rule)
 
     if impl == "reference":
         named = {n: x for n, x in extra_gates._asdict().items() if x is not None}

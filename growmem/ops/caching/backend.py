@@ -32,6 +32,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from growmem.ops.caching.read_impl import READS
+from growmem.ops.checks import check_choice
 from growmem.ops.nonfinite import NonFiniteGuard, poison
 
 Spans = list[tuple[int, int, int]]
@@ -105,8 +107,13 @@ class MemoryBackend(ABC):
 
     linear: ClassVar[bool] = False  # reads are linear in the parameters (soup == grm)
 
-    def __init__(self, memory):
+    def __init__(self, memory, reads: str = "torch"):
+        """memory: the memory object; reads: "torch" or "triton", who computes the reads of
+        cached memories (``read_impl.resolve_reads``; a backend without kernels, e.g. the MLP
+        memories', reads with torch whatever it is)."""
+        check_choice("reads", reads, READS)
         self.memory = memory
+        self.reads = reads
 
     # ---- arguments -------------------------------------------------------------------------
 
@@ -209,13 +216,14 @@ def register_backend(memory_type: type, backend: type[MemoryBackend]) -> None:
     _BACKENDS[memory_type] = backend
 
 
-def backend_for(memory) -> MemoryBackend:
-    """The backend of a memory object; a TypeError names the known memory types."""
+def backend_for(memory, reads: str = "torch") -> MemoryBackend:
+    """The backend of a memory object, reading cached memories with ``reads`` ("torch" or
+    "triton"); a TypeError names the known memory types."""
     backend = _BACKENDS.get(type(memory))
     if backend is None:
         known = [t.__name__ for t in _BACKENDS]
         raise TypeError(f"memory must be one of {known}, got {type(memory).__name__}")
-    return backend(memory)
+    return backend(memory, reads)
 
 
 def num_stacked(stacked) -> int:

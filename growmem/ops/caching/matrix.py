@@ -5,6 +5,9 @@ memory: Σ_i w_i S_i q = (Σ_i w_i S_i) q. Hence Memory Soup equals grm here, an
 mean read prefix sums of the cached states, O(T·Dk·Dv) instead of O(T·N·Dk·Dv). Cached states
 are kept transposed and heads first, [B, H, N, Dk, Dv], the layout their reads use, so a
 decode step never re-lays them out.
+
+The dense and routed reads run in PyTorch (reads.py) or, for a backend built with
+reads="triton", in the Triton kernels of triton_reads.py; the prefix-sum reads stay in PyTorch.
 """
 
 from __future__ import annotations
@@ -152,10 +155,16 @@ class MatrixBackend(MemoryBackend):
         return torch.cat(outs, dim=1), torch.stack(finals, dim=1)
 
     def read_dense(self, Q, cached: MatrixCached, w, spans) -> torch.Tensor:
+        if self.reads == "triton":
+            from growmem.ops.caching.triton_reads import triton_mixed_read  # needs triton
+
+            return triton_mixed_read(Q, cached.states, w, spans)
         return mixed_read(Q, cached.states, w, spans)
 
     def read_sum(self, Q, cached: MatrixCached, spans) -> torch.Tensor:
-        # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: prefix sums of the states, one matmul per span
+        # Σ_{i<n} S_i q = (Σ_{i<n} S_i) q: prefix sums of the states, one matmul per span.
+        # Always torch: these are plain matmuls (cuBLAS), O(T·Dk·Dv) whatever N is, where a
+        # kernel over the N states (the dense read's) would cost O(T·N·Dk·Dv).
         states = cached.states
         if len(spans) == 1:  # one piece sees every cache (e.g. a decode step): their sum
             n = spans[0][2]
@@ -171,6 +180,10 @@ class MatrixBackend(MemoryBackend):
         return torch.cat(reads, 1).transpose(1, 2)
 
     def read_routed(self, Q, cached: MatrixCached, idx, w, valid) -> torch.Tensor:
+        if self.reads == "triton":
+            from growmem.ops.caching.triton_reads import triton_routed_read  # needs triton
+
+            return triton_routed_read(Q, cached.states, idx, w, valid)
         return sparse_read(Q, cached.states, idx, w, valid)
 
     def ref_start(self, B, H, Dk, Dv, init_weights, initial_state, dtype, device):
