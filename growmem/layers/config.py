@@ -167,7 +167,10 @@ class MemoryConfig:
         what a cache fingerprints, and what its mismatch messages name."""
         values = self.to_dict()
         caching = values.pop("caching")
-        del values["impl"]  # how the op computes, not what: a cache serves every impl
+        # how the op computes, not what: a cache serves every impl (a matrix memory's
+        # scan_impl likewise)
+        del values["impl"]
+        values.pop("scan_impl", None)
         pairs = [*values.items(), *((f"caching.{k}", v) for k, v in caching.items())]
         return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in pairs)
 

@@ -45,6 +45,9 @@ DEFAULT_GATE_NORM = "l2"
 LEGACY_GATE_NORM = "none"
 DEFAULT_SEGMENT_SIZE = 256
 
+# Where the chunkwise scans of matrix memories may run (MatrixMemory.scan_impl).
+SCAN_IMPLS = ("auto", "torch", "fla")
+
 
 class _Spec:
     """to_dict / from_dict shared by the spec dataclasses."""
@@ -76,16 +79,22 @@ class MatrixMemory(_Spec):
             ``gates`` (g: log-decay, beta: write strength, lam: current-token weight).
         chunk_size: chunk length of the chunkwise scans (a compute detail: results do not
             depend on it beyond rounding).
+        scan_impl: where the chunkwise scans run (a compute detail too): "auto" (default:
+            flash-linear-attention's kernels for CUDA tensors when it is installed at a tested
+            version, else growmem's PyTorch path), "torch" or "fla"
+            (growmem/ops/linear/fla_scan.py).
     """
 
     rule: Literal["linear", "decay", "delta", "gated_delta", "swla"] = "gated_delta"
     chunk_size: int = 64
+    scan_impl: Literal["auto", "torch", "fla"] = "auto"
 
     kind: ClassVar[str] = "matrix"
 
     def __post_init__(self):
         check_choice("rule", self.rule, LINEAR_RULES)
         check_positive_int("chunk_size", self.chunk_size)
+        check_choice("scan_impl", self.scan_impl, SCAN_IMPLS)
 
     @property
     def gates(self) -> tuple[str, ...]:

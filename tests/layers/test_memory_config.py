@@ -237,3 +237,17 @@ def test_layer_refuses_a_flat_attribute_its_memory_lacks():
 def test_the_objects_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         MemoryConfig().conv_size = 3
+
+
+def test_where_the_op_computes_is_a_setting_but_not_part_of_the_fingerprint():
+    """memory.scan_impl (the scans: fla or PyTorch) and impl (the reads: Triton or PyTorch)
+    travel through the dict, but a cache built under one serves every other."""
+    chosen = MemoryConfig.from_dict({"rule": "delta", "scan_impl": "torch", "impl": "chunk"})
+    assert chosen.memory == MatrixMemory("delta", scan_impl="torch")
+    assert chosen.impl == "chunk"
+    assert MemoryConfig.from_dict(chosen.to_dict()) == chosen
+    assert chosen.settings() == MemoryConfig(memory=MatrixMemory("delta")).settings()
+    with pytest.raises(ValueError, match="scan_impl"):
+        MemoryConfig.from_dict({"rule": "delta", "scan_impl": "cuda"})
+    with pytest.raises(ValueError, match=r"rule 'titans' takes"):
+        MemoryConfig.from_dict({"rule": "titans", "scan_impl": "torch"})

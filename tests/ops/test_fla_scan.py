@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 
 from growmem.ops import Caching, memory_caching, memory_spec
 from growmem.ops.linear import chunk_linear_memory, fla_scan, linear_memory_reference
-from growmem.ops.linear.fla_scan import FLA_GATES, FLA_VERSIONS, fla_linear_memory, set_scan_impl
+from growmem.ops.linear.fla_scan import FLA_GATES, FLA_VERSIONS, fla_linear_memory
 from tests.helpers import arg, assert_close, assert_grads_close, make_inputs, outputs_and_grads
 
 B, T, H, DK, DV = 2, 37, 3, 6, 5  # Dk != Dv: a state in the wrong layout cannot even broadcast
@@ -108,15 +108,13 @@ class Counted:
 @pytest.fixture
 def fla_on_cpu(monkeypatch):
     """fla 'installed' as the counted stand-ins and allowed on CPU float64 tensors; the
-    process default and the warnings already given are restored afterwards."""
+    warnings already given are restored afterwards."""
     ops = {rule: Counted(op) for rule, op in STAND_INS.items()}
     monkeypatch.setattr(fla_scan, "load_fla", lambda: (ops, ""))
     monkeypatch.setattr(fla_scan, "FLA_DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(fla_scan, "FLA_DTYPES", (torch.float32, torch.float64))
     monkeypatch.setattr(fla_scan, "_warned", set())
-    previous = set_scan_impl("auto")
-    yield ops
-    set_scan_impl(previous)
+    return ops
 
 
 @pytest.fixture
@@ -205,10 +203,10 @@ def test_memory_caching_through_fla_equals_the_torch_scans(fla_on_cpu, aggregati
     named["u"] = u
     caching = Caching(aggregation=aggregation, segment_size=8, init=init, top_k=2)
 
-    def run():
+    def run(scan_impl="auto"):
         return memory_caching(
             named["q"], named["k"], named["v"], named["u"],
-            memory=memory_spec(rule, chunk_size=4), caching=caching,
+            memory=memory_spec(rule, chunk_size=4, scan_impl=scan_impl), caching=caching,
             gates={"g": named["g"], "beta": named["beta"]},
             initial_state=named["initial_state"],
         )  # fmt: skip
@@ -216,8 +214,7 @@ def test_memory_caching_through_fla_equals_the_torch_scans(fla_on_cpu, aggregati
     o, grads = outputs_and_grads(run, named)
     assert fla_on_cpu[rule].calls > 0
     calls = fla_on_cpu[rule].calls
-    set_scan_impl("torch")
-    o_ref, grads_ref = outputs_and_grads(run, named)
+    o_ref, grads_ref = outputs_and_grads(lambda: run("torch"), named)
     assert fla_on_cpu[rule].calls == calls
     assert_close(o, o_ref, TOL64, f"{aggregation}/{init} o")
     assert_grads_close(grads, grads_ref, TOL64, f"{aggregation}/{init}")
@@ -311,7 +308,7 @@ def test_explicit_fla_that_cannot_run_is_an_error_and_bad_choices_are_refused(
     with pytest.raises(ValueError, match=arg("scan_impl")):
         scan(named, "gated_delta", scan_impl="triton")
     with pytest.raises(ValueError, match=arg("scan_impl")):
-        set_scan_impl("cuda")
+        memory_spec("gated_delta", scan_impl="cuda")
 
 
 def test_the_fla_extra_pins_the_tested_range():

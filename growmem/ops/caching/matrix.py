@@ -88,6 +88,7 @@ class MatrixBackend(MemoryBackend):
                 ends=[b for _, b in x.pieces],
                 prev_kv=x.online.prev_kv,
                 chunk_size=self.memory.chunk_size,
+                scan_impl=self.memory.scan_impl,
             )
         else:
             o, states = self._independent(x)
@@ -115,7 +116,8 @@ class MatrixBackend(MemoryBackend):
     def _independent(self, x: ScanInputs):
         """init="independent": the first piece continues the open segment, every later one
         starts afresh from the reset state; later pieces of one length run as one batch."""
-        rule, chunk_size, pieces = self.memory.rule, self.memory.chunk_size, x.pieces
+        rule, pieces = self.memory.rule, x.pieces
+        chunk = {"chunk_size": self.memory.chunk_size, "scan_impl": self.memory.scan_impl}
         B, H, Dv, Dk = x.online.state.shape
         outs, finals = [None] * len(pieces), [None] * len(pieces)
         a0, b0 = pieces[0]
@@ -127,7 +129,7 @@ class MatrixBackend(MemoryBackend):
             **{n: g[:, a0:b0] for n, g in x.gates.items()},
             initial_state=x.online.state,
             prev_kv=x.online.prev_kv,
-            chunk_size=chunk_size,
+            **chunk,
         )
         by_length = defaultdict(list)
         for p, (a, b) in enumerate(pieces[1:], start=1):
@@ -147,7 +149,7 @@ class MatrixBackend(MemoryBackend):
                 rule=rule,
                 **{m: batch(g) for m, g in x.gates.items()},
                 initial_state=init,
-                chunk_size=chunk_size,
+                **chunk,
             )
             o, s = o.view(B, n, L, H, Dv), s.view(B, n, H, Dv, Dk)
             for j, p in enumerate(ps):

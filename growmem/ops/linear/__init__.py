@@ -2,7 +2,6 @@
 
 from growmem.ops.linear.api import linear_memory, segment_ends
 from growmem.ops.linear.chunk import chunk_linear_memory
-from growmem.ops.linear.fla_scan import set_scan_impl
 from growmem.ops.linear.naive import linear_memory_reference
 
 __all__ = [
@@ -10,5 +9,4 @@ __all__ = [
     "linear_memory",
     "linear_memory_reference",
     "segment_ends",
-    "set_scan_impl",
 ]

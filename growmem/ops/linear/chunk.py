@@ -61,7 +61,7 @@ def chunk_linear_memory(
     ends: list[int] | None = None,
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = 64,
-    scan_impl: str | None = None,
+    scan_impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel memory scan; same contract as ``linear_memory_reference``.
 
@@ -72,8 +72,8 @@ def chunk_linear_memory(
         ends: token counts (1..T) after which to return the state; None returns the final one.
         prev_kv: swla only: (k [B, H, Dk], v [B, H, Dv]) of the token before q[:, 0].
         chunk_size: tokens per chunk (a compute detail: results do not depend on it).
-        scan_impl: auto | torch | fla, or None for the process default: whether the scan may
-            run in flash-linear-attention's kernels (CUDA only; fla_scan.py).
+        scan_impl: auto | torch | fla: whether the scan may run in flash-linear-attention's
+            kernels (CUDA only; fla_scan.py).
 
     Returns:
         o: [B, T, H, Dv]; states: [B, H, Dv, Dk] or [B, len(ends), H, Dv, Dk]; both in the

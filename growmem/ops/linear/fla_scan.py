@@ -2,8 +2,8 @@
 
 ``chunk_linear_memory`` calls ``fla_op`` first: when it returns an fla op, the scan runs there
 (``fla_linear_memory``) instead of growmem's PyTorch chunk path, which stays the fallback and
-the reference. The choice is the setting ``scan_impl`` (an argument of chunk_linear_memory, or
-the process default of ``set_scan_impl``):
+the reference. The choice is the setting ``scan_impl`` (an argument of chunk_linear_memory; in
+Memory Caching and the models, ``MatrixMemory.scan_impl``):
 
     auto   fla for CUDA tensors of a rule fla covers, when fla is importable at a tested
            version (``FLA_VERSIONS``); else the PyTorch path. A missing or incompatible fla
@@ -45,31 +45,18 @@ from packaging.version import InvalidVersion, Version
 
 from growmem.ops.checks import check_choice
 from growmem.ops.precision import compute_dtype
+from growmem.ops.spec import SCAN_IMPLS
 
 # The fla releases whose public ops have the signatures used here (checked against 0.5.0,
 # 0.5.2 and 0.6.0); keep equal to the ``fla`` extra in pyproject.toml.
 FLA_VERSIONS = SpecifierSet(">=0.5.0,<0.7")
-SCAN_IMPLS = ("auto", "torch", "fla")
 # Where and in which dtypes fla's Triton kernels run.
 FLA_DEVICE_TYPES = ("cuda",)
 FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The growmem rules an fla op computes, and the gates each op takes.
 FLA_GATES = {"linear": (), "decay": ("g",), "delta": ("beta",), "gated_delta": ("g", "beta")}
 
-_default = {"scan_impl": "auto"}
 _warned: set[str] = set()  # the fallback reasons already warned about (one warning each)
-
-
-def set_scan_impl(scan_impl: str) -> str:
-    """Set the process default of ``scan_impl`` (see the module docstring); returns the
-    previous one, so a caller can restore it.
-
-    Raises:
-        ValueError: scan_impl is not one of auto, torch, fla.
-    """
-    check_choice("scan_impl", scan_impl, SCAN_IMPLS)
-    previous, _default["scan_impl"] = _default["scan_impl"], scan_impl
-    return previous
 
 
 @functools.cache
@@ -100,12 +87,12 @@ def load_fla() -> tuple[dict | None, str]:
     return {**ops, "gated_delta": chunk_gated_delta_rule}, ""
 
 
-def fla_op(scan_impl: str | None, rule: str, q: torch.Tensor):
+def fla_op(scan_impl: str, rule: str, q: torch.Tensor):
     """The fla op that should compute ``rule`` on tensors like ``q``, or None for growmem's
     PyTorch path.
 
     Args:
-        scan_impl: auto | torch | fla, or None for the process default (``set_scan_impl``).
+        scan_impl: auto | torch | fla.
         rule: the memory rule.
         q: the queries (their device and dtype decide).
 
@@ -113,7 +100,6 @@ def fla_op(scan_impl: str | None, rule: str, q: torch.Tensor):
         ValueError: a bad scan_impl, or scan_impl "fla" for a rule, device or dtype fla does
             not cover. ImportError: scan_impl "fla" without a usable fla.
     """
-    scan_impl = _default["scan_impl"] if scan_impl is None else scan_impl
     check_choice("scan_impl", scan_impl, SCAN_IMPLS)
     if scan_impl == "torch":
         return None
