@@ -294,10 +294,14 @@ def _train_in(
         "processes": env.world_size,
     }
     metrics_path = out / METRICS_FILE
+    trained = model  # what the training forward calls; evaluation and checkpoints: model
+    if settings.compile:  # (compiled before DDP wraps it; its state_dict keys stay model's)
+        backend = "inductor" if settings.compile is True else settings.compile
+        trained = torch.compile(model, backend=backend)
     ddp = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
         if env.world_size > 1
-        else model
+        else trained
     )
 
     def checkpoint(step: int) -> None:

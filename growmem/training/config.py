@@ -155,6 +155,9 @@ class TrainSettings:
         progress: show a progress bar.
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" (under torchrun each
             process takes cuda:LOCAL_RANK) or another torch device such as "cuda:1" or "mps".
+        compile: torch.compile the training forward: false (default), true (the inductor
+            backend) or a backend's name (e.g. "aot_eager": no code generation, for checks).
+            Evaluation and checkpoints use the uncompiled model.
     """
 
     out_dir: str = "runs/default"
@@ -177,6 +180,7 @@ class TrainSettings:
     threads: int = 0
     progress: bool = True
     device: str = "auto"
+    compile: bool | str = False
 
 
 @dataclass
@@ -362,6 +366,15 @@ def _check_train(train: TrainSettings) -> None:
     if not train.out_dir.strip():
         raise ValueError("train.out_dir must name a folder, got an empty string")
     parse_device(train.device, "train.device")
+    if isinstance(train.compile, str):
+        from torch._dynamo import list_backends  # (imported here: loading it is slow)
+
+        backends = list_backends(exclude_tags=())
+        if train.compile not in backends:
+            raise ValueError(
+                f"train.compile must be true, false or a torch.compile backend {backends}, "
+                f"got {train.compile!r}"
+            )
 
 
 def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
