@@ -206,8 +206,8 @@ def check_values(
 
     Reading values synchronises with the device, so all such checks live here and run only
     when ``value_checks_enabled`` (the debug switch; by default in eager mode on CPU). They
-    are: the range of the finite values of each per-token
-    gate of ``rule`` (eta >= 0; titans' beta in [0, 1]; None is skipped), an error when
+    are: the range of the finite values of each per-token gate of ``rule`` (eta >= 0;
+    titans' beta in [0, 1]; None is skipped), an error when
     violated; and whether ``inputs`` (e.g. q, k, v, u) and the gates are finite, which is not
     an error: a NaN or inf is a failed activation upstream, and the ops carry it causally
     (ops/nonfinite.py: the outputs that read it are NaN, earlier ones and their gradients are
