@@ -5,6 +5,7 @@ Importing growmem registers its models with transformers' Auto classes.
 
 from growmem.models import GrowMemCache, GrowMemConfig, GrowMemForCausalLM, GrowMemModel
 from growmem.ops import deep_memory, linear_memory, memory_caching
+from growmem.ops.checks import debug_checks, set_debug_checks
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "GrowMemConfig",
     "GrowMemForCausalLM",
     "GrowMemModel",
+    "debug_checks",
     "deep_memory",
     "linear_memory",
     "memory_caching",
+    "set_debug_checks",
 ]

@@ -65,3 +65,9 @@ def pytest_make_collect_report(collector):
     collection error."""
     outcome = yield
     _fail_strict_skip(outcome.get_result())
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the device-aware tests run on: CUDA when one is present, else the CPU (CI)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -298,11 +298,12 @@ class OpInputs:
             },
         )
 
-    def to(self, dtype: torch.dtype) -> OpInputs:
-        """Every tensor in ``dtype`` (as leaves that do not require grad)."""
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> OpInputs:
+        """Every tensor in ``dtype`` (and on ``device`` when given), as leaves that do not
+        require grad."""
 
         def cast(x):
-            return x.detach().to(dtype)
+            return x.detach().to(device=device, dtype=dtype)
 
         state = self.initial_state
         if state is not None:

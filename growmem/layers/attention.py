@@ -15,7 +15,12 @@ from growmem.layers.checks import (
     padding_mask,
     resolve_head_dim,
 )
-from growmem.ops.checks import check_positive_float, check_positive_int, check_values
+from growmem.ops.checks import (
+    check_positive_float,
+    check_positive_int,
+    check_values,
+    host_reads_free,
+)
 
 
 class _SlotBuffer:
@@ -253,7 +258,11 @@ class Attention(nn.Module):
             k, v, key_valid, key_positions = cache.keys, cache.values, cache.valid, cache.positions
         else:
             key_valid, key_positions = valid, positions
-        padded = not bool(key_valid.all())
+        # (padding_mask returns None when nothing is padded; the cached slots' flags are
+        # read on the host only where that is free: the masked path is right in every case)
+        padded = mask is not None or (
+            cache is not None and (not host_reads_free(key_valid) or not bool(key_valid.all()))
+        )
         if not finite:
             o = self._attend_nonfinite(
                 q, k, v, self._mask(valid, positions, key_valid, key_positions)
@@ -266,7 +275,7 @@ class Attention(nn.Module):
             mask = self._mask(valid, positions, key_valid, key_positions)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = o.transpose(1, 2).reshape(B, T, H * D)
-        if not bool(valid.all()):
+        if mask is not None:
             o = o.masked_fill(~valid[..., None], 0.0)  # (not a product: a pad may be NaN)
         o = self.o_proj(o)
         if not use_cache:

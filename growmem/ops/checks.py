@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -132,16 +134,80 @@ _GATE_RANGES = {
 _TITANS_BETA = (lambda x: (x >= 0) & (x <= 1), "must lie in [0, 1] (titans' momentum)")
 
 
+# The debug switch of the checks that read tensor values: True runs them always (even while
+# torch.compile traces, at the cost of a graph break each), False never, None (the default)
+# where reading values costs no device synchronisation: in eager mode on CPU tensors.
+_ENV_DEBUG_CHECKS = "GROWMEM_DEBUG_CHECKS"
+
+
+def _env_debug_checks() -> bool | None:
+    """GROWMEM_DEBUG_CHECKS as the switch: 1 on, 0 off, unset or empty: automatic."""
+    raw = os.environ.get(_ENV_DEBUG_CHECKS, "").strip()
+    if raw == "":
+        return None
+    if raw in ("0", "1"):
+        return raw == "1"
+    raise ValueError(f"{_ENV_DEBUG_CHECKS} must be 0, 1 or unset, got {raw!r}")
+
+
+_debug_checks: bool | None = _env_debug_checks()  # read once: the hot path reads no env
+
+
+def set_debug_checks(enabled: bool | None) -> None:
+    """Switch the value checks (``check_values`` and the other checks that read tensor
+    values) on (True), off (False) or back to automatic (None: on in eager mode for CPU
+    tensors, off on accelerators and while torch.compile traces). The environment variable
+    GROWMEM_DEBUG_CHECKS=1 (or 0), read when growmem is imported, sets the starting value.
+    See docs/design.md §2.3.
+
+    Args:
+        enabled: True, False or None.
+    """
+    global _debug_checks
+    if enabled is not None:
+        check_bool("enabled", enabled)
+    _debug_checks = enabled
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool | None = True):
+    """``set_debug_checks(enabled)`` inside a ``with`` block, the previous setting after it."""
+    global _debug_checks
+    previous = _debug_checks
+    set_debug_checks(enabled)
+    try:
+        yield
+    finally:
+        _debug_checks = previous
+
+
+def host_reads_free(*tensors: torch.Tensor) -> bool:
+    """Whether reading the values of ``tensors`` on the host is free: in eager mode (not while
+    torch.compile traces, where it breaks the graph) and on CPU (elsewhere it waits for the
+    device). Code that may branch on tensor values (checks, routing with Python lists) asks
+    here first, and takes a path of static shapes when not."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(x.device.type == "cpu" for x in tensors)
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the checks that read the values of ``tensors`` run: the debug switch
+    (``set_debug_checks``, GROWMEM_DEBUG_CHECKS) when set, else ``host_reads_free``."""
+    return host_reads_free(*tensors) if _debug_checks is None else _debug_checks
+
+
 def check_values(
     inputs: tuple[torch.Tensor, ...] = (),
     gates: dict[str, torch.Tensor | None] | None = None,
     rule: str | None = None,
 ) -> bool:
-    """Every check that reads tensor values, in one host synchronisation.
+    """Every check of the ops that reads tensor values, in one host synchronisation.
 
-    Reading values synchronises with the device, so all such checks live here, to be switched
-    off on the hot path as one. They are: the range of the finite values of each per-token
-    gate of ``rule`` (eta >= 0; titans' beta in [0, 1]; None is skipped), an error when
+    Reading values synchronises with the device, so all such checks live here and run only
+    when ``value_checks_enabled`` (the debug switch; by default in eager mode on CPU). They
+    are: the range of the finite values of each per-token gate of ``rule`` (eta >= 0;
+    titans' beta in [0, 1]; None is skipped), an error when
     violated; and whether ``inputs`` (e.g. q, k, v, u) and the gates are finite, which is not
     an error: a NaN or inf is a failed activation upstream, and the ops carry it causally
     (ops/nonfinite.py: the outputs that read it are NaN, earlier ones and their gradients are
@@ -149,12 +215,19 @@ def check_values(
 
     Returns:
         True when every tensor of ``inputs`` and ``gates`` is finite. (A sum that overflows
-        counts as non-finite: that only costs the guarded path.)
+        counts as non-finite: that only costs the guarded path.) False, without reading any
+        value, when the checks are off: the caller then takes the guarded path, which gives
+        the same numbers on finite inputs (ops/nonfinite.py) and needs no host read.
 
     Raises:
         ValueError naming the first gate with a finite value outside its range.
     """
     present = {name: x for name, x in (gates or {}).items() if x is not None}
+    tensors = [*inputs, *present.values()]
+    if not tensors:
+        return True
+    if not value_checks_enabled(*tensors):
+        return False
     ranges = {
         name: _TITANS_BETA if (rule, name) == ("titans", "beta") else _GATE_RANGES[name]
         for name in present
@@ -166,10 +239,7 @@ def check_values(
         for name, x in present.items()
         if name in ranges
     ]
-    tensors = [*inputs, *present.values()]
     flags += [~torch.isfinite(x.sum()) for x in tensors]  # one pass each, no full-size mask
-    if not flags:
-        return True
     bad = torch.stack(flags).tolist()  # the one host synchronisation
     for name, is_bad in zip(ranges, bad[: len(ranges)], strict=True):
         if is_bad:

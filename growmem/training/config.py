@@ -163,6 +163,9 @@ class TrainSettings:
             "none" (one process, no torchrun launch of several).
         activation_checkpointing: recompute each block's activations in the backward
             instead of keeping them (less memory, about one more forward of compute).
+        compile: torch.compile the training forward: false (default), true (the inductor
+            backend) or a backend's name (e.g. "aot_eager": no code generation, for checks).
+            Evaluation and checkpoints use the uncompiled model.
     """
 
     out_dir: str = "runs/default"
@@ -187,6 +190,7 @@ class TrainSettings:
     device: str = "auto"
     parallel: str = "ddp"
     activation_checkpointing: bool = False
+    compile: bool | str = False
 
 
 @dataclass
@@ -377,6 +381,15 @@ def _check_train(train: TrainSettings) -> None:
             f"train.parallel must be one of {list(PARALLEL)} (growmem.training.parallel), "
             f"got {train.parallel!r}"
         )
+    if isinstance(train.compile, str):
+        from torch._dynamo import list_backends  # (imported here: loading it is slow)
+
+        backends = list_backends(exclude_tags=())
+        if train.compile not in backends:
+            raise ValueError(
+                f"train.compile must be true, false or a torch.compile backend {backends}, "
+                f"got {train.compile!r}"
+            )
 
 
 def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:

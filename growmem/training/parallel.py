@@ -122,24 +122,29 @@ def shard(model: GrowMemForCausalLM, device: torch.device, world_size: int, bf16
 def wrap(
     model: GrowMemForCausalLM, settings: TrainSettings, world_size: int, device: torch.device
 ) -> torch.nn.Module:
-    """Prepare ``model`` for ``settings.parallel`` and ``settings.activation_checkpointing``
-    (`check_launch` has accepted the launch).
+    """Prepare ``model`` for ``settings.parallel``, ``settings.activation_checkpointing`` and
+    ``settings.compile`` (`check_launch` has accepted the launch).
 
     Returns:
-        What the training step calls: the DDP wrapper, or ``model`` itself (sharded in place
-        under FSDP). The optimizer takes ``model``'s parameters after this call (FSDP
-        replaces them by sharded ones).
+        What the training step calls: ``model`` itself (sharded in place under FSDP), compiled
+        when ``settings.compile`` asks, then wrapped by DDP in a launch of several processes.
+        The optimizer takes ``model``'s parameters after this call (FSDP replaces them by
+        sharded ones); evaluation and checkpoints use ``model``, so its state_dict keys never
+        carry the compiled wrapper's prefix.
     """
     if settings.activation_checkpointing:
         checkpoint_activations(model)
-    if settings.parallel == "fsdp":
+    if settings.parallel == "fsdp":  # sharded first, then compiled, as torch's FSDP2 docs do
         shard(model, device, world_size, settings.bf16)
-        return model
-    if world_size > 1:
+    trained = model
+    if settings.compile:  # (before DDP wraps it)
+        backend = "inductor" if settings.compile is True else settings.compile
+        trained = torch.compile(model, backend=backend)
+    if settings.parallel != "fsdp" and world_size > 1:
         return DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
+            trained, device_ids=[device] if device.type == "cuda" else None
         )
-    return model
+    return trained
 
 
 def gradient_sync(wrapped: torch.nn.Module, last: bool):

@@ -34,10 +34,10 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 
 # The train settings a resumed run may change: what is logged or kept, how long the run goes
-# and where it computes (activation checkpointing recomputes the same values). The others
-# decide the sequence of weights (optimizer, schedule shape, seed, precision, parallel), so
-# a checkpoint continued with other values would become another run than the one it
-# belongs to.
+# and where and how it computes (activation checkpointing recomputes the same values; compiled
+# or not: the same numbers to fp32 tolerance). The others decide the sequence of weights
+# (optimizer, schedule shape, seed, precision, parallel), so a checkpoint continued with
+# other values would become another run than the one it belongs to.
 RESUME_MAY_CHANGE = (
     "out_dir",
     "steps",
@@ -49,6 +49,7 @@ RESUME_MAY_CHANGE = (
     "progress",
     "device",
     "activation_checkpointing",
+    "compile",
 )
 # These may be re-split (e.g. to resume a 2-process run on one process) as long as the
 # global batch, batch_size x grad_accum x processes, stays: every split of a global batch

@@ -157,15 +157,16 @@ def test_swla_prev_kv_chunk_matches_reference(boundary):
 
 @pytest.mark.parametrize("rule", LINEAR_RULES)
 @pytest.mark.parametrize(("T", "boundary"), [(63, None), (200, 7)])
-def test_chunk_float32_matches_float64_reference(rule, T, boundary):
+def test_chunk_float32_matches_float64_reference(rule, T, boundary, device):
     q, k, v, gates, s0 = make_inputs(rule, B, T, H, DK, DV, torch.float64, 11)
     o_r, s_r = run(q, k, v, gates, s0, rule=rule, boundary=boundary, impl="reference")
-    f32 = [x.float() for x in (q, k, v, s0)]
-    gates32 = {n: x.float() for n, x in gates.items()}
+    # the chunk path on CUDA when one is present
+    f32 = [x.to(device, torch.float32) for x in (q, k, v, s0)]
+    gates32 = {n: x.to(device, torch.float32) for n, x in gates.items()}
     o, s = run(*f32[:3], gates32, f32[3], rule=rule, boundary=boundary, chunk_size=32)
     assert o.dtype == torch.float32 and s.dtype == torch.float32
-    assert_close(o, o_r, 1e-4, "o")
-    assert_close(s, s_r, 1e-4, "states")
+    assert_close(o.cpu(), o_r, 1e-4, "o")
+    assert_close(s.cpu(), s_r, 1e-4, "states")
 
 
 # --------------------------------------------------------------------------------------------

@@ -386,14 +386,14 @@ def test_fast_matches_reference_more(rule, aggregation, init, T, extra, kw):
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("rule", ["gated_delta", "titans"])
-def test_float32_fast_matches_float64_reference(rule, aggregation):
+def test_float32_fast_matches_float64_reference(rule, aggregation, device):
     dims = dict(dk=24, dv=40) if rule == "gated_delta" else dict(dk=8, dh=32)
     inp = make(rule, 40, seed=8, **dims)
     kw = dict(aggregation=aggregation, segments=[11, 16, 13], mini_batch=4)
     o_r = run(inp, impl="reference", **kw)
-    o = run(inp.to(torch.float32), chunk_size=16, **kw)
-    assert o.dtype == torch.float32
-    assert_close(o, o_r, 1e-4, "o")
+    o = run(inp.to(torch.float32, device), chunk_size=16, **kw)  # (CUDA when present)
+    assert o.dtype == torch.float32 and o.device.type == device.type
+    assert_close(o.cpu(), o_r, 1e-4, "o")
 
 
 @pytest.mark.parametrize(("aggregation", "init"), AGG_INITS)

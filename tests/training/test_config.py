@@ -153,6 +153,16 @@ def test_wrong_value_type(config_file, override, name):
         load_config(config_file, [override])
 
 
+def test_compile_is_a_bool_or_a_backend(config_file):
+    assert load_config(config_file, ["train.compile=true"]).train.compile is True
+    assert load_config(config_file, ["train.compile=aot_eager"]).train.compile == "aot_eager"
+    assert load_config(config_file, []).train.compile is False
+    with pytest.raises(ValueError, match=r"train\.compile must be true, false or a torch\.compile"):
+        load_config(config_file, ["train.compile=no_such_backend"])
+    with pytest.raises(ValueError, match=r"train\.compile"):
+        load_config(config_file, ["train.compile=1"])
+
+
 @pytest.mark.parametrize("key", ["steps", "batch_size", "grad_accum", "log_every"])
 def test_train_counts_must_be_positive(config_file, key):
     with pytest.raises(ValueError, match=f"train.{key}"):

@@ -578,3 +578,27 @@ def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "step 3: the loss is nan" in err, err
+
+
+def test_compiled_training_equals_eager(tmp_path):
+    # aot_eager: torch.compile's tracing and autograd without code generation (fast on CPU)
+    caching = {"aggregation": "grm", "segment_size": 8}
+    model = {"memory": {"rule": "gated_delta", "caching": caching}}
+    eager = tiny_config(tmp_path / "eager", model=model, train={"steps": 3})
+    compiled = tiny_config(
+        tmp_path / "compiled", model=model, train={"steps": 3, "compile": "aot_eager"}
+    )
+    train(eager)
+    train(compiled)
+    a, b = loss_lines(tmp_path / "eager"), loss_lines(tmp_path / "compiled")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert rel(y["loss"], x["loss"]) < 1e-5, (x, y)
+        assert rel(y["grad_norm"], x["grad_norm"]) < 1e-4, (x, y)
+    # the checkpoint holds the model's own parameter names (no torch.compile prefix)
+    wa = weights(latest_checkpoint(tmp_path / "eager"))
+    wb = weights(latest_checkpoint(tmp_path / "compiled"))
+    assert wa.keys() == wb.keys() and not any("_orig_mod" in k for k in wb)
+    assert read_run_config(latest_checkpoint(tmp_path / "compiled"))["train"]["compile"] == (
+        "aot_eager"
+    )

@@ -223,8 +223,9 @@ def _aggregate(q, gate_queries, summaries, cached, cached_summaries, spans, scan
         return scanned.outputs(None)
     n_tok = None  # [T]: caches token t sees (with one piece, all N of them: no mask needed)
     if len(spans) > 1:
+        # (output_size: the length is known, so no host read of the repeats is needed)
         n_tok = torch.tensor([n for _, _, n in spans], device=q.device).repeat_interleave(
-            torch.tensor([b - a for a, b, _ in spans], device=q.device)
+            torch.tensor([b - a for a, b, _ in spans], device=q.device), output_size=q.shape[1]
         )
     Qh = q.transpose(1, 2)  # [B, H, T, Dk]
     if agg.uniform is not None:  # residual: the sum of the reads; mean: their mean

@@ -19,7 +19,7 @@ import torch
 
 from growmem.ops.caching.backend import MemoryBackend, ScanInputs, Scanned, register_backend
 from growmem.ops.caching.reads import mixed_read, sparse_read
-from growmem.ops.checks import check_gates, check_state
+from growmem.ops.checks import check_gates, check_state, host_reads_free
 from growmem.ops.linear.chunk import chunk_linear_memory
 from growmem.ops.linear.naive import linear_step
 from growmem.ops.spec import MatrixMemory
@@ -186,6 +186,10 @@ class MatrixBackend(MemoryBackend):
             from growmem.ops.caching.triton_reads import triton_routed_read  # needs triton
 
             return triton_routed_read(Q, cached.states, idx, w, valid)
+        if not host_reads_free(Q):
+            # routing sizes its groups on the host; elsewhere (compiling, accelerators) the
+            # dense read of static shapes: exact too, at the cost of reading every cache
+            return super().read_routed(Q, cached, idx, w, valid)
         return sparse_read(Q, cached.states, idx, w, valid)
 
     def ref_start(self, B, H, Dk, Dv, init_weights, initial_state, dtype, device):

@@ -25,6 +25,7 @@ from growmem.ops.caching.backend import (
 )
 from growmem.ops.caching.deep_reads import cached_mlp_read, routed_mlp_read
 from growmem.ops.caching.reads import mixed_read
+from growmem.ops.checks import host_reads_free
 from growmem.ops.deep.api import block_lengths, check_deep_args, check_deep_state, scan_block
 from growmem.ops.deep.chunk import MiniBatchLayout, deep_scan, online_read
 from growmem.ops.deep.mlp import DeepState, decay_target, mlp_forward, start_state
@@ -167,6 +168,8 @@ class MLPBackend(MemoryBackend):
         return cached_mlp_read(Q, cached.W1, cached.W2, w, spans, self.memory.norm, self.memory.eps)
 
     def read_routed(self, Q, cached: DeepState, idx, w, valid) -> torch.Tensor:
+        if not host_reads_free(Q):  # no host-sized groups: the dense read (as matrix.py)
+            return super().read_routed(Q, cached, idx, w, valid)
         return routed_mlp_read(Q, cached, idx, w, valid, self.memory.norm, self.memory.eps)
 
     def ref_start(self, B, H, Dk, Dv, init_weights, initial_state, dtype, device):
