@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
     )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.models.model_spec import spec_of
-    from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
+    from growmem.tasks import TokenBlocks, find_tokenizer, load_corpus, load_tokenizer
     from growmem.training.checkpoint import (
         CONFIG_FILE,
         load_weights,
@@ -149,10 +149,11 @@ def cmd_eval(args) -> int:
     task = run.task if task_name == run.task.name else TASK_TYPES[task_name]()
     tokenizer = None
     if task_name in ("niah", "lm"):
-        tokenizer_dir = folder / "tokenizer"
-        if not tokenizer_dir.is_dir():
+        tokenizer_dir = find_tokenizer(folder)
+        if tokenizer_dir is None:
             raise FileNotFoundError(
-                f"{folder} has no tokenizer/ folder; task {task_name} needs the model's tokenizer"
+                f"{folder} has no tokenizer (growmem_tokenizer.json); task {task_name} needs "
+                "the model's tokenizer"
             )
         tokenizer = load_tokenizer(tokenizer_dir)
         expected = recorded.get("tokenizer_fingerprint")
