@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -137,7 +137,11 @@ class ByteTokenizer:
     eos_id = 258
     vocab_size = 259
     # the names of pad, bos, eos in the Hugging Face tokenizer (ids 256, 257, 258)
-    special_tokens = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+    special_tokens: ClassVar[dict[str, str]] = {
+        "pad_token": "<pad>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+    }
 
     def encode(self, text: str) -> list[int]:
         """Args: text: any string. Returns its UTF-8 bytes as ints in [0, 256)."""
