@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from growmem.models import GrowMemForCausalLM
+from growmem.tasks import Tokenizer, find_tokenizer, load_tokenizer
 from growmem.training.config import model_from_record
 from growmem.training.config_files import load_yaml
 from growmem.training.model_card import model_card, set_generation_files
@@ -405,3 +406,37 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged pickles
         raise ValueError(f"checkpoint {path} is truncated or corrupt: {error}") from error
+
+
+def load_folder_tokenizer(folder: Path, vocab_size: int, purpose: str) -> Tokenizer:
+    """The growmem tokenizer of a model or checkpoint folder (`find_tokenizer`: today's layout
+    or the ``tokenizer/`` of older folders), checked against the fingerprint its run.yaml
+    records (when it has one) and the model's vocabulary.
+
+    Args:
+        folder: the model or checkpoint folder.
+        vocab_size: the model's vocabulary size.
+        purpose: what needs the tokenizer, for the message when there is none ("task lm").
+
+    Raises:
+        FileNotFoundError: the folder has no tokenizer (an MQAR model works on ids).
+        ValueError: the tokenizer is not the one the model was trained with.
+    """
+    tokenizer_dir = find_tokenizer(folder)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer (growmem_tokenizer.json); {purpose} needs the model's "
+            "tokenizer"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    expected = None
+    if (Path(folder) / RUN_FILE).is_file():
+        expected = read_run_config(folder).get("tokenizer_fingerprint")
+    if expected is not None and tokenizer.fingerprint() != expected:
+        raise ValueError(
+            f"tokenizer in {tokenizer_dir} does not match the model's "
+            f"({tokenizer.fingerprint()} != {expected})"
+        )
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}")
+    return tokenizer
