@@ -313,6 +313,8 @@ def test_lm_byte_tokenizer(tmp_path):
     assert load_tokenizer(out / "model").fingerprint() == "byte-259"
     assert read_run_config(out / "model")["tokenizer_fingerprint"] == "byte-259"
     assert GrowMemConfig.from_pretrained(out / "model").vocab_size == 259
+    # the run folder gives text (growmem generate reads its model/)
+    assert main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "4"]) == 0
 
 
 def test_lm_bpe_tokenizer_saved_and_reused_on_resume(tmp_path, monkeypatch):
