@@ -42,7 +42,7 @@ from growmem.models import GrowMemForCausalLM
 from growmem.tasks import Tokenizer, find_tokenizer, load_tokenizer
 from growmem.training.config import model_from_record
 from growmem.training.config_files import load_yaml
-from growmem.training.model_card import model_card, set_generation_files
+from growmem.training.model_card import model_card, write_generation_files
 from growmem.utils.provenance import provenance
 
 RUN_FILE = "run.yaml"
@@ -187,13 +187,10 @@ def _write_model_files(
     """The model's HF files (``config.json`` with the tokenizer's special-token ids and
     ``generation_config.json``, the weights unless not ``weights``), run.yaml and the
     tokenizer (its fingerprint recorded in run.yaml)."""
-    set_generation_files(model, tokenizer)
     if weights:
         with _no_hf_progress_bars():
             model.save_pretrained(folder, safe_serialization=True)
-    else:
-        model.config.save_pretrained(folder)
-        model.generation_config.save_pretrained(folder)
+    write_generation_files(folder, model.config, tokenizer)
     record = {**run_config, "provenance": provenance()}
     if tokenizer is not None:
         tokenizer.save(folder, model_max_length=model.config.max_position_embeddings)

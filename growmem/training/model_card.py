@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 from transformers import GenerationConfig
 
-from growmem.models import GrowMemConfig, GrowMemForCausalLM
+from growmem.models import GrowMemConfig
 from growmem.models.model_spec import spec_of
 from growmem.utils.provenance import git_commit, package_versions
 
@@ -30,19 +32,24 @@ def generation_config(tokenizer=None) -> GenerationConfig:
     return GenerationConfig(**GENERATION_DEFAULTS, **ids)
 
 
-def set_generation_files(model: GrowMemForCausalLM, tokenizer) -> None:
-    """Give ``model`` the special-token ids of ``tokenizer`` (its config) and the generation
-    defaults (its ``generation_config``), which ``save_pretrained`` writes.
+def write_generation_files(folder: Path, config: GrowMemConfig, tokenizer=None) -> None:
+    """Write ``config.json`` (``config`` with the special-token ids of ``tokenizer``) and
+    ``generation_config.json`` (`generation_config`) into ``folder``, over what
+    ``save_pretrained`` wrote. The model itself is left as it is: a training model keeps
+    the generation settings it had (an evaluation that generates is not turned to sampling).
 
     Args:
-        model: the model about to be saved.
+        folder: the model or checkpoint folder.
+        config: the model's configuration.
         tokenizer: its growmem tokenizer, or None (ids stay unset).
     """
+    config = copy.deepcopy(config)
     if tokenizer is not None:
-        model.config.pad_token_id = tokenizer.pad_id
-        model.config.bos_token_id = tokenizer.bos_id
-        model.config.eos_token_id = tokenizer.eos_id
-    model.generation_config = generation_config(tokenizer)
+        config.pad_token_id = tokenizer.pad_id
+        config.bos_token_id = tokenizer.bos_id
+        config.eos_token_id = tokenizer.eos_id
+    config.save_pretrained(folder)
+    generation_config(tokenizer).save_pretrained(folder)
 
 
 def _training_line(run_config: dict[str, Any]) -> str:

@@ -56,6 +56,10 @@ def test_model_folder_loads_with_auto_classes(tmp_path):
     run = raw_config(tmp_path)
     save_model_folder(tmp_path / "model", model, run, tokenizer, {"eval.json": results})
     folder = tmp_path / "model"
+    # the model saved is left as it was: an evaluation that generates during training keeps
+    # greedy decoding
+    assert model.generation_config.do_sample in (None, False)
+    assert model.config.eos_token_id is None
     assert "| loss | 2.5 |" in (folder / "README.md").read_text()
     hf = AutoTokenizer.from_pretrained(folder)
     assert hf("né <eos>")["input_ids"] == tokenizer.encode("né <eos>")
