@@ -1,8 +1,10 @@
-"""The ``growmem`` command: train and evaluate models.
+"""The ``growmem`` command: train, evaluate and generate text with models.
 
 growmem train CONFIG [--model SPEC] [--set section.key=value ...] [--resume | --auto-resume]
 growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...]
              [--post-training-mc SEGMENT] [--device DEVICE]
+growmem generate RUN_OR_MODEL [--prompt TEXT | --prompt-file PATH] [--max-new-tokens N]
+             [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device DEVICE] [--stats]
 growmem configs
 
 CONFIG is a YAML file or a task base (mqar, niah, lm); SPEC names the model trained on it:
@@ -102,9 +104,10 @@ def cmd_eval(args) -> int:
     )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.models.model_spec import spec_of
-    from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
+    from growmem.tasks import TokenBlocks, load_corpus
     from growmem.training.checkpoint import (
         CONFIG_FILE,
+        load_folder_tokenizer,
         load_weights,
         read_run_config,
         verify_checksums,
@@ -149,22 +152,7 @@ def cmd_eval(args) -> int:
     task = run.task if task_name == run.task.name else TASK_TYPES[task_name]()
     tokenizer = None
     if task_name in ("niah", "lm"):
-        tokenizer_dir = folder / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            raise FileNotFoundError(
-                f"{folder} has no tokenizer/ folder; task {task_name} needs the model's tokenizer"
-            )
-        tokenizer = load_tokenizer(tokenizer_dir)
-        expected = recorded.get("tokenizer_fingerprint")
-        if expected is not None and tokenizer.fingerprint() != expected:
-            raise ValueError(
-                f"tokenizer in {tokenizer_dir} does not match the model's "
-                f"({tokenizer.fingerprint()} != {expected})"
-            )
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
-            )
+        tokenizer = load_folder_tokenizer(folder, config.vocab_size, f"task {task_name}")
     lengths = args.lengths
     if lengths and max(lengths) > config.max_position_embeddings:
         raise ValueError(
@@ -211,6 +199,46 @@ def cmd_eval(args) -> int:
     print(json.dumps(summary))
     print(f"wrote {path} and {plot} (model {spec_of(config)})")
     return 0
+
+
+def cmd_generate(args) -> int:
+    from growmem.generate import check_sampling, generate_text, load_for_generation, read_prompt
+    from growmem.training.device import resolve_device
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device = resolve_device(args.device, "--device")
+    model, tokenizer = load_for_generation(args.run_or_model, device)
+    prompt = read_prompt(args.prompt, args.prompt_file)  # once all else is known to be right
+    result = generate_text(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        out=sys.stdout,
+    )
+    print()
+    if args.stats:
+        print(result.stats(), file=sys.stderr)
+    return 0
+
+
+def number_at_least(low: float):
+    """An argparse type: a number >= ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= low:  # (NaN fails too)
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 def cmd_configs(_args) -> int:
@@ -305,6 +333,64 @@ def build_parser() -> Parser:
     )
     p.add_argument("--out", help="folder for eval-*.json and .png (default: the model folder)")
     p.set_defaults(run=cmd_eval)
+
+    from growmem.training.model_card import GENERATION_DEFAULTS as DEFAULTS
+
+    p = commands.add_parser(
+        "generate",
+        help="continue a prompt with a trained model, streaming the text",
+        description="Continue a prompt with a trained model; the new text is written as it is "
+        "produced (the prompt is read as the start of a document).",
+    )
+    p.add_argument(
+        "run_or_model",
+        metavar="RUN_OR_MODEL",
+        help="a run folder (its model/, else its latest checkpoint), a model or checkpoint folder",
+    )
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt",
+        help='the text to continue; "-": read it from standard input (the default when '
+        "standard input is piped; else the model writes from scratch)",
+    )
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=DEFAULTS["max_new_tokens"],
+        metavar="N",
+        help="stop after N new tokens (or at eos; default %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=number_at_least(0),
+        default=DEFAULTS["temperature"],
+        help="sampling temperature; 0: greedy decoding (default %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int_at_least(0),
+        default=DEFAULTS["top_k"],
+        help="sample among the K likeliest tokens; 0: all (default %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=number_at_least(0),
+        default=1.0,
+        help="sample among the likeliest tokens of total probability P, in (0, 1] "
+        "(default %(default)s: all)",
+    )
+    p.add_argument("--seed", type=int_at_least(0), help="seed of the sampling (default: random)")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="print the speed (tokens/s) and the cache's bytes (cached segments, online "
+        "state, attention) to standard error at the end",
+    )
+    p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("configs", help="list the task bases and the model spec grammar")
     p.set_defaults(run=cmd_configs)

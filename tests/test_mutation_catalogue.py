@@ -14,7 +14,8 @@ from tools.mutation.run import apply, catalogue_problems, select
 
 # the user-facing modules the catalogue covers (the ops have their own mutation audit)
 USER_FACING = ("growmem/models/", "growmem/layers/", "growmem/train.py", "growmem/training/",
-               "growmem/evaluate.py", "growmem/tasks/", "growmem/integrations/")  # fmt: skip
+               "growmem/evaluate.py", "growmem/generate.py", "growmem/tasks/",
+               "growmem/integrations/")  # fmt: skip
 
 
 def test_every_original_occurs_exactly_once_and_the_mutants_parse():

@@ -117,6 +117,23 @@ class GrowMemCache(Cache):
         """Bytes held by the tensors of every layer's cache."""
         return sum(c.nbytes() for c in self.layers if c is not None)
 
+    def nbytes_by_part(self) -> dict[str, int]:
+        """`nbytes` split by what the bytes hold: ``"cached_segments"``, the memories of the
+        finished segments and their key summaries (what Memory Caching adds; it grows by one
+        memory per segment); ``"online"``, the memory layers' state of the current segment
+        (memory, key sum, convolution state: a fixed size); ``"attention"``, the keys and
+        values of the attention layers (they grow by one slot per token). The parts sum to
+        `nbytes`."""
+        parts = {"cached_segments": 0, "online": 0, "attention": 0}
+        for cache in self.layers:
+            if isinstance(cache, AttentionLayerCache):
+                parts["attention"] += cache.nbytes()
+            elif cache is not None:
+                cached = sum(g.memory.cached_nbytes() for g in cache.groups if g.memory)
+                parts["cached_segments"] += cached
+                parts["online"] += cache.nbytes() - cached
+        return parts
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Row i becomes row beam_idx[i] (beam search; the batch may grow or shrink)."""
         self.layers = [None if c is None else c.reorder(beam_idx) for c in self.layers]

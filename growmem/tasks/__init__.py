@@ -29,7 +29,13 @@ from growmem.tasks.niah import (
     stdlib_essay,
 )
 from growmem.tasks.sampling import EpochSampler
-from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from growmem.tasks.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    find_tokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -44,6 +50,7 @@ __all__ = [
     "TokenBlocks",
     "Tokenizer",
     "depth_grid",
+    "find_tokenizer",
     "fold_seed",
     "generate_mqar",
     "hf_text_dataset",

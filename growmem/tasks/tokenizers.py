@@ -7,6 +7,13 @@ as ordinary text), ``decode(ids) -> str`` drops special tokens, ``vocab_size``, 
 tokens; used for bits per byte), ``save(directory)`` and ``fingerprint()``, a short stable string
 that changes whenever the id <-> text mapping changes, so a checkpoint can refuse a mismatched
 tokenizer. `load_tokenizer` reads what ``save`` wrote, or returns the byte tokenizer for "byte".
+
+``save`` writes a standard Hugging Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``,
+loadable by ``AutoTokenizer.from_pretrained(directory)``; ``to_transformers()`` builds it in
+memory) with the same ids, the same special tokens, and special-token strings inside a text
+encoded as text (``split_special_tokens``), beside ``growmem_tokenizer.json`` (kind and roles).
+`find_tokenizer` finds the tokenizer of a model folder: its own files, or the ``tokenizer/``
+subfolder of folders written before growmem saved Hugging Face tokenizers.
 """
 
 from __future__ import annotations
@@ -15,20 +22,22 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
     "Tokenizer",
+    "find_tokenizer",
     "load_tokenizer",
 ]
 
 GROWMEM_FILE = "growmem_tokenizer.json"
 HF_FILE = "tokenizer.json"
+OLD_SUBFOLDER = "tokenizer"  # where model folders kept the tokenizer before HF files
 
 
 class Tokenizer(Protocol):
@@ -49,11 +58,71 @@ class Tokenizer(Protocol):
 
     def fingerprint(self) -> str: ...
 
-    def save(self, directory: str | Path) -> Path: ...
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> Path: ...
+
+    def to_transformers(self, model_max_length: int | None = None): ...
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte b -> the printable character that stands for it in a
+    byte-level vocabulary (``tokenizers``' ByteLevel pre-tokenizer and decoder use the same)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [b for b in range(256) if b not in printable]
+    return {
+        **{b: chr(b) for b in printable},
+        **{b: chr(256 + n) for n, b in enumerate(others)},
+    }
+
+
+def _byte_level(tokenizer: HFTokenizer) -> HFTokenizer:
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _transformers_tokenizer(
+    tokenizer: HFTokenizer, special_tokens: dict[str, str], model_max_length: int | None
+):
+    """A ``PreTrainedTokenizerFast`` over ``tokenizer`` with growmem's conventions: no special
+    token is added to an encoding (growmem's language models are trained without bos; callers
+    add special tokens by id), special-token strings inside a text are text, and decoding
+    leaves spaces as they are."""
+    from transformers import PreTrainedTokenizerFast
+
+    options = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer.from_str(tokenizer.to_str()),  # transformers changes it
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        **special_tokens,
+        **options,
+    )
+
+
+def _save_transformers(
+    tokenizer: HFTokenizer,
+    special_tokens: dict[str, str],
+    model_max_length: int | None,
+    directory: Path,
+) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` of `_transformers_tokenizer`.
+
+    ``tokenizer.json`` is ``tokenizer`` as it is (transformers 5 adds a post-processor that
+    adds nothing, which would change a BPE's fingerprint), and the config names the class
+    ``PreTrainedTokenizerFast``, which every transformers release knows (transformers 5 writes
+    its new name, TokenizersBackend).
+    """
+    transformers_tokenizer = _transformers_tokenizer(tokenizer, special_tokens, model_max_length)
+    transformers_tokenizer.save_pretrained(str(directory))
+    tokenizer.save(str(directory / HF_FILE))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class ByteTokenizer:
@@ -67,6 +136,12 @@ class ByteTokenizer:
     bos_id = 257
     eos_id = 258
     vocab_size = 259
+    # the names of pad, bos, eos in the Hugging Face tokenizer (ids 256, 257, 258)
+    special_tokens: ClassVar[dict[str, str]] = {
+        "pad_token": "<pad>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+    }
 
     def encode(self, text: str) -> list[int]:
         """Args: text: any string. Returns its UTF-8 bytes as ints in [0, 256)."""
@@ -96,15 +171,39 @@ class ByteTokenizer:
         """``"byte-259"``: the byte tokenizer has no learned state."""
         return f"byte-{self.vocab_size}"
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``growmem_tokenizer.json`` (kind and special ids) into ``directory``.
+    def to_transformers(self, model_max_length: int | None = None):
+        """The Hugging Face tokenizer (``PreTrainedTokenizerFast``) with this tokenizer's ids:
+        a byte-level BPE without merges whose vocabulary maps each byte's symbol to the byte
+        (so every id is the byte), and ``<pad>``, ``<bos>``, ``<eos>`` at 256, 257, 258.
+
+        Args:
+            model_max_length: the longest sequence the model accepts (None: unset).
+        """
+        return _transformers_tokenizer(self._hf_tokenizer(), self.special_tokens, model_max_length)
+
+    def _hf_tokenizer(self) -> HFTokenizer:
+        vocab = {symbol: byte for byte, symbol in _bytes_to_unicode().items()}
+        tokenizer = _byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=[])))
+        # no regex split: pre-tokenization only maps bytes to their symbols
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        roles = ("pad_token", "bos_token", "eos_token")  # ids 256, 257, 258 in this order
+        tokenizer.add_special_tokens(
+            [AddedToken(self.special_tokens[r], special=True, normalized=False) for r in roles]
+        )
+        return tokenizer
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write the Hugging Face tokenizer (`to_transformers`) and ``growmem_tokenizer.json``
+        (kind and special ids) into ``directory``.
 
         Args:
             directory: created if missing.
+            model_max_length: recorded in ``tokenizer_config.json`` (None: unset).
         Returns: the directory.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        _save_transformers(self._hf_tokenizer(), self.special_tokens, model_max_length, directory)
         description = {
             "kind": "byte",
             "vocab_size": self.vocab_size,
@@ -188,9 +287,8 @@ class BPETokenizer:
                 f"vocab_size: expected at least 256 + {len(special_tokens)} special tokens, "
                 f"got {vocab_size}"
             )
-        tokenizer = HFTokenizer(models.BPE())
+        tokenizer = _byte_level(HFTokenizer(models.BPE()))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -236,19 +334,44 @@ class BPETokenizer:
         roles = json.dumps(self.special_tokens, sort_keys=True)
         return f"bpe-{self.vocab_size}-{_digest(self._tokenizer.to_str() + roles)}"
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``tokenizer.json`` (HF format) and ``growmem_tokenizer.json`` (special roles).
+    def to_transformers(self, model_max_length: int | None = None):
+        """The Hugging Face tokenizer (``PreTrainedTokenizerFast``) over this BPE, with its
+        special tokens in their roles.
+
+        Args:
+            model_max_length: the longest sequence the model accepts (None: unset).
+        """
+        return _transformers_tokenizer(self._tokenizer, self.special_tokens, model_max_length)
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write the Hugging Face tokenizer (`to_transformers`: ``tokenizer.json``,
+        ``tokenizer_config.json``) and ``growmem_tokenizer.json`` (special roles).
 
         Args:
             directory: created if missing.
+            model_max_length: recorded in ``tokenizer_config.json`` (None: unset).
         Returns: the directory.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(directory / HF_FILE))
+        _save_transformers(self._tokenizer, self.special_tokens, model_max_length, directory)
         description = {"kind": "bpe", "vocab_size": self.vocab_size, **self.special_tokens}
         (directory / GROWMEM_FILE).write_text(json.dumps(description, indent=2) + "\n")
         return directory
+
+
+def find_tokenizer(model_folder: str | Path) -> Path | None:
+    """The folder holding a model folder's growmem tokenizer: the model folder itself, or its
+    ``tokenizer/`` subfolder (folders written before growmem saved Hugging Face tokenizers);
+    None when it has neither (an MQAR model works on ids)."""
+    folder, old = Path(model_folder), Path(model_folder) / OLD_SUBFOLDER
+    if (folder / GROWMEM_FILE).is_file():
+        return folder
+    # (a tokenizer.json alone is a BPE to load_tokenizer; in the model folder itself it could
+    # be anyone's, so only the old subfolder is taken on its word)
+    if (old / GROWMEM_FILE).is_file() or (old / HF_FILE).is_file():
+        return old
+    return None
 
 
 def load_tokenizer(directory_or_name: str | Path) -> ByteTokenizer | BPETokenizer:

@@ -7,9 +7,12 @@ previous checkpoint whole and ``latest`` pointing at a complete one. What a proc
 outright (SIGKILL, power loss) leaves behind is a hidden ``.tmp-`` entry, removed by
 `remove_temporaries` when the run next starts or saves.
 
-A checkpoint holds the model (``config.json`` + ``model.safetensors``, loadable by
-``from_pretrained``), the run config with the provenance of the code that wrote it
-(``run.yaml``), the tokenizer when the task has one, ``trainer_state.pt`` (step, optimizer,
+A checkpoint holds the model (``config.json`` + ``model.safetensors`` + ``generation_config.json``,
+loadable by ``from_pretrained``), the run config with the provenance of the code that wrote it
+(``run.yaml``), the tokenizer when the task has one (Hugging Face files that
+``AutoTokenizer.from_pretrained(folder)`` loads, and ``growmem_tokenizer.json``; folders written
+before kept growmem's tokenizer in ``tokenizer/``, see ``growmem.tasks.find_tokenizer``),
+``trainer_state.pt`` (step, optimizer,
 scheduler and RNG states) and ``SHA256SUMS``: the sha256 of every other file (the format of
 ``sha256sum``), checked when a file is loaded so that a damaged file is refused, not used.
 A checkpoint of a sharded run (``train.parallel=fsdp``) holds, in place of the weights and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -35,14 +39,18 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from growmem.models import GrowMemForCausalLM
+from growmem.tasks import Tokenizer, find_tokenizer, load_tokenizer
 from growmem.training.config import model_from_record
 from growmem.training.config_files import load_yaml
+from growmem.training.model_card import model_card, write_generation_files
 from growmem.utils.provenance import provenance
 
 RUN_FILE = "run.yaml"
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+RESULTS_FILE = "eval.json"  # the final evaluation a run's model folder holds
 CHECKSUMS = "SHA256SUMS"
 LATEST = "latest"
 SHARDS = "distributed"  # a sharded checkpoint's torch.distributed.checkpoint folder
@@ -176,16 +184,16 @@ def _write_model_files(
     tokenizer=None,
     weights: bool = True,
 ) -> None:
-    """The model's HF files (``config.json`` alone without ``weights``), run.yaml and the
-    tokenizer."""
+    """The model's HF files (``config.json`` with the tokenizer's special-token ids and
+    ``generation_config.json``, the weights unless not ``weights``), run.yaml and the
+    tokenizer (its fingerprint recorded in run.yaml)."""
     if weights:
         with _no_hf_progress_bars():
             model.save_pretrained(folder, safe_serialization=True)
-    else:
-        model.config.save_pretrained(folder)
+    write_generation_files(folder, model.config, tokenizer)
     record = {**run_config, "provenance": provenance()}
     if tokenizer is not None:
-        tokenizer.save(folder / "tokenizer")
+        tokenizer.save(folder, model_max_length=model.config.max_position_embeddings)
         record["tokenizer_fingerprint"] = tokenizer.fingerprint()
     (folder / RUN_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
 
@@ -228,13 +236,17 @@ def save_model_folder(
     tokenizer=None,
     extra_files: dict[str, str] | None = None,
 ) -> None:
-    """Write a loadable model folder atomically: HF config and safetensors weights, the run
-    config, the tokenizer (its fingerprint is recorded in run.yaml) and ``extra_files``
-    (name -> text)."""
+    """Write a loadable model folder atomically: HF config, generation config and safetensors
+    weights, the run config, the tokenizer (its fingerprint is recorded in run.yaml), a model
+    card (README.md, with the results of ``eval.json`` when ``extra_files`` holds it) and
+    ``extra_files`` (name -> text)."""
+    extra_files = dict(extra_files or {})
+    results = json.loads(extra_files[RESULTS_FILE]) if RESULTS_FILE in extra_files else None
+    extra_files.setdefault(CARD_FILE, model_card(model.config, run_config, results))
 
     def write(tmp: Path) -> None:
         _write_model_files(tmp, model, run_config, tokenizer)
-        for name, text in (extra_files or {}).items():
+        for name, text in extra_files.items():
             (tmp / name).write_text(text)
 
     _write_folder_atomic(Path(folder), write)
@@ -391,3 +403,37 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged pickles
         raise ValueError(f"checkpoint {path} is truncated or corrupt: {error}") from error
+
+
+def load_folder_tokenizer(folder: Path, vocab_size: int, purpose: str) -> Tokenizer:
+    """The growmem tokenizer of a model or checkpoint folder (`find_tokenizer`: today's layout
+    or the ``tokenizer/`` of older folders), checked against the fingerprint its run.yaml
+    records (when it has one) and the model's vocabulary.
+
+    Args:
+        folder: the model or checkpoint folder.
+        vocab_size: the model's vocabulary size.
+        purpose: what needs the tokenizer, for the message when there is none ("task lm").
+
+    Raises:
+        FileNotFoundError: the folder has no tokenizer (an MQAR model works on ids).
+        ValueError: the tokenizer is not the one the model was trained with.
+    """
+    tokenizer_dir = find_tokenizer(folder)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer (growmem_tokenizer.json); {purpose} needs the model's "
+            "tokenizer"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    expected = None
+    if (Path(folder) / RUN_FILE).is_file():
+        expected = read_run_config(folder).get("tokenizer_fingerprint")
+    if expected is not None and tokenizer.fingerprint() != expected:
+        raise ValueError(
+            f"tokenizer in {tokenizer_dir} does not match the model's "
+            f"({tokenizer.fingerprint()} != {expected})"
+        )
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}")
+    return tokenizer

@@ -4,6 +4,8 @@ local toy tasks (no hub). Skipped when lm-eval is not installed."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,12 @@ pytest.importorskip("accelerate")  # lm-eval's Hugging Face backend
 import lm_eval
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
+from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from growmem import GrowMemConfig, GrowMemForCausalLM
-from growmem.integrations.lm_eval import GrowMemLM, HFTokenizerAdapter
+from growmem.integrations.lm_eval import GrowMemLM
 from growmem.tasks import BPETokenizer, ByteTokenizer
 
 BYTE = ByteTokenizer()
@@ -45,7 +49,7 @@ def tiny_model(vocab_size: int = BYTE.vocab_size) -> GrowMemForCausalLM:
 def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lm_eval") / "model"
     tiny_model().save_pretrained(folder)
-    BYTE.save(folder / "tokenizer")
+    BYTE.save(folder)  # the Hugging Face tokenizer files, as growmem train writes them
     return folder
 
 
@@ -137,7 +141,8 @@ def test_generate_until_matches_greedy_decoding(lm, model_dir):
 
 
 def write_toy_tasks(folder: Path) -> Path:
-    """A multiple-choice task and a generation task over local JSONL data."""
+    """A multiple-choice task (loglikelihood), a perplexity task (loglikelihood_rolling) and a
+    generation task (generate_until) over local JSONL data."""
     folder.mkdir(parents=True, exist_ok=True)
     docs = [
         {"question": "1 + 1 =", "choices": [" 2", " 3"], "answer": 0, "target": " 2"},
@@ -162,6 +167,12 @@ def write_toy_tasks(folder: Path) -> Path:
             "doc_to_target": "answer",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         },
+        "growmem_toy_rolling": {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{question}}",
+            "metric_list": [{"metric": "bits_per_byte"}],
+        },
         "growmem_toy_generate": {
             "output_type": "generate_until",
             "doc_to_target": "{{target}}",
@@ -177,17 +188,54 @@ def write_toy_tasks(folder: Path) -> Path:
     return folder
 
 
-def test_simple_evaluate_on_local_tasks(lm, tmp_path):
+TOY_TASKS = ["growmem_toy_choice", "growmem_toy_rolling", "growmem_toy_generate"]
+
+
+def test_simple_evaluate_on_local_tasks(lm, model_dir, tmp_path):
     tasks = write_toy_tasks(tmp_path / "tasks")
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=["growmem_toy_choice", "growmem_toy_generate"], task_manager=manager
-    )
+    out = lm_eval.simple_evaluate(model=lm, tasks=TOY_TASKS, task_manager=manager)
     choice = out["results"]["growmem_toy_choice"]["acc,none"]
     generate = out["results"]["growmem_toy_generate"]["exact_match,none"]
     assert 0.0 <= choice <= 1.0
     assert 0.0 <= generate <= 1.0
     assert out["config"]["model_num_parameters"] == lm.model.num_parameters()
+    # bits per byte of the questions, each scored after eos, from the model directly
+    model = GrowMemForCausalLM.from_pretrained(model_dir).eval()
+    questions = [json.loads(line)["question"] for line in (tasks / "toy.jsonl").open()]
+    nats = sum(-direct_logprobs(model, [BYTE.eos_id, *BYTE.encode(q)]).sum() for q in questions)
+    expected = nats.item() / math.log(2) / sum(len(q.encode()) for q in questions)
+    bits = out["results"]["growmem_toy_rolling"]["bits_per_byte,none"]
+    assert bits == pytest.approx(expected, rel=1e-5)
+
+
+def test_stock_hf_model_after_import_growmem(lm, model_dir):
+    """lm_eval's own "hf" model loads a growmem folder once growmem is imported (which
+    registers the architecture); with prefix_token_id=eos it scores as the adapter does."""
+    stock = HFLM(pretrained=str(model_dir), prefix_token_id=BYTE.eos_id, device="cpu")
+    pairs = [("Hello", " world"), ("", "xyz"), ("The memory grows", " with the context")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (ours, our_greedy), (theirs, their_greedy) in zip(
+        lm.loglikelihood(requests, disable_tqdm=True),
+        stock.loglikelihood(requests, disable_tqdm=True),
+        strict=True,
+    ):
+        assert theirs == pytest.approx(ours, abs=1e-5) and their_greedy == our_greedy
+    kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    requests = [Instance("generate_until", {}, ("Hello", dict(kwargs)), 0)]
+    assert stock.generate_until(requests, disable_tqdm=True) == lm.generate_until(
+        requests, disable_tqdm=True
+    )
+
+
+def test_ruler_tasks_load_the_model_folders_tokenizer(model_dir):
+    """lm_eval's RULER tasks size their prompts with AutoTokenizer.from_pretrained of the
+    model folder (``pretrained=FOLDER``): it loads, and counts growmem's tokens."""
+    from lm_eval.tasks.ruler.common_utils import get_tokenizer
+
+    tokenizer = get_tokenizer(str(model_dir))
+    text = "The grass is green. The sky is blue. 東京"
+    assert tokenizer(text).input_ids == BYTE.encode(text)
 
 
 def test_command_line_runs_local_task(model_dir, tmp_path):
@@ -217,9 +265,9 @@ def test_command_line_runs_local_task(model_dir, tmp_path):
 
 def test_tokenizer_defaults_to_bytes_and_must_match_the_model(tmp_path):
     folder = tmp_path / "model"
-    tiny_model().save_pretrained(folder)  # no tokenizer/ folder
+    tiny_model().save_pretrained(folder)  # no tokenizer
     lm = GrowMemLM(pretrained=str(folder), device="cpu")
-    assert lm.tokenizer.name_or_path == BYTE.fingerprint()
+    assert lm.tok_encode("né <eos>") == BYTE.encode("né <eos>")
     assert lm.eot_token_id == lm.prefix_token_id == BYTE.eos_id
     assert lm.max_length == lm.config.max_position_embeddings
     assert GrowMemLM(pretrained=str(folder), device="cpu", prefix_token_id=7).prefix_token_id == 7
@@ -238,34 +286,28 @@ def test_loaded_model_with_bpe_tokenizer_folder(tmp_path):
     assert logprob < 0
 
 
-def test_adapter_pads_decodes_and_names_special_tokens():
-    adapter = HFTokenizerAdapter(BYTE, model_max_length=4)
-    assert adapter.encode("ab") == [97, 98]
-    assert adapter.encode("ab", add_special_tokens=True) == [BYTE.bos_id, 97, 98]
-    assert adapter.decode(BYTE.eos_id) == "<eos>"
-    assert adapter.decode([104, BYTE.eos_id, 105, BYTE.pad_id]) == "h<eos>i<pad>"
-    assert adapter.decode(torch.tensor([104, BYTE.eos_id, 105]), skip_special_tokens=True) == "hi"
-    assert adapter.batch_decode(torch.tensor([[104, 105], [BYTE.bos_id, 105]])) == ["hi", "<bos>i"]
-    adapter.padding_side = "left"
-    batch = adapter(["abc", "a"])
-    pad = BYTE.pad_id
-    assert batch["input_ids"].tolist() == [[97, 98, 99], [pad, pad, 97]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    adapter.padding_side = "right"
-    batch = adapter(["abcdef", "a"], truncation=True)
-    assert batch["input_ids"].tolist() == [[97, 98, 99, 100], [97, pad, pad, pad]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
-    with pytest.raises(ValueError, match="padding"):
-        adapter(["a"], padding="max_length")
+def test_the_tokenizer_is_the_model_folders_hugging_face_tokenizer(lm, model_dir):
+    """No shim: HFLM gets a transformers tokenizer equal to AutoTokenizer's of the folder."""
+    assert isinstance(lm.tokenizer, PreTrainedTokenizerBase)
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    text = "héllo <eos> 東京"
+    assert lm.tokenizer(text)["input_ids"] == auto(text)["input_ids"] == BYTE.encode(text)
+    ids = [104, BYTE.eos_id, 105, BYTE.pad_id]
+    assert lm.tokenizer.decode(ids) == auto.decode(ids) == "h<eos>i<pad>"
+    assert lm.tok_decode(ids) == "hi"  # HFLM drops special tokens
 
 
 def test_a_model_folder_brings_its_own_tokenizer(tmp_path):
     bpe = BPETokenizer.train(["hello world, hello memory"] * 20, vocab_size=270)
     folder = tmp_path / "model"
     tiny_model(bpe.vocab_size).save_pretrained(folder)
-    bpe.save(folder / "tokenizer")
+    bpe.save(folder / "tokenizer")  # the layout before Hugging Face tokenizers
     lm = GrowMemLM(pretrained=str(folder), device="cpu")  # no tokenizer argument
-    assert lm.tokenizer.name_or_path == bpe.fingerprint()
+    assert lm.tok_encode("hello memory") == bpe.encode("hello memory")
+    assert lm.eot_token_id == bpe.eos_id
+    bpe.save(folder)  # today's layout
+    shutil.rmtree(folder / "tokenizer")
+    lm = GrowMemLM(pretrained=str(folder), device="cpu")
     assert lm.tok_encode("hello memory") == bpe.encode("hello memory")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from growmem.cli import CONFIGS, main
 from growmem.models import GrowMemForCausalLM
-from growmem.tasks import BPETokenizer
+from growmem.tasks import BPETokenizer, ByteTokenizer
 
 from .common import raw_config, text_corpus, write_yaml
 
@@ -251,15 +251,22 @@ def test_eval_tokenizer_mismatch(tmp_path, capsys):
     assert "bits_per_byte" in json.loads((tmp_path / "ok" / "eval-lm.json").read_text())
     capsys.readouterr()
 
+    # the layout before Hugging Face tokenizers: growmem's tokenizer in model/tokenizer/
+    for name in ("tokenizer.json", "tokenizer_config.json", "growmem_tokenizer.json"):
+        (model / name).unlink()
+    ByteTokenizer().save(model / "tokenizer")
+    assert main(["eval", str(model), "--max-blocks", "2", "--out", str(tmp_path / "old")]) == 0
+    assert (tmp_path / "old" / "eval-lm.json").is_file()
+
     shutil.rmtree(model / "tokenizer")
     texts = [p.read_text() for p in sorted(corpus.iterdir())]
-    BPETokenizer.train(texts, 300).save(model / "tokenizer")
+    BPETokenizer.train(texts, 300).save(model)
     assert main(["eval", str(model)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("growmem eval: error:") and "does not match" in err
     assert not (model / "eval-lm.json").exists()
 
-    shutil.rmtree(model / "tokenizer")
+    (model / "growmem_tokenizer.json").unlink()
     assert main(["eval", str(model)]) == 2
     assert "tokenizer" in capsys.readouterr().err
 

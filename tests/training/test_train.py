@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import growmem.models  # noqa: F401  (registers the Auto classes)
 from growmem.cli import main
@@ -309,9 +310,11 @@ def test_lm_byte_tokenizer(tmp_path):
     rows = results["by_position"]
     assert rows[0]["start"] == 1 and rows[-1]["end"] == 63
     assert all(r["perplexity"] == pytest.approx(math.exp(r["loss"])) for r in rows)
-    assert load_tokenizer(out / "model" / "tokenizer").fingerprint() == "byte-259"
+    assert load_tokenizer(out / "model").fingerprint() == "byte-259"
     assert read_run_config(out / "model")["tokenizer_fingerprint"] == "byte-259"
     assert GrowMemConfig.from_pretrained(out / "model").vocab_size == 259
+    # the run folder gives text (growmem generate reads its model/)
+    assert main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "4"]) == 0
 
 
 def test_lm_bpe_tokenizer_saved_and_reused_on_resume(tmp_path, monkeypatch):
@@ -341,10 +344,23 @@ def test_lm_bpe_tokenizer_saved_and_reused_on_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(BPETokenizer, "train", no_training)
     train(config, resume=True)
     assert load_tokenizer(out / "tokenizer").fingerprint() == fingerprint
-    assert load_tokenizer(out / "model" / "tokenizer").fingerprint() == fingerprint
+    assert load_tokenizer(out / "model").fingerprint() == fingerprint
     assert read_run_config(out / "model")["tokenizer_fingerprint"] == fingerprint
     assert GrowMemConfig.from_pretrained(out / "model").vocab_size == saved.vocab_size
     assert "loss" in json.loads((out / "model" / "eval.json").read_text())
+    # the model folder and the checkpoints load with transformers' Auto classes alone
+    for folder in (out / "model", latest_checkpoint(out)):
+        hf = AutoTokenizer.from_pretrained(folder)
+        assert hf("the café <eos>")["input_ids"] == saved.encode("the café <eos>")
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        ids = (saved.pad_id, saved.bos_id, saved.eos_id)
+        config = model.config
+        assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == ids
+        assert model.generation_config.eos_token_id == saved.eos_id
+        assert model.generation_config.pad_token_id == saved.pad_id
+    card = (out / "model" / "README.md").read_text()
+    assert "| training | 4 steps × 4 sequences × 32 tokens = 512 token slots" in card
+    assert f"| loss | {json.loads((out / 'model' / 'eval.json').read_text())['loss']:.4g} |" in card
 
 
 def test_niah_tiny(tmp_path):
@@ -373,7 +389,7 @@ def test_niah_tiny(tmp_path):
     assert results["token_accuracy"] == pytest.approx(
         sum(r["token_accuracy"] for r in results["lengths"]) / 2
     )
-    assert (out / "model" / "tokenizer").is_dir()
+    assert (out / "model" / "tokenizer.json").is_file()
     assert [m["step"] for m in loss_lines(out)] == [1, 2]
 
 

@@ -681,30 +681,6 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # ---------------------------------------------------------------- integrations
     _integrations(
-        "bos-is-eos",
-        "return [self.bos_token_id, *ids] if add_special_tokens else ids",
-        "return [self.eos_token_id, *ids] if add_special_tokens else ids",
-        "add_special_tokens prepends eos instead of bos",
-    ),
-    _integrations(
-        "special-name-before-text",
-        "pieces += [self.tokenizer.decode(run), self._names[token]]",
-        "pieces += [self._names[token], self.tokenizer.decode(run)]",
-        "decode puts a special token's name before the text that precedes it",
-    ),
-    _integrations(
-        "padding-side-swapped",
-        'start = width - len(row) if self.padding_side == "left" else 0',
-        'start = width - len(row) if self.padding_side == "right" else 0',
-        "the adapter pads on the side opposite to padding_side",
-    ),
-    _integrations(
-        "truncation-keeps-last",
-        "rows = [row[: self.model_max_length] for row in rows]",
-        "rows = [row[-self.model_max_length :] for row in rows]",
-        "truncation keeps the last tokens instead of the first",
-    ),
-    _integrations(
         "empty-context-on-bos",
         "return self.eot_token_id",
         "return self.tokenizer.bos_token_id",
@@ -718,14 +694,76 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     _integrations(
         "saved-tokenizer-ignored",
-        'return folder if model_folder and folder.is_dir() else "byte"',
-        'return "byte"',
-        "a model folder's own tokenizer/ is ignored for the byte tokenizer",
+        'tokenizer = (find_tokenizer(model_folder) if model_folder else None) or "byte"',
+        'tokenizer = "byte"',
+        "a model folder's own tokenizer is ignored for the byte tokenizer",
+    ),
+    _integrations(
+        "vocab-size-unchecked",
+        "if len(tokenizer) != self.config.vocab_size:",
+        "if False:",
+        "a tokenizer of another vocabulary than the model's is accepted",
+    ),
+    _integrations(
+        "growmem-tokenizer-unconverted",
+        "if not isinstance(tokenizer, PreTrainedTokenizerBase):",
+        "if False:",
+        "a growmem tokenizer reaches HFLM without its Hugging Face form",
     ),
     _integrations(
         "mixed-precision-ignored",
         "enabled=self.mixed_precision_dtype is not None,",
         "enabled=False,",
         "mixed_precision_dtype is accepted but never applied",
+    ),
+    # ---------------------------------------------------------------- Hugging Face files, generate
+    _tasks(
+        "hf-special-token-names-special",
+        "growmem/tasks/tokenizers.py",
+        "split_special_tokens=True,",
+        "split_special_tokens=False,",
+        "the saved Hugging Face tokenizer encodes '<eos>' inside a text as eos, growmem as text",
+        tests=("tests/tasks", "tests/integrations"),
+    ),
+    _tasks(
+        "hf-decode-cleans-spaces",
+        "growmem/tasks/tokenizers.py",
+        "clean_up_tokenization_spaces=False,",
+        "clean_up_tokenization_spaces=True,",
+        "the Hugging Face tokenizer's decode drops the space before punctuation",
+        tests=("tests/tasks",),
+        equivalent="transformers 5 ignores clean_up_tokenization_spaces for BPE tokenizers (it "
+        "warns); the False saved in tokenizer_config.json matters to transformers 4, whose "
+        "default was True",
+    ),
+    _tasks(
+        "hf-json-rewritten",
+        "growmem/tasks/tokenizers.py",
+        "    tokenizer.save(str(directory / HF_FILE))\n",
+        "",
+        "tokenizer.json is transformers' rewrite (a post-processor added): a saved BPE's "
+        "fingerprint differs from the trained one's, so a resumed run refuses its tokenizer",
+        tests=("tests/tasks",),
+    ),
+    _models(
+        "cache-online-counts-cached",
+        CACHE,
+        'parts["online"] += cache.nbytes() - cached',
+        'parts["online"] += cache.nbytes()',
+        "the online state's bytes include the cached segments' (the parts exceed nbytes)",
+    ),
+    _training(
+        "generate-prompt-without-eos",
+        "growmem/generate.py",
+        "ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]",
+        "ids = tokenizer.encode(prompt)",
+        "generate reads the prompt without the eos that starts every training document",
+    ),
+    _training(
+        "stream-writes-cut-characters",
+        "growmem/generate.py",
+        "self._write(self.tokenizer.decode(self.ids).rstrip(REPLACEMENT))",
+        "self._write(self.tokenizer.decode(self.ids))",
+        "the stream writes U+FFFD for a multi-byte character whose bytes are still coming",
     ),
 )

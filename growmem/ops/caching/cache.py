@@ -138,3 +138,10 @@ class MemoryCache:
         state is the initial state at a segment start)."""
         unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in self.tensors()}
         return sum(numel * size for _, numel, size in unique)
+
+    def cached_nbytes(self) -> int:
+        """Bytes of the finished segments: their memories (``cached``) and key summaries; the
+        rest of `nbytes` is the online state of the current segment."""
+        tensors = [*iter_tensors(self.cached), *iter_tensors(self.summaries)]
+        unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in tensors}
+        return sum(numel * size for _, numel, size in unique)
