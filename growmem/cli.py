@@ -80,11 +80,13 @@ def run_config(args):
 
 
 def cmd_train(args) -> int:
-    from growmem.train import train
+    from growmem.train import Distributed, train
 
     config = run_config(args)
     resume = "auto" if args.auto_resume else args.resume
     final = train(config, resume=resume, stop_after=args.stop_after)
+    if not Distributed.main_process():  # under torchrun, rank 0 speaks for the run
+        return 0
     if final is None:
         print(f"stopped after step {args.stop_after}; continue with --resume")
     else:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ from growmem.training.checkpoint import (
 from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
+from growmem.training.loggers import (
+    TENSORBOARD_FOLDER,
+    Logger,
+    TensorBoardLogger,
+)
 from growmem.training.parallel import (
     check_launch,
     clip_gradients,
@@ -69,6 +75,12 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @staticmethod
+    def main_process() -> bool:
+        """Whether this process is rank 0 of its torchrun launch (or not launched by torchrun):
+        the one that prints and writes, also before or after the process group exists."""
+        return int(os.environ.get("RANK", "0")) == 0
 
     @staticmethod
     def launch() -> tuple[int, int]:
@@ -158,19 +170,49 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def warmup_stable_decay(warmup: int, total: int, min_ratio: float, decay_fraction: float):
+    """Learning-rate factor of step s for warmup-stable-decay (WSD): linear warmup to 1, 1
+    until the last ``decay = round(decay_fraction * total)`` steps (at least one), then
+    ``min_ratio + (1 - min_ratio) * (1 - sqrt(progress))`` with progress going from 0 at
+    step ``total - decay`` to 1 at step ``total``, as for the cosine.
+
+    The 1 - sqrt shape (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations") matched or beat the cosine there, where a linear decay
+    fell short; a checkpoint of the stable phase can be continued to a longer run (a resume
+    may change train.steps) and the decay starts later.
+    """
+    decay = max(1, round(decay_fraction * total))
+    decay_start = max(warmup, total - decay)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return min_ratio + (1 - min_ratio) * (1 - math.sqrt(progress))
+
+    return factor
+
+
 def build_optimizer(
     model: torch.nn.Module, settings: TrainSettings
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``parameter_groups`` and its warmup-cosine schedule, as ``settings`` say."""
+    """AdamW over ``parameter_groups`` and its schedule (``settings.schedule``: warmup-cosine
+    or warmup-stable-decay), as ``settings`` say."""
     optimizer = torch.optim.AdamW(
         parameter_groups(model, settings.weight_decay),
         lr=settings.lr,
         betas=tuple(settings.betas),
         eps=settings.eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
-    )
+    if settings.schedule == "wsd":
+        factor = warmup_stable_decay(
+            settings.warmup_steps, settings.steps, settings.min_lr_ratio, settings.decay_fraction
+        )
+    else:
+        factor = warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 
@@ -198,7 +240,10 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
 
 
 def train(
-    config: RunConfig, resume: bool | str = False, stop_after: int | None = None
+    config: RunConfig,
+    resume: bool | str = False,
+    stop_after: int | None = None,
+    loggers: Sequence[Logger] = (),
 ) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
@@ -216,10 +261,14 @@ def train(
             scripts that rerun until done.
         stop_after: end this session after that step with a checkpoint (for time-sliced or
             preemptible jobs; continue with ``resume``); returns None then.
+        loggers: callables given every metrics record as it is appended to metrics.jsonl,
+            on rank 0 (growmem.training.loggers: e.g. Weights & Biases); train.tensorboard
+            adds a TensorBoard writer.
 
     Raises:
         ValueError: bad arguments, a folder this session may not start or continue in, or a
             damaged checkpoint (`ChecksumError` among them), each named.
+        ImportError: train.tensorboard without the tensorboard package.
         OSError: the folder is in use by another run (`RunFolderInUse`), not writable, or a
             write failed (a full disk), named; the last checkpoint is intact.
     """
@@ -227,15 +276,26 @@ def train(
         raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    loggers = list(loggers)
+    if not all(callable(logger) for logger in loggers):
+        raise TypeError(f"loggers: expected callables taking a metrics record, got {loggers!r}")
+    # every rank checks the package (a missing one is named before any work); rank 0 writes
+    tensorboard = None
+    if config.train.tensorboard:
+        tensorboard = TensorBoardLogger(Path(config.train.out_dir) / TENSORBOARD_FOLDER)
     world_size, local_rank = Distributed.launch()
     check_launch(config.train.parallel, world_size)
     device = resolve_device(config.train.device, "train.device", local_rank, world_size)
     env = Distributed.from_env(device)
     # rank 0 alone writes the run folder, and holds its lock for the whole run
     lock = RunLock(config.train.out_dir) if env.main else None
+    if tensorboard is not None and env.main:
+        loggers.append(tensorboard)
     try:
-        return _train_in(env, device, lock, config, resume, stop_after)
+        return _train_in(env, device, lock, config, resume, stop_after, loggers)
     finally:
+        if tensorboard is not None:
+            tensorboard.close()
         if lock is not None:
             lock.release()
         env.close()
@@ -254,6 +314,7 @@ def _train_in(
     config: RunConfig,
     resume: bool | str,
     stop_after: int | None,
+    loggers: list[Logger],
 ) -> Path | None:
     """`train`'s body, run by a process that has joined its launch (``env``) on ``device``."""
     settings = config.train
@@ -345,6 +406,8 @@ def _train_in(
             except OSError as error:  # a full disk, say: name the file
                 message = f"could not append to {metrics_path} ({error.strerror or error})"
                 raise OSError(error.errno, message) from error
+            for logger in loggers:
+                logger(record)
 
     def evaluate(step: int) -> dict[str, Any] | None:
         """Rank 0 evaluates and logs; under FSDP every process runs the evaluation with it

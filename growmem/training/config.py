@@ -35,6 +35,7 @@ from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
 PARALLEL = ("none", "ddp", "fsdp")  # train.parallel
+SCHEDULES = ("cosine", "wsd")  # train.schedule
 
 
 @dataclass
@@ -141,8 +142,12 @@ class TrainSettings:
         batch_size: sequences per process per optimizer step (before accumulation: each
             step takes batch_size * grad_accum sequences per process).
         grad_accum: micro-batches per optimizer step.
-        lr, min_lr_ratio, warmup_steps: AdamW peak rate, cosine floor (fraction of lr),
-            linear warmup.
+        lr, min_lr_ratio, warmup_steps: AdamW peak rate, the schedule's floor (fraction of
+            lr), linear warmup.
+        schedule: after the warmup, "cosine" (decay to the floor over the remaining steps) or
+            "wsd" (warmup-stable-decay: the peak rate until the last decay_fraction of the
+            steps, then a 1 - sqrt decay to the floor; growmem.train.warmup_stable_decay).
+        decay_fraction: the fraction of train.steps a "wsd" schedule decays over, in (0, 1].
         weight_decay: on matrices only (not on norms, biases, gates or embeddings).
         betas, eps: AdamW.
         grad_clip: max global gradient norm (0: off).
@@ -163,6 +168,8 @@ class TrainSettings:
             "none" (one process, no torchrun launch of several).
         activation_checkpointing: recompute each block's activations in the backward
             instead of keeping them (less memory, about one more forward of compute).
+        tensorboard: also write the metrics as TensorBoard scalars into <out_dir>/tensorboard
+            (needs the optional tensorboard package).
     """
 
     out_dir: str = "runs/default"
@@ -172,6 +179,8 @@ class TrainSettings:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -187,6 +196,7 @@ class TrainSettings:
     device: str = "auto"
     parallel: str = "ddp"
     activation_checkpointing: bool = False
+    tensorboard: bool = False
 
 
 @dataclass
@@ -366,6 +376,9 @@ def _check_train(train: TrainSettings) -> None:
     _check_range("train.min_lr_ratio", train.min_lr_ratio, 0.0, 1.0)
     _check_range("train.weight_decay", train.weight_decay, 0.0)
     _check_range("train.grad_clip", train.grad_clip, 0.0)
+    _check_range("train.decay_fraction", train.decay_fraction, 0.0, 1.0, open_low=True)
+    if train.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {train.schedule!r}")
     if len(train.betas) != 2:
         raise ValueError(f"train.betas must be two numbers [beta1, beta2], got {train.betas!r}")
     _check_range("train.betas", train.betas, 0.0, 1.0, open_high=True)

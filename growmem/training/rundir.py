@@ -49,6 +49,7 @@ RESUME_MAY_CHANGE = (
     "progress",
     "device",
     "activation_checkpointing",
+    "tensorboard",
 )
 # These may be re-split (e.g. to resume a 2-process run on one process) as long as the
 # global batch, batch_size x grad_accum x processes, stays: every split of a global batch
