@@ -3,6 +3,7 @@
 growmem train CONFIG [--model SPEC] [--set section.key=value ...] [--resume | --auto-resume]
 growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...]
              [--post-training-mc SEGMENT] [--device DEVICE]
+growmem plot RUN [RUN ...] [--out curves.png]
 growmem configs
 
 CONFIG is a YAML file or a task base (mqar, niah, lm); SPEC names the model trained on it:
@@ -215,6 +216,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from growmem.training.curves import plot_runs
+
+    plot_runs(args.runs, args.out, smoothing=args.smoothing)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def smoothing(text: str) -> float:
+    """An argparse type: a moving average's weight in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def cmd_configs(_args) -> int:
     from growmem.models.model_spec import GRAMMAR
 
@@ -307,6 +327,23 @@ def build_parser() -> Parser:
     )
     p.add_argument("--out", help="folder for eval-*.json and .png (default: the model folder)")
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser(
+        "plot",
+        help="draw the loss and evaluation curves of runs into a PNG",
+        description="Draw the training loss (smoothed, raw faint) and the evaluation curves "
+        "(accuracy or evaluation loss, per slice where there are several) of one or several "
+        "runs from their metrics.jsonl.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (train.out_dir)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+    p.add_argument(
+        "--smoothing",
+        type=smoothing,
+        default=0.9,
+        help="weight of the training loss's moving average, in [0, 1) (default: 0.9)",
+    )
+    p.set_defaults(run=cmd_plot)
 
     p = commands.add_parser("configs", help="list the task bases and the model spec grammar")
     p.set_defaults(run=cmd_configs)
