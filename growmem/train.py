@@ -23,6 +23,7 @@ from tqdm import tqdm
 from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, mqar_gate_routing
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import IGNORE_INDEX
+from growmem.tasks.streaming import StreamedBlocks
 from growmem.training.checkpoint import (
     load_trainer_state,
     load_weights,
@@ -355,6 +356,14 @@ def _train_in(
         start_step = state["step"]
         if start_step != checkpoint_step(plan.checkpoint):
             raise ValueError(f"checkpoint {plan.checkpoint} holds the state of step {start_step}")
+        if isinstance(data.train, StreamedBlocks):  # continue at the token where it stopped
+            cursor = state.get("data")
+            if cursor is None or cursor.get("step") != start_step:
+                raise ValueError(
+                    f"checkpoint {plan.checkpoint} holds no position in the streamed corpus "
+                    f"at step {start_step} (got {cursor!r})"
+                )
+            data.train.load_state_dict(cursor)
 
     def record_run() -> list[str]:
         """config.yaml of this session; metrics cut back to the checkpoint's step."""
@@ -373,6 +382,8 @@ def _train_in(
 
     def checkpoint(step: int) -> None:
         trainer_state = {"scheduler": scheduler.state_dict(), **rng_states(device)}
+        if isinstance(data.train, StreamedBlocks):
+            trainer_state["data"] = data.train.state_dict()  # the stream's resume cursor
         if sharded:  # every process writes its shards
             save_sharded_checkpoint(
                 env,

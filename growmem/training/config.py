@@ -109,14 +109,25 @@ class LMTask:
 
     Args:
         corpus: "stdlib" (the running Python's standard library source), a local file or
-            folder, or "hf:<dataset>[:<config>]" (needs the datasets package and the hub).
+            folder, "hf:<dataset>[:<config>]" (needs the datasets package; streamed and
+            read in order, growmem.tasks.streaming), or a file of token ids: ``.bin`` (raw,
+            of ``token_dtype``, as nanoGPT writes them) or ``.npy``, memory-mapped.
         seq_len: tokens per training block.
         tokenizer: "byte", "bpe" (trained on the training split and saved with the run) or a
-            saved tokenizer directory.
+            saved tokenizer directory (for token files: the tokenizer that made them).
         bpe_vocab_size: vocabulary of a trained BPE.
-        eval_split: "val" or "test".
+        eval_split: "val" or "test"; for "hf:" corpora any split of the dataset ("val" is
+            its "validation").
         eval_blocks: blocks of the evaluation split scored at each evaluation (0: all).
         cache_dir: where tokenized streams are kept (default: <out_dir>/../.token_cache).
+        train_split: "hf:" corpora: the dataset's training split (others: "train").
+        text_field: "hf:" corpora: the column holding the text.
+        num_workers: "hf:" corpora: processes that tokenize the stream (0: the training
+            process); any number gives the same blocks.
+        token_dtype: ``.bin`` token files: "uint16" or "uint32" (``.npy`` files say theirs).
+        eval_corpus: token files: the evaluation split's token file; without one the last
+            ``eval_fraction`` of the corpus is held out for evaluation.
+        eval_fraction: token files without eval_corpus: the held-out tail, in (0, 1).
     """
 
     name: str = "lm"
@@ -127,6 +138,12 @@ class LMTask:
     eval_split: str = "val"
     eval_blocks: int = 64
     cache_dir: str | None = None
+    train_split: str = "train"
+    text_field: str = "text"
+    num_workers: int = 0
+    token_dtype: str = "uint16"
+    eval_corpus: str | None = None
+    eval_fraction: float = 0.01
 
 
 TASK_TYPES = {"mqar": MQARTask, "niah": NIAHTask, "lm": LMTask}
@@ -365,6 +382,7 @@ _TASK_AT_LEAST = {
     "num_needles": 1,
     "bpe_vocab_size": 1,
     "eval_blocks": 0,
+    "num_workers": 0,
 }
 
 
@@ -402,8 +420,38 @@ def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
             raise ValueError(f"task.variant must be 1, 2 or 3, got {task.variant}")
         if task.haystack not in (None, "noise", "essay"):
             raise ValueError(f"task.haystack must be 'noise' or 'essay', got {task.haystack!r}")
-    if isinstance(task, LMTask) and task.eval_split not in ("val", "test"):
+    if isinstance(task, LMTask):
+        _check_lm_task(task)
+
+
+def _check_lm_task(task: LMTask) -> None:
+    from growmem.tasks.corpus import TOKEN_DTYPES, is_token_file
+
+    if task.corpus.startswith("hf:"):
+        for key in ("train_split", "eval_split", "text_field"):
+            if not getattr(task, key).strip():
+                raise ValueError(f"task.{key} must name a split or column, got an empty string")
+        return
+    if task.eval_split not in ("val", "test"):
         raise ValueError(f"task.eval_split must be 'val' or 'test', got {task.eval_split!r}")
+    if task.train_split != "train":
+        raise ValueError(
+            f"task.train_split applies to hf: corpora (local corpora split by file hash), "
+            f"got {task.train_split!r}"
+        )
+    if is_token_file(task.corpus):
+        if task.tokenizer == "bpe":
+            raise ValueError(
+                "task.tokenizer: a token file needs the tokenizer that made it ('byte' or a "
+                "saved tokenizer folder), not a BPE trained on it"
+            )
+        if task.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(
+                f"task.token_dtype must be one of {list(TOKEN_DTYPES)}, got {task.token_dtype!r}"
+            )
+        _check_range(
+            "task.eval_fraction", task.eval_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:

@@ -20,7 +20,9 @@ from growmem.tasks import (
     niah_dataset,
     niah_training_batch,
 )
+from growmem.tasks.corpus import hf_records, hf_source, hf_split, is_token_file, load_token_file
 from growmem.tasks.sampling import EpochSampler
+from growmem.tasks.streaming import DocumentTokens, StreamedBlocks
 from growmem.training.config import LMTask, MQARTask, NIAHTask
 
 
@@ -55,7 +57,8 @@ class TaskData:
 
     Attributes:
         vocab_size: the model's vocabulary (task tokens or the tokenizer's).
-        train: a batch source (``ExampleSet`` or ``TokenBlocks``).
+        train: a batch source (``ExampleSet``, ``TokenBlocks``, or ``StreamedBlocks``,
+            which is read in order and whose cursor a checkpoint keeps).
         max_seq_len: longest sequence the run trains or evaluates on.
         tokenizer: the tokenizer (NIAH and LM), or None (MQAR works on ids).
         mqar_test: MQAR test slices.
@@ -63,7 +66,7 @@ class TaskData:
     """
 
     vocab_size: int
-    train: ExampleSet | TokenBlocks
+    train: ExampleSet | TokenBlocks | StreamedBlocks
     max_seq_len: int
     tokenizer: Tokenizer | None = None
     mqar_test: list[MQARSlice] | None = None
@@ -150,13 +153,18 @@ def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
     saved = out_dir / "tokenizer"
     if saved.is_dir():
         return load_tokenizer(saved)
-    tokenizer = BPETokenizer.train(load_corpus(task.corpus, "train"), task.bpe_vocab_size)
+    documents = load_corpus(task.corpus, task.train_split, task.text_field)
+    tokenizer = BPETokenizer.train(documents, task.bpe_vocab_size)
     tokenizer.save(saved)
     return tokenizer
 
 
 def lm_data(task: LMTask, out_dir: Path) -> TaskData:
     tokenizer = lm_tokenizer(task, out_dir)
+    if task.corpus.startswith("hf:"):
+        return hf_lm_data(task, tokenizer)
+    if is_token_file(task.corpus):
+        return token_file_data(task, tokenizer)
     cache_dir = Path(task.cache_dir) if task.cache_dir else out_dir.parent / ".token_cache"
     blocks = {
         split: TokenBlocks.from_documents(
@@ -170,6 +178,54 @@ def lm_data(task: LMTask, out_dir: Path) -> TaskData:
         task.seq_len,
         tokenizer=tokenizer,
         lm_eval=blocks[task.eval_split],
+    )
+
+
+def hf_lm_data(task: LMTask, tokenizer: Tokenizer) -> TaskData:
+    """A streamed Hugging Face corpus: training blocks in stream order (`StreamedBlocks`),
+    evaluation on the first ``eval_blocks`` blocks of the evaluation split (all: 0)."""
+    name, config = hf_source(task.corpus)
+
+    def split_tokens(split: str) -> DocumentTokens:
+        def records(start: int):
+            return hf_records(name, hf_split(split), task.text_field, config, start)
+
+        return DocumentTokens(records, tokenizer, task.num_workers)
+
+    token_bytes = tokenizer.token_byte_lengths()
+    train = StreamedBlocks(split_tokens(task.train_split), token_bytes, task.seq_len)
+    evaluation = StreamedBlocks(split_tokens(task.eval_split), token_bytes, task.seq_len)
+    eval_tokens = evaluation.leading_tokens(task.eval_blocks)
+    return TaskData(
+        tokenizer.vocab_size,
+        train,
+        task.seq_len,
+        tokenizer=tokenizer,
+        lm_eval=TokenBlocks(eval_tokens, token_bytes, task.seq_len),
+    )
+
+
+def token_file_data(task: LMTask, tokenizer: Tokenizer) -> TaskData:
+    """A corpus of token ids (``.bin``/``.npy``, memory-mapped), sampled as `TokenBlocks`;
+    evaluation on ``eval_corpus`` or the corpus's last ``eval_fraction``."""
+    tokens = load_token_file(task.corpus, task.token_dtype)  # [L]
+    if task.eval_corpus is not None:
+        eval_tokens = load_token_file(task.eval_corpus, task.token_dtype)
+    else:
+        held_out = max(task.seq_len, round(task.eval_fraction * len(tokens)))
+        if held_out >= len(tokens):
+            raise ValueError(
+                f"task.corpus: {len(tokens)} tokens leave none for training after holding "
+                f"out {held_out} for evaluation (task.eval_fraction, at least seq_len)"
+            )
+        tokens, eval_tokens = tokens[:-held_out], tokens[-held_out:]
+    token_bytes = tokenizer.token_byte_lengths()
+    return TaskData(
+        tokenizer.vocab_size,
+        TokenBlocks(tokens, token_bytes, task.seq_len),
+        task.seq_len,
+        tokenizer=tokenizer,
+        lm_eval=TokenBlocks(eval_tokens, token_bytes, task.seq_len),
     )
 
 
