@@ -105,7 +105,7 @@ def cmd_eval(args) -> int:
     )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.models.model_spec import spec_of
-    from growmem.tasks import TokenBlocks, load_corpus, load_tokenizer
+    from growmem.tasks import load_tokenizer
     from growmem.training.checkpoint import (
         CONFIG_FILE,
         load_weights,
@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
         verify_checksums,
     )
     from growmem.training.config import TASK_TYPES, build_config
-    from growmem.training.data import mqar_data, niah_eval_lengths
+    from growmem.training.data import lm_eval_blocks, mqar_data, niah_eval_lengths
     from growmem.training.device import resolve_device
     from growmem.training.rundir import ensure_folder
     from growmem.utils.provenance import write_json
@@ -203,10 +203,10 @@ def cmd_eval(args) -> int:
         )
     else:
         seq_len = max(lengths) if lengths else task.seq_len
-        blocks = TokenBlocks.from_documents(
-            load_corpus(task.corpus, task.eval_split), tokenizer, seq_len
-        )
-        results = evaluate_lm(model, blocks, max_blocks=args.max_blocks or task.eval_blocks)
+        max_blocks = args.max_blocks or task.eval_blocks
+        eval_task = dataclasses.replace(task, seq_len=seq_len, eval_blocks=max_blocks)
+        blocks = lm_eval_blocks(eval_task, tokenizer)
+        results = evaluate_lm(model, blocks, max_blocks=max_blocks)
     name = f"eval-{task_name}{label}"
     path = write_json(out / f"{name}.json", results)
     plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from growmem.tasks import (
@@ -161,72 +162,67 @@ def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
 
 def lm_data(task: LMTask, out_dir: Path) -> TaskData:
     tokenizer = lm_tokenizer(task, out_dir)
-    if task.corpus.startswith("hf:"):
-        return hf_lm_data(task, tokenizer)
-    if is_token_file(task.corpus):
-        return token_file_data(task, tokenizer)
     cache_dir = Path(task.cache_dir) if task.cache_dir else out_dir.parent / ".token_cache"
-    blocks = {
-        split: TokenBlocks.from_documents(
-            load_corpus(task.corpus, split), tokenizer, task.seq_len, cache_dir=cache_dir
-        )
-        for split in ("train", task.eval_split)
-    }
-    return TaskData(
-        tokenizer.vocab_size,
-        blocks["train"],
-        task.seq_len,
-        tokenizer=tokenizer,
-        lm_eval=blocks[task.eval_split],
-    )
-
-
-def hf_lm_data(task: LMTask, tokenizer: Tokenizer) -> TaskData:
-    """A streamed Hugging Face corpus: training blocks in stream order (`StreamedBlocks`),
-    evaluation on the first ``eval_blocks`` blocks of the evaluation split (all: 0)."""
-    name, config = hf_source(task.corpus)
-
-    def split_tokens(split: str) -> DocumentTokens:
-        def records(start: int):
-            return hf_records(name, hf_split(split), task.text_field, config, start)
-
-        return DocumentTokens(records, tokenizer, task.num_workers)
-
     token_bytes = tokenizer.token_byte_lengths()
-    train = StreamedBlocks(split_tokens(task.train_split), token_bytes, task.seq_len)
-    evaluation = StreamedBlocks(split_tokens(task.eval_split), token_bytes, task.seq_len)
-    eval_tokens = evaluation.leading_tokens(task.eval_blocks)
+    if task.corpus.startswith("hf:"):
+        train = StreamedBlocks(
+            hf_tokens(task, task.train_split, tokenizer), token_bytes, task.seq_len
+        )
+    elif is_token_file(task.corpus):
+        train = TokenBlocks(token_file_splits(task)[0], token_bytes, task.seq_len)
+    else:
+        documents = load_corpus(task.corpus, "train")
+        train = TokenBlocks.from_documents(documents, tokenizer, task.seq_len, cache_dir=cache_dir)
     return TaskData(
         tokenizer.vocab_size,
         train,
         task.seq_len,
         tokenizer=tokenizer,
-        lm_eval=TokenBlocks(eval_tokens, token_bytes, task.seq_len),
+        lm_eval=lm_eval_blocks(task, tokenizer, cache_dir),
     )
 
 
-def token_file_data(task: LMTask, tokenizer: Tokenizer) -> TaskData:
-    """A corpus of token ids (``.bin``/``.npy``, memory-mapped), sampled as `TokenBlocks`;
-    evaluation on ``eval_corpus`` or the corpus's last ``eval_fraction``."""
+def lm_eval_blocks(
+    task: LMTask, tokenizer: Tokenizer, cache_dir: Path | None = None
+) -> TokenBlocks:
+    """The evaluation blocks of an LM task: its eval split (local corpora: tokenized once
+    into ``cache_dir``), the first ``eval_blocks`` blocks of a streamed eval split (all: 0),
+    or a token file's evaluation tokens (`token_file_splits`)."""
+    token_bytes = tokenizer.token_byte_lengths()
+    if task.corpus.startswith("hf:"):
+        stream = StreamedBlocks(
+            hf_tokens(task, task.eval_split, tokenizer), token_bytes, task.seq_len
+        )
+        return TokenBlocks(stream.leading_tokens(task.eval_blocks), token_bytes, task.seq_len)
+    if is_token_file(task.corpus):
+        return TokenBlocks(token_file_splits(task)[1], token_bytes, task.seq_len)
+    documents = load_corpus(task.corpus, task.eval_split)
+    return TokenBlocks.from_documents(documents, tokenizer, task.seq_len, cache_dir=cache_dir)
+
+
+def hf_tokens(task: LMTask, split: str, tokenizer: Tokenizer) -> DocumentTokens:
+    """The tokenized records of a split of a streamed Hugging Face corpus."""
+    name, config = hf_source(task.corpus)
+
+    def records(start: int):
+        return hf_records(name, hf_split(split), task.text_field, config, start)
+
+    return DocumentTokens(records, tokenizer, task.num_workers)
+
+
+def token_file_splits(task: LMTask) -> tuple[np.ndarray, np.ndarray]:
+    """([L] training, [L'] evaluation) token ids of a token-file corpus, memory-mapped: the
+    ``eval_corpus`` file, or the corpus's last ``eval_fraction`` (at least seq_len tokens)."""
     tokens = load_token_file(task.corpus, task.token_dtype)  # [L]
     if task.eval_corpus is not None:
-        eval_tokens = load_token_file(task.eval_corpus, task.token_dtype)
-    else:
-        held_out = max(task.seq_len, round(task.eval_fraction * len(tokens)))
-        if held_out >= len(tokens):
-            raise ValueError(
-                f"task.corpus: {len(tokens)} tokens leave none for training after holding "
-                f"out {held_out} for evaluation (task.eval_fraction, at least seq_len)"
-            )
-        tokens, eval_tokens = tokens[:-held_out], tokens[-held_out:]
-    token_bytes = tokenizer.token_byte_lengths()
-    return TaskData(
-        tokenizer.vocab_size,
-        TokenBlocks(tokens, token_bytes, task.seq_len),
-        task.seq_len,
-        tokenizer=tokenizer,
-        lm_eval=TokenBlocks(eval_tokens, token_bytes, task.seq_len),
-    )
+        return tokens, load_token_file(task.eval_corpus, task.token_dtype)
+    held_out = max(task.seq_len, round(task.eval_fraction * len(tokens)))
+    if held_out >= len(tokens):
+        raise ValueError(
+            f"task.corpus: {len(tokens)} tokens leave none for training after holding "
+            f"out {held_out} for evaluation (task.eval_fraction, at least seq_len)"
+        )
+    return tokens[:-held_out], tokens[-held_out:]
 
 
 def build_task_data(task: MQARTask | NIAHTask | LMTask, seed: int, out_dir: Path) -> TaskData:

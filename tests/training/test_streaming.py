@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from growmem.cli import main
 from growmem.tasks import ByteTokenizer, TokenBlocks
 from growmem.tasks.corpus import hf_records, load_token_file
 from growmem.tasks.streaming import DocumentTokens, StreamedBlocks
@@ -192,6 +193,15 @@ def test_token_files_give_the_blocks_of_the_same_tokens_as_text(tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in a), (corpus_file, step)
         assert np.array_equal(np.asarray(tokens.lm_eval.tokens), val_ids)
     assert isinstance(load_token_file(tmp_path / "train.bin"), np.memmap)
+
+
+def test_a_token_file_run_trains_and_evaluates(tmp_path, capsys):
+    (np.arange(2000) % 97).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    corpus = str(tmp_path / "tokens.bin")
+    task = {"name": "lm", "corpus": corpus, "seq_len": 16, "eval_blocks": 2, "eval_fraction": 0.1}
+    train(tiny_config(tmp_path / "run", task=task, train={"steps": 2}))
+    assert main(["eval", str(tmp_path / "run" / "model"), "--max-blocks", "3"]) == 0
+    assert '"tokens": 45' in capsys.readouterr().out  # 3 blocks of 15 targets
 
 
 def test_token_file_holds_out_its_tail_for_evaluation(tmp_path):
