@@ -34,6 +34,7 @@ from growmem.training.checkpoint import (
 from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
+from growmem.training.documents import DocumentResets
 from growmem.training.loggers import (
     TENSORBOARD_FOLDER,
     Logger,
@@ -225,6 +226,8 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
         routing = mqar_gate_routing(model, data.mqar_test)  # None without gates
         return result if routing is None else {**result, "gates": routing}
     if isinstance(task, LMTask):
+        if task.reset_at_documents:
+            model = DocumentResets(model, data.tokenizer.eos_id)
         return evaluate_lm(model, data.lm_eval, max_blocks=task.eval_blocks, bf16=bf16)
     return evaluate_niah(
         model,
@@ -436,6 +439,8 @@ def _train_in(
         dynamic_ncols=True,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    resets = isinstance(config.task, LMTask) and config.task.reset_at_documents
+    forward = DocumentResets(wrapped, data.tokenizer.eos_id) if resets else wrapped
     step = start_step
     if settings.eval_every and start_step == 0:  # the curves start at the initial model
         evaluate(0)
@@ -465,7 +470,7 @@ def _train_in(
                 last = i == len(micro) - 1
                 with gradient_sync(wrapped, last):
                     with autocast:
-                        logits = wrapped(input_ids=mb_ids, use_cache=False).logits
+                        logits = forward(input_ids=mb_ids, use_cache=False).logits
                     mb_loss = F.cross_entropy(
                         logits[:, :-1].float().flatten(0, 1),
                         mb_labels[:, 1:].flatten(),

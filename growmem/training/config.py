@@ -128,6 +128,9 @@ class LMTask:
         eval_corpus: token files: the evaluation split's token file; without one the last
             ``eval_fraction`` of the corpus is held out for evaluation.
         eval_fraction: token files without eval_corpus: the held-out tail, in (0, 1).
+        reset_at_documents: read each document of a block as if it were alone (the memory,
+            its cached segments, the convolution and attention restart after every eos),
+            in training and evaluation (growmem.training.documents).
     """
 
     name: str = "lm"
@@ -144,6 +147,7 @@ class LMTask:
     token_dtype: str = "uint16"
     eval_corpus: str | None = None
     eval_fraction: float = 0.01
+    reset_at_documents: bool = False
 
 
 TASK_TYPES = {"mqar": MQARTask, "niah": NIAHTask, "lm": LMTask}
