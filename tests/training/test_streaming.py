@@ -16,9 +16,10 @@ from growmem.tasks import ByteTokenizer, TokenBlocks
 from growmem.tasks.corpus import hf_records, load_token_file
 from growmem.tasks.streaming import DocumentTokens, StreamedBlocks
 from growmem.train import train
-from growmem.training.checkpoint import latest_checkpoint, load_trainer_state
+from growmem.training.checkpoint import latest_checkpoint, load_trainer_state, read_run_config
 from growmem.training.config import LMTask
 from growmem.training.data import lm_data
+from growmem.training.rundir import check_resume
 
 from .common import loss_lines, text_corpus, tiny_config
 
@@ -117,8 +118,8 @@ def test_worker_processes_and_ranks_give_the_same_blocks(dataset):
     def records(start: int):
         return hf_records(str(folder), "train", start=start)
 
-    # windows of 2 workers x 2 x 3 documents: the pool encodes the next while one is read
-    pooled = DocumentTokens(records, ByteTokenizer(), num_workers=2, chunk=3)
+    # windows of 2 x 3 documents: the pool encodes the next while one is read
+    pooled = DocumentTokens(records, ByteTokenizer(), num_workers=1, chunk=3)
     in_pool = StreamedBlocks(pooled, [1] * EOS + [0], 16)
     assert all(map(torch.equal, batches(in_pool, range(12), 4), whole))
     ranks = [batches(streamed(folder), range(12), 2, rank=r, world_size=2) for r in (0, 1)]
@@ -166,7 +167,11 @@ def test_a_streamed_run_resumes_exactly(tmp_path):
     assert train(config_b, stop_after=4) is None  # a checkpoint at 3 and one at 4
     cursor = load_trainer_state(latest_checkpoint(b))["data"]
     assert cursor["step"] == 4 and cursor["offset"] > 0  # mid-document
-    train(tiny_config(b, task={**task, "num_workers": 1}, train=settings), resume=True)
+    # the number of tokenizing processes does not change the data: a resume may change it
+    checkpoint = latest_checkpoint(b)
+    more_workers = tiny_config(b, task={**task, "num_workers": 3}, train=settings)
+    assert check_resume(checkpoint, read_run_config(checkpoint), more_workers, 1) == []
+    train(config_b, resume=True)
     assert [m["loss"] for m in loss_lines(b)] == [m["loss"] for m in loss_lines(a)]
     assert_same_weights_of(a / "model", b / "model")
 
