@@ -160,12 +160,18 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def linear_warmup(step: int, warmup: int) -> float:
+    """Learning-rate factor of a warmup step (step < warmup): (step + 1) / warmup, so that the
+    first step already learns and step warmup - 1 reaches the peak."""
+    return (step + 1) / warmup
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """Learning-rate factor of step s: linear warmup to 1, cosine decay to min_ratio."""
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return linear_warmup(step, warmup)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -188,7 +194,7 @@ def warmup_stable_decay(warmup: int, total: int, min_ratio: float, decay_fractio
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return linear_warmup(step, warmup)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
