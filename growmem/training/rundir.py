@@ -285,10 +285,12 @@ def check_resume(
     then = {**defaults, **{k: v for k, v in recorded["train"].items() if k in defaults}}
     now = new["train"]
     changed = {k: (then[k], v) for k, v in now.items() if then[k] != v}
+    # a cosine schedule has no decay fraction: changing it changes nothing
+    inert = {"decay_fraction"} if then["schedule"] == now["schedule"] == "cosine" else set()
     refused = [
         f"train.{k} {a!r} -> {b!r}"
         for k, (a, b) in changed.items()
-        if k not in RESUME_MAY_CHANGE + BATCH_SPLIT
+        if k not in (*RESUME_MAY_CHANGE, *BATCH_SPLIT, *inert)
     ]
     # recorded since processes could differ; an older checkpoint is taken to match
     processes_then = recorded.get("processes", processes)

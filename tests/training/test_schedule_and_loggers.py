@@ -56,6 +56,8 @@ def test_wsd_run_logs_its_learning_rates_and_resumes_on_them(tmp_path):
     assert train(config_b, stop_after=3) is None
     with pytest.raises(ValueError, match=r"train.schedule 'wsd' -> 'cosine'"):
         train(tiny_config(b, train={**settings, "schedule": "cosine"}), resume=True)
+    with pytest.raises(ValueError, match=r"train.decay_fraction 0.5 -> 0.25"):
+        train(tiny_config(b, train={**settings, "decay_fraction": 0.25}), resume=True)
     train(config_b, resume=True)
     assert [line["lr"] for line in loss_lines(b)] == lrs
     assert [line["loss"] for line in loss_lines(b)] == [line["loss"] for line in loss_lines(a)]
@@ -164,3 +166,11 @@ def test_tensorboard_logger_opens_its_writer_at_the_first_record(tmp_path):
     logger.close()
     (writer,) = FakeWriter.made
     assert writer.purge_step == 7 and writer.scalars == [("train/loss", 1.0, 7)]
+
+
+def test_a_cosine_run_resumes_with_another_decay_fraction(tmp_path):
+    """decay_fraction means nothing to a cosine schedule: a resume may change it."""
+    settings = {"steps": 3, "checkpoint_every": 1}
+    assert train(tiny_config(tmp_path, train=settings), stop_after=1) is None
+    other = tiny_config(tmp_path, train={**settings, "decay_fraction": 0.5})
+    assert train(other, resume=True) == tmp_path / "model"
