@@ -115,6 +115,7 @@ def cmd_eval(args) -> int:
     from growmem.training.config import TASK_TYPES, build_config
     from growmem.training.data import lm_eval_blocks, mqar_data, niah_eval_lengths
     from growmem.training.device import resolve_device
+    from growmem.training.documents import DocumentResets
     from growmem.training.rundir import ensure_folder
     from growmem.utils.provenance import write_json
 
@@ -206,6 +207,8 @@ def cmd_eval(args) -> int:
         max_blocks = args.max_blocks or task.eval_blocks
         eval_task = dataclasses.replace(task, seq_len=seq_len, eval_blocks=max_blocks)
         blocks = lm_eval_blocks(eval_task, tokenizer)
+        if task.reset_at_documents:  # read as the run trained: each document alone
+            model = DocumentResets(model, tokenizer.eos_id)
         results = evaluate_lm(model, blocks, max_blocks=max_blocks)
     name = f"eval-{task_name}{label}"
     path = write_json(out / f"{name}.json", results)

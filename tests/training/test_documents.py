@@ -4,9 +4,12 @@ hybrid, and equals the same document decoded token by token."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from growmem.cli import main
 from growmem.models import CACHE_FIELD, GrowMemForCausalLM
 from growmem.train import train
 from growmem.training.documents import DocumentResets, document_starts, split_documents
@@ -104,3 +107,7 @@ def test_training_with_resets_differs_and_resumes(tmp_path):
     train(config, resume=True)
     losses = [line["loss"] for line in loss_lines(reset)]
     assert len(losses) == 3 and losses != [line["loss"] for line in loss_lines(plain)]
+    # growmem eval reads the run's documents as it trained: alone (the final eval's loss)
+    final = json.loads((reset / "model" / "eval.json").read_text())
+    assert main(["eval", str(reset / "model"), "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval-lm.json").read_text())["loss"] == final["loss"]
