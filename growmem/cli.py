@@ -5,6 +5,7 @@ growmem eval MODEL_DIR [--task mqar|niah|lm] [--lengths N ...] [--kv-pairs K ...
              [--post-training-mc SEGMENT] [--device DEVICE]
 growmem generate RUN_OR_MODEL [--prompt TEXT | --prompt-file PATH] [--max-new-tokens N]
              [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device DEVICE] [--stats]
+growmem plot RUN [RUN ...] [--out curves.png]
 growmem configs
 
 CONFIG is a YAML file or a task base (mqar, niah, lm); SPEC names the model trained on it:
@@ -82,11 +83,13 @@ def run_config(args):
 
 
 def cmd_train(args) -> int:
-    from growmem.train import train
+    from growmem.train import Distributed, train
 
     config = run_config(args)
     resume = "auto" if args.auto_resume else args.resume
     final = train(config, resume=resume, stop_after=args.stop_after)
+    if not Distributed.main_process():  # under torchrun, rank 0 speaks for the run
+        return 0
     if final is None:
         print(f"stopped after step {args.stop_after}; continue with --resume")
     else:
@@ -104,7 +107,6 @@ def cmd_eval(args) -> int:
     )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
     from growmem.models.model_spec import spec_of
-    from growmem.tasks import TokenBlocks, load_corpus
     from growmem.training.checkpoint import (
         CONFIG_FILE,
         load_folder_tokenizer,
@@ -113,8 +115,9 @@ def cmd_eval(args) -> int:
         verify_checksums,
     )
     from growmem.training.config import TASK_TYPES, build_config
-    from growmem.training.data import mqar_data, niah_eval_lengths
+    from growmem.training.data import lm_eval_blocks, mqar_data, niah_eval_lengths
     from growmem.training.device import resolve_device
+    from growmem.training.documents import DocumentResets
     from growmem.training.rundir import ensure_folder
     from growmem.utils.provenance import write_json
 
@@ -188,10 +191,12 @@ def cmd_eval(args) -> int:
         )
     else:
         seq_len = max(lengths) if lengths else task.seq_len
-        blocks = TokenBlocks.from_documents(
-            load_corpus(task.corpus, task.eval_split), tokenizer, seq_len
-        )
-        results = evaluate_lm(model, blocks, max_blocks=args.max_blocks or task.eval_blocks)
+        max_blocks = args.max_blocks or task.eval_blocks
+        eval_task = dataclasses.replace(task, seq_len=seq_len, eval_blocks=max_blocks)
+        blocks = lm_eval_blocks(eval_task, tokenizer)
+        if task.reset_at_documents:  # read as the run trained: each document alone
+            model = DocumentResets(model, tokenizer.eos_id)
+        results = evaluate_lm(model, blocks, max_blocks=max_blocks)
     name = f"eval-{task_name}{label}"
     path = write_json(out / f"{name}.json", results)
     plot = plot_results(task_name, results, out / f"{name}.png", title=f"{folder.name}{label}")
@@ -226,16 +231,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def number_at_least(low: float):
-    """An argparse type: a number >= ``low``."""
+def cmd_plot(args) -> int:
+    from growmem.training.curves import plot_runs
+
+    plot_runs(args.runs, args.out, smoothing=args.smoothing)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def number_in(low: float, below: float | None = None):
+    """An argparse type: a number >= ``low`` (and < ``below`` when given)."""
+    wanted = f">= {low:g}" if below is None else f"in [{low:g}, {below:g})"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = None
-        if value is None or not value >= low:  # (NaN fails too)
-            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
+        # (NaN fails too)
+        if value is None or not value >= low or (below is not None and not value < below):
+            raise argparse.ArgumentTypeError(f"expected a number {wanted}, got {text!r}")
         return value
 
     return parse
@@ -363,7 +378,7 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--temperature",
-        type=number_at_least(0),
+        type=number_in(0),
         default=DEFAULTS["temperature"],
         help="sampling temperature; 0: greedy decoding (default %(default)s)",
     )
@@ -375,7 +390,7 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--top-p",
-        type=number_at_least(0),
+        type=number_in(0),
         default=1.0,
         help="sample among the likeliest tokens of total probability P, in (0, 1] "
         "(default %(default)s: all)",
@@ -391,6 +406,23 @@ def build_parser() -> Parser:
         "state, attention) to standard error at the end",
     )
     p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser(
+        "plot",
+        help="draw the loss and evaluation curves of runs into a PNG",
+        description="Draw the training loss (smoothed, raw faint) and the evaluation curves "
+        "(accuracy or evaluation loss, per slice where there are several) of one or several "
+        "runs from their metrics.jsonl.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (train.out_dir)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+    p.add_argument(
+        "--smoothing",
+        type=number_in(0, below=1),
+        default=0.9,
+        help="weight of the training loss's moving average, in [0, 1) (default: 0.9)",
+    )
+    p.set_defaults(run=cmd_plot)
 
     p = commands.add_parser("configs", help="list the task bases and the model spec grammar")
     p.set_defaults(run=cmd_configs)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah, mqar_gate_routing
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import IGNORE_INDEX
+from growmem.tasks.streaming import StreamedBlocks
 from growmem.training.checkpoint import (
     load_trainer_state,
     load_weights,
@@ -32,6 +34,12 @@ from growmem.training.checkpoint import (
 from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
 from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
+from growmem.training.documents import DocumentResets
+from growmem.training.loggers import (
+    TENSORBOARD_FOLDER,
+    Logger,
+    TensorBoardLogger,
+)
 from growmem.training.parallel import (
     check_launch,
     clip_gradients,
@@ -69,6 +77,12 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @staticmethod
+    def main_process() -> bool:
+        """Whether this process is rank 0 of its torchrun launch (or not launched by torchrun):
+        the one that prints and writes, also before or after the process group exists."""
+        return int(os.environ.get("RANK", "0")) == 0
 
     @staticmethod
     def launch() -> tuple[int, int]:
@@ -146,14 +160,45 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def linear_warmup(step: int, warmup: int) -> float:
+    """Learning-rate factor of a warmup step (step < warmup): (step + 1) / warmup, so that the
+    first step already learns and step warmup - 1 reaches the peak."""
+    return (step + 1) / warmup
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """Learning-rate factor of step s: linear warmup to 1, cosine decay to min_ratio."""
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return linear_warmup(step, warmup)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def warmup_stable_decay(warmup: int, total: int, min_ratio: float, decay_fraction: float):
+    """Learning-rate factor of step s for warmup-stable-decay (WSD): linear warmup to 1, 1
+    until the last ``decay = round(decay_fraction * total)`` steps (at least one), then
+    ``min_ratio + (1 - min_ratio) * (1 - sqrt(progress))`` with progress going from 0 at
+    step ``total - decay`` to 1 at step ``total``, as for the cosine.
+
+    The 1 - sqrt shape (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations") matched or beat the cosine there, where a linear decay
+    fell short; a checkpoint of the stable phase can be continued to a longer run (a resume
+    may change train.steps) and the decay starts later.
+    """
+    decay = max(1, round(decay_fraction * total))
+    decay_start = max(warmup, total - decay)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return linear_warmup(step, warmup)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return min_ratio + (1 - min_ratio) * (1 - math.sqrt(progress))
 
     return factor
 
@@ -161,16 +206,21 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 def build_optimizer(
     model: torch.nn.Module, settings: TrainSettings
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``parameter_groups`` and its warmup-cosine schedule, as ``settings`` say."""
+    """AdamW over ``parameter_groups`` and its schedule (``settings.schedule``: warmup-cosine
+    or warmup-stable-decay), as ``settings`` say."""
     optimizer = torch.optim.AdamW(
         parameter_groups(model, settings.weight_decay),
         lr=settings.lr,
         betas=tuple(settings.betas),
         eps=settings.eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
-    )
+    if settings.schedule == "wsd":
+        factor = warmup_stable_decay(
+            settings.warmup_steps, settings.steps, settings.min_lr_ratio, settings.decay_fraction
+        )
+    else:
+        factor = warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 
@@ -182,6 +232,8 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
         routing = mqar_gate_routing(model, data.mqar_test)  # None without gates
         return result if routing is None else {**result, "gates": routing}
     if isinstance(task, LMTask):
+        if task.reset_at_documents:
+            model = DocumentResets(model, data.tokenizer.eos_id)
         return evaluate_lm(model, data.lm_eval, max_blocks=task.eval_blocks, bf16=bf16)
     return evaluate_niah(
         model,
@@ -198,7 +250,10 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
 
 
 def train(
-    config: RunConfig, resume: bool | str = False, stop_after: int | None = None
+    config: RunConfig,
+    resume: bool | str = False,
+    stop_after: int | None = None,
+    loggers: Sequence[Logger] = (),
 ) -> Path | None:
     """Train a model as ``config`` says; returns the folder of the final model.
 
@@ -216,10 +271,14 @@ def train(
             scripts that rerun until done.
         stop_after: end this session after that step with a checkpoint (for time-sliced or
             preemptible jobs; continue with ``resume``); returns None then.
+        loggers: callables given every metrics record as it is appended to metrics.jsonl,
+            on rank 0 (growmem.training.loggers: e.g. Weights & Biases); train.tensorboard
+            adds a TensorBoard writer.
 
     Raises:
         ValueError: bad arguments, a folder this session may not start or continue in, or a
             damaged checkpoint (`ChecksumError` among them), each named.
+        ImportError: train.tensorboard without the tensorboard package.
         OSError: the folder is in use by another run (`RunFolderInUse`), not writable, or a
             write failed (a full disk), named; the last checkpoint is intact.
     """
@@ -227,15 +286,26 @@ def train(
         raise ValueError(f"stop_after must be a step >= 1, got {stop_after}")
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    loggers = list(loggers)
+    if not all(callable(logger) for logger in loggers):
+        raise TypeError(f"loggers: expected callables taking a metrics record, got {loggers!r}")
+    # every rank checks the package (a missing one is named before any work); rank 0 writes
+    tensorboard = None
+    if config.train.tensorboard:
+        tensorboard = TensorBoardLogger(Path(config.train.out_dir) / TENSORBOARD_FOLDER)
     world_size, local_rank = Distributed.launch()
     check_launch(config.train.parallel, world_size)
     device = resolve_device(config.train.device, "train.device", local_rank, world_size)
     env = Distributed.from_env(device)
     # rank 0 alone writes the run folder, and holds its lock for the whole run
     lock = RunLock(config.train.out_dir) if env.main else None
+    if tensorboard is not None and env.main:
+        loggers.append(tensorboard)
     try:
-        return _train_in(env, device, lock, config, resume, stop_after)
+        return _train_in(env, device, lock, config, resume, stop_after, loggers)
     finally:
+        if tensorboard is not None:
+            tensorboard.close()
         if lock is not None:
             lock.release()
         env.close()
@@ -254,6 +324,7 @@ def _train_in(
     config: RunConfig,
     resume: bool | str,
     stop_after: int | None,
+    loggers: list[Logger],
 ) -> Path | None:
     """`train`'s body, run by a process that has joined its launch (``env``) on ``device``."""
     settings = config.train
@@ -294,6 +365,14 @@ def _train_in(
         start_step = state["step"]
         if start_step != checkpoint_step(plan.checkpoint):
             raise ValueError(f"checkpoint {plan.checkpoint} holds the state of step {start_step}")
+        if isinstance(data.train, StreamedBlocks):  # continue at the token where it stopped
+            cursor = state.get("data")
+            if cursor is None or cursor.get("step") != start_step:
+                raise ValueError(
+                    f"checkpoint {plan.checkpoint} holds no position in the streamed corpus "
+                    f"at step {start_step} (got {cursor!r})"
+                )
+            data.train.load_state_dict(cursor)
 
     def record_run() -> list[str]:
         """config.yaml of this session; metrics cut back to the checkpoint's step."""
@@ -312,6 +391,8 @@ def _train_in(
 
     def checkpoint(step: int) -> None:
         trainer_state = {"scheduler": scheduler.state_dict(), **rng_states(device)}
+        if isinstance(data.train, StreamedBlocks):
+            trainer_state["data"] = data.train.state_dict()  # the stream's resume cursor
         if sharded:  # every process writes its shards
             save_sharded_checkpoint(
                 env,
@@ -345,6 +426,8 @@ def _train_in(
             except OSError as error:  # a full disk, say: name the file
                 message = f"could not append to {metrics_path} ({error.strerror or error})"
                 raise OSError(error.errno, message) from error
+            for logger in loggers:
+                logger(record)
 
     def evaluate(step: int) -> dict[str, Any] | None:
         """Rank 0 evaluates and logs; under FSDP every process runs the evaluation with it
@@ -362,6 +445,8 @@ def _train_in(
         dynamic_ncols=True,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    resets = isinstance(config.task, LMTask) and config.task.reset_at_documents
+    forward = DocumentResets(wrapped, data.tokenizer.eos_id) if resets else wrapped
     step = start_step
     if settings.eval_every and start_step == 0:  # the curves start at the initial model
         evaluate(0)
@@ -391,7 +476,7 @@ def _train_in(
                 last = i == len(micro) - 1
                 with gradient_sync(wrapped, last):
                     with autocast:
-                        logits = wrapped(input_ids=mb_ids, use_cache=False).logits
+                        logits = forward(input_ids=mb_ids, use_cache=False).logits
                     mb_loss = F.cross_entropy(
                         logits[:, :-1].float().flatten(0, 1),
                         mb_labels[:, 1:].flatten(),

@@ -37,9 +37,16 @@ from growmem.tasks.tokenizers import Tokenizer
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "SPLITS",
+    "TOKEN_DTYPES",
+    "TOKEN_FILE_EXTENSIONS",
     "TokenBlocks",
+    "hf_records",
+    "hf_source",
+    "hf_split",
     "hf_text_dataset",
+    "is_token_file",
     "load_corpus",
+    "load_token_file",
     "split_of",
     "stdlib_corpus",
     "text_files",
@@ -138,10 +145,48 @@ def text_files(
     return _select(path, files, split)
 
 
+def hf_records(
+    name: str, split: str, text_field: str = "text", config: str | None = None, start: int = 0
+) -> Iterator[str]:
+    """The ``text_field`` strings of every record of a Hugging Face dataset split (empty ones
+    included, so that a record's place in the split is its index), streamed: the split is
+    read as it is consumed (``load_dataset(..., streaming=True)``), never loaded whole.
+
+    Args:
+        name: dataset name on the Hub or a local dataset path, e.g. "wikitext", or a folder
+            of train.jsonl / validation.jsonl files.
+        split: the dataset's own split name, e.g. "train" or "validation".
+        text_field: the column holding the text.
+        config: the dataset configuration, e.g. "wikitext-103-raw-v1".
+        start: records to skip first (a resumed reader's position).
+
+    Raises:
+        ImportError: the optional ``datasets`` package is not installed.
+        ValueError: the dataset has no column ``text_field`` (raised at the first record).
+    """
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            "hf_text_dataset needs the Hugging Face `datasets` package: "
+            "pip install 'growmem[datasets]'"
+        ) from error
+    dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+    if start:
+        dataset = dataset.skip(start)
+    for record in dataset:
+        if text_field not in record:
+            raise ValueError(
+                f"text_field: {text_field!r} is not a column of {name} (has {sorted(record)})"
+            )
+        yield record[text_field] or ""
+
+
 def hf_text_dataset(
     name: str, split: str, text_field: str = "text", config: str | None = None
 ) -> Iterator[str]:
-    """The non-empty ``text_field`` strings of a Hugging Face dataset split, in dataset order.
+    """The non-empty ``text_field`` strings of a Hugging Face dataset split, in dataset order,
+    streamed (`hf_records`).
 
     Args:
         name: dataset name on the Hub or a local dataset path, e.g. "wikitext".
@@ -153,19 +198,65 @@ def hf_text_dataset(
         ImportError: the optional ``datasets`` package is not installed.
         ValueError: the dataset has no column ``text_field``.
     """
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            "hf_text_dataset needs the Hugging Face `datasets` package: "
-            "pip install 'growmem[datasets]'"
-        ) from error
-    dataset = datasets.load_dataset(name, config, split=split)
-    if text_field not in dataset.column_names:
+    return (text for text in hf_records(name, split, text_field, config) if text)
+
+
+def hf_source(source: str) -> tuple[str, str | None]:
+    """(name, config) of an ``"hf:<name>[:<config>]"`` corpus."""
+    name, _, config = source[len("hf:") :].partition(":")
+    return name, config or None
+
+
+def hf_split(split: str) -> str:
+    """A dataset's split name for ``split``: our "val" is "validation", others are kept."""
+    return _HF_SPLIT_NAMES.get(split, split)
+
+
+TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
+TOKEN_FILE_EXTENSIONS = (".bin", ".npy")
+
+
+def is_token_file(source: str | Path) -> bool:
+    """Whether a corpus is a file of token ids (``.bin`` or ``.npy``) rather than text."""
+    return str(source).endswith(TOKEN_FILE_EXTENSIONS)
+
+
+def load_token_file(path: str | Path, dtype: str = "uint16") -> np.ndarray:
+    """A file of token ids, memory-mapped (read as batches need it, never loaded whole).
+
+    Args:
+        path: a ``.npy`` array (its header gives the dtype) or a raw ``.bin`` of ``dtype``
+            ids, as nanoGPT's prepare scripts write them (uint16 for GPT-2's 50257 tokens).
+        dtype: "uint16" or "uint32", for ``.bin`` files.
+    Returns: [L] the ids.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: another extension or dtype, a ``.npy`` that is not a 1-D integer array,
+            a ``.bin`` whose size is not a whole number of ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+            raise ValueError(
+                f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
+                f"of shape {tokens.shape}"
+            )
+        return tokens
+    if path.suffix != ".bin":
+        raise ValueError(f"path: expected a .bin or .npy token file, got {path}")
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"dtype: expected one of {TOKEN_DTYPES}, got {dtype!r}")
+    size = np.dtype(dtype).itemsize
+    if path.stat().st_size % size:
         raise ValueError(
-            f"text_field: {text_field!r} is not a column of {name} (has {dataset.column_names})"
+            f"{path}: {path.stat().st_size} bytes is not a whole number of {dtype} ids "
+            "(is token_dtype right?)"
         )
-    return (record[text_field] for record in dataset if record[text_field])
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def _read(files: Iterable[Path]) -> Iterator[str]:
@@ -173,14 +264,16 @@ def _read(files: Iterable[Path]) -> Iterator[str]:
         yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def load_corpus(source: str, split: str | None) -> Iterator[str]:
+def load_corpus(source: str, split: str | None, text_field: str = "text") -> Iterator[str]:
     """The documents of a corpus split, in a deterministic order (consumed once).
 
     Args:
         source: "stdlib"; a local file or folder (folders: ``DEFAULT_EXTENSIONS`` files); or
-            "hf:<name>" / "hf:<name>:<config>" (text column "text"; our "val" maps to the
-            dataset's "validation").
-        split: "train", "val", "test", or None (all of a local source; not for "hf:").
+            "hf:<name>" / "hf:<name>:<config>" (streamed; our "val" maps to the dataset's
+            "validation", other names are the dataset's own splits).
+        split: "train", "val", "test", or None (all of a local source; not for "hf:"), or
+            for "hf:" any split of the dataset.
+        text_field: the column holding the text ("hf:" only).
     Returns: one string per file (local sources, decoded as UTF-8 with replacement) or record.
 
     Raises:
@@ -191,9 +284,10 @@ def load_corpus(source: str, split: str | None) -> Iterator[str]:
         _check_split(split)
         return _read(stdlib_corpus(split))
     if source.startswith("hf:"):
-        _check_split(split, allow_none=False)
-        name, _, config = source[len("hf:") :].partition(":")
-        return hf_text_dataset(name, _HF_SPLIT_NAMES[split], config=config or None)
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split: expected a split name of the dataset, got {split!r}")
+        name, config = hf_source(source)
+        return hf_text_dataset(name, hf_split(split), text_field, config)
     return _read(text_files(source, split))
 
 
@@ -285,6 +379,12 @@ class TokenBlocks:
         starts = block_ids * (self.seq_len - 1)  # [B]
         index = starts[:, None] + np.arange(self.seq_len)  # [B, T]
         blocks = np.asarray(self.tokens[index], dtype=np.int64)  # [B, T]
+        if blocks.size and blocks.max() >= len(self.token_bytes):
+            # a token file of another tokenizer: say so before the embedding fails
+            raise ValueError(
+                f"tokens: id {blocks.max()} in blocks {block_ids.tolist()} is beyond the "
+                f"tokenizer's vocabulary of {len(self.token_bytes)}"
+            )
         num_bytes = self.token_bytes[blocks[:, 1:]].sum(axis=1)  # [B]
         input_ids = torch.from_numpy(blocks)
         return {

@@ -35,6 +35,7 @@ from growmem.training.device import parse_device
 
 TASKS = ("mqar", "niah", "lm")
 PARALLEL = ("none", "ddp", "fsdp")  # train.parallel
+SCHEDULES = ("cosine", "wsd")  # train.schedule
 
 
 @dataclass
@@ -108,14 +109,28 @@ class LMTask:
 
     Args:
         corpus: "stdlib" (the running Python's standard library source), a local file or
-            folder, or "hf:<dataset>[:<config>]" (needs the datasets package and the hub).
+            folder, "hf:<dataset>[:<config>]" (needs the datasets package; streamed and
+            read in order, growmem.tasks.streaming), or a file of token ids: ``.bin`` (raw,
+            of ``token_dtype``, as nanoGPT writes them) or ``.npy``, memory-mapped.
         seq_len: tokens per training block.
         tokenizer: "byte", "bpe" (trained on the training split and saved with the run) or a
-            saved tokenizer directory.
+            saved tokenizer directory (for token files: the tokenizer that made them).
         bpe_vocab_size: vocabulary of a trained BPE.
-        eval_split: "val" or "test".
+        eval_split: "val" or "test"; for "hf:" corpora any split of the dataset ("val" is
+            its "validation").
         eval_blocks: blocks of the evaluation split scored at each evaluation (0: all).
         cache_dir: where tokenized streams are kept (default: <out_dir>/../.token_cache).
+        train_split: "hf:" corpora: the dataset's training split (others: "train").
+        text_field: "hf:" corpora: the column holding the text.
+        num_workers: "hf:" corpora: processes that tokenize the stream (0: the training
+            process); any number gives the same blocks.
+        token_dtype: ``.bin`` token files: "uint16" or "uint32" (``.npy`` files say theirs).
+        eval_corpus: token files: the evaluation split's token file; without one the last
+            ``eval_fraction`` of the corpus is held out for evaluation.
+        eval_fraction: token files without eval_corpus: the held-out tail, in (0, 1).
+        reset_at_documents: read each document of a block as if it were alone (the memory,
+            its cached segments, the convolution and attention restart after every eos),
+            in training and evaluation (growmem.training.documents).
     """
 
     name: str = "lm"
@@ -126,6 +141,13 @@ class LMTask:
     eval_split: str = "val"
     eval_blocks: int = 64
     cache_dir: str | None = None
+    train_split: str = "train"
+    text_field: str = "text"
+    num_workers: int = 0
+    token_dtype: str = "uint16"
+    eval_corpus: str | None = None
+    eval_fraction: float = 0.01
+    reset_at_documents: bool = False
 
 
 TASK_TYPES = {"mqar": MQARTask, "niah": NIAHTask, "lm": LMTask}
@@ -141,8 +163,12 @@ class TrainSettings:
         batch_size: sequences per process per optimizer step (before accumulation: each
             step takes batch_size * grad_accum sequences per process).
         grad_accum: micro-batches per optimizer step.
-        lr, min_lr_ratio, warmup_steps: AdamW peak rate, cosine floor (fraction of lr),
-            linear warmup.
+        lr, min_lr_ratio, warmup_steps: AdamW peak rate, the schedule's floor (fraction of
+            lr), linear warmup.
+        schedule: after the warmup, "cosine" (decay to the floor over the remaining steps) or
+            "wsd" (warmup-stable-decay: the peak rate until the last decay_fraction of the
+            steps, then a 1 - sqrt decay to the floor; growmem.train.warmup_stable_decay).
+        decay_fraction: the fraction of train.steps a "wsd" schedule decays over, in (0, 1].
         weight_decay: on matrices only (not on norms, biases, gates or embeddings).
         betas, eps: AdamW.
         grad_clip: max global gradient norm (0: off).
@@ -166,6 +192,8 @@ class TrainSettings:
         compile: torch.compile the training forward: false (default), true (the inductor
             backend) or a backend's name (e.g. "aot_eager": no code generation, for checks).
             Evaluation and checkpoints use the uncompiled model.
+        tensorboard: also write the metrics as TensorBoard scalars into <out_dir>/tensorboard
+            (needs the optional tensorboard package).
     """
 
     out_dir: str = "runs/default"
@@ -175,6 +203,8 @@ class TrainSettings:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -191,6 +221,7 @@ class TrainSettings:
     parallel: str = "ddp"
     activation_checkpointing: bool = False
     compile: bool | str = False
+    tensorboard: bool = False
 
 
 @dataclass
@@ -359,6 +390,7 @@ _TASK_AT_LEAST = {
     "num_needles": 1,
     "bpe_vocab_size": 1,
     "eval_blocks": 0,
+    "num_workers": 0,
 }
 
 
@@ -370,6 +402,9 @@ def _check_train(train: TrainSettings) -> None:
     _check_range("train.min_lr_ratio", train.min_lr_ratio, 0.0, 1.0)
     _check_range("train.weight_decay", train.weight_decay, 0.0)
     _check_range("train.grad_clip", train.grad_clip, 0.0)
+    _check_range("train.decay_fraction", train.decay_fraction, 0.0, 1.0, open_low=True)
+    if train.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {train.schedule!r}")
     if len(train.betas) != 2:
         raise ValueError(f"train.betas must be two numbers [beta1, beta2], got {train.betas!r}")
     _check_range("train.betas", train.betas, 0.0, 1.0, open_high=True)
@@ -402,8 +437,38 @@ def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
             raise ValueError(f"task.variant must be 1, 2 or 3, got {task.variant}")
         if task.haystack not in (None, "noise", "essay"):
             raise ValueError(f"task.haystack must be 'noise' or 'essay', got {task.haystack!r}")
-    if isinstance(task, LMTask) and task.eval_split not in ("val", "test"):
+    if isinstance(task, LMTask):
+        _check_lm_task(task)
+
+
+def _check_lm_task(task: LMTask) -> None:
+    from growmem.tasks.corpus import TOKEN_DTYPES, is_token_file
+
+    if task.corpus.startswith("hf:"):
+        for key in ("train_split", "eval_split", "text_field"):
+            if not getattr(task, key).strip():
+                raise ValueError(f"task.{key} must name a split or column, got an empty string")
+        return
+    if task.eval_split not in ("val", "test"):
         raise ValueError(f"task.eval_split must be 'val' or 'test', got {task.eval_split!r}")
+    if task.train_split != "train":
+        raise ValueError(
+            f"task.train_split applies to hf: corpora (local corpora split by file hash), "
+            f"got {task.train_split!r}"
+        )
+    if is_token_file(task.corpus):
+        if task.tokenizer == "bpe":
+            raise ValueError(
+                "task.tokenizer: a token file needs the tokenizer that made it ('byte' or a "
+                "saved tokenizer folder), not a BPE trained on it"
+            )
+        if task.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(
+                f"task.token_dtype must be one of {list(TOKEN_DTYPES)}, got {task.token_dtype!r}"
+            )
+        _check_range(
+            "task.eval_fraction", task.eval_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from growmem.tasks import (
@@ -20,7 +21,9 @@ from growmem.tasks import (
     niah_dataset,
     niah_training_batch,
 )
+from growmem.tasks.corpus import hf_records, hf_source, hf_split, is_token_file, load_token_file
 from growmem.tasks.sampling import EpochSampler
+from growmem.tasks.streaming import DocumentTokens, StreamedBlocks
 from growmem.training.config import LMTask, MQARTask, NIAHTask
 
 
@@ -55,7 +58,8 @@ class TaskData:
 
     Attributes:
         vocab_size: the model's vocabulary (task tokens or the tokenizer's).
-        train: a batch source (``ExampleSet`` or ``TokenBlocks``).
+        train: a batch source (``ExampleSet``, ``TokenBlocks``, or ``StreamedBlocks``,
+            which is read in order and whose cursor a checkpoint keeps).
         max_seq_len: longest sequence the run trains or evaluates on.
         tokenizer: the tokenizer (NIAH and LM), or None (MQAR works on ids).
         mqar_test: MQAR test slices.
@@ -63,7 +67,7 @@ class TaskData:
     """
 
     vocab_size: int
-    train: ExampleSet | TokenBlocks
+    train: ExampleSet | TokenBlocks | StreamedBlocks
     max_seq_len: int
     tokenizer: Tokenizer | None = None
     mqar_test: list[MQARSlice] | None = None
@@ -150,7 +154,8 @@ def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
     saved = out_dir / "tokenizer"
     if saved.is_dir():
         return load_tokenizer(saved)
-    tokenizer = BPETokenizer.train(load_corpus(task.corpus, "train"), task.bpe_vocab_size)
+    documents = load_corpus(task.corpus, task.train_split, task.text_field)
+    tokenizer = BPETokenizer.train(documents, task.bpe_vocab_size)
     tokenizer.save(saved)
     return tokenizer
 
@@ -158,19 +163,66 @@ def lm_tokenizer(task: LMTask, out_dir: Path) -> Tokenizer:
 def lm_data(task: LMTask, out_dir: Path) -> TaskData:
     tokenizer = lm_tokenizer(task, out_dir)
     cache_dir = Path(task.cache_dir) if task.cache_dir else out_dir.parent / ".token_cache"
-    blocks = {
-        split: TokenBlocks.from_documents(
-            load_corpus(task.corpus, split), tokenizer, task.seq_len, cache_dir=cache_dir
+    token_bytes = tokenizer.token_byte_lengths()
+    if task.corpus.startswith("hf:"):
+        train = StreamedBlocks(
+            hf_tokens(task, task.train_split, tokenizer), token_bytes, task.seq_len
         )
-        for split in ("train", task.eval_split)
-    }
+    elif is_token_file(task.corpus):
+        train = TokenBlocks(token_file_splits(task)[0], token_bytes, task.seq_len)
+    else:
+        documents = load_corpus(task.corpus, "train")
+        train = TokenBlocks.from_documents(documents, tokenizer, task.seq_len, cache_dir=cache_dir)
     return TaskData(
         tokenizer.vocab_size,
-        blocks["train"],
+        train,
         task.seq_len,
         tokenizer=tokenizer,
-        lm_eval=blocks[task.eval_split],
+        lm_eval=lm_eval_blocks(task, tokenizer, cache_dir),
     )
+
+
+def lm_eval_blocks(
+    task: LMTask, tokenizer: Tokenizer, cache_dir: Path | None = None
+) -> TokenBlocks:
+    """The evaluation blocks of an LM task: its eval split (local corpora: tokenized once
+    into ``cache_dir``), the first ``eval_blocks`` blocks of a streamed eval split (all: 0),
+    or a token file's evaluation tokens (`token_file_splits`)."""
+    token_bytes = tokenizer.token_byte_lengths()
+    if task.corpus.startswith("hf:"):
+        stream = StreamedBlocks(
+            hf_tokens(task, task.eval_split, tokenizer), token_bytes, task.seq_len
+        )
+        return TokenBlocks(stream.leading_tokens(task.eval_blocks), token_bytes, task.seq_len)
+    if is_token_file(task.corpus):
+        return TokenBlocks(token_file_splits(task)[1], token_bytes, task.seq_len)
+    documents = load_corpus(task.corpus, task.eval_split)
+    return TokenBlocks.from_documents(documents, tokenizer, task.seq_len, cache_dir=cache_dir)
+
+
+def hf_tokens(task: LMTask, split: str, tokenizer: Tokenizer) -> DocumentTokens:
+    """The tokenized records of a split of a streamed Hugging Face corpus."""
+    name, config = hf_source(task.corpus)
+
+    def records(start: int):
+        return hf_records(name, hf_split(split), task.text_field, config, start)
+
+    return DocumentTokens(records, tokenizer, task.num_workers)
+
+
+def token_file_splits(task: LMTask) -> tuple[np.ndarray, np.ndarray]:
+    """([L] training, [L'] evaluation) token ids of a token-file corpus, memory-mapped: the
+    ``eval_corpus`` file, or the corpus's last ``eval_fraction`` (at least seq_len tokens)."""
+    tokens = load_token_file(task.corpus, task.token_dtype)  # [L]
+    if task.eval_corpus is not None:
+        return tokens, load_token_file(task.eval_corpus, task.token_dtype)
+    held_out = max(task.seq_len, round(task.eval_fraction * len(tokens)))
+    if held_out >= len(tokens):
+        raise ValueError(
+            f"task.corpus: {len(tokens)} tokens leave none for training after holding "
+            f"out {held_out} for evaluation (task.eval_fraction, at least seq_len)"
+        )
+    return tokens[:-held_out], tokens[-held_out:]
 
 
 def build_task_data(task: MQARTask | NIAHTask | LMTask, seed: int, out_dir: Path) -> TaskData:

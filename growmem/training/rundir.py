@@ -26,7 +26,7 @@ from growmem.training.checkpoint import (
     verify_checksums,
     write_text_atomic,
 )
-from growmem.training.config import RunConfig, TrainSettings, model_settings
+from growmem.training.config import TASK_TYPES, RunConfig, TrainSettings, model_settings
 from growmem.training.config_files import load_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -50,6 +50,7 @@ RESUME_MAY_CHANGE = (
     "device",
     "activation_checkpointing",
     "compile",
+    "tensorboard",
 )
 # These may be re-split (e.g. to resume a 2-process run on one process) as long as the
 # global batch, batch_size x grad_accum x processes, stays: every split of a global batch
@@ -241,6 +242,20 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name.removeprefix("step_"))
 
 
+# Task settings that change how the data is computed but not which data it is.
+TASK_RESUME_MAY_CHANGE = ("num_workers",)
+
+
+def _task_course(task: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a recorded task section that decide the run's data: its task's
+    defaults filled in (a run recorded before a setting existed had its default) and
+    ``TASK_RESUME_MAY_CHANGE`` left out."""
+    kind = TASK_TYPES.get(task.get("name", "mqar"))
+    defaults = dataclasses.asdict(kind()) if kind is not None else {}
+    full = {**defaults, **task}
+    return {k: v for k, v in full.items() if k not in TASK_RESUME_MAY_CHANGE}
+
+
 def check_resume(
     checkpoint: Path, recorded: dict[str, Any], config: RunConfig, processes: int
 ) -> list[str]:
@@ -262,7 +277,7 @@ def check_resume(
     """
     new = config.to_dict()
     same_model = model_settings(recorded["model"]) == model_settings(new["model"])
-    if not same_model or recorded["task"] != new["task"]:
+    if not same_model or _task_course(recorded["task"]) != _task_course(new["task"]):
         raise ValueError(
             f"--resume: checkpoint {checkpoint} is from another model or task; its config is "
             f"{checkpoint / RUN_FILE}"
@@ -271,10 +286,12 @@ def check_resume(
     then = {**defaults, **{k: v for k, v in recorded["train"].items() if k in defaults}}
     now = new["train"]
     changed = {k: (then[k], v) for k, v in now.items() if then[k] != v}
+    # a cosine schedule has no decay fraction: changing it changes nothing
+    inert = {"decay_fraction"} if then["schedule"] == now["schedule"] == "cosine" else set()
     refused = [
         f"train.{k} {a!r} -> {b!r}"
         for k, (a, b) in changed.items()
-        if k not in RESUME_MAY_CHANGE + BATCH_SPLIT
+        if k not in (*RESUME_MAY_CHANGE, *BATCH_SPLIT, *inert)
     ]
     # recorded since processes could differ; an older checkpoint is taken to match
     processes_then = recorded.get("processes", processes)

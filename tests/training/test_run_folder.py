@@ -33,6 +33,7 @@ from .common import (
     raw_config,
     read_metrics,
     subprocess_env,
+    text_corpus,
     tiny_config,
     write_yaml,
 )
@@ -485,3 +486,20 @@ def test_a_folder_moved_aside_for_a_replacement_that_never_came_is_put_back(tmp_
     assert remove_temporaries(out) == [".tmp-model-89abcdef", ".tmp-stale-model-0123abcd"]
     assert snapshot(out / "model") == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_resume_a_checkpoint_recorded_before_the_new_settings(tmp_path):
+    """A run.yaml written before a task or train setting existed had that setting's default:
+    the run continues (the LM corpus settings of issue 26 and the schedule settings)."""
+    corpus = text_corpus(tmp_path / "corpus", num_train=2, num_val=1, chars=400)
+    task = {"name": "lm", "corpus": str(corpus), "seq_len": 16, "eval_blocks": 1}
+    config = tiny_config(tmp_path / "run", task=task, train={"steps": 3})
+    assert train(config, stop_after=2) is None
+    folder = latest_checkpoint(tmp_path / "run")
+    record = yaml.safe_load((folder / "run.yaml").read_text())
+    for key in ("train_split", "text_field", "num_workers", "token_dtype", "eval_corpus"):
+        del record["task"][key]
+    for key in ("schedule", "decay_fraction", "tensorboard"):
+        del record["train"][key]
+    rewrite_checked(folder, "run.yaml", yaml.safe_dump(record))
+    assert train(config, resume=True) == tmp_path / "run" / "model"

@@ -267,6 +267,8 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         command, env=subprocess_env(), capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # rank 0 alone prints: the final message once
+    assert done.stdout.count("model saved to") == 1, done.stdout
     train(tiny_config(single_dir, task=task, train={**steps, "batch_size": 4}))
 
     ddp, single = loss_lines(ddp_dir), loss_lines(single_dir)

@@ -405,8 +405,8 @@ MUTANTS: tuple[Mutant, ...] = (
     _training(
         "lm-eval-split-ignored",
         DATA,
-        'for split in ("train", task.eval_split)',
-        'for split in ("train", "val")',
+        "documents = load_corpus(task.corpus, task.eval_split)",
+        'documents = load_corpus(task.corpus, "val")',
         "task.eval_split is ignored: evaluation always reads the val split",
     ),
     _training(
