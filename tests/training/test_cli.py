@@ -46,7 +46,8 @@ def mqar_run(tmp_path_factory):
 def test_configs_lists_task_bases_and_the_model_spec_grammar(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    bases = ["lm", "lm_1.3b", "lm_760m", "mqar", "mqar_capacity", "niah", "niah_multikey"]
+    bases = ["lm", "lm_1.3b", "lm_760m", "lm_tiny", "mqar", "mqar_capacity", "niah"]
+    bases.append("niah_multikey")
     assert lines[:-1] == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == bases
     assert lines[-1].startswith("model specs (growmem train BASE --model SPEC): 'transformer'")
 

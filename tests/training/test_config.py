@@ -239,13 +239,14 @@ def test_to_dict_round_trips(config_file):
 def test_task_bases_are_few_and_each_is_used():
     """A task base per task and setting (``TASK_SETTING``, e.g. mqar_capacity); the sweep and
     the demo name the model with a spec. Besides them, the paper's model sizes for GPUs
-    (tests/models/test_size_presets.py), which no CPU experiment runs."""
+    (tests/models/test_size_presets.py), which no CPU experiment runs, and lm_tiny, the
+    README's language model that trains in a minute (tests/training/test_generate.py)."""
     from experiments.sweep import EXPERIMENTS
     from growmem.demo import TASK
 
     used = {cell.task for cells in EXPERIMENTS.values() for cell in cells()} | {TASK}
     bases = {"mqar", "mqar_capacity", "niah", "niah_multikey", "lm"}
-    sizes = {"lm_760m", "lm_1.3b"}
+    sizes = {"lm_760m", "lm_1.3b", "lm_tiny"}
     assert used == bases
     assert {p.stem for p in PRESETS} == bases | sizes
 

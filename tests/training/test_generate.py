@@ -225,3 +225,35 @@ def test_bpe_model(tmp_path, capsys):
     out = io.StringIO()
     result = generate_text(model, tokenizer, "hello", max_new_tokens=10, temperature=0, out=out)
     assert out.getvalue() == result.text and tokenizer.fingerprint() == bpe.fingerprint()
+
+
+def test_the_tiny_lm_preset_trains_then_generates_loads_and_plots(tmp_path, capsys):
+    """The README's path from a run to text: growmem train lm_tiny (a few steps here), growmem
+    generate (greedy: the model's own generate), the Auto classes on the model folder, and
+    growmem plot of the run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "lm_tiny"
+    settings = ["train.steps=4", "train.eval_every=4", "task.eval_blocks=2", "train.progress=false"]
+    args = ["train", "lm_tiny", "--set", f"train.out_dir={out}"]
+    assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
+    capsys.readouterr()
+    status, text, _ = run(
+        capsys, out, "--prompt", "def ", "--temperature", 0, "--max-new-tokens", 12
+    )
+    assert status == 0
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer("def ").input_ids]])
+    expected = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+    )
+    new = expected[0, ids.shape[1] :]
+    new = (
+        new[: (new == tokenizer.eos_token_id).nonzero()[0, 0]]
+        if tokenizer.eos_token_id in new
+        else new
+    )
+    assert text.rstrip("\n") == tokenizer.decode(new)
+    assert main(["plot", str(out), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
