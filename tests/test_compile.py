@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from growmem import linear_memory, memory_caching
 from growmem.models import CACHE_FIELD, GrowMemForCausalLM
 from growmem.ops import checks
-from growmem.ops.caching import matrix
+from growmem.ops.caching import SegmentPlan, matrix
 from growmem.ops.checks import debug_checks, set_debug_checks, value_checks_enabled
 from growmem.ops.spec import Caching, MatrixMemory
 from tests.helpers import growmem_config, make_inputs, make_u
@@ -125,6 +125,32 @@ def test_compiled_decode_builds_a_bounded_set_of_graphs(aggregation, device):
             graphs.append(counter.frame_count)
     dynamo.reset()
     assert graphs == DECODE_GRAPHS[aggregation]
+
+
+@pytest.mark.parametrize(
+    "plan, graphs",
+    [(SegmentPlan(size=4), 2 + 1), (SegmentPlan(lengths=(3, 4, 5, 6, 7)), 2 + 4)],
+)
+def test_segment_plan_reads_a_dynamic_position_without_specialising(plan, graphs):
+    """A decode step asks the plan about its position, a dynamic int under torch.compile: the
+    steps inside a segment share a graph (plus the first, its position still static), and so
+    do the closings of a constant plan; explicit lengths compare with each start (a graph per
+    start). Before: a graph per position."""
+
+    def step(x, p):
+        (piece,) = plan.pieces(p, 1)  # one token: one piece
+        if plan.is_start(p):  # a branch, as where a segment closes
+            return x + piece[1] + 1
+        return x + piece[1]
+
+    x = torch.zeros(())
+    dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(step, backend=counter)
+    for p in range(1, 26):
+        assert compiled(x, p) == 1 + plan.is_start(p)
+    dynamo.reset()
+    assert counter.frame_count == graphs
 
 
 def test_value_checks_switch():

@@ -63,4 +63,7 @@ class SegmentPlan:
         """Whether token p (0-based) is the first of a segment."""
         if self.size is not None:
             return p % self.size == 0
-        return p == 0 or p in set(self._starts())
+        # (comparisons, not a set lookup: hashing p would specialise a compiled decode step
+        # to its position; compared, p != each start is one guard for every step inside a
+        # segment)
+        return p == 0 or any(p == start for start in self._starts())
