@@ -10,9 +10,9 @@ import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from growmem import linear_memory, memory_caching
-from growmem.models import GrowMemForCausalLM
+from growmem.models import CACHE_FIELD, GrowMemForCausalLM
 from growmem.ops import checks
-from growmem.ops.caching import matrix
+from growmem.ops.caching import SegmentPlan, matrix
 from growmem.ops.checks import debug_checks, set_debug_checks, value_checks_enabled
 from growmem.ops.spec import Caching, MatrixMemory
 from tests.helpers import growmem_config, make_inputs, make_u
@@ -23,6 +23,18 @@ VOCAB = 32
 # of a 1-layer gated_delta model, counted as below (before the hot path lost its host reads:
 # none 15 and 10, residual 20 and 10, grm 21 and 11, ssc 30 and 11).
 GRAPH_BREAKS = {agg: {"train": 0, "decode": 0} for agg in AGGREGATIONS}
+# Graphs a compiled 1-layer model (segment_size 4) has built after each decode step of tokens
+# 3..16 (docs/design.md §2.3): the first step (the cache's counters still static); a segment
+# closing (before tokens 4, 8, 12, 16) and a step inside a segment, each once while no segment
+# is cached (N = 0, here the closing only: the first step was the rest of that segment), once
+# with N = 1 (dynamo specialises sizes 0 and 1) and once for every N >= 2 (N dynamic); no
+# memory ("none") caches nothing, so N stays 0. Before the cache's counters could be dynamic:
+# one graph per step, until dynamo's recompile limit (8) sent the rest of the decode to eager.
+DECODE_GRAPHS = {
+    "none": [1, 2] + [3] * 12,
+    "grm": [1, 2, 3, 3, 3, 4, 5, 5, 5] + [6] * 5,
+    "ssc": [1, 2, 3, 3, 3, 4, 5, 5, 5] + [6] * 5,
+}
 
 
 def tiny_model(aggregation: str, device) -> GrowMemForCausalLM:
@@ -87,6 +99,58 @@ def test_compiled_model_matches_eager_without_graph_breaks(aggregation, device):
     torch.testing.assert_close(step[1], step[0], rtol=1e-5, atol=1e-6)
     dynamo.reset()
     assert breaks == GRAPH_BREAKS[aggregation]
+
+
+@pytest.mark.parametrize("aggregation", DECODE_GRAPHS)
+def test_compiled_decode_builds_a_bounded_set_of_graphs(aggregation, device):
+    """Decoding token by token with a compiled model: logits equal eager's at every step, and
+    the graphs stop growing once a segment has closed with N >= 2 cached segments (the last
+    segment, its closing included, compiles nothing new)."""
+    model = tiny_model(aggregation, device).eval()  # segment_size 4
+    ids = ids_on(device, T=3)
+    dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    caches = {run: prefilled(model, ids) for run in (model, compiled)}  # 3 tokens, N = 0
+    token = ids[:, -1:]
+    graphs = []
+    with torch.no_grad():
+        for _ in range(14):  # tokens 3..16: segments close before tokens 4, 8, 12 and 16
+            out = {run: run(input_ids=token, cache=caches[run], use_cache=True) for run in caches}
+            torch.testing.assert_close(
+                out[compiled].logits, out[model].logits, rtol=1e-5, atol=1e-6
+            )
+            caches = {run: getattr(out[run], CACHE_FIELD) for run in caches}
+            token = out[model].logits[:, -1:].argmax(-1)
+            graphs.append(counter.frame_count)
+    dynamo.reset()
+    assert graphs == DECODE_GRAPHS[aggregation]
+
+
+@pytest.mark.parametrize(
+    "plan, graphs",
+    [(SegmentPlan(size=4), 2 + 1), (SegmentPlan(lengths=(3, 4, 5, 6, 7)), 2 + 4)],
+)
+def test_segment_plan_reads_a_dynamic_position_without_specialising(plan, graphs):
+    """A decode step asks the plan about its position, a dynamic int under torch.compile: the
+    steps inside a segment share a graph (plus the first, its position still static), and so
+    do the closings of a constant plan; explicit lengths compare with each start (a graph per
+    start). Before: a graph per position."""
+
+    def step(x, p):
+        (piece,) = plan.pieces(p, 1)  # one token: one piece
+        if plan.is_start(p):  # a branch, as where a segment closes
+            return x + piece[1] + 1
+        return x + piece[1]
+
+    x = torch.zeros(())
+    dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(step, backend=counter)
+    for p in range(1, 26):
+        assert compiled(x, p) == 1 + plan.is_start(p)
+    dynamo.reset()
+    assert counter.frame_count == graphs
 
 
 def test_value_checks_switch():

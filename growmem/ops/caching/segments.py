@@ -51,6 +51,11 @@ class SegmentPlan:
 
     def pieces(self, t0: int, T: int) -> list[tuple[int, int]]:
         """Tokens t0..t0+T-1 cut at segment starts, as (start, end) offsets from t0."""
+        if T == 1:
+            # (no start lies strictly inside one token; said without reading t0, which a
+            # decode step under torch.compile holds as a dynamic int: range() or bisect on it
+            # would specialise the graph to every position)
+            return [(0, 1)]
         bounds = [t0, *self.starts_between(t0, t0 + T), t0 + T]
         return [(a - t0, b - t0) for a, b in itertools.pairwise(bounds)]
 
@@ -58,4 +63,7 @@ class SegmentPlan:
         """Whether token p (0-based) is the first of a segment."""
         if self.size is not None:
             return p % self.size == 0
-        return p == 0 or p in set(self._starts())
+        # (comparisons, not a set lookup: hashing p would specialise a compiled decode step
+        # to its position; compared, p != each start is one guard for every step inside a
+        # segment)
+        return p == 0 or any(p == start for start in self._starts())
