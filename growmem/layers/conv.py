@@ -56,7 +56,9 @@ class ShortConvolution(nn.Module):
         if state is None:
             state = x.new_zeros(B, K - 1, D)
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K - 1 + T, D]
-        new_state = xs[:, xs.shape[1] - (K - 1) :]
+        # a copy (clone: with B = 1 the slice is already contiguous), not a view, which would
+        # keep the whole [B, K - 1 + T, D] buffer alive in a cache
+        new_state = xs[:, xs.shape[1] - (K - 1) :].clone()
         if T > 1 and not check_values((x,)):
             return self._forward_nonfinite(x, state), new_state
         return self._conv(xs, T), new_state

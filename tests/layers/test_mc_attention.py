@@ -849,3 +849,14 @@ def test_short_conv_state_is_the_previous_inputs():
     assert rel_err(y0, full[:, 7:]) > 1e-3
     with pytest.raises(ValueError, match=arg("kernel_size")):
         ShortConvolution(5, 0)
+
+
+def test_short_conv_state_does_not_keep_the_calls_inputs_alive():
+    """The state a cache keeps after a long prefill is K - 1 inputs, not a view of the whole
+    [B, K - 1 + T, D] buffer (which would hold the prompt's inputs in every layer and escape
+    the cache's byte count)."""
+    conv = ShortConvolution(5, 4)
+    for B in (1, 2):  # with one row the slice of the last inputs is contiguous, still a view
+        _, state = conv(torch.randn(B, 300, 5))
+        assert state.shape == (B, 3, 5)
+        assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
