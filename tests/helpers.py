@@ -217,6 +217,30 @@ def growmem_config(rule: str = "gated_delta", **settings):
     return GrowMemConfig(**model, memory=memory)
 
 
+def tiny_lm(rule: str, aggregation: str, vocab_size: int, **settings):
+    """A GrowMemForCausalLM small enough for exactness tests: 2 layers, width 16, segments,
+    chunks and deep mini-batches of 4 tokens, init std 0.7 (outputs that depend on the
+    context), float64, eval mode, weights from seed 0; ``settings`` as growmem_config takes
+    them."""
+    from growmem.models import GrowMemForCausalLM
+
+    config = growmem_config(
+        rule,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_heads=2,
+        aggregation=aggregation,
+        segment_size=4,
+        mini_batch=4,
+        chunk_size=4,
+        initializer_range=0.7,
+        **settings,
+    )
+    torch.manual_seed(0)
+    return GrowMemForCausalLM(config).double().eval()
+
+
 @dataclasses.dataclass
 class OpInputs:
     """One set of inputs of a memory op (linear_memory, deep_memory, memory_caching) for

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from growmem.models import CACHE_FIELD, GrowMemForCausalLM
-from tests.helpers import growmem_config
+from tests.helpers import tiny_lm
 
 VOCAB = 37
 TOP_K = 8  # sampling: top-k filter of generate, reproduced by the loops below
@@ -42,24 +42,9 @@ CASE_IDS = [f"{r}-{a}{'+attn' if e else ''}" for r, a, e in CASES]
 
 
 def make_model(rule: str, aggregation: str, **extra) -> GrowMemForCausalLM:
-    """2 layers, width 16, segments of 4 tokens, init std 0.7, float64."""
-    config = growmem_config(
-        rule,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_heads=2,
-        aggregation=aggregation,
-        segment_size=4,
-        top_k=2,
-        mini_batch=4,
-        chunk_size=4,
-        initializer_range=0.7,
-        pad_token_id=0,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return GrowMemForCausalLM(config).double().eval()
+    """tests.helpers.tiny_lm (2 layers, width 16, segments of 4 tokens, init std 0.7,
+    float64) with top-2 routing and pad id 0."""
+    return tiny_lm(rule, aggregation, VOCAB, top_k=2, pad_token_id=0, **extra)
 
 
 def prompts(B: int = 3, T: int = 9, seed: int = 0) -> torch.Tensor:

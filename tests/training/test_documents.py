@@ -13,7 +13,7 @@ from growmem.cli import main
 from growmem.models import CACHE_FIELD, GrowMemForCausalLM
 from growmem.train import train
 from growmem.training.documents import DocumentResets, document_starts, split_documents
-from tests.helpers import growmem_config, rel_err
+from tests.helpers import rel_err, tiny_lm
 
 from .common import loss_lines, text_corpus, tiny_config
 
@@ -27,21 +27,7 @@ CASES = [
 
 
 def make_model(rule, aggregation, **overrides) -> GrowMemForCausalLM:
-    torch.manual_seed(0)
-    config = growmem_config(
-        rule,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_heads=2,
-        segment_size=4,
-        mini_batch=4,
-        chunk_size=4,
-        initializer_range=0.7,  # outputs that depend on the context
-        aggregation=aggregation,
-        **overrides,
-    )
-    return GrowMemForCausalLM(config).double().eval()
+    return tiny_lm(rule, aggregation, VOCAB, **overrides)
 
 
 def documents(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
