@@ -158,10 +158,20 @@ def gate_overrides(label: str) -> list[str]:
     return [f"model.memory.{key}={value}" for key, value in settings.items()]
 
 
+TRANSFORMER_STEPS = 8000
+
+
 def _mqar_capacity() -> list[Cell]:
     ungated = [f"model.memory.{k}={v}" for k, v in UNGATED.items()]
     cells = [
         Cell("Transformer++", "mqar_capacity", "transformer", evals=[HELD_OUT]),
+        Cell(
+            f"Transformer++, {TRANSFORMER_STEPS} steps",
+            "mqar_capacity",
+            "transformer",
+            [f"train.steps={TRANSFORMER_STEPS}", "train.lr=3e-3"],
+            evals=[HELD_OUT],
+        ),
         Cell("gated_delta", "mqar_capacity", "gated_delta", ungated, evals=[HELD_OUT]),
         Cell("gated_delta+residual", "mqar_capacity", "gated_delta+residual", ungated, [HELD_OUT]),
     ]

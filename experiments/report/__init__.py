@@ -73,7 +73,7 @@ def capacity_section(src: Sources, lines: list[str]) -> capacity.Runs:
         lines += render_capacity.routing_table(routing)
     best = tables.best_mc(scores)
     shown = [m for b in verdicts.FAMILIES if b in runs for m in (b, best.get(b)) if m]
-    shown += [tables.TRANSFORMER] if tables.TRANSFORMER in runs else []
+    shown += [m for m in runs if load.is_transformer(m)]
     plots.capacity_recall(src.img / "mqar_capacity_recall.png", rows, pairs, shown)
     family = [m for m in runs if m == "gated_delta" or tables.mc_base(m) == "gated_delta"]
     gated = [r.model for r in routing if r.layer == 0]

@@ -13,8 +13,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experiments.report.load import gate_settings, held_out, training_minutes
-from experiments.report.tables import TRANSFORMER, Stat, mc_base
+from experiments.report.load import gate_settings, held_out, is_transformer, training_minutes
+from experiments.report.tables import Stat, mc_base
 
 # Held-out overall accuracy at and above which a seed has learned the task (chance is 1/32).
 LEARNED = 0.2
@@ -306,7 +306,9 @@ def state_size_rows(
         for head_dim, (experiment, name) in sizes.items()
         if (found := runs.get(experiment, {}).get(name))
     ]
-    transformer = runs.get("mqar_capacity", {}).get(TRANSFORMER)
-    if transformer:
-        rows.append(row(TRANSFORMER, None, transformer))
+    rows += [
+        row(model, None, results)
+        for model, results in runs.get("mqar_capacity", {}).items()
+        if is_transformer(model)
+    ]
     return rows

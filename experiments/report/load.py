@@ -14,6 +14,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+TRANSFORMER = "Transformer++"
+
+
+def is_transformer(model: str) -> bool:
+    """Whether ``model`` is a Transformer++ cell: ``"Transformer++"`` (trained as the other
+    cells) or a variant named ``"Transformer++, ..."`` (e.g. trained for the steps it needs)."""
+    return model == TRANSFORMER or model.startswith(f"{TRANSFORMER},")
+
+
 # {row label: {seed: {(seq_len, num_kv_pairs): accuracy}}}: MQAR accuracy per slice
 Grid = dict[str, dict[int, dict[tuple[int, int], float]]]
 
@@ -108,11 +117,15 @@ class MQARSetting:
     transformer_heads: int
     transformer_steps: int
     transformer_lr: float
+    # the other Transformer++ cells: (name, steps, learning rate), e.g. trained for longer
+    transformer_variants: tuple[tuple[str, int, float], ...]
     titans: tuple[int, float, float] | None  # (mini_batch, eta_max, lr) when swept
 
 
 def mqar_setting(experiment: str) -> MQARSetting:
     """The setting of MQAR experiment ``experiment`` from its cells' resolved configs."""
+    from experiments.sweep import EXPERIMENTS
+
     base = cell_config(experiment, "gated_delta")
     tpp = cell_config(experiment, "Transformer++")
     cell = cell_by_name(experiment, "gated_delta")
@@ -143,6 +156,12 @@ def mqar_setting(experiment: str) -> MQARSetting:
         transformer_heads=tpp.model["num_heads"],
         transformer_steps=tpp.train.steps,
         transformer_lr=tpp.train.lr,
+        transformer_variants=tuple(
+            (c.name, config.train.steps, config.train.lr)
+            for c in EXPERIMENTS[experiment]()
+            if is_transformer(c.name) and c.name != TRANSFORMER
+            for config in [cell_config(experiment, c.name)]
+        ),
         titans=titans,
     )
 

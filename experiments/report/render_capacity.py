@@ -59,7 +59,8 @@ def setting(
         f"segment) and tested with {_numbers(pairs)}; segment {s.segment_size} for Memory "
         f"Caching ({s.segment_size // 2} pairs a segment; top-2 for ssc{titans}). AdamW "
         f"{s.lr:g}, batch {s.batch_size}, {s.steps} steps; Transformer++ "
-        f"{s.transformer_heads} head(s), {s.transformer_steps} steps at {s.transformer_lr:g}. "
+        f"{s.transformer_heads} head(s), {s.transformer_steps} steps at {s.transformer_lr:g}"
+        f"{_transformer_variants(s)}. "
         "Every gated cell pins all of its gate settings (the gate ablation's rows below; ssc "
         f"uses `{ssc}`, titans+grm and the state-size view `{chosen}`, the ablation's choice and "
         "the library's default). A seed gives the cells of one base model the same "
@@ -68,6 +69,13 @@ def setting(
         f"{held_out}`: {s.num_test_examples} sequences per number of pairs from a generator "
         "seed no training used, the same for every model and seed), mean ± std over seeds. "
         f"Command: `{command} && python -m experiments.report`."
+    )
+
+
+def _transformer_variants(s: MQARSetting) -> str:
+    """'; `Transformer++, 8000 steps`: 8000 steps at 0.003' for the other Transformer++ cells."""
+    return "".join(
+        f"; `{name}`: {steps} steps at {lr:g}" for name, steps, lr in s.transformer_variants
     )
 
 

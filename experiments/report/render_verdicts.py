@@ -39,7 +39,7 @@ def capacity_finding(item) -> str:
         which = "the MC cell" if item.candidates == 1 else f"best of {item.candidates} MC cells"
         text = f"{which} ({p.model}) vs {p.reference}: {_paired(p)}"
         if item.transformer is not None:
-            text += f", Transformer++ {item.transformer:.3f}"
+            text += f", {item.transformer_model} {item.transformer:.3f}"
             if item.closed is not None:
                 text += (
                     " (MC passes Transformer++)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from experiments.report.load import Grid, niah_views, training_minutes
+from experiments.report.load import Grid, is_transformer, niah_views, training_minutes
 
 # MQAR accuracy at the training setting above which a seed has passed the phase transition.
 CROSSED = 0.5
@@ -104,13 +104,10 @@ def mqar_seed_scores(runs: dict[str, list[dict]]) -> dict[str, dict[int, float]]
     return {m: {r["seed"]: r["eval"]["accuracy"] for r in rs} for m, rs in runs.items()}
 
 
-TRANSFORMER = "Transformer++"
-
-
 def mc_base(model: str) -> str | None:
     """The base model of a Memory Caching variant ``"base+aggregation"``; None for a base
-    model and for Transformer++."""
-    return model.split("+")[0] if "+" in model and model != TRANSFORMER else None
+    model and for the Transformer++ cells."""
+    return model.split("+")[0] if "+" in model and not is_transformer(model) else None
 
 
 def best_mc(scores: dict[str, dict[int, float]]) -> dict[str, str]:

@@ -534,6 +534,7 @@ def test_paired_differences_use_the_seeds_both_models_have():
         "titans": {0: 0.05},
         f"titans+grm, {sweep.CHOSEN_GATES}": {0: 0.04},
         "Transformer++": {0: 0.9},
+        "Transformer++, 8000 steps": {0: 0.95},  # a Transformer++ cell, not an MC variant
     }
     found = capacity.paired(scores, "gated_delta+residual", "gated_delta")
     assert found.seeds == (0, 1, 2, 3)
@@ -650,14 +651,16 @@ def test_state_size_cells_come_from_the_sweep():
     assert load.mqar_setting("mqar_capacity").head_dim == 8
 
 
-def claims_for(base, residual, grm, ssc=None, tpp=None) -> dict[int, list]:
-    """capacity_claims on held-out scores per seed (lists over seeds 0, 1, ...)."""
+def claims_for(base, residual, grm, ssc=None, tpp=None, tpp_long=None) -> dict[int, list]:
+    """capacity_claims on held-out scores per seed (lists over seeds 0, 1, ...); ``tpp_long``:
+    a second Transformer++ cell, trained for longer."""
     scores = {
         "gated_delta": base,
         "gated_delta+residual": residual,
         CHOSEN_GRM: grm,
         **({SSC_GRM: grm, CHOSEN_SSC: ssc} if ssc else {}),
         **({"Transformer++": tpp} if tpp else {}),
+        **({"Transformer++, 8000 steps": tpp_long} if tpp_long else {}),
     }
     return verdicts.capacity_claims({m: dict(enumerate(v)) for m, v in scores.items()})
 
@@ -692,6 +695,23 @@ def test_capacity_claim_1_reproduced_when_mc_lifts_recall_in_4_of_5_seeds():
     (keep,) = claims[3]
     assert keep.kept == pytest.approx((0.30 - 0.102) / (0.43 - 0.102))
     assert keep.verdict is Verdict.REPRODUCED
+
+
+def test_capacity_claim_1_measures_the_gap_to_the_best_transformer_cell():
+    grm = [0.40, 0.50, 0.45, 0.20, 0.60]
+    same_budget, longer = [0.12] * 5, [0.90, 0.95, 1.0, 0.85, 0.90]
+    (lift,) = claims_for([0.05] * 5, [0.1] * 5, grm, tpp=same_budget, tpp_long=longer)[1]
+    # the longer-trained cell is not an MC variant of a "Transformer" base
+    assert (lift.lift.model, lift.candidates) == (CHOSEN_GRM, 2)
+    assert lift.transformer_model == "Transformer++, 8000 steps"
+    assert lift.transformer == pytest.approx(0.92)
+    assert lift.closed == pytest.approx((0.43 - 0.05) / (0.92 - 0.05))
+    text = render_verdicts.capacity_finding(lift)
+    assert "Transformer++, 8000 steps 0.920 (closes 44% of the gap): reproduced" in text
+    # with the same-budget cell alone, MC passes it
+    (alone,) = claims_for([0.05] * 5, [0.1] * 5, grm, tpp=same_budget)[1]
+    assert (alone.transformer_model, alone.transformer) == ("Transformer++", pytest.approx(0.12))
+    assert "(MC passes Transformer++)" in render_verdicts.capacity_finding(alone)
 
 
 def test_capacity_claim_1_partly_when_the_gain_holds_in_3_of_5_seeds():
@@ -740,6 +760,7 @@ def test_capacity_claims_on_fewer_than_3_paired_seeds_are_inconclusive():
 def test_report_renders_the_capacity_experiments_first(tmp_path):
     accuracies = {
         "Transformer++": [1.0, 1.0, 0.9, 0.8],
+        "Transformer++, 8000 steps": [0.95] * 4,
         "gated_delta": [0.2, 0.1, 0.05, 0.05],
         "gated_delta+residual": [0.3, 0.1, 0.1, 0.1],
         REFERENCE_GRM: [0.4, 0.3, 0.2, 0.1],
@@ -766,17 +787,20 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     assert f"| {CHOSEN_GRM} | gated_delta | 5 | 0.720 | 0.120 | +0.600 ± 0.000 | 5/5 |" in text
     assert "| gated_delta | 16 | 16 x 16 | 1 | 0.500 | 0.500 |" in text
     assert "| Transformer++ | - | key-value cache | 5 |" in text
+    assert "| Transformer++, 8000 steps | - | key-value cache | 5 |" in text
+    assert "; `Transformer++, 8000 steps`: 8000 steps at 0.003. " in text
     # the paired experiments are reported over 5 seeds, and the command runs them
     assert "Fewer than 5 seeds so far for 2 of 2 models" in text
     assert "`python -m experiments.sweep mqar_state_size --seeds 0 1 2 3 4` runs them" in text
     for name in ("mqar_capacity_recall", "mqar_capacity_curves", "mqar_state_size"):
         assert (tmp_path / "docs" / "img" / f"{name}.png").stat().st_size > 0
     # the cost table has the new experiments; the verdicts judge them first
-    assert "| mqar_capacity | 6 | 5 | 30 |" in text and "| mqar_state_size | 2 | 1 | 2 |" in text
+    assert "| mqar_capacity | 7 | 5 | 35 |" in text and "| mqar_state_size | 2 | 1 | 2 |" in text
     claim_1 = next(line for line in text.splitlines() if line.startswith("- **1."))
     assert claim_1.startswith(
         f"- **1. {render_verdicts.TITLES[1]}**: mqar_capacity: best of 4 MC cells ({CHOSEN_GRM})"
     )
     assert (
-        "higher in 5/5 seeds), Transformer++ 0.945 (closes 73% of the gap): reproduced" in claim_1
+        "higher in 5/5 seeds), Transformer++, 8000 steps 0.970 (closes 71% of the gap): "
+        "reproduced" in claim_1
     )
