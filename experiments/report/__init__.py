@@ -102,6 +102,7 @@ def state_size_section(src: Sources, capacity_runs: capacity.Runs, lines: list[s
         render_capacity.state_size_intro(" ".join(load.held_out_arguments()), head_dim, command),
         "",
         *render_capacity.state_size_table(rows),
+        *_probe_lines(src, rows),
         *render.unfinished(
             "mqar_state_size", runs, load.missing_models("mqar_state_size", runs), PAIRED_SEEDS
         ),
@@ -110,6 +111,19 @@ def state_size_section(src: Sources, capacity_runs: capacity.Runs, lines: list[s
         "",
     ]
     plots.state_size(src.img / "mqar_state_size.png", rows)
+
+
+def _probe_lines(src: Sources, rows: list[capacity.StateSizeRow]) -> list[str]:
+    """The no-training probe's recall at the state-size view's head dimensions, where run."""
+    segment_size = load.mqar_setting("mqar_capacity").segment_size
+    pairs = rows[0].hardest_pairs
+    recalls = {
+        d: found
+        for d in sorted({r.head_dim for r in rows if r.head_dim is not None})
+        if (probe := src.capacity_probe(d, segment_size))
+        and (found := capacity.probe_recall(probe, pairs))
+    }
+    return ["", render_capacity.probe_line(recalls, pairs, segment_size)] if recalls else []
 
 
 def mqar_section(

@@ -263,6 +263,16 @@ def curve(results: list[dict], metric: Callable[[dict], float]) -> tuple[list[in
     return steps, [statistics.mean(metric(h[s]) for h in histories) for s in steps]
 
 
+def probe_recall(probe: dict, pairs: int) -> tuple[float, float] | None:
+    """(the memory's own, the oracle cache's) recall of ``pairs`` pairs in a no-training
+    capacity probe (None: the probe did not test that many pairs)."""
+    if pairs not in probe["pairs"]:
+        return None
+    at = probe["pairs"].index(pairs)
+    recall = {s["name"]: s["recall"][at] for s in probe["series"]}
+    return recall["base"], recall["oracle"]
+
+
 @dataclass(frozen=True)
 class StateSizeRow:
     """Held-out accuracy of one series at one head dimension (None: Transformer++, whose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -106,9 +107,9 @@ def state_size(path: Path, rows: list[StateSizeRow]):
                 capsize=3,
                 label=name,
             )
-        for r in rows:
-            if r.head_dim is None:
-                ax.axhline(getattr(r, metric).mean, color="k", ls="--", lw=1, label=r.series)
+        references = [r for r in rows if r.head_dim is None]
+        for r, style in zip(references, itertools.cycle(("--", ":", "-."))):
+            ax.axhline(getattr(r, metric).mean, color="k", ls=style, lw=1, label=r.series)
         ax.set_xscale("log", base=2)
         dims = sorted({r.head_dim for r in rows if r.head_dim is not None})
         ax.set_xticks(dims, [str(d) for d in dims])

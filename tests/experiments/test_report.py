@@ -780,6 +780,24 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     for series, acc in (("gated_delta", 0.5), (CHOSEN_GRM, 0.8)):
         name = f"{series}, D=16"
         write_result(tmp_path, "mqar_state_size", capacity_result(name, 0, [acc] * 4))
+    # the no-training probe at D = 16 in MQAR's layout; the one at D = 8 writes every token
+    for head_dim, filler in ((16, 1), (8, 0)):
+        probe = {
+            "settings": {"filler": filler},
+            "pairs": [4, 8, 16],
+            "series": [
+                {"name": "base", "recall": [1.0, 0.9, 0.71]},
+                {"name": "oracle", "recall": [1.0, 1.0, 0.98]},
+            ],
+        }
+        path = (
+            tmp_path
+            / "results"
+            / "probe"
+            / f"capacity_gated_delta_continuous_d{head_dim}_seg8.json"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(probe))
     assert report.main(tmp_path) == 0
     text = (tmp_path / "docs" / "results.md").read_text()
     assert text.index("`mqar_capacity`") < text.index("(`mqar_state_size`)")
@@ -788,6 +806,8 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     assert "| gated_delta | 16 | 16 x 16 | 1 | 0.500 | 0.500 |" in text
     assert "| Transformer++ | - | key-value cache | 5 |" in text
     assert "| Transformer++, 8000 steps | - | key-value cache | 5 |" in text
+    assert "segment (8 tokens): recall of 16 pairs by the memory itself" in text
+    assert "pair's segment, D = 16: 0.71 / 0.98 (`growmem probe capacity" in text
     assert "; `Transformer++, 8000 steps`: 8000 steps at 0.003. " in text
     # the paired experiments are reported over 5 seeds, and the command runs them
     assert "Fewer than 5 seeds so far for 2 of 2 models" in text
