@@ -24,7 +24,15 @@ from experiments.report import (
 from experiments.report.load import Sources
 from experiments.sweep import SEEDS
 
-EXPERIMENTS = ["mqar_capacity", "mqar_state_size", "mqar", "mqar_small_state", "niah", "lm"]
+EXPERIMENTS = [
+    "mqar_capacity",
+    "mqar_state_size",
+    "mqar_capacity_long",
+    "mqar",
+    "mqar_small_state",
+    "niah",
+    "lm",
+]
 # seeds the capacity experiments are reported over (paired): as many as the sweep runs
 PAIRED_SEEDS = len(SEEDS["mqar_capacity"])
 
@@ -111,6 +119,33 @@ def state_size_section(src: Sources, capacity_runs: capacity.Runs, lines: list[s
         "",
     ]
     plots.state_size(src.img / "mqar_state_size.png", rows)
+
+
+def long_section(src: Sources, lines: list[str]) -> None:
+    """mqar_capacity_long: the base and the default grm of mqar_capacity trained longer."""
+    lines += ["### Longer training (`mqar_capacity_long`)", ""]
+    runs = src.experiment("mqar_capacity_long")
+    command = render.sweep_command("mqar_capacity_long", PAIRED_SEEDS)
+    if not runs:
+        lines += render.not_measured(command)
+        return
+    steps = load.cell_config("mqar_capacity_long", "gated_delta").train.steps
+    rows = capacity.capacity_rows(runs)
+    lines += [
+        render_capacity.long_intro(steps, load.mqar_setting("mqar_capacity").steps, command),
+        "",
+        *render_capacity.main_table(rows, capacity.tested_pairs(runs)),
+        *render.unfinished(
+            "mqar_capacity_long",
+            runs,
+            load.missing_models("mqar_capacity_long", runs),
+            PAIRED_SEEDS,
+        ),
+        "",
+    ]
+    comparisons = capacity.mc_comparisons(capacity.seed_scores(runs))
+    if comparisons:
+        lines += render_capacity.mc_table(comparisons)
 
 
 def _probe_lines(src: Sources, rows: list[capacity.StateSizeRow]) -> list[str]:
@@ -283,6 +318,7 @@ def build(src: Sources) -> str:
     lines += ["## 1. MQAR: recall against memory", ""]
     capacity_runs = capacity_section(src, lines)
     state_size_section(src, capacity_runs, lines)
+    long_section(src, lines)
     trained = mqar_section(
         src, "mqar", "### No-pressure control (`mqar`)", lines, render.control_intro()
     )

@@ -266,6 +266,17 @@ def probe_line(recalls: dict[int, tuple[float, float]], pairs: int, segment_size
     )
 
 
+def long_intro(steps: int, capacity_steps: int, command: str) -> str:
+    return (
+        f"mqar_capacity's base and its grm with the default gates trained for {steps} steps "
+        f"rather than {capacity_steps} (every other setting, the seeds and so the initial "
+        "weights are mqar_capacity's; the learning-rate schedule spans the longer run): does "
+        "the base leave MQAR's plateau given the steps, and does caching still lift it then? "
+        "The no-training probe above bounds what the base's memory can hold. Held-out "
+        f"evaluation as above. Command: `{command} && python -m experiments.report`."
+    )
+
+
 def state_size_intro(held_out: str, capacity_head_dim: int, command: str) -> str:
     return (
         "The paper's MQAR view: held-out accuracy against the size of the recurrent state, at "

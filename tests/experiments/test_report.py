@@ -640,6 +640,25 @@ def test_state_size_rows_by_series_and_head_dimension():
     assert rows[2].hardest.mean == 0.8
 
 
+def test_report_renders_the_longer_training_of_the_capacity_setting(tmp_path):
+    write_result(tmp_path, "mqar_capacity", capacity_result("gated_delta", 0, [0.05] * 4))
+    assert "Not measured yet: run `python -m experiments.sweep mqar_capacity_long --seeds" in (
+        report.main(tmp_path) == 0 and (tmp_path / "docs" / "results.md").read_text()
+    )
+    for seed, (base, grm) in enumerate(((0.9, 0.8), (0.2, 0.6), (0.1, 0.5))):
+        for model, acc in (("gated_delta", base), (CHOSEN_GRM, grm)):
+            write_result(tmp_path, "mqar_capacity_long", capacity_result(model, seed, [acc] * 4))
+    assert report.main(tmp_path) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    section = text[text.index("### Longer training (`mqar_capacity_long`)") :]
+    section = section[: section.index("\n### ", 1)]
+    assert "trained for 8000 steps rather than 2000" in section
+    assert "| gated_delta | 3 | 0.400 ± 0.436 | 0.400 ± 0.436 |" in section
+    # paired within the longer runs: grm against the base trained as long, 2 of 3 seeds
+    assert f"| {CHOSEN_GRM} | gated_delta | 3 | 0.633 | 0.400 | +0.233 ± 0.289 | 2/3 |" in section
+    assert "`python -m experiments.sweep mqar_capacity_long --seeds 0 1 2 3 4` runs them" in section
+
+
 def test_state_size_cells_come_from_the_sweep():
     cells = load.state_size_cells()
     assert list(cells) == ["gated_delta", CHOSEN_GRM]
