@@ -656,7 +656,8 @@ def test_report_renders_the_longer_training_of_the_capacity_setting(tmp_path):
     assert "| gated_delta | 3 | 0.400 ± 0.436 | 0.400 ± 0.436 |" in section
     # paired within the longer runs: grm against the base trained as long, 2 of 3 seeds
     assert f"| {CHOSEN_GRM} | gated_delta | 3 | 0.633 | 0.400 | +0.233 ± 0.289 | 2/3 |" in section
-    assert "`python -m experiments.sweep mqar_capacity_long --seeds 0 1 2 3 4` runs them" in section
+    command = "python -m experiments.sweep mqar_capacity_long --seeds 0 1 2 3 4"
+    assert f"`{command}` finishes them" in section
 
 
 def test_state_size_cells_come_from_the_sweep():
