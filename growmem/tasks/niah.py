@@ -66,6 +66,7 @@ from typing import Protocol
 import torch
 
 from growmem.tasks._common import IGNORE_INDEX, fold_seed
+from growmem.tasks.tokenizers import BPETokenizer, ByteTokenizer
 
 __all__ = [
     "NOISE_HAYSTACK",
@@ -73,6 +74,7 @@ __all__ = [
     "depth_grid",
     "make_niah_example",
     "niah_dataset",
+    "niah_tokenizer",
     "niah_training_batch",
     "score_exact_match",
     "stdlib_essay",
@@ -413,6 +415,46 @@ def niah_dataset(
         )
         for i in range(num_examples)
     ]
+
+
+# The text a task's BPE learns from: examples of one generator seed (no training or evaluation
+# example is drawn from it; their seeds fold the run's seed), long enough to see every haystack
+# sentence, key word and template word many times.
+TOKENIZER_TEXT_SEED = 987_654_321
+TOKENIZER_TEXT_EXAMPLES = 400
+TOKENIZER_TEXT_LENGTH = 2048
+
+
+def niah_tokenizer(
+    *,
+    variant: int,
+    vocab_size: int = 1024,
+    haystack: str | None = None,
+    num_needles: int = 1,
+) -> BPETokenizer:
+    """A byte-level BPE trained on S-NIAH text of this kind, with every digit its own token.
+
+    The prompt's words (header, question, haystack sentences, the keys' adjectives and nouns)
+    become a token or a few each, so an example of T tokens holds about 4x the text a
+    byte-level one does (a 4-needle variant-1 prompt fits in 256 tokens instead of ~600), while
+    values stay digit by digit (UUIDs: digits split, letter runs merged where frequent). The
+    same arguments give the same tokenizer (its fingerprint) on every call.
+
+    Args:
+        variant, haystack, num_needles: the examples' kind, as in `make_niah_example`.
+        vocab_size: the most tokens (the text allows about 700 for the noise haystack).
+    """
+    examples = niah_dataset(
+        ByteTokenizer(),
+        variant=variant,
+        length=TOKENIZER_TEXT_LENGTH,
+        num_examples=TOKENIZER_TEXT_EXAMPLES,
+        seed=TOKENIZER_TEXT_SEED,
+        haystack=haystack,
+        num_needles=num_needles,
+    )
+    texts = [example.prompt + " " + example.answer for example in examples]
+    return BPETokenizer.train(texts, vocab_size, split_digits=True)
 
 
 def niah_training_batch(

@@ -262,6 +262,7 @@ class BPETokenizer:
         special_tokens: Sequence[str] = ("<pad>", "<bos>", "<eos>"),
         *,
         min_frequency: int = 2,
+        split_digits: bool = False,
     ) -> BPETokenizer:
         """Train a byte-level BPE on ``texts``.
 
@@ -272,6 +273,9 @@ class BPETokenizer:
             special_tokens: at least three strings; the first three are pad, bos and eos (ids 0,
                 1, 2), any further ones get the next ids.
             min_frequency: a pair must occur this often to be merged.
+            split_digits: every digit is its own token (as in LLaMA's tokenizer), so a number
+                is read and written digit by digit and no merge depends on which digits a
+                random number happened to repeat.
 
         Raises:
             ValueError: vocab_size too small, or fewer than three distinct special tokens.
@@ -288,7 +292,12 @@ class BPETokenizer:
                 f"got {vocab_size}"
             )
         tokenizer = _byte_level(HFTokenizer(models.BPE()))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,

@@ -81,7 +81,10 @@ class NIAHTask:
             (extrapolation), each group with its own mean.
         num_eval_examples: examples per evaluation length (needle depths on a grid).
         haystack: "noise" or "essay" (default per variant).
-        tokenizer: "byte" or a saved tokenizer directory.
+        tokenizer: "byte", "bpe" (a BPE trained on this task's own text with digits split,
+            growmem.tasks.niah.niah_tokenizer; the same on every run) or a saved tokenizer
+            directory.
+        bpe_vocab_size: the most tokens of a "bpe" tokenizer.
         train_on_prompt: train every token of an example (language-modelling loss), not only
             the answer's.
         num_needles: needles per example, training and evaluation alike: 1 is S-NIAH; K > 1
@@ -99,6 +102,7 @@ class NIAHTask:
     num_eval_examples: int = 20
     haystack: str | None = None
     tokenizer: str = "byte"
+    bpe_vocab_size: int = 1024
     train_on_prompt: bool = False
     num_needles: int = 1
 

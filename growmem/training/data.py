@@ -19,6 +19,7 @@ from growmem.tasks import (
     load_tokenizer,
     mqar_splits,
     niah_dataset,
+    niah_tokenizer,
     niah_training_batch,
 )
 from growmem.tasks.corpus import hf_records, hf_source, hf_split, is_token_file, load_token_file
@@ -119,8 +120,20 @@ def mqar_data(task: MQARTask, seed: int) -> TaskData:
     return TaskData(task.vocab_size, ExampleSet(splits.train), max_len, mqar_test=splits.test)
 
 
+def niah_tokenizer_of(task: NIAHTask) -> Tokenizer:
+    """The task's tokenizer: bytes, its own BPE (`niah_tokenizer`) or a saved one."""
+    if task.tokenizer != "bpe":
+        return load_tokenizer(task.tokenizer)
+    return niah_tokenizer(
+        variant=task.variant,
+        vocab_size=task.bpe_vocab_size,
+        haystack=task.haystack,
+        num_needles=task.num_needles,
+    )
+
+
 def niah_data(task: NIAHTask, seed: int) -> TaskData:
-    tokenizer = load_tokenizer(task.tokenizer)
+    tokenizer = niah_tokenizer_of(task)
     examples = niah_dataset(
         tokenizer,
         variant=task.variant,

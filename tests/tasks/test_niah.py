@@ -13,6 +13,7 @@ from growmem.tasks.niah import (
     depth_grid,
     make_niah_example,
     niah_dataset,
+    niah_tokenizer,
     niah_training_batch,
     score_exact_match,
     stdlib_essay,
@@ -328,3 +329,27 @@ def test_multikey_dataset(byte):
     for e in examples:
         assert len(e.distractors) == 2 and len(needles_of(e.prompt, 1)) == 3
     assert len({e.answer for e in examples}) == 4
+
+
+def needles_in(prompt: str) -> list[tuple[str, str]]:
+    """The (key, value) of every variant-1 needle in ``prompt``."""
+    return re.findall(r"magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", prompt)
+
+
+def test_niah_tokenizer_is_a_function_of_its_arguments_and_keeps_digits_apart(byte):
+    """The task's own BPE: the same on every call, another for another kind of example; words
+    of the prompt become single tokens, every digit of a value its own token, and a 4-needle
+    example fits in 256 tokens (bytes need about 600)."""
+    tok = niah_tokenizer(variant=1, num_needles=4)
+    assert tok.fingerprint() == niah_tokenizer(variant=1, num_needles=4).fingerprint()
+    smaller = niah_tokenizer(variant=1, num_needles=4, vocab_size=600)
+    assert tok.fingerprint() != smaller.fingerprint()
+    ex = make_niah_example(tok, variant=1, length=256, depth=0.5, seed=3, num_needles=4)
+    assert len(ex.input_ids) + len(ex.answer_ids) <= 256
+    assert len(needles_in(ex.prompt)) == 4
+    assert [tok.decode([i]) for i in ex.answer_ids] == [" ", *ex.answer]
+    assert tok.decode(ex.input_ids) == ex.prompt
+    for word in (" grass", " special", " magic", " mentioned"):
+        assert len(tok.encode(word)) == 1
+    with pytest.raises(ValueError, match="length: expected at least"):
+        make_niah_example(byte, variant=1, length=256, depth=0.5, seed=3, num_needles=4)

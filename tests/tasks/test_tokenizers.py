@@ -150,3 +150,18 @@ def test_train_errors():
         BPETokenizer.train([TRAIN_TEXT], vocab_size=300, special_tokens=["<pad>", "<eos>"])
     with pytest.raises(ValueError, match="special_tokens"):
         BPETokenizer.train([TRAIN_TEXT], 300, special_tokens=["<a>", "<a>", "<b>"])
+
+
+def test_split_digits_gives_every_digit_its_own_token_and_survives_save(tmp_path):
+    numbers = [f"value {n}. " for n in (1234567, 1200034, 7654321, 1212121)] * 50
+    merged = BPETokenizer.train([TRAIN_TEXT, *numbers], vocab_size=400)
+    split = BPETokenizer.train([TRAIN_TEXT, *numbers], vocab_size=400, split_digits=True)
+    assert any(len(merged.decode([i]).strip()) > 1 for i in merged.encode(" 1234567"))
+    text = "Return 1234567 items, then 89 more."
+    pieces = [split.decode([i]) for i in split.encode(text)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("123456789")
+    assert split.decode(split.encode(text)) == text
+    assert split.fingerprint() != merged.fingerprint()
+    loaded = load_tokenizer(split.save(tmp_path))
+    assert loaded.fingerprint() == split.fingerprint()
+    assert loaded.encode(text) == split.encode(text)

@@ -29,6 +29,7 @@ from growmem.tasks import (
     fold_seed,
     mqar_splits,
     niah_dataset,
+    niah_tokenizer,
 )
 from growmem.tasks.niah import NOISE_HAYSTACK
 from growmem.train import evaluate_run
@@ -361,14 +362,18 @@ def test_niah_train_on_prompt_reaches_the_batch_labels(tmp_path, train_on_prompt
     assert len(set(ends)) > 1  # rows of several lengths: padding is present
 
 
-def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path, tokenizer):
     """A run with num_needles K: every training example and every evaluation prompt holds K
     needles with distinct keys, the label is the queried key's value, and the evaluation marks
-    its lengths against the training length."""
+    its lengths against the training length; with tokenizer "bpe" the run reads the task's
+    own BPE."""
     task = {"name": "niah", "variant": 1, "seq_len": 700, "num_train_examples": 6}
     task |= {"num_needles": 3, "eval_lengths": [600, 700, 900], "num_eval_examples": 2}
-    config = tiny_config(tmp_path, task=task)
+    config = tiny_config(tmp_path, task={**task, "tokenizer": tokenizer})
     data = build_task_data(config.task, config.train.seed, tmp_path)
+    expected = ByteTokenizer() if tokenizer == "byte" else niah_tokenizer(variant=1, num_needles=3)
+    assert data.tokenizer.fingerprint() == expected.fingerprint()
     ids, labels = data.train.tensors["input_ids"], data.train.tensors["labels"]
     for prompt, row, label in zip(training_prompts(data), ids, labels, strict=True):
         needles = dict(m.groups() for m in NEEDLE.finditer(prompt))
