@@ -115,7 +115,12 @@ def cmd_eval(args) -> int:
         verify_checksums,
     )
     from growmem.training.config import TASK_TYPES, build_config
-    from growmem.training.data import lm_eval_blocks, mqar_data, niah_eval_lengths
+    from growmem.training.data import (
+        lm_eval_blocks,
+        mqar_data,
+        niah_eval_lengths,
+        niah_eval_needles,
+    )
     from growmem.training.device import resolve_device
     from growmem.training.documents import DocumentResets
     from growmem.training.rundir import ensure_folder
@@ -186,7 +191,7 @@ def cmd_eval(args) -> int:
             num_examples=task.num_eval_examples,
             seed=data_seed,
             haystack=task.haystack,
-            num_needles=task.num_needles,
+            num_needles=niah_eval_needles(task),
             train_length=run.task.seq_len,
         )
     else:

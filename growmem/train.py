@@ -32,7 +32,7 @@ from growmem.training.checkpoint import (
     write_text_atomic,
 )
 from growmem.training.config import LMTask, MQARTask, RunConfig, TrainSettings, model_record
-from growmem.training.data import TaskData, build_task_data, niah_eval_lengths
+from growmem.training.data import TaskData, build_task_data, niah_eval_lengths, niah_eval_needles
 from growmem.training.device import resolve_device, restore_rng_states, rng_states
 from growmem.training.documents import DocumentResets
 from growmem.training.loggers import (
@@ -244,7 +244,7 @@ def evaluate_run(model, data: TaskData, config: RunConfig) -> dict[str, Any]:
         seed=config.train.seed,
         haystack=task.haystack,
         bf16=bf16,
-        num_needles=task.num_needles,
+        num_needles=niah_eval_needles(task),
         train_length=task.seq_len,
     )
 

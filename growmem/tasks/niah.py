@@ -388,21 +388,27 @@ def niah_dataset(
     seed: int,
     depths: Sequence[float] | None = None,
     haystack: str | None = None,
-    num_needles: int = 1,
+    num_needles: int | Sequence[int] = 1,
 ) -> list[NIAHExample]:
     """``num_examples`` examples; example i uses seed ``fold_seed(seed, i)``.
 
     Args:
-        tokenizer, variant, length, haystack, num_needles: as in `make_niah_example`.
+        tokenizer, variant, length, haystack: as in `make_niah_example`.
         num_examples: >= 1.
         seed: non-negative.
         depths: example i gets ``depths[i % len(depths)]``; default ``depth_grid(num_examples)``.
+        num_needles: as in `make_niah_example`, or a mixture: example i gets
+            ``num_needles[i % len(num_needles)]`` needles (as MQAR's mixture of pair counts:
+            examples with fewer needles teach the retrieval, those with more the discrimination).
     """
     if num_examples < 1:
         raise ValueError(f"num_examples: expected >= 1, got {num_examples}")
     depths = depth_grid(num_examples) if depths is None else list(depths)
     if not depths:
         raise ValueError("depths: expected at least one depth")
+    counts = [num_needles] if isinstance(num_needles, int) else list(num_needles)
+    if not counts:
+        raise ValueError("num_needles: expected an int or a non-empty list of them")
     return [
         make_niah_example(
             tokenizer,
@@ -411,7 +417,7 @@ def niah_dataset(
             depth=depths[i % len(depths)],
             seed=fold_seed(seed, i),
             haystack=haystack,
-            num_needles=num_needles,
+            num_needles=counts[i % len(counts)],
         )
         for i in range(num_examples)
     ]

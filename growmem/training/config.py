@@ -87,11 +87,13 @@ class NIAHTask:
         bpe_vocab_size: the most tokens of a "bpe" tokenizer.
         train_on_prompt: train every token of an example (language-modelling loss), not only
             the answer's.
-        num_needles: needles per example, training and evaluation alike: 1 is S-NIAH; K > 1
-            hides K needles with distinct keys and values (RULER's niah_multikey style) and
-            asks for one, so the model must keep K pairs apart. Each needle and the haystack
+        num_needles: needles per training example (one count or a mixture, example i gets
+            the (i mod n)-th): 1 is S-NIAH; K > 1 hides K needles with distinct keys and
+            values (RULER's niah_multikey style) and asks for one, so the model must keep K
+            pairs apart. Each needle and the haystack
             sentence that keeps it apart from the next cost about 80 byte tokens, and every
             length must hold them all (variant 1, byte tokens: about 600 tokens for K = 4).
+        eval_num_needles: needles per evaluation example (default: the most of num_needles).
     """
 
     name: str = "niah"
@@ -104,7 +106,8 @@ class NIAHTask:
     tokenizer: str = "byte"
     bpe_vocab_size: int = 1024
     train_on_prompt: bool = False
-    num_needles: int = 1
+    num_needles: int | list[int] = 1
+    eval_num_needles: int | None = None
 
 
 @dataclass
@@ -392,6 +395,7 @@ _TASK_AT_LEAST = {
     "eval_lengths": 1,
     "num_eval_examples": 1,
     "num_needles": 1,
+    "eval_num_needles": 1,
     "bpe_vocab_size": 1,
     "eval_blocks": 0,
     "num_workers": 0,
@@ -441,6 +445,8 @@ def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
             raise ValueError(f"task.variant must be 1, 2 or 3, got {task.variant}")
         if task.haystack not in (None, "noise", "essay"):
             raise ValueError(f"task.haystack must be 'noise' or 'essay', got {task.haystack!r}")
+        if task.num_needles == []:
+            raise ValueError("task.num_needles must be a count or a non-empty list, got []")
     if isinstance(task, LMTask):
         _check_lm_task(task)
 

@@ -128,8 +128,15 @@ def niah_tokenizer_of(task: NIAHTask) -> Tokenizer:
         variant=task.variant,
         vocab_size=task.bpe_vocab_size,
         haystack=task.haystack,
-        num_needles=task.num_needles,
+        num_needles=niah_eval_needles(task),
     )
+
+
+def niah_eval_needles(task: NIAHTask) -> int:
+    """Needles per evaluation example: ``eval_num_needles``, else the most of ``num_needles``."""
+    if task.eval_num_needles is not None:
+        return task.eval_num_needles
+    return task.num_needles if isinstance(task.num_needles, int) else max(task.num_needles)
 
 
 def niah_data(task: NIAHTask, seed: int) -> TaskData:

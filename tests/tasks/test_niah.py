@@ -331,9 +331,20 @@ def test_multikey_dataset(byte):
     assert len({e.answer for e in examples}) == 4
 
 
-def needles_in(prompt: str) -> list[tuple[str, str]]:
-    """The (key, value) of every variant-1 needle in ``prompt``."""
-    return re.findall(r"magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", prompt)
+def test_dataset_mixture_of_needle_counts(byte):
+    """A list of counts: example i has the (i mod n)-th count and is the example that count
+    alone gives at its seed and depth."""
+    examples = niah_dataset(
+        byte, variant=1, length=1200, num_examples=5, seed=4, num_needles=[1, 3]
+    )
+    assert [len(needles_of(e.prompt, 1)) for e in examples] == [1, 3, 1, 3, 1]
+    for i, e in enumerate(examples):
+        alone = niah_dataset(
+            byte, variant=1, length=1200, num_examples=5, seed=4, num_needles=[1, 3][i % 2]
+        )[i]
+        assert e == alone
+    with pytest.raises(ValueError, match="num_needles: expected an int or a non-empty list"):
+        niah_dataset(byte, variant=1, length=1200, num_examples=2, seed=0, num_needles=[])
 
 
 def test_niah_tokenizer_is_a_function_of_its_arguments_and_keeps_digits_apart(byte):
@@ -346,7 +357,7 @@ def test_niah_tokenizer_is_a_function_of_its_arguments_and_keeps_digits_apart(by
     assert tok.fingerprint() != smaller.fingerprint()
     ex = make_niah_example(tok, variant=1, length=256, depth=0.5, seed=3, num_needles=4)
     assert len(ex.input_ids) + len(ex.answer_ids) <= 256
-    assert len(needles_in(ex.prompt)) == 4
+    assert len(needles_of(ex.prompt, 1)) == 4
     assert [tok.decode([i]) for i in ex.answer_ids] == [" ", *ex.answer]
     assert tok.decode(ex.input_ids) == ex.prompt
     for word in (" grass", " special", " magic", " mentioned"):

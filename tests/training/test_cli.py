@@ -360,6 +360,9 @@ def test_bad_setting(tmp_path, capsys, override, expected):
     assert not (tmp_path / "run").exists()
 
 
+COUNTS = "int | list[int]"  # how the config names a count or a mixture of counts
+
+
 @pytest.mark.parametrize(
     "task, expected",
     [
@@ -368,8 +371,19 @@ def test_bad_setting(tmp_path, capsys, override, expected):
         ({"name": "lm", "eval_split": "train"}, "task.eval_split must be 'val' or 'test'"),
         ({"name": "niah", "eval_lengths": [0]}, "task.eval_lengths must be >= 1, got [0]"),
         ({"name": "niah", "num_needles": 0}, "task.num_needles must be >= 1, got 0"),
-        ({"name": "niah", "num_needles": 1.5}, "task.num_needles must be of type int, got 1.5"),
-        ({"name": "niah", "num_needles": True}, "task.num_needles must be of type int, got True"),
+        (
+            {"name": "niah", "num_needles": 1.5},
+            f"task.num_needles must be of type {COUNTS}, got 1.5",
+        ),
+        (
+            {"name": "niah", "num_needles": True},
+            f"task.num_needles must be of type {COUNTS}, got True",
+        ),
+        (
+            {"name": "niah", "num_needles": []},
+            "task.num_needles must be a count or a non-empty list",
+        ),
+        ({"name": "niah", "eval_num_needles": 0}, "task.eval_num_needles must be >= 1, got 0"),
     ],
 )
 def test_bad_task_setting(tmp_path, capsys, task, expected):

@@ -362,6 +362,24 @@ def test_niah_train_on_prompt_reaches_the_batch_labels(tmp_path, train_on_prompt
     assert len(set(ends)) > 1  # rows of several lengths: padding is present
 
 
+@pytest.mark.parametrize("eval_num_needles", [None, 2])
+def test_niah_needle_mixture_trains_on_each_count_and_evaluates_at_one(tmp_path, eval_num_needles):
+    """num_needles [1, 3]: the training examples alternate 1 and 3 needles; the evaluation
+    asks with eval_num_needles needles, by default the most of the mixture."""
+    task = {"name": "niah", "variant": 1, "seq_len": 700, "num_train_examples": 4}
+    task |= {"num_needles": [1, 3], "eval_lengths": [700], "num_eval_examples": 2}
+    config = tiny_config(tmp_path, task={**task, "eval_num_needles": eval_num_needles})
+    data = build_task_data(config.task, config.train.seed, tmp_path)
+    assert [len(NEEDLE.findall(p)) for p in training_prompts(data)] == [1, 3, 1, 3]
+    model = PromptRecorder(data.tokenizer.vocab_size)
+    results = evaluate_run(model, data, config)
+    expected = eval_num_needles or 3
+    assert results["num_needles"] == expected
+    assert [len(NEEDLE.findall(data.tokenizer.decode(ids))) for ids, _ in model.prompts] == [
+        expected
+    ] * 2
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path, tokenizer):
     """A run with num_needles K: every training example and every evaluation prompt holds K
