@@ -436,7 +436,6 @@ def niah_tokenizer(
     variant: int,
     vocab_size: int = 1024,
     haystack: str | None = None,
-    num_needles: int = 1,
 ) -> BPETokenizer:
     """A byte-level BPE trained on S-NIAH text of this kind, with every digit its own token.
 
@@ -444,10 +443,12 @@ def niah_tokenizer(
     become a token or a few each, so an example of T tokens holds about 4x the text a
     byte-level one does (a 4-needle variant-1 prompt fits in 256 tokens instead of ~600), while
     values stay digit by digit (UUIDs: digits split, letter runs merged where frequent). The
-    same arguments give the same tokenizer (its fingerprint) on every call.
+    text is single-needle examples whatever the run's needle count, so runs with 1, K or a
+    mixture of needles share one tokenizer, and the same arguments give the same tokenizer (its
+    fingerprint) on every call.
 
     Args:
-        variant, haystack, num_needles: the examples' kind, as in `make_niah_example`.
+        variant, haystack: the examples' kind, as in `make_niah_example`.
         vocab_size: the most tokens (the text allows about 700 for the noise haystack).
     """
     examples = niah_dataset(
@@ -457,7 +458,6 @@ def niah_tokenizer(
         num_examples=TOKENIZER_TEXT_EXAMPLES,
         seed=TOKENIZER_TEXT_SEED,
         haystack=haystack,
-        num_needles=num_needles,
     )
     texts = [example.prompt + " " + example.answer for example in examples]
     return BPETokenizer.train(texts, vocab_size, split_digits=True)

@@ -128,7 +128,6 @@ def niah_tokenizer_of(task: NIAHTask) -> Tokenizer:
         variant=task.variant,
         vocab_size=task.bpe_vocab_size,
         haystack=task.haystack,
-        num_needles=niah_eval_needles(task),
     )
 
 

@@ -390,7 +390,7 @@ def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path, token
     task |= {"num_needles": 3, "eval_lengths": [600, 700, 900], "num_eval_examples": 2}
     config = tiny_config(tmp_path, task={**task, "tokenizer": tokenizer})
     data = build_task_data(config.task, config.train.seed, tmp_path)
-    expected = ByteTokenizer() if tokenizer == "byte" else niah_tokenizer(variant=1, num_needles=3)
+    expected = ByteTokenizer() if tokenizer == "byte" else niah_tokenizer(variant=1)
     assert data.tokenizer.fingerprint() == expected.fingerprint()
     ids, labels = data.train.tensors["input_ids"], data.train.tensors["labels"]
     for prompt, row, label in zip(training_prompts(data), ids, labels, strict=True):
