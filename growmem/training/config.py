@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import types
 import typing
@@ -94,6 +95,9 @@ class NIAHTask:
             sentence that keeps it apart from the next cost about 80 byte tokens, and every
             length must hold them all (variant 1, byte tokens: about 600 tokens for K = 4).
         eval_num_needles: needles per evaluation example (default: the most of num_needles).
+        curriculum_steps: with a list of num_needles, the training step at which each count
+            takes over (a curriculum, the first 0; e.g. num_needles [1, 4] and [0, 500]: one
+            needle for 500 steps, then four); None mixes the counts in every batch.
     """
 
     name: str = "niah"
@@ -108,6 +112,7 @@ class NIAHTask:
     train_on_prompt: bool = False
     num_needles: int | list[int] = 1
     eval_num_needles: int | None = None
+    curriculum_steps: list[int] | None = None
 
 
 @dataclass
@@ -447,8 +452,23 @@ def _check_task(task: MQARTask | NIAHTask | LMTask) -> None:
             raise ValueError(f"task.haystack must be 'noise' or 'essay', got {task.haystack!r}")
         if task.num_needles == []:
             raise ValueError("task.num_needles must be a count or a non-empty list, got []")
+        _check_curriculum(task)
     if isinstance(task, LMTask):
         _check_lm_task(task)
+
+
+def _check_curriculum(task: NIAHTask) -> None:
+    steps = task.curriculum_steps
+    if steps is None:
+        return
+    counts = task.num_needles if isinstance(task.num_needles, list) else [task.num_needles]
+    if len(steps) != len(counts):
+        raise ValueError(
+            f"task.curriculum_steps must give a step per count of task.num_needles {counts}, "
+            f"got {steps}"
+        )
+    if steps[0] != 0 or any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"task.curriculum_steps must increase from 0, got {steps}")
 
 
 def _check_lm_task(task: LMTask) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from growmem.tasks import (
     MQARSlice,
     TokenBlocks,
     Tokenizer,
+    fold_seed,
     load_corpus,
     load_tokenizer,
     mqar_splits,
@@ -59,7 +62,8 @@ class TaskData:
 
     Attributes:
         vocab_size: the model's vocabulary (task tokens or the tokenizer's).
-        train: a batch source (``ExampleSet``, ``TokenBlocks``, or ``StreamedBlocks``,
+        train: a batch source (``ExampleSet``, ``StagedExamples``, ``TokenBlocks``, or
+            ``StreamedBlocks``,
             which is read in order and whose cursor a checkpoint keeps).
         max_seq_len: longest sequence the run trains or evaluates on.
         tokenizer: the tokenizer (NIAH and LM), or None (MQAR works on ids).
@@ -68,7 +72,7 @@ class TaskData:
     """
 
     vocab_size: int
-    train: ExampleSet | TokenBlocks | StreamedBlocks
+    train: ExampleSet | StagedExamples | TokenBlocks | StreamedBlocks
     max_seq_len: int
     tokenizer: Tokenizer | None = None
     mqar_test: list[MQARSlice] | None = None
@@ -138,21 +142,59 @@ def niah_eval_needles(task: NIAHTask) -> int:
     return task.num_needles if isinstance(task.num_needles, int) else max(task.num_needles)
 
 
+class StagedExamples:
+    """Training examples that change with the step (a curriculum): stage k serves the steps
+    from ``starts[k]`` to the next start, its batch at step s being ``stages[k]``'s batch at
+    step ``s - starts[k]``; so batches stay a pure function of the step, and a resumed run
+    replays them.
+
+    Args:
+        starts: the first step of each stage, increasing from 0.
+        stages: one ``ExampleSet`` per stage.
+    """
+
+    def __init__(self, starts: list[int], stages: list[ExampleSet]):
+        if len(starts) != len(stages) or not starts or starts[0] != 0:
+            raise ValueError(f"starts: expected one step per stage, the first 0, got {starts}")
+        if any(b <= a for a, b in itertools.pairwise(starts)):
+            raise ValueError(f"starts: expected increasing steps, got {starts}")
+        self.starts, self.stages = starts, stages
+
+    def batch_at(
+        self, step: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ) -> dict[str, torch.Tensor]:
+        k = bisect.bisect_right(self.starts, step) - 1
+        return self.stages[k].batch_at(
+            step - self.starts[k], batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+
+
 def niah_data(task: NIAHTask, seed: int) -> TaskData:
+    """S-NIAH training examples: one set (a needle count or a mixture of them), or with
+    ``curriculum_steps`` one set per count (stage k's examples from seed stream (seed, 2, k)),
+    each of ``num_train_examples``."""
     tokenizer = niah_tokenizer_of(task)
-    examples = niah_dataset(
-        tokenizer,
-        variant=task.variant,
-        length=task.seq_len,
-        num_examples=task.num_train_examples,
-        seed=seed,
-        haystack=task.haystack,
-        num_needles=task.num_needles,
-    )
-    batch = niah_training_batch(
-        examples, pad_id=tokenizer.pad_id, train_on_prompt=task.train_on_prompt
-    )
-    train = ExampleSet({"input_ids": batch["input_ids"], "labels": batch["labels"]})
+
+    def example_set(num_needles: int | list[int], stream_seed: int) -> ExampleSet:
+        examples = niah_dataset(
+            tokenizer,
+            variant=task.variant,
+            length=task.seq_len,
+            num_examples=task.num_train_examples,
+            seed=stream_seed,
+            haystack=task.haystack,
+            num_needles=num_needles,
+        )
+        batch = niah_training_batch(
+            examples, pad_id=tokenizer.pad_id, train_on_prompt=task.train_on_prompt
+        )
+        return ExampleSet({"input_ids": batch["input_ids"], "labels": batch["labels"]})
+
+    if task.curriculum_steps is None:
+        train = example_set(task.num_needles, seed)
+    else:
+        stages = [example_set(k, fold_seed(seed, 2, i)) for i, k in enumerate(task.num_needles)]
+        train = StagedExamples(list(task.curriculum_steps), stages)
     max_len = max(niah_eval_lengths(task))
     return TaskData(tokenizer.vocab_size, train, max_len, tokenizer=tokenizer)
 

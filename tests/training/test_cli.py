@@ -384,6 +384,18 @@ COUNTS = "int | list[int]"  # how the config names a count or a mixture of count
             "task.num_needles must be a count or a non-empty list",
         ),
         ({"name": "niah", "eval_num_needles": 0}, "task.eval_num_needles must be >= 1, got 0"),
+        (
+            {"name": "niah", "num_needles": [1, 4], "curriculum_steps": [0]},
+            "task.curriculum_steps must give a step per count of task.num_needles [1, 4]",
+        ),
+        (
+            {"name": "niah", "num_needles": [1, 4], "curriculum_steps": [0, 0]},
+            "task.curriculum_steps must increase from 0, got [0, 0]",
+        ),
+        (
+            {"name": "niah", "num_needles": [1, 4], "curriculum_steps": [5, 9]},
+            "task.curriculum_steps must increase from 0, got [5, 9]",
+        ),
     ],
 )
 def test_bad_task_setting(tmp_path, capsys, task, expected):

@@ -293,9 +293,11 @@ class PromptRecorder(torch.nn.Module):
 NEEDLE = re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
 
 
-def training_prompts(data) -> list[str]:
-    """The prompts of a NIAH run's training examples (the tokens before the first label)."""
-    ids, labels = data.train.tensors["input_ids"], data.train.tensors["labels"]
+def training_prompts(data, tensors: dict | None = None) -> list[str]:
+    """The prompts of a NIAH run's training examples (the tokens before the first label), or
+    of a batch of them (``tensors``)."""
+    tensors = data.train.tensors if tensors is None else tensors
+    ids, labels = tensors["input_ids"], tensors["labels"]
     prompts = []
     for row, label in zip(ids, labels, strict=True):
         first = int((label != IGNORE_INDEX).nonzero()[0])
@@ -378,6 +380,28 @@ def test_niah_needle_mixture_trains_on_each_count_and_evaluates_at_one(tmp_path,
     assert [len(NEEDLE.findall(data.tokenizer.decode(ids))) for ids, _ in model.prompts] == [
         expected
     ] * 2
+
+
+def test_niah_needle_curriculum_changes_the_examples_at_its_steps(tmp_path):
+    """num_needles [1, 3] with curriculum_steps [0, 2]: the batches of steps 0-1 hold one
+    needle, later ones three (from another seed stream: no queried value repeats), and a
+    batch is the same whenever it is asked for (a resumed run replays it)."""
+    task = {"name": "niah", "variant": 1, "seq_len": 700, "num_train_examples": 4}
+    task |= {"num_needles": [1, 3], "curriculum_steps": [0, 2], "eval_lengths": [700]}
+    config = tiny_config(tmp_path, task={**task, "num_eval_examples": 1})
+    data = build_task_data(config.task, config.train.seed, tmp_path)
+    seed = config.train.seed
+    counts, values = [], []
+    for step in range(5):
+        prompts = training_prompts(data, data.train.batch_at(step, 2, seed=seed))
+        counts.append([len(NEEDLE.findall(p)) for p in prompts])
+        values += [NEEDLE.search(p)[2] for p in prompts]
+    assert counts == [[1, 1], [1, 1], [3, 3], [3, 3], [3, 3]]
+    assert len(set(values[:4]) & set(values[4:])) == 0
+    again = build_task_data(config.task, seed, tmp_path).train.batch_at(3, 2, seed=seed)
+    assert torch.equal(again["input_ids"], data.train.batch_at(3, 2, seed=seed)["input_ids"])
+    model = PromptRecorder(data.tokenizer.vocab_size)
+    assert evaluate_run(model, data, config)["num_needles"] == 3
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
