@@ -261,9 +261,10 @@ def _niah() -> list[Cell]:
     ]
 
 
-# Multi-key S-NIAH (the niah_multikey task base: 4 needles, trained at 1024 tokens, evaluated
-# within it and, reported apart, at 2048). Not calibrated yet: the base's training is the niah
-# base's. The gated cells pin their gate settings, the base its ungated ones, as mqar_capacity's.
+# Multi-key S-NIAH (the niah_multikey task base: 4 needles in the task's BPE, one needle for
+# 500 steps then four, trained at 256 tokens, evaluated within it and, reported apart, at 512;
+# docs/notes/2026-12-niah-multikey-calibration.md). The gated cells pin their gate settings,
+# the base its ungated ones, as mqar_capacity's.
 
 
 def _niah_multikey() -> list[Cell]:
