@@ -334,7 +334,12 @@ EXPERIMENTS = {
 # seeds out of five), the older ones three.
 DEFAULT_SEEDS = (0, 1, 2)
 PAIRED = (0, 1, 2, 3, 4)
-SEEDS = {"mqar_capacity": PAIRED, "mqar_state_size": PAIRED, "mqar_capacity_long": PAIRED}
+SEEDS = {
+    "mqar_capacity": PAIRED,
+    "mqar_state_size": PAIRED,
+    "mqar_capacity_long": PAIRED,
+    "niah_multikey": PAIRED,
+}
 
 
 def slug(name: str) -> str:

@@ -31,6 +31,7 @@ EXPERIMENTS = [
     "mqar",
     "mqar_small_state",
     "niah",
+    "niah_multikey",
     "lm",
 ]
 # seeds the capacity experiments are reported over (paired): as many as the sweep runs
@@ -226,6 +227,37 @@ def niah_section(niah: dict, lines: list[str]) -> None:
     ]
 
 
+def niah_multikey_section(src: Sources, lines: list[str]) -> None:
+    """Multi-key S-NIAH: within the training length for every model, paired with the base,
+    and beyond it only for the models that solve it."""
+    runs = src.experiment("niah_multikey")
+    lines += ["### Four needles, one asked (`niah_multikey`)", ""]
+    command = render.sweep_command("niah_multikey", PAIRED_SEEDS)
+    if not runs:
+        lines += render.not_measured(command)
+        return
+    found = tables.multikey_tables(runs)
+    within = ", ".join(map(str, found.within.lengths))
+    lines += [
+        render.multikey_setting(*load.niah_setting_config("niah_multikey"), found.within),
+        "",
+        render.note_link("niah_multikey", "How this setting was chosen (calibration runs)"),
+        "",
+        f"Within the training length ({within} tokens):",
+        "",
+        *render.niah_tables(found.within),
+        *render.unfinished(
+            "niah_multikey", runs, load.missing_models("niah_multikey", runs), PAIRED_SEEDS
+        ),
+        "",
+    ]
+    comparisons = capacity.mc_comparisons(found.scores)
+    if comparisons:
+        measure = f"exact match within the training length, mean over {within} tokens"
+        lines += render_capacity.mc_table(comparisons, measure)
+    lines += render.multikey_beyond(found)
+
+
 def lm_section(src: Sources, lines: list[str]):
     """The LM setting and tables; returns the LM claim's findings (``verdicts.lm_claim``)."""
     runs = src.experiment("lm")
@@ -332,6 +364,7 @@ def build(src: Sources) -> str:
     )
     niah = src.experiment("niah")
     niah_section(niah, lines)
+    niah_multikey_section(src, lines)
     lm = lm_section(src, lines)
     train = efficiency_section(src, lines)
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]

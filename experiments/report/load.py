@@ -174,12 +174,13 @@ def mqar_setting(experiment: str) -> MQARSetting:
     )
 
 
-def niah_setting_config():
-    """(the gated_delta cell, its RunConfig, Transformer++'s TrainSettings) of S-NIAH."""
+def niah_setting_config(experiment: str = "niah"):
+    """(the gated_delta cell, its RunConfig, Transformer++'s TrainSettings) of an S-NIAH
+    experiment."""
     return (
-        cell_by_name("niah", "gated_delta"),
-        cell_config("niah", "gated_delta"),
-        cell_config("niah", "Transformer++").train,
+        cell_by_name(experiment, "gated_delta"),
+        cell_config(experiment, "gated_delta"),
+        cell_config(experiment, "Transformer++").train,
     )
 
 

@@ -11,11 +11,13 @@ from experiments.report.load import MQARSetting
 from experiments.report.tables import (
     BUDGET_MINUTES,
     CROSSED,
+    SOLVED,
     BenchTable,
     CostRow,
     GridTable,
     LMRow,
     MQARRow,
+    MultikeyTables,
     NIAHTables,
     Stat,
 )
@@ -25,6 +27,7 @@ NOTES = {
     "capacity": "notes/2026-12-capacity-calibration.md",
     "mqar": "notes/2026-11-mqar-calibration.md",
     "niah": "notes/2026-11-niah-calibration.md",
+    "niah_multikey": "notes/2026-12-niah-multikey-calibration.md",
     "cost": "notes/2026-11-experiment-budget.md",
     "reading": "notes/2026-12-capacity-results.md",
     "speed": "notes/2026-11-speed-log.md",
@@ -188,9 +191,7 @@ def niah_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
     model, task, train = config.model, config.task, config.train
     loss = "every token of an example" if task.train_on_prompt else "the answer's tokens"
     minutes = tables.minutes
-    span = f"{min(minutes):.0f}-{max(minutes):.0f}"
-    if round(min(minutes)) == round(max(minutes)):
-        span = f"{min(minutes):.0f}"
+    span = _minutes_span(minutes)
     models = len(tables.final_loss)
     return (
         f"Setting: `growmem train {cell.task} --model {cell.model}` with "
@@ -213,7 +214,7 @@ def niah_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
     )
 
 
-def niah_tables(tables: NIAHTables) -> list[str]:
+def niah_tables(tables: NIAHTables, loss: bool = True) -> list[str]:
     lines = []
     for rows, title in (
         (tables.exact, "Exact match of the generated value"),
@@ -222,6 +223,8 @@ def niah_tables(tables: NIAHTables) -> list[str]:
         cells = [[label, seeds, *map(stat, per_length)] for label, seeds, per_length in rows]
         lines += [f"{title}:", "", *table(["model", "seeds", *map(str, tables.lengths)], cells)]
         lines.append("")
+    if not loss:
+        return lines
     losses = ", ".join(f"{model} {stat(s)}" for model, s in tables.final_loss)
     lines += [
         "Training loss on the answer's tokens at the last step (a batch of 16 unseen "
@@ -229,6 +232,56 @@ def niah_tables(tables: NIAHTables) -> list[str]:
         "",
     ]
     return lines
+
+
+def _minutes_span(minutes) -> str:
+    low, high = min(minutes), max(minutes)
+    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+
+
+def multikey_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
+    model, task, train = config.model, config.task, config.train
+    counts = task.num_needles if isinstance(task.num_needles, list) else [task.num_needles]
+    needles = max(counts) if task.eval_num_needles is None else task.eval_num_needles
+    if task.curriculum_steps is None:
+        schedule = f"{'/'.join(map(str, counts))} needles per example"
+    else:
+        stages = [f"{k} from step {s}" for k, s in zip(counts, task.curriculum_steps, strict=True)]
+        schedule = f"needles per example by step: {', '.join(stages)}"
+    return (
+        f"Setting: `growmem train {cell.task} --model {cell.model}` with "
+        f"`{' '.join(cell.overrides)}`: {model['num_hidden_layers']} layers, d_model "
+        f"{model['hidden_size']}, {model['num_heads']} heads, tokens of {task.tokenizer!r} (the "
+        "task's BPE: a word per token, a digit per token); S-NIAH-"
+        f"{task.variant} with {needles} needles (RULER's niah_multikey_1 style: distinct keys and "
+        "7-digit values in the repeated noise haystack; the question asks for one), trained at "
+        f"{task.seq_len} tokens, {schedule} ({task.num_train_examples:,} fresh examples per "
+        f"stage), loss on the answer's tokens, AdamW {train.lr:g}, batch {train.batch_size}, "
+        f"{train.steps} steps (Transformer++: {transformer_train.steps} steps at "
+        f"{transformer_train.lr:g}); segment {model['memory']['caching']['segment_size']} for "
+        f"Memory Caching. Evaluated with {needles} needles: exact match of the value generated "
+        "greedily, and the teacher-forced accuracy of the answer's 8 tokens (chance about 0.21), "
+        f"over {task.num_eval_examples} needle depths per length. Command: `python -m "
+        "experiments.sweep niah_multikey && python -m experiments.report`. Training takes "
+        f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "
+        "rates)."
+    )
+
+
+def multikey_beyond(found: MultikeyTables) -> list[str]:
+    """Extrapolation, only for the models that solve the training length."""
+    if found.beyond is None:
+        return [
+            f"Beyond the training length: not reported, as no model solves {found.train_length} "
+            f"tokens (exact match at least {SOLVED} there, mean over seeds).",
+            "",
+        ]
+    return [
+        f"Beyond the training length (extrapolation), only for the models that solve "
+        f"{found.train_length} tokens (exact match at least {SOLVED} there, mean over seeds):",
+        "",
+        *niah_tables(found.beyond, loss=False),
+    ]
 
 
 def lm_setting(config) -> str:

@@ -138,11 +138,11 @@ def _paired_cells(p: Paired) -> list[str]:
     ]
 
 
-def mc_table(found: list[Paired]) -> list[str]:
-    """Every Memory Caching cell against its base, seed by seed."""
+def mc_table(found: list[Paired], measure: str = "held-out accuracy, all pairs") -> list[str]:
+    """Every Memory Caching cell against its base, seed by seed, on ``measure``."""
     header = ["model", "base", "seeds", "model acc.", "base acc.", "difference", "better in"]
     return [
-        "Memory Caching against its base, seed by seed (held-out accuracy, all pairs; "
+        f"Memory Caching against its base, seed by seed ({measure}; "
         "*difference*: mean ± std over seeds of model - base; *better in*: seeds where the "
         "model scores higher):",
         "",

@@ -6,6 +6,7 @@ into markdown. The tests check these rows.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -169,7 +170,7 @@ class NIAHTables:
     minutes: tuple[float, ...]  # training minutes of every cell
 
 
-def niah_tables(niah: dict[str, list[dict]]) -> NIAHTables:
+def niah_tables(niah: dict[str, list[dict]], experiment: str = "niah") -> NIAHTables:
     lengths = tuple(r["length"] for r in next(iter(niah.values()))[0]["eval"]["lengths"])
     views = niah_views(niah)
 
@@ -190,7 +191,66 @@ def niah_tables(niah: dict[str, list[dict]]) -> NIAHTables:
         final_loss=tuple(
             (m, Stat.of(r["final_loss"] for r in results)) for m, results in niah.items()
         ),
-        minutes=tuple(training_minutes("niah", r) for rs in niah.values() for r in rs),
+        minutes=tuple(training_minutes(experiment, r) for rs in niah.values() for r in rs),
+    )
+
+
+# A model solves S-NIAH at its training length when its exact match there, mean over seeds,
+# reaches this; only such models have their extrapolation reported (issue: a model that fails
+# within its training length says nothing about lengths beyond it).
+SOLVED = 0.9
+
+
+@dataclass(frozen=True)
+class MultikeyTables:
+    """Multi-key S-NIAH split at the training length: the tables within it (every model), the
+    tables beyond it (only the models that solve the training length; None if none does or no
+    length lies beyond), and each model's exact match within, mean over those lengths, per seed
+    (for paired comparisons)."""
+
+    train_length: int
+    within: NIAHTables
+    beyond: NIAHTables | None
+    solved: tuple[str, ...]
+    scores: dict[str, dict[int, float]]  # {model: {seed: mean exact match within}}
+
+
+def multikey_tables(runs: dict[str, list[dict]]) -> MultikeyTables:
+    full = niah_tables(runs, "niah_multikey")
+    train_length = next(iter(runs.values()))[0]["eval"]["train_length"]
+    within = [i for i, n in enumerate(full.lengths) if n <= train_length]
+    beyond = [i for i, n in enumerate(full.lengths) if n > train_length]
+    at_train = full.lengths.index(train_length)
+    solved = tuple(label for label, _, cells in full.exact if cells[at_train].mean >= SOLVED)
+
+    def columns(indices: list[int], keep: tuple[str, ...] | None = None) -> NIAHTables:
+        def pick(rows):
+            return tuple(
+                (label, seeds, tuple(cells[i] for i in indices))
+                for label, seeds, cells in rows
+                if keep is None or label in keep
+            )
+
+        return dataclasses.replace(
+            full,
+            lengths=tuple(full.lengths[i] for i in indices),
+            exact=pick(full.exact),
+            tokens=pick(full.tokens),
+        )
+
+    scores = {
+        model: {
+            r["seed"]: statistics.mean(r["eval"]["lengths"][i]["accuracy"] for i in within)
+            for r in results
+        }
+        for model, results in runs.items()
+    }
+    return MultikeyTables(
+        train_length=train_length,
+        within=columns(within),
+        beyond=columns(beyond, solved) if solved and beyond else None,
+        solved=solved,
+        scores=scores,
     )
 
 

@@ -844,3 +844,65 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
         "higher in 5/5 seeds), Transformer++, 8000 steps 0.970 (closes 71% of the gap): "
         "reproduced" in claim_1
     )
+
+
+def multikey_result(model: str, seed: int, exact: tuple[float, float, float]) -> dict:
+    """A niah_multikey result: exact match at 192 and 256 (within the training length, 256)
+    and 512 (beyond)."""
+    lengths = [
+        {"length": n, "regime": regime, "accuracy": a, "token_accuracy": 0.2 + 0.8 * a}
+        for n, regime, a in zip((192, 256, 512), ("within", "within", "beyond"), exact, strict=True)
+    ]
+    return {
+        "model": model,
+        "seed": seed,
+        "final_loss": 2.0 - exact[1],
+        "steps": 2000,
+        "tokens_per_s": 4096.0,
+        "eval": {"lengths": lengths, "train_length": 256, "num_needles": 4},
+        "evals": {},
+    }
+
+
+def test_report_renders_multikey_niah_within_paired_and_beyond_only_when_solved(tmp_path):
+    chosen_ssc = f"gated_delta+ssc, {sweep.CHOSEN_GATES}"
+    scores = {  # per seed: exact match at 192, 256, 512
+        "Transformer++": [(0.5, 0.4, 0.0)] * 3,
+        "gated_delta": [(0.1, 0.0, 0.0), (0.3, 0.2, 0.0), (0.0, 0.0, 0.0)],
+        CHOSEN_GRM: [(1.0, 0.96, 0.5), (0.9, 0.9, 0.3), (1.0, 0.9, 0.4)],
+        chosen_ssc: [(0.1, 0.1, 0.0)] * 3,
+    }
+    for model, per_seed in scores.items():
+        for seed, exact in enumerate(per_seed):
+            write_result(tmp_path, "niah_multikey", multikey_result(model, seed, exact))
+    found = tables.multikey_tables(Sources(tmp_path).experiment("niah_multikey"))
+    assert (found.train_length, found.within.lengths, found.solved) == (
+        256,
+        (192, 256),
+        (CHOSEN_GRM,),
+    )
+    assert found.scores["gated_delta"] == {0: 0.05, 1: 0.25, 2: 0.0}
+    assert report.main(tmp_path) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    section = text[text.index("### Four needles, one asked (`niah_multikey`)") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "needles per example by step: 1 from step 0, 4 from step 500" in section
+    # within: every model, 3 seeds; 2000 steps of 16 x 256 tokens at 4096 tokens/s: 33 minutes
+    assert f"| {CHOSEN_GRM} | 3 | 0.967 ± 0.058 | 0.920 ± 0.035 |" in section
+    assert "Training takes 33 minutes a cell" in section
+    # paired on the mean over 192 and 256: grm 0.943 vs base 0.100, better in 3/3
+    assert f"| {CHOSEN_GRM} | gated_delta | 3 | 0.943 | 0.100 | +0.843 ± 0.168 | 3/3 |" in section
+    # beyond: grm alone (the only model at 0.9 or more at 256)
+    beyond = section[section.index("Beyond the training length (extrapolation)") :]
+    assert f"| {CHOSEN_GRM} | 3 | 0.400 ± 0.100 |" in beyond
+    assert "| gated_delta |" not in beyond and "| Transformer++ |" not in beyond
+    assert "`python -m experiments.sweep niah_multikey --seeds 0 1 2 3 4` finishes them" in section
+
+
+def test_report_states_no_extrapolation_when_no_model_solves_the_training_length(tmp_path):
+    for model in ("gated_delta", CHOSEN_GRM):
+        write_result(tmp_path, "niah_multikey", multikey_result(model, 0, (0.9, 0.8, 0.1)))
+    found = tables.multikey_tables(Sources(tmp_path).experiment("niah_multikey"))
+    assert found.beyond is None and found.solved == ()
+    lines = "\n".join(render.multikey_beyond(found))
+    assert "not reported, as no model solves 256 tokens" in lines
