@@ -91,9 +91,9 @@ class NIAHTask:
         num_needles: needles per training example (one count or a mixture, example i gets
             the (i mod n)-th): 1 is S-NIAH; K > 1 hides K needles with distinct keys and
             values (RULER's niah_multikey style) and asks for one, so the model must keep K
-            pairs apart. Each needle and the haystack
-            sentence that keeps it apart from the next cost about 80 byte tokens, and every
-            length must hold them all (variant 1, byte tokens: about 600 tokens for K = 4).
+            pairs apart. Each needle and the haystack sentence that keeps it apart from the
+            next cost about 80 byte tokens, and every length must hold them all (variant 1,
+            byte tokens: about 600 tokens for K = 4; the "bpe" tokenizer: about 130).
         eval_num_needles: needles per evaluation example (default: the most of num_needles).
         curriculum_steps: with a list of num_needles, the training step at which each count
             takes over (a curriculum, the first 0; e.g. num_needles [1, 4] and [0, 500]: one
