@@ -93,7 +93,7 @@ class NIAHTask:
             values (RULER's niah_multikey style) and asks for one, so the model must keep K
             pairs apart. Each needle and the haystack sentence that keeps it apart from the
             next cost about 80 byte tokens, and every length must hold them all (variant 1,
-            byte tokens: about 600 tokens for K = 4; the "bpe" tokenizer: about 130).
+            byte tokens: about 600 tokens for K = 4; the "bpe" tokenizer: about 165).
         eval_num_needles: needles per evaluation example (default: the most of num_needles).
         curriculum_steps: with a list of num_needles, the training step at which each count
             takes over (a curriculum, the first 0; e.g. num_needles [1, 4] and [0, 500]: one
