@@ -278,6 +278,18 @@ def _niah_multikey() -> list[Cell]:
     ]
 
 
+# 3x niah_multikey's 2000 steps: at 2000 no model solves four needles and most curves are still
+# rising. Each stage draws 5500 x 16 examples, so the four-needle steps still see fresh ones.
+NIAH_LONG = ["train.steps=6000", "task.num_train_examples=88000"]
+
+
+def _niah_multikey_long() -> list[Cell]:
+    return [
+        dataclasses.replace(cell, overrides=[*NIAH_LONG, *cell.overrides])
+        for cell in _niah_multikey()
+    ]
+
+
 def _lm() -> list[Cell]:
     short = ["train.steps=300", "train.batch_size=8", "task.eval_blocks=32"]
     cells = [Cell("Transformer++", "lm", "transformer", short)]
@@ -326,6 +338,7 @@ EXPERIMENTS = {
     "mqar_capacity_long": _mqar_capacity_long,
     "niah": _gates_of_then(_niah),
     "niah_multikey": _niah_multikey,
+    "niah_multikey_long": _niah_multikey_long,
     "lm": _gates_of_then(_lm),
 }
 
@@ -339,6 +352,7 @@ SEEDS = {
     "mqar_state_size": PAIRED,
     "mqar_capacity_long": PAIRED,
     "niah_multikey": PAIRED,
+    "niah_multikey_long": PAIRED,
 }
 
 
