@@ -32,6 +32,7 @@ EXPERIMENTS = [
     "mqar_small_state",
     "niah",
     "niah_multikey",
+    "niah_multikey_long",
     "lm",
 ]
 # seeds the capacity experiments are reported over (paired): as many as the sweep runs
@@ -227,28 +228,27 @@ def niah_section(niah: dict, lines: list[str]) -> None:
     ]
 
 
-def niah_multikey_section(src: Sources, lines: list[str]) -> None:
-    """Multi-key S-NIAH: within the training length for every model, paired with the base,
-    and beyond it only for the models that solve it."""
-    runs = src.experiment("niah_multikey")
-    lines += ["### Four needles, one asked (`niah_multikey`)", ""]
-    command = render.sweep_command("niah_multikey", PAIRED_SEEDS)
+def niah_multikey_section(src: Sources, lines: list[str], experiment: str, title: str) -> None:
+    """Multi-key S-NIAH (``experiment``: niah_multikey, or its longer training): within the
+    training length for every model, paired with the base, and beyond it only for the models
+    that solve it."""
+    runs = src.experiment(experiment)
+    lines += [f"### {title} (`{experiment}`)", ""]
+    command = render.sweep_command(experiment, PAIRED_SEEDS)
     if not runs:
         lines += render.not_measured(command)
         return
-    found = tables.multikey_tables(runs)
+    found = tables.multikey_tables(runs, experiment)
     within = ", ".join(map(str, found.within.lengths))
     lines += [
-        render.multikey_setting(*load.niah_setting_config("niah_multikey"), found.within),
+        render.multikey_setting(experiment, *load.niah_setting_config(experiment), found.within),
         "",
         render.note_link("niah_multikey", "How this setting was chosen (calibration runs)"),
         "",
         f"Within the training length ({within} tokens):",
         "",
         *render.niah_tables(found.within),
-        *render.unfinished(
-            "niah_multikey", runs, load.missing_models("niah_multikey", runs), PAIRED_SEEDS
-        ),
+        *render.unfinished(experiment, runs, load.missing_models(experiment, runs), PAIRED_SEEDS),
         "",
     ]
     comparisons = capacity.mc_comparisons(found.scores)
@@ -364,7 +364,8 @@ def build(src: Sources) -> str:
     )
     niah = src.experiment("niah")
     niah_section(niah, lines)
-    niah_multikey_section(src, lines)
+    niah_multikey_section(src, lines, "niah_multikey", "Four needles, one asked")
+    niah_multikey_section(src, lines, "niah_multikey_long", "Four needles, longer training")
     lm = lm_section(src, lines)
     train = efficiency_section(src, lines)
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]

@@ -239,7 +239,7 @@ def _minutes_span(minutes) -> str:
     return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
 
 
-def multikey_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
+def multikey_setting(experiment: str, cell, config, transformer_train, tables: NIAHTables) -> str:
     model, task, train = config.model, config.task, config.train
     counts = task.num_needles if isinstance(task.num_needles, list) else [task.num_needles]
     needles = max(counts) if task.eval_num_needles is None else task.eval_num_needles
@@ -262,7 +262,7 @@ def multikey_setting(cell, config, transformer_train, tables: NIAHTables) -> str
         f"Memory Caching. Evaluated with {needles} needles: exact match of the value generated "
         "greedily, and the teacher-forced accuracy of the answer's 8 tokens (chance about 0.21), "
         f"over {task.num_eval_examples} needle depths per length. Command: `python -m "
-        "experiments.sweep niah_multikey && python -m experiments.report`. Training takes "
+        f"experiments.sweep {experiment} && python -m experiments.report`. Training takes "
         f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "
         "rates)."
     )

@@ -215,8 +215,10 @@ class MultikeyTables:
     scores: dict[str, dict[int, float]]  # {model: {seed: mean exact match within}}
 
 
-def multikey_tables(runs: dict[str, list[dict]]) -> MultikeyTables:
-    full = niah_tables(runs, "niah_multikey")
+def multikey_tables(
+    runs: dict[str, list[dict]], experiment: str = "niah_multikey"
+) -> MultikeyTables:
+    full = niah_tables(runs, experiment)
     train_length = next(iter(runs.values()))[0]["eval"]["train_length"]
     within = [i for i, n in enumerate(full.lengths) if n <= train_length]
     beyond = [i for i, n in enumerate(full.lengths) if n > train_length]

@@ -846,7 +846,9 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     )
 
 
-def multikey_result(model: str, seed: int, exact: tuple[float, float, float]) -> dict:
+def multikey_result(
+    model: str, seed: int, exact: tuple[float, float, float], steps: int = 2000
+) -> dict:
     """A niah_multikey result: exact match at 192 and 256 (within the training length, 256)
     and 512 (beyond)."""
     lengths = [
@@ -857,7 +859,7 @@ def multikey_result(model: str, seed: int, exact: tuple[float, float, float]) ->
         "model": model,
         "seed": seed,
         "final_loss": 2.0 - exact[1],
-        "steps": 2000,
+        "steps": steps,
         "tokens_per_s": 4096.0,
         "eval": {"lengths": lengths, "train_length": 256, "num_needles": 4},
         "evals": {},
@@ -897,6 +899,28 @@ def test_report_renders_multikey_niah_within_paired_and_beyond_only_when_solved(
     assert f"| {CHOSEN_GRM} | 3 | 0.400 ± 0.100 |" in beyond
     assert "| gated_delta |" not in beyond and "| Transformer++ |" not in beyond
     assert "`python -m experiments.sweep niah_multikey --seeds 0 1 2 3 4` finishes them" in section
+
+
+def test_report_renders_the_longer_multikey_training_as_its_own_section(tmp_path):
+    for seed in range(2):
+        for model in ("gated_delta", CHOSEN_GRM):
+            exact = (0.9, 0.9, 0.2) if model == CHOSEN_GRM else (0.2, 0.1, 0.0)
+            result = multikey_result(model, seed, exact, steps=6000)
+            write_result(tmp_path, "niah_multikey_long", result)
+    assert report.main(tmp_path) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    # the 2000-step experiment has no results here; the longer one has its own section
+    short = text[text.index("### Four needles, one asked (`niah_multikey`)") :]
+    assert short[: short.index("\n### ", 1)].count("Not measured yet") == 1
+    section = text[text.index("### Four needles, longer training (`niah_multikey_long`)") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "AdamW 0.003, batch 16, 6000 steps (Transformer++: 6000 steps at 0.001)" in section
+    assert "(88,000 fresh examples per stage)" in section
+    assert "`python -m experiments.sweep niah_multikey_long && python -m experiments" in section
+    # 6000 steps of 16 x 256 tokens at 4096 tokens/s: 100 minutes
+    assert "Training takes 100 minutes a cell" in section
+    assert f"| {CHOSEN_GRM} | gated_delta | 2 | 0.900 | 0.150 | +0.750 ± 0.000 | 2/2 |" in section
+    assert f"| {CHOSEN_GRM} | 2 | 0.200 ± 0.000 |" in section[section.index("Beyond") :]
 
 
 def test_report_states_no_extrapolation_when_no_model_solves_the_training_length(tmp_path):
