@@ -237,6 +237,9 @@ def evaluate_niah(
     Returns:
         {"accuracy": mean over lengths, "token_accuracy": mean over lengths, "num_needles",
         "lengths": [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]};
+        with several needles each row also has "distractor_rate", the share of examples whose
+        generation is another needle's value (the state mixed the needles up, where a wrong
+        answer that is no needle's value failed to read the queried one);
         with ``train_length`` also "train_length", each row's "regime" ("within" or "beyond")
         and, for each regime present, "<regime>_accuracy" and "<regime>_token_accuracy" (means
         over its lengths).
@@ -261,7 +264,7 @@ def evaluate_niah(
             haystack=haystack,
             num_needles=num_needles,
         )
-        hits, token_hits = [], []
+        hits, token_hits, confused = [], [], []
         for example in examples:
             ids = torch.tensor([example.input_ids]).to(device)  # [1, T]
             with_answer = torch.tensor([example.input_ids + example.answer_ids]).to(device)
@@ -284,12 +287,15 @@ def evaluate_niah(
                 )
             text = tokenizer.decode(out[0, ids.shape[1] :].tolist())
             hits.append(score_exact_match(text, example.answer))
+            confused.append(any(score_exact_match(text, v) for _, v in example.distractors))
         row = {
             "length": length,
             "accuracy": sum(hits) / len(hits),
             "token_accuracy": sum(token_hits) / len(token_hits),
             "depths": [[e.depth, h] for e, h in zip(examples, hits, strict=True)],
         }
+        if num_needles > 1:
+            row["distractor_rate"] = sum(confused) / len(confused)
         if train_length is not None:
             row["regime"] = "within" if length <= train_length else "beyond"
         rows.append(row)

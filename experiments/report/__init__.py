@@ -251,6 +251,8 @@ def niah_multikey_section(src: Sources, lines: list[str], experiment: str, title
         *render.unfinished(experiment, runs, load.missing_models(experiment, runs), PAIRED_SEEDS),
         "",
     ]
+    mixups = src.json("experiments", "niah_mixups.json")
+    lines += render.multikey_mixups(mixups, experiment, found.needles)
     comparisons = capacity.mc_comparisons(found.scores)
     if comparisons:
         measure = f"exact match within the training length, mean over {within} tokens"

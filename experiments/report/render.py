@@ -7,6 +7,8 @@ this code.
 
 from __future__ import annotations
 
+import statistics
+
 from experiments.report.load import MQARSetting
 from experiments.report.tables import (
     BUDGET_MINUTES,
@@ -266,6 +268,35 @@ def multikey_setting(experiment: str, cell, config, transformer_train, tables: N
         f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "
         "rates)."
     )
+
+
+def multikey_mixups(mixups: dict | None, experiment: str, needles: int) -> list[str]:
+    """Where the answers within the training length come from (experiments.niah_mixups, when
+    run for ``experiment``): the queried value, another needle's, or neither."""
+    measured = (mixups or {}).get("experiments", {}).get(experiment, {})
+    if not measured.get("cells"):
+        return []
+    lengths = ", ".join(map(str, measured["lengths"]))
+    lines = [
+        f"Where the greedy answers come from (mean over seeds and {lengths} tokens; `python -m "
+        "experiments.niah_mixups`): the queried needle's value (exact match), another needle's "
+        "value (the model read a needle, but not the one asked for), or neither. A model that "
+        f"copies one of the {needles} needles at random scores {1 / needles:.2f} / "
+        f"{1 - 1 / needles:.2f} / 0, and teacher-forced (handed the right first digit, it "
+        "copies the right needle from there) about (7 + 1/K) / 8 = "
+        f"{(7 + 1 / needles) / 8:.2f} of the answer's 8 tokens: the answer-token accuracy "
+        "above cannot tell it from a model that reads the needle asked for.",
+        "",
+        "| model | seeds | queried value | another needle's value | neither |",
+        "|---|---|---|---|---|",
+    ]
+    for model, seeds in measured["cells"].items():
+        right = statistics.mean(s["accuracy"] for s in seeds.values())
+        mixed = statistics.mean(s["distractor_rate"] for s in seeds.values())
+        lines.append(
+            f"| {model} | {len(seeds)} | {right:.3f} | {mixed:.3f} | {1 - right - mixed:.3f} |"
+        )
+    return [*lines, ""]
 
 
 def multikey_beyond(found: MultikeyTables) -> list[str]:

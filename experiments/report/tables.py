@@ -209,6 +209,7 @@ class MultikeyTables:
     (for paired comparisons)."""
 
     train_length: int
+    needles: int  # the evaluation's needle count
     within: NIAHTables
     beyond: NIAHTables | None
     solved: tuple[str, ...]
@@ -249,6 +250,7 @@ def multikey_tables(
     }
     return MultikeyTables(
         train_length=train_length,
+        needles=next(iter(runs.values()))[0]["eval"]["num_needles"],
         within=columns(within),
         beyond=columns(beyond, solved) if solved and beyond else None,
         solved=solved,

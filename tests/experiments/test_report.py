@@ -70,6 +70,16 @@ def write_result(root: Path, experiment: str, result: dict) -> None:
     (path / f"seed{result['seed']}.json").write_text(json.dumps(result))
 
 
+def rendered_section(root: Path, heading: str) -> str:
+    """docs/results.md as the report writes it from ``root``'s results: the text from
+    ``heading`` to the next heading at its level or above."""
+    assert report.main(root) == 0
+    text = (root / "docs" / "results.md").read_text()
+    section = text[text.index(heading) :]
+    ends = [i for mark in ("\n### ", "\n## ") if (i := section.find(mark, 1)) != -1]
+    return section[: min(ends, default=len(section))]
+
+
 MQAR_ACCURACIES = {
     "Transformer++": [0.9, 0.9, 0.8, 0.7],
     "gated_delta": [0.1, 0.1, 0.1, 0.1],
@@ -648,10 +658,7 @@ def test_report_renders_the_longer_training_of_the_capacity_setting(tmp_path):
     for seed, (base, grm) in enumerate(((0.9, 0.8), (0.2, 0.6), (0.1, 0.5))):
         for model, acc in (("gated_delta", base), (CHOSEN_GRM, grm)):
             write_result(tmp_path, "mqar_capacity_long", capacity_result(model, seed, [acc] * 4))
-    assert report.main(tmp_path) == 0
-    text = (tmp_path / "docs" / "results.md").read_text()
-    section = text[text.index("### Longer training (`mqar_capacity_long`)") :]
-    section = section[: section.index("\n### ", 1)]
+    section = rendered_section(tmp_path, "### Longer training (`mqar_capacity_long`)")
     assert "trained for 8000 steps rather than 2000" in section
     assert "| gated_delta | 3 | 0.400 ± 0.436 | 0.400 ± 0.436 |" in section
     # paired within the longer runs: grm against the base trained as long, 2 of 3 seeds
@@ -884,10 +891,7 @@ def test_report_renders_multikey_niah_within_paired_and_beyond_only_when_solved(
         (CHOSEN_GRM,),
     )
     assert found.scores["gated_delta"] == {0: 0.05, 1: 0.25, 2: 0.0}
-    assert report.main(tmp_path) == 0
-    text = (tmp_path / "docs" / "results.md").read_text()
-    section = text[text.index("### Four needles, one asked (`niah_multikey`)") :]
-    section = section[: section.index("\n## ", 1)]
+    section = rendered_section(tmp_path, "### Four needles, one asked (`niah_multikey`)")
     assert "needles per example by step: 1 from step 0, 4 from step 500" in section
     # within: every model, 3 seeds; 2000 steps of 16 x 256 tokens at 4096 tokens/s: 33 minutes
     assert f"| {CHOSEN_GRM} | 3 | 0.967 ± 0.058 | 0.920 ± 0.035 |" in section
@@ -907,13 +911,10 @@ def test_report_renders_the_longer_multikey_training_as_its_own_section(tmp_path
             exact = (0.9, 0.9, 0.2) if model == CHOSEN_GRM else (0.2, 0.1, 0.0)
             result = multikey_result(model, seed, exact, steps=6000)
             write_result(tmp_path, "niah_multikey_long", result)
-    assert report.main(tmp_path) == 0
-    text = (tmp_path / "docs" / "results.md").read_text()
     # the 2000-step experiment has no results here; the longer one has its own section
-    short = text[text.index("### Four needles, one asked (`niah_multikey`)") :]
-    assert short[: short.index("\n### ", 1)].count("Not measured yet") == 1
-    section = text[text.index("### Four needles, longer training (`niah_multikey_long`)") :]
-    section = section[: section.index("\n## ", 1)]
+    short = rendered_section(tmp_path, "### Four needles, one asked (`niah_multikey`)")
+    assert short.count("Not measured yet") == 1
+    section = rendered_section(tmp_path, "### Four needles, longer training (`niah_multikey_long`)")
     assert "AdamW 0.003, batch 16, 6000 steps (Transformer++: 6000 steps at 0.001)" in section
     assert "(88,000 fresh examples per stage)" in section
     assert "`python -m experiments.sweep niah_multikey_long && python -m experiments" in section
@@ -921,6 +922,30 @@ def test_report_renders_the_longer_multikey_training_as_its_own_section(tmp_path
     assert "Training takes 100 minutes a cell" in section
     assert f"| {CHOSEN_GRM} | gated_delta | 2 | 0.900 | 0.150 | +0.750 ± 0.000 | 2/2 |" in section
     assert f"| {CHOSEN_GRM} | 2 | 0.200 ± 0.000 |" in section[section.index("Beyond") :]
+
+
+def test_report_shows_where_multikey_answers_come_from_when_measured(tmp_path):
+    for seed in range(2):
+        write_result(tmp_path, "niah_multikey", multikey_result("gated_delta", seed, (0.2,) * 3))
+    assert report.main(tmp_path) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "Where the greedy answers come from" not in text  # experiments.niah_mixups not run
+    # seed 0 copies a random needle's value; seed 1 reads the right one more often
+    cells = {
+        "gated_delta": {
+            "0": {"accuracy": 0.25, "token_accuracy": 0.9, "distractor_rate": 0.75},
+            "1": {"accuracy": 0.45, "token_accuracy": 0.9, "distractor_rate": 0.35},
+        }
+    }
+    mixups = {"experiments": {"niah_multikey": {"lengths": [192, 256], "cells": cells}}}
+    (tmp_path / "results" / "experiments" / "niah_mixups.json").write_text(json.dumps(mixups))
+    section = rendered_section(tmp_path, "### Four needles, one asked (`niah_multikey`)")
+    assert "mean over seeds and 192, 256 tokens" in section
+    assert "copies one of the 4 needles at random scores 0.25 / 0.75 / 0" in section
+    assert "| gated_delta | 2 | 0.350 | 0.550 | 0.100 |" in section
+    # the longer experiment has no results: no table there
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert text.count("Where the greedy answers come from") == 1
 
 
 def test_report_states_no_extrapolation_when_no_model_solves_the_training_length(tmp_path):

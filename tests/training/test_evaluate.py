@@ -92,6 +92,8 @@ def test_multikey_niah_scores_the_queried_needle_only(distractor, expected):
     )
     assert results["accuracy"] == expected
     assert [r["accuracy"] for r in results["lengths"]] == [expected, expected]
+    # a distractor's value is counted as a mix-up of the needles
+    assert [r["distractor_rate"] for r in results["lengths"]] == [1 - expected] * 2
     assert results["num_needles"] == 3
 
 
@@ -129,6 +131,7 @@ def test_niah_lengths_within_and_beyond_the_training_length():
     assert "within_accuracy" in only_within and "beyond_accuracy" not in only_within
     unknown = evaluate_niah(model, tokenizer, variant=1, lengths=[400], num_examples=1, seed=0)
     assert "regime" not in unknown["lengths"][0]
+    assert "distractor_rate" not in unknown["lengths"][0]  # one needle: nothing to mix up
     assert not {"train_length", "within_accuracy", "beyond_accuracy"} & set(unknown)
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="train_length"):

@@ -1,0 +1,92 @@
+"""Where multi-key S-NIAH answers go wrong: every trained cell of niah_multikey and
+niah_multikey_long evaluated again within its training length (``growmem eval``, the same
+held-out examples as the cell's own evaluation), with the share of answers that are another
+needle's value. A wrong answer that is a distractor's value means the model read a needle but
+mixed the needles up (the fixed state could not keep them apart); one that is no needle's
+value means it failed to read the value at all.
+
+    python -m experiments.niah_mixups [--runs RUNS] [--out JSON]
+                                      # -> results/experiments/niah_mixups.json
+
+``--runs`` is the folder holding the sweep's run folders (default: this checkout's
+runs/experiments); cells without a trained model there are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from experiments import sweep
+from growmem.utils.provenance import write_json
+
+EXPERIMENTS = ("niah_multikey", "niah_multikey_long")
+OUT = sweep.RESULTS / "niah_mixups.json"
+
+
+def within_lengths(experiment: str) -> list[int]:
+    """The evaluation lengths of ``experiment`` up to its training length."""
+    task = sweep.cell_config(experiment, sweep.EXPERIMENTS[experiment]()[0]).task
+    return [n for n in task.eval_lengths if n <= task.seq_len]
+
+
+def evaluate_cell(model: Path, lengths: list[int]) -> dict:
+    """Exact match, answer-token accuracy and distractor rate of one model, mean over
+    ``lengths``."""
+    with tempfile.TemporaryDirectory() as out:
+        command = ["eval", str(model), "--lengths", *map(str, lengths), "--out", out]
+        subprocess.run(
+            [sys.executable, "-m", "growmem.cli", *command, "--threads", "1"],
+            check=True,
+            capture_output=True,
+        )
+        rows = json.loads(next(Path(out).glob("eval-*.json")).read_text())["lengths"]
+    return {
+        key: statistics.mean(r[key] for r in rows)
+        for key in ("accuracy", "token_accuracy", "distractor_rate")
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=sweep.RUNS, help="the sweep's run folders")
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON to write")
+    args = parser.parse_args(argv)
+    experiments = {}
+    for experiment in EXPERIMENTS:
+        lengths = within_lengths(experiment)
+        cells = {}
+        for cell in sweep.EXPERIMENTS[experiment]():
+            seeds = {}
+            for seed in sweep.SEEDS[experiment]:
+                model = args.runs / experiment / sweep.slug(cell.name) / f"seed{seed}" / "model"
+                if (model / "eval.json").is_file():
+                    seeds[seed] = evaluate_cell(model, lengths)
+                    print(experiment, cell.name, seed, seeds[seed], flush=True)
+            if seeds:
+                cells[cell.name] = seeds
+        experiments[experiment] = {"lengths": lengths, "cells": cells}
+    write_json(
+        args.out,
+        {
+            "note": (
+                "Multi-key S-NIAH answers within the training length, mean over the lengths: "
+                "accuracy (exact match of the queried value), token_accuracy (teacher-forced "
+                "answer tokens), distractor_rate (share of greedy answers that are another "
+                "needle's value); per experiment, cell and seed (python -m "
+                "experiments.niah_mixups)."
+            ),
+            "experiments": experiments,
+        },
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
