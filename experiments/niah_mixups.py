@@ -1,9 +1,9 @@
 """Where multi-key S-NIAH answers go wrong: every trained cell of niah_multikey and
 niah_multikey_long evaluated again within its training length (``growmem eval``, the same
 held-out examples as the cell's own evaluation), with the share of answers that are another
-needle's value. A wrong answer that is a distractor's value means the model read a needle but
-mixed the needles up (the fixed state could not keep them apart); one that is no needle's
-value means it failed to read the value at all.
+needle's value. A wrong answer that is a distractor's value means the model read a needle,
+but not the one asked for; one that is no needle's value means it failed to read a value at
+all.
 
     python -m experiments.niah_mixups [--runs RUNS] [--out JSON]
                                       # -> results/experiments/niah_mixups.json
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in sweep.EXPERIMENTS[experiment]():
             seeds = {}
             for seed in sweep.SEEDS[experiment]:
-                model = args.runs / experiment / sweep.slug(cell.name) / f"seed{seed}" / "model"
+                model = sweep.run_folder(experiment, cell, seed, args.runs) / "model"
                 if (model / "eval.json").is_file():
                     seeds[seed] = evaluate_cell(model, lengths)
                     print(experiment, cell.name, seed, seeds[seed], flush=True)

@@ -376,8 +376,9 @@ def _growmem(*args: str, log: Path) -> None:
         )
 
 
-def run_folder(experiment: str, cell: Cell, seed: int) -> Path:
-    return RUNS / experiment / slug(cell.name) / f"seed{seed}"
+def run_folder(experiment: str, cell: Cell, seed: int, runs: Path = RUNS) -> Path:
+    """Where ``cell`` trains with ``seed`` under ``runs`` (the sweep's run folders)."""
+    return runs / experiment / slug(cell.name) / f"seed{seed}"
 
 
 def train_arguments(cell: Cell, out: Path, seed: int) -> list[str]:

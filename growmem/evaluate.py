@@ -238,8 +238,8 @@ def evaluate_niah(
         {"accuracy": mean over lengths, "token_accuracy": mean over lengths, "num_needles",
         "lengths": [{"length", "accuracy", "token_accuracy", "depths": [[depth, correct], ...]}]};
         with several needles each row also has "distractor_rate", the share of examples whose
-        generation is another needle's value (the state mixed the needles up, where a wrong
-        answer that is no needle's value failed to read the queried one);
+        generation is another needle's value (a needle was read, but not the one asked for;
+        a wrong answer that is no needle's value read none);
         with ``train_length`` also "train_length", each row's "regime" ("within" or "beyond")
         and, for each regime present, "<regime>_accuracy" and "<regime>_token_accuracy" (means
         over its lengths).
