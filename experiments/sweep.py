@@ -161,6 +161,11 @@ def gate_overrides(label: str) -> list[str]:
 # 4x mqar_capacity's 2000 steps: Transformer++ sits on MQAR's plateau at 2000 (and at 4000 at
 # 1e-3), and the base's failure at 2000 steps may be one of learning rather than of capacity.
 LONG_STEPS = 8000
+# Transformer++ with the memory layers' short convolution on q, k, v (4 taps, their
+# conv_size): without it attention must learn a previous-token head first and crawls along
+# MQAR's plateau (0.27-0.31 after 4000-16000 steps); with it, seed 0 passed 0.99 at step 400
+# (docs/notes/2026-12-capacity-results.md, "Attention").
+ATTENTION_CONV = 4
 
 
 def _mqar_capacity() -> list[Cell]:
@@ -172,6 +177,13 @@ def _mqar_capacity() -> list[Cell]:
             "mqar_capacity",
             "transformer",
             [f"train.steps={LONG_STEPS}", "train.lr=3e-3"],
+            evals=[HELD_OUT],
+        ),
+        Cell(
+            "Transformer++, short conv",
+            "mqar_capacity",
+            "transformer",
+            [f"model.attn_conv_size={ATTENTION_CONV}"],
             evals=[HELD_OUT],
         ),
         Cell("gated_delta", "mqar_capacity", "gated_delta", ungated, evals=[HELD_OUT]),

@@ -190,12 +190,17 @@ def attention_reference(
     head_dim: int,
     window: int | None,
     rope_theta: float,
+    conv: bool = False,
 ) -> torch.Tensor:
     """Causal softmax attention with RoPE over unpadded rows x [B, T, hidden], query by query:
-    query t attends to keys s <= t with t - s < window: [B, T, hidden]."""
+    query t attends to keys s <= t with t - s < window: [B, T, hidden]. With ``conv``, q, k
+    and v first go through the short convolution (``causal_conv``), as in the memory layers."""
     B, T, _ = x.shape
     H, D = num_heads, head_dim
-    q, k, v = (linear(x, params[f"{n}_proj.weight"]).reshape(B, T, H, D) for n in "qkv")
+    qkv = torch.cat([linear(x, params[f"{n}_proj.weight"]) for n in "qkv"], -1)
+    if conv:
+        qkv = causal_conv(qkv, params["conv.weight"], params["conv.bias"])
+    q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, -1))
     q = torch.stack([rotate_half(q[:, t], t, rope_theta) for t in range(T)], 1)
     k = torch.stack([rotate_half(k[:, t], t, rope_theta) for t in range(T)], 1)
     outs = []
@@ -240,6 +245,7 @@ def causal_lm_reference(params: dict[str, torch.Tensor], config, ids: torch.Tens
                 head_dim=config.head_dim,
                 window=config.attn_window,
                 rope_theta=config.rope_theta,
+                conv=config.attn_conv_size is not None,
             )
         else:
             h = memory_layer_reference(

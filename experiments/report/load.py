@@ -125,8 +125,9 @@ class MQARSetting:
     transformer_heads: int
     transformer_steps: int
     transformer_lr: float
-    # the other Transformer++ cells: (name, steps, learning rate), e.g. trained for longer
-    transformer_variants: tuple[tuple[str, int, float], ...]
+    # the other Transformer++ cells: (name, steps, learning rate, short-convolution taps or
+    # None), e.g. trained for longer
+    transformer_variants: tuple[tuple[str, int, float, int | None], ...]
     titans: tuple[int, float, float] | None  # (mini_batch, eta_max, lr) when swept
 
 
@@ -165,7 +166,7 @@ def mqar_setting(experiment: str) -> MQARSetting:
         transformer_steps=tpp.train.steps,
         transformer_lr=tpp.train.lr,
         transformer_variants=tuple(
-            (c.name, config.train.steps, config.train.lr)
+            (c.name, config.train.steps, config.train.lr, config.model.get("attn_conv_size"))
             for c in EXPERIMENTS[experiment]()
             if is_transformer(c.name) and c.name != TRANSFORMER
             for config in [cell_config(experiment, c.name)]

@@ -73,9 +73,12 @@ def setting(
 
 
 def _transformer_variants(s: MQARSetting) -> str:
-    """'; `Transformer++, 8000 steps`: 8000 steps at 0.003' for the other Transformer++ cells."""
+    """'; `Transformer++, 8000 steps`: 8000 steps at 0.003' for the other Transformer++ cells
+    (and the taps of their short convolution on q, k and v, where they have one)."""
     return "".join(
-        f"; `{name}`: {steps} steps at {lr:g}" for name, steps, lr in s.transformer_variants
+        f"; `{name}`: {steps} steps at {lr:g}"
+        + ("" if conv is None else f" with a short convolution of {conv} taps on q, k and v")
+        for name, steps, lr, conv in s.transformer_variants
     )
 
 

@@ -1,4 +1,5 @@
-"""Softmax attention of Transformer++: RoPE, causal SDPA, optional sliding window, a KV cache."""
+"""Softmax attention of Transformer++: RoPE, causal SDPA, optional sliding window and short
+convolution, a KV cache."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from growmem.layers.checks import (
     padding_mask,
     resolve_head_dim,
 )
+from growmem.layers.conv import ShortConvolution
 from growmem.ops.checks import (
     check_positive_float,
     check_positive_int,
@@ -54,6 +56,7 @@ class AttentionLayerCache:
     length: int  # one past the last live slot
     seen: torch.Tensor  # [B] long: real tokens each row has seen
     layer_config: tuple = ()
+    conv: torch.Tensor | None = None  # [B, K - 1, 3 · H · D]: the last real q, k, v inputs
 
     def _live(self, i: int) -> torch.Tensor:
         return self.buffer.tensors[i].narrow(_SLOT_DIMS[i], self.start, self.length - self.start)
@@ -81,7 +84,8 @@ class AttentionLayerCache:
     def nbytes(self) -> int:
         """Bytes of the live slots (keys, values, valid flags, positions) and counters."""
         live = sum(self._live(i).numel() * self._live(i).element_size() for i in range(4))
-        return live + self.seen.numel() * self.seen.element_size()
+        conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
+        return live + conv + self.seen.numel() * self.seen.element_size()
 
     def append(self, new: tuple[torch.Tensor, ...]) -> AttentionLayerCache:
         """This cache extended by ``new`` (keys, values, valid, positions of the new slots)."""
@@ -107,7 +111,9 @@ class AttentionLayerCache:
         for t, x, dim in zip(buffer.tensors, new, _SLOT_DIMS, strict=True):
             t.narrow(dim, length, n).copy_(x)
         buffer.filled = length + n
-        return AttentionLayerCache(buffer, start, length + n, self.seen, self.layer_config)
+        return AttentionLayerCache(
+            buffer, start, length + n, self.seen, self.layer_config, self.conv
+        )
 
     def drop_unreachable(self, window: int) -> AttentionLayerCache:
         """Drop leading slots that no later query can attend to (all beyond its window)."""
@@ -115,7 +121,9 @@ class AttentionLayerCache:
         any_reachable = reachable.any(0)
         first = int(any_reachable.float().argmax()) if bool(any_reachable.any()) else None
         start = self.length if first is None else self.start + first
-        return AttentionLayerCache(self.buffer, start, self.length, self.seen, self.layer_config)
+        return AttentionLayerCache(
+            self.buffer, start, self.length, self.seen, self.layer_config, self.conv
+        )
 
     def reorder(self, beam_idx) -> AttentionLayerCache:
         """The cache whose row i is this cache's row beam_idx[i] (beam search)."""
@@ -127,6 +135,7 @@ class AttentionLayerCache:
             live[0].shape[2],
             self.seen.index_select(0, index),
             self.layer_config,
+            None if self.conv is None else self.conv.index_select(0, index),
         )
 
 
@@ -156,6 +165,10 @@ class Attention(nn.Module):
         head_dim: per-head size (default hidden_size // num_heads); must be even (RoPE).
         window: attend only to the last ``window`` tokens (sliding window), or None.
         rope_theta: RoPE base.
+        conv_size: kernel size of a short causal depthwise convolution (with SiLU) on q, k
+            and v, as in the memory layers, or None for none (the standard Transformer++). It
+            hands every token its neighbours' projections, so attention need not learn a
+            previous-token head before it can match keys (docs/design.md §5).
         layer_idx: index of the layer in a model.
     """
 
@@ -167,6 +180,7 @@ class Attention(nn.Module):
         head_dim: int | None = None,
         window: int | None = None,
         rope_theta: float = 10000.0,
+        conv_size: int | None = None,
         layer_idx: int | None = None,
     ):
         super().__init__()
@@ -176,6 +190,8 @@ class Attention(nn.Module):
         if window is not None:
             check_positive_int("window", window)
         check_positive_float("rope_theta", rope_theta)
+        if conv_size is not None:
+            check_positive_int("conv_size", conv_size)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.window, self.rope_theta, self.layer_idx = window, float(rope_theta), layer_idx
         inner = num_heads * head_dim
@@ -183,9 +199,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.conv_size = conv_size
+        # depthwise over the q, k, v channels together
+        self.conv = None if conv_size is None else ShortConvolution(3 * inner, conv_size)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}, "
+            f"conv_size={self.conv_size}"
+        )
 
     def _layer_config(self) -> tuple:
         """The settings a cache must have been built with, as (name, value) pairs."""
@@ -195,13 +217,16 @@ class Attention(nn.Module):
             ("head_dim", self.head_dim),
             ("window", self.window),
             ("rope_theta", self.rope_theta),
+            ("conv_size", self.conv_size),
         )
 
     def state_size(self, T: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the layer's cache holds after T tokens of ``batch_size`` unpadded rows."""
         slots = T if self.window is None else min(T, self.window)
-        kv = 2 * self.num_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
-        return batch_size * (slots * (kv + 1 + 8) + 8)  # + valid (bool), positions, seen
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv = 2 * self.num_heads * self.head_dim * itemsize
+        conv = 0 if self.conv is None else (self.conv_size - 1) * 3 * kv // 2
+        return batch_size * (slots * (kv + 1 + 8) + conv + 8)  # + valid, positions, seen
 
     def forward(
         self,
@@ -232,9 +257,14 @@ class Attention(nn.Module):
         positions = positions.clamp_min(0)
 
         H, D = self.num_heads, self.head_dim
-        q, k, v = (
-            p(hidden_states).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        conv = None
+        if self.conv is None:
+            q, k, v = (p(hidden_states).view(B, T, H, D) for p in projections)
+        else:
+            qkv = torch.cat([p(hidden_states) for p in projections], -1)  # [B, T, 3 · H · D]
+            qkv, conv = self._short_conv(qkv, mask, None if cache is None else cache.conv)
+            q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, -1))
         angle_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         angles = rotary_angles(positions, D, self.rope_theta, angle_dtype)
         q, k = apply_rotary(q, angles), apply_rotary(k, angles)
@@ -287,8 +317,33 @@ class Attention(nn.Module):
             if cache is None
             else (cache.buffer, cache.start, cache.length)
         )
-        cache = AttentionLayerCache(buffer, start, length, seen, self._layer_config())
+        cache = AttentionLayerCache(buffer, start, length, seen, self._layer_config(), conv)
         return o, cache if self.window is None else cache.drop_unreachable(self.window)
+
+    def _short_conv(
+        self, qkv: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The short convolution of qkv [B, T, C] over each row's real tokens (``mask`` [B, T],
+        None: all real) after the state [B, K - 1, C] of the row's earlier real tokens.
+
+        A padded row convolves exactly as the same row without its padding: its real tokens
+        are moved to the front (in order), convolved, and put back; the new state is the last
+        K - 1 real inputs. Returns (output [B, T, C], the new state [B, K - 1, C]).
+        """
+        if mask is None:
+            return self.conv(qkv, state)
+        B, T, C = qkv.shape
+        K = self.conv.kernel_size
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # real first
+        index = order[..., None].expand(B, T, C)
+        real_first = qkv.gather(1, index)  # [B, T, C]
+        y, _ = self.conv(real_first, state)
+        if state is None:
+            state = qkv.new_zeros(B, K - 1, C)
+        inputs = torch.cat([state.to(qkv.dtype), real_first], 1)  # [B, K - 1 + T, C]
+        last = mask.long().sum(1)[:, None] + torch.arange(K - 1, device=qkv.device)  # [B, K - 1]
+        new_state = inputs.gather(1, last[..., None].expand(B, K - 1, C))
+        return torch.empty_like(y).scatter(1, index, y), new_state
 
     @staticmethod
     def _attend_nonfinite(q, k, v, allowed) -> torch.Tensor:

@@ -65,6 +65,9 @@ class GrowMemConfig(PreTrainedConfig):
             layers. Default: gated_delta with grm over segments of 256 tokens.
         attn_layers: indices of the layers that use softmax attention (hybrids).
         attn_window: sliding window of the attention layers, or None for full attention.
+        attn_conv_size: kernel size of a short causal convolution on the attention layers'
+            q, k and v (as the memory layers have), or None for none: the standard
+            Transformer++.
         max_position_embeddings: longest sequence (prompt + generated tokens) a forward
             accepts.
         rope_theta: RoPE base of the attention layers.
@@ -101,6 +104,7 @@ class GrowMemConfig(PreTrainedConfig):
         memory: MemoryConfig | dict | None = _DEFAULT_MEMORY,
         attn_layers: list[int] | tuple[int, ...] = (),
         attn_window: int | None = None,
+        attn_conv_size: int | None = None,
         max_position_embeddings: int = 65536,
         rope_theta: float = 10000.0,
         tie_word_embeddings: bool = True,
@@ -145,6 +149,8 @@ class GrowMemConfig(PreTrainedConfig):
                 )
         if attn_window is not None:
             check_positive_int("attn_window", attn_window)
+        if attn_conv_size is not None:
+            check_positive_int("attn_conv_size", attn_conv_size)
         check_positive_float("rope_theta", rope_theta)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_heads, self.head_dim = (
@@ -155,6 +161,7 @@ class GrowMemConfig(PreTrainedConfig):
         self.intermediate_size = intermediate_size
         self.memory = memory  # checked (and a dict converted) by __setattr__
         self.attn_layers, self.attn_window = sorted(set(attn_layers)), attn_window
+        self.attn_conv_size = attn_conv_size
         self.max_position_embeddings, self.rope_theta = max_position_embeddings, float(rope_theta)
         self.norm_eps, self.initializer_range = norm_eps, initializer_range
         self.use_cache = use_cache

@@ -72,6 +72,7 @@ class GrowMemBlock(nn.Module):
                 head_dim=config.head_dim,
                 window=config.attn_window,
                 rope_theta=config.rope_theta,
+                conv_size=config.attn_conv_size,
                 layer_idx=layer_idx,
             )
         else:

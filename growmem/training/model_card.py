@@ -101,6 +101,8 @@ def model_card(
         ]
     if config.attn_layers and memory is not None:
         rows.append(("attention layers", ", ".join(map(str, config.attn_layers))))
+    if config.attn_conv_size is not None and (memory is None or config.attn_layers):
+        rows.append(("attention short convolution", f"{config.attn_conv_size} taps on q, k, v"))
     task_text = ", ".join(f"{k}={v}" for k, v in task.items() if isinstance(v, (str, int)))
     rows += [
         ("task", task_text or "not recorded"),

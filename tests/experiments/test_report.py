@@ -835,7 +835,10 @@ def test_report_renders_the_capacity_experiments_first(tmp_path):
     assert "| Transformer++, 8000 steps | - | key-value cache | 5 |" in text
     assert "segment (8 tokens): recall of 16 pairs by the memory itself" in text
     assert "pair's segment, D = 16: 0.71 / 0.98 (`growmem probe capacity" in text
-    assert "; `Transformer++, 8000 steps`: 8000 steps at 0.003. " in text
+    assert (
+        "; `Transformer++, 8000 steps`: 8000 steps at 0.003; `Transformer++, short conv`: 2000 "
+        "steps at 0.001 with a short convolution of 4 taps on q, k and v. "
+    ) in text
     # the paired experiments are reported over 5 seeds, and the command runs them
     assert "Fewer than 5 seeds so far for 2 of 2 models" in text
     assert "`python -m experiments.sweep mqar_state_size --seeds 0 1 2 3 4` runs them" in text

@@ -1,7 +1,8 @@
 """Tests of growmem.layers.Attention (Transformer++ softmax attention) and its KV cache.
 
 Against a plain per-query reference (explicit softmax over the keys each query may see, RoPE
-applied by rotating 2-D pairs) in float64: full and windowed attention, streaming == parallel,
+applied by rotating 2-D pairs, the optional short convolution as a per-token sum of taps) in
+float64: full and windowed attention, with and without the convolution, streaming == parallel,
 padding (real tokens' outputs equal the unpadded row's), cache values never change when a
 cache is continued twice, beam reordering, the cache's size and bad input.
 """
@@ -21,9 +22,15 @@ HIDDEN, HEADS = 24, 2  # head_dim 12
 TOL = 1e-12
 
 
-def make_layer(window=None, seed=0) -> Attention:
+CONV = 3  # taps of the short convolution where a test turns it on
+
+
+def make_layer(window=None, seed=0, conv_size=None) -> Attention:
     torch.manual_seed(seed)
-    return Attention(HIDDEN, HEADS, window=window, rope_theta=500.0).double()
+    layer = Attention(HIDDEN, HEADS, window=window, rope_theta=500.0, conv_size=conv_size)
+    if conv_size is not None:  # nonzero bias: a zero state must differ from zero inputs
+        torch.nn.init.normal_(layer.conv.bias)
+    return layer.double()
 
 
 def rotate(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
@@ -38,13 +45,28 @@ def rotate(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
     return out
 
 
+def short_conv(layer: Attention, u: torch.Tensor) -> torch.Tensor:
+    """SiLU(bias + sum_j w_j u_{t - K + 1 + j}) per token of u [T, C], zeros before token 0."""
+    w, b = layer.conv.weight[:, 0], layer.conv.bias  # [C, K], [C]
+    K = w.shape[1]
+    rows = []
+    for t in range(u.shape[0]):
+        acc = b.clone()
+        for j in range(K):
+            if t - K + 1 + j >= 0:
+                acc = acc + w[:, j] * u[t - K + 1 + j]
+        rows.append(torch.nn.functional.silu(acc))
+    return torch.stack(rows)
+
+
 def reference(layer: Attention, x: torch.Tensor) -> torch.Tensor:
     """Per-query causal (windowed) softmax attention of one unpadded row x [T, hidden]."""
     T = x.shape[0]
     H, D = layer.num_heads, layer.head_dim
-    q = layer.q_proj(x).view(T, H, D)
-    k = layer.k_proj(x).view(T, H, D)
-    v = layer.v_proj(x).view(T, H, D)
+    qkv = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], -1)
+    if layer.conv is not None:
+        qkv = short_conv(layer, qkv)
+    q, k, v = (t.reshape(T, H, D) for t in qkv.split(H * D, -1))
     q = torch.stack([rotate(q[t], t, layer.rope_theta) for t in range(T)])
     k = torch.stack([rotate(k[t], t, layer.rope_theta) for t in range(T)])
     outs = []
@@ -59,18 +81,20 @@ def inputs(B=2, T=19, seed=1):
     return torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(seed)).double()
 
 
+@pytest.mark.parametrize("conv", [None, CONV])
 @pytest.mark.parametrize("window", [None, 1, 5])
-def test_matches_reference(window):
-    layer, x = make_layer(window), inputs()
+def test_matches_reference(window, conv):
+    layer, x = make_layer(window, conv_size=conv), inputs()
     o, _ = layer(x)
     for b in range(x.shape[0]):
         assert rel_err(o[b], reference(layer, x[b])) < TOL
 
 
+@pytest.mark.parametrize("conv", [None, CONV])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("split", [1, 7, 18])
-def test_streaming_equals_parallel(window, split):
-    layer, x = make_layer(window), inputs()
+def test_streaming_equals_parallel(window, split, conv):
+    layer, x = make_layer(window, conv_size=conv), inputs()
     full, _ = layer(x)
     o1, cache = layer(x[:, :split], use_cache=True)
     outs = [o1]
@@ -82,8 +106,9 @@ def test_streaming_equals_parallel(window, split):
         assert cache.keys.shape[2] <= window
 
 
-def test_chunked_prefill_equals_parallel():
-    layer, x = make_layer(window=6), inputs(T=23)
+@pytest.mark.parametrize("conv", [None, CONV])
+def test_chunked_prefill_equals_parallel(conv):
+    layer, x = make_layer(window=6, conv_size=conv), inputs(T=23)
     full, _ = layer(x)
     outs, cache = [], None
     for chunk in x.split(5, dim=1):
@@ -92,10 +117,12 @@ def test_chunked_prefill_equals_parallel():
     assert rel_err(torch.cat(outs, 1), full) < TOL
 
 
+@pytest.mark.parametrize("conv", [None, CONV])
 @pytest.mark.parametrize("window", [None, 3])
-def test_padding_leaves_real_tokens_unchanged(window):
-    """Left, right and interior padding: real tokens see the same keys at the same positions."""
-    layer, x = make_layer(window), inputs(B=3, T=15)
+def test_padding_leaves_real_tokens_unchanged(window, conv):
+    """Left, right and interior padding: real tokens see the same keys at the same positions
+    (and convolve the same real neighbours)."""
+    layer, x = make_layer(window, conv_size=conv), inputs(B=3, T=15)
     mask = torch.ones(3, 15, dtype=torch.long)
     mask[0, :4] = 0  # left
     mask[1, 11:] = 0  # right
@@ -108,8 +135,9 @@ def test_padding_leaves_real_tokens_unchanged(window):
         assert o[b, ~real].abs().max() == 0
 
 
-def test_decoding_after_left_padded_prefill():
-    layer, x = make_layer(window=4), inputs(B=2, T=16)
+@pytest.mark.parametrize("conv", [None, CONV])
+def test_decoding_after_left_padded_prefill(conv):
+    layer, x = make_layer(window=4, conv_size=conv), inputs(B=2, T=16)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[0, :5] = 0
     _, cache = layer(x[:, :12], attention_mask=mask, use_cache=True)
@@ -121,9 +149,10 @@ def test_decoding_after_left_padded_prefill():
     assert rel_err(decoded[0], alone[0, -4:]) < TOL
 
 
-def test_continuing_a_cache_twice_is_exact():
+@pytest.mark.parametrize("conv", [None, CONV])
+def test_continuing_a_cache_twice_is_exact(conv):
     """Caches are values: appending to one never changes what another cache reads."""
-    layer, x = make_layer(), inputs(B=1, T=12)
+    layer, x = make_layer(conv_size=conv), inputs(B=1, T=12)
     y = inputs(B=1, T=3, seed=7)
     _, cache = layer(x[:, :10], use_cache=True)
     a1, cache_a = layer(x[:, 10:11], cache=cache, use_cache=True)
@@ -135,8 +164,9 @@ def test_continuing_a_cache_twice_is_exact():
     assert rel_err(b1, full_b[:, 10:]) < TOL
 
 
-def test_reorder_and_nbytes():
-    layer, x = make_layer(), inputs(B=3, T=9)
+@pytest.mark.parametrize("conv", [None, CONV])
+def test_reorder_and_nbytes(conv):
+    layer, x = make_layer(conv_size=conv), inputs(B=3, T=9)
     _, cache = layer(x[:, :8], use_cache=True)
     assert isinstance(cache, AttentionLayerCache)
     assert cache.nbytes() == layer.state_size(8, batch_size=3, dtype=torch.float64)
@@ -146,8 +176,9 @@ def test_reorder_and_nbytes():
     assert rel_err(o, full[:, 8:9]) < TOL
 
 
-def test_gradients_flow_through_the_cache_path():
-    layer, x = make_layer(window=3), inputs(B=1, T=8)
+@pytest.mark.parametrize("conv", [None, CONV])
+def test_gradients_flow_through_the_cache_path(conv):
+    layer, x = make_layer(window=3, conv_size=conv), inputs(B=1, T=8)
     x.requires_grad_(True)
     o1, cache = layer(x[:, :5], use_cache=True)
     o2, _ = layer(x[:, 5:], cache=cache, use_cache=True)
@@ -166,6 +197,8 @@ def test_gradients_flow_through_the_cache_path():
         ({"rope_theta": -1.0}, "rope_theta"),
         ({"rope_theta": math.inf}, "^rope_theta"),
         ({"rope_theta": "1e4"}, "^rope_theta"),
+        ({"conv_size": 0}, "^conv_size"),
+        ({"conv_size": 2.5}, "^conv_size"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -184,6 +217,8 @@ def test_bad_call_arguments():
         layer(x[:1], cache=cache)
     with pytest.raises(ValueError, match="another configuration"):
         make_layer(window=2)(x, cache=cache)
+    with pytest.raises(ValueError, match=r"^cache\b.*conv_size"):
+        make_layer(conv_size=CONV)(x, cache=cache)
     with pytest.raises(ValueError, match=r"^cache\b.*rope_theta"):
         Attention(HIDDEN, HEADS, rope_theta=1e4).double()(x, cache=cache)
     with pytest.raises(ValueError, match=r"^cache\b.*float64"):  # cache in float32
@@ -204,11 +239,12 @@ def test_empty_batch_gives_empty_outputs_and_cache():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("conv", [None, CONV])
 @pytest.mark.parametrize("padded", [False, True], ids=["aligned", "padded"])
 @pytest.mark.parametrize("window", [None, 4])
-def test_nan_in_future_tokens_does_not_reach_the_past(window, padded):
+def test_nan_in_future_tokens_does_not_reach_the_past(window, padded, conv):
     t0 = 11
-    layer, x = make_layer(window), inputs(B=2, T=19)
+    layer, x = make_layer(window, conv_size=conv), inputs(B=2, T=19)
     mask = None
     if padded:  # left padding of row 0, which holds NaN: it must never be read either
         mask = torch.ones(2, 19, dtype=torch.long)

@@ -36,9 +36,15 @@ CASES = [
     ("titans", "soup", {}),
     ("titans", "residual", {}),
     ("attention", "none", {}),
-    ("gated_delta", "ssc", {"attn_layers": [1], "attn_window": 5}),
+    ("attention", "none", {"attn_conv_size": 3}),
+    ("gated_delta", "ssc", {"attn_layers": [1], "attn_window": 5, "attn_conv_size": 2}),
 ]
-CASE_IDS = [f"{r}-{a}{'+attn' if e else ''}" for r, a, e in CASES]
+CASE_IDS = [
+    f"{r}-{a}"
+    + ("+attn" if "attn_layers" in e else "")
+    + ("+conv" if "attn_conv_size" in e else "")
+    for r, a, e in CASES
+]
 
 
 def make_model(rule: str, aggregation: str, **extra) -> GrowMemForCausalLM:

@@ -42,6 +42,7 @@ CASES = [
     ("dla", "mean", dict(tie_word_embeddings=False, norm=False, use_short_conv=False)),
     ("attention", "none", {}),
     ("attention", "none", dict(tie_word_embeddings=False, attn_window=4, rope_theta=30.0)),
+    ("attention", "none", dict(attn_conv_size=3)),
     ("delta", "soup", dict(num_hidden_layers=3, attn_layers=[0, 2], attn_window=3)),
     ("decay", "residual", dict(attn_layers=[1], qk_norm=False, tie_word_embeddings=False)),
 ]
@@ -49,6 +50,7 @@ CASE_IDS = [
     f"{r}-{a}" + ("-untied" if e.get("tie_word_embeddings") is False else "")
     + ("-hybrid" if e.get("attn_layers") else "")
     + ("-window" if e.get("attn_window") else "")
+    + ("-conv" if e.get("attn_conv_size") else "")
     for r, a, e in CASES
 ]  # fmt: skip
 

@@ -31,9 +31,12 @@ VOCAB = 61
 # (rule, extra config): every memory rule, the Transformer++ baseline, a windowed hybrid
 MODELS = [(r, {}) for r in (*LINEAR_RULES, *DEEP_RULES)] + [
     ("attention", {}),
+    ("attention", {"attn_conv_size": 3}),
     ("gated_delta", {"attn_layers": [1], "attn_window": 6}),
 ]
-MODEL_IDS = [r + ("+attn" if extra else "") for r, extra in MODELS]
+MODEL_IDS = [
+    r + ("+conv" if "attn_conv_size" in extra else "+attn" if extra else "") for r, extra in MODELS
+]
 
 
 def make_model(rule="gated_delta", aggregation="grm", dtype=torch.float64, seed=0, **extra):
@@ -192,6 +195,7 @@ def test_cache_bytes_equal_the_layers_state_sizes():
         ),
         ({"hidden_size": 30, "num_heads": 4}, "divisible"),
         ({"attn_window": 0}, "attn_window"),
+        ({"attn_conv_size": 0}, "^attn_conv_size"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -45,6 +45,10 @@ def test_card_names_architecture_training_results_and_version(tmp_path):
     ):
         assert row in card
     assert "| ok |" not in card and "| lengths |" not in card  # only numbers are listed
+    assert "short convolution" not in card
+    config = tiny_model().config
+    config.attn_conv_size = 4
+    assert "| attention short convolution | 4 taps on q, k, v |" in model_card(config, run, {})
     assert f"| growmem | {growmem.__version__}, commit " in card
     if git_commit()["commit"]:
         assert git_commit()["commit"] in card
