@@ -225,7 +225,9 @@ class Attention(nn.Module):
         slots = T if self.window is None else min(T, self.window)
         itemsize = torch.empty((), dtype=dtype).element_size()
         kv = 2 * self.num_heads * self.head_dim * itemsize
-        conv = 0 if self.conv is None else (self.conv_size - 1) * 3 * kv // 2
+        conv = 0  # the last K - 1 real q, k, v inputs
+        if self.conv is not None:
+            conv = (self.conv_size - 1) * 3 * self.num_heads * self.head_dim * itemsize
         return batch_size * (slots * (kv + 1 + 8) + conv + 8)  # + valid, positions, seen
 
     def forward(
