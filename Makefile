@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_deep_memory
 	$(PY) -m benchmarks.bench_models
 	$(PY) -m benchmarks.bench_train_throughput
+	$(PY) -m benchmarks.bench_denormals
 
 # The GPU benchmark (one CUDA GPU, <= 8 minutes; docs/api.md "GPU benchmark"). With fla's
 # kernels: $(PY) -m pip install -e ".[fla]" first.

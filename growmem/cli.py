@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from growmem.utils.denormals import flushed_denormals
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
@@ -449,7 +451,8 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with flushed_denormals():  # as train does: subnormal floats are slow on CPUs
+            return args.run(args)
     except (ValueError, OSError) as error:
         # bad input or a file system that refuses (missing, read-only, full): one line
         message = " ".join(str(error).split())
