@@ -4,7 +4,7 @@ A decaying memory's chunkwise scan multiplies by exp(G_i - G_j), the decay betwe
 of a chunk. Once the learned decays are strong, many of these factors fall below the smallest
 normal float (about 1.2e-38 in float32), and x86 CPUs compute with such subnormal numbers many
 times slower than with normal ones. Measured: a gated_delta model training on S-NIAH went from
-about 9,300 to 3,300 tokens/s between steps 300 and 400 as its decays grew (with another run
+about 9,300 to 3,300 tokens/s around step 400 as its decays grew (with another run
 beside it); benchmarks/bench_denormals.py times a training step 1.5x slower with subnormals
 than flushed on a model with strong decays at init, and the same at the default init
 (results/denormals.json). Flushing (FTZ/DAZ, ``torch.set_flush_denormal``) reads and writes
