@@ -163,8 +163,8 @@ def gate_overrides(label: str) -> list[str]:
 LONG_STEPS = 8000
 # Transformer++ with the memory layers' short convolution on q, k, v (4 taps, their
 # conv_size): without it attention must learn a previous-token head first and crawls along
-# MQAR's plateau (0.27-0.31 after 4000-16000 steps); with it, seed 0 passed 0.99 at step 400
-# (docs/notes/2026-12-capacity-results.md, "Attention").
+# MQAR's plateau (0.13-0.31 after 4000 steps, 0.27-0.31 after 8000-16000); with it, seed 0
+# passed 0.99 at step 400 (docs/notes/2026-12-capacity-results.md, "Attention").
 ATTENTION_CONV = 4
 
 
