@@ -302,6 +302,28 @@ def _niah_multikey_long() -> list[Cell]:
     ]
 
 
+# S-NIAH-3 style (the niah_uuid task base: one UUID needle, a 36-token copy, in the task's BPE,
+# 2 heads of 16; trained and evaluated within 256 tokens, 512 reported apart). At 2000 steps
+# neither the base nor grm had left the UUID format's prior at heads of 16, hence the base's
+# 4000 steps (docs/notes/2026-12-niah-multikey-calibration.md, "One needle, a UUID").
+
+
+def _niah_uuid() -> list[Cell]:
+    ungated = [f"model.memory.{k}={v}" for k, v in UNGATED.items()]
+    chosen = gate_overrides(CHOSEN_GATES)
+    return [
+        Cell(
+            "Transformer++, short conv",
+            "niah_uuid",
+            "transformer",
+            [f"model.attn_conv_size={ATTENTION_CONV}"],
+        ),
+        Cell("gated_delta", "niah_uuid", "gated_delta", ungated),
+        Cell(f"gated_delta+grm, {CHOSEN_GATES}", "niah_uuid", "gated_delta+grm", chosen),
+        Cell(f"gated_delta+ssc, {CHOSEN_GATES}", "niah_uuid", "gated_delta+ssc", chosen),
+    ]
+
+
 def _lm() -> list[Cell]:
     short = ["train.steps=300", "train.batch_size=8", "task.eval_blocks=32"]
     cells = [Cell("Transformer++", "lm", "transformer", short)]
@@ -351,6 +373,7 @@ EXPERIMENTS = {
     "niah": _gates_of_then(_niah),
     "niah_multikey": _niah_multikey,
     "niah_multikey_long": _niah_multikey_long,
+    "niah_uuid": _niah_uuid,
     "lm": _gates_of_then(_lm),
 }
 
@@ -365,6 +388,7 @@ SEEDS = {
     "mqar_capacity_long": PAIRED,
     "niah_multikey": PAIRED,
     "niah_multikey_long": PAIRED,
+    "niah_uuid": PAIRED,
 }
 
 
