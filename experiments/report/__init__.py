@@ -33,6 +33,7 @@ EXPERIMENTS = [
     "niah",
     "niah_multikey",
     "niah_multikey_long",
+    "niah_uuid",
     "lm",
 ]
 # seeds the capacity experiments are reported over (paired): as many as the sweep runs
@@ -228,36 +229,91 @@ def niah_section(niah: dict, lines: list[str]) -> None:
     ]
 
 
-def niah_multikey_section(src: Sources, lines: list[str], experiment: str, title: str) -> None:
-    """Multi-key S-NIAH (``experiment``: niah_multikey, or its longer training): within the
-    training length for every model, paired with the base, and beyond it only for the models
-    that solve it."""
+def split_niah(src: Sources, lines: list[str], experiment: str, title: str):
+    """The heading of an S-NIAH section split at the training length, appended to ``lines``;
+    its runs and tables, or None (after saying how to run it) before any result."""
     runs = src.experiment(experiment)
     lines += [f"### {title} (`{experiment}`)", ""]
-    command = render.sweep_command(experiment, PAIRED_SEEDS)
     if not runs:
-        lines += render.not_measured(command)
-        return
-    found = tables.multikey_tables(runs, experiment)
+        lines += render.not_measured(render.sweep_command(experiment, PAIRED_SEEDS))
+        return None
+    return runs, tables.multikey_tables(runs, experiment)
+
+
+def within_lines(
+    experiment: str,
+    runs,
+    found,
+    setting: str,
+    prior: str = "chance about 0.21",
+    loss: bool = True,
+) -> list[str]:
+    """The setting, the link to its calibration and the tables within the training length
+    (``prior`` and ``loss`` as in ``render.niah_tables``)."""
     within = ", ".join(map(str, found.within.lengths))
-    lines += [
-        render.multikey_setting(experiment, *load.niah_setting_config(experiment), found.within),
+    return [
+        setting,
         "",
         render.note_link("niah_multikey", "How this setting was chosen (calibration runs)"),
         "",
         f"Within the training length ({within} tokens):",
         "",
-        *render.niah_tables(found.within),
+        *render.niah_tables(found.within, loss=loss, prior=prior),
         *render.unfinished(experiment, runs, load.missing_models(experiment, runs), PAIRED_SEEDS),
         "",
     ]
+
+
+def niah_multikey_section(src: Sources, lines: list[str], experiment: str, title: str) -> None:
+    """Multi-key S-NIAH (``experiment``: niah_multikey, or its longer training): within the
+    training length for every model, paired with the base, and beyond it only for the models
+    that solve it."""
+    measured = split_niah(src, lines, experiment, title)
+    if measured is None:
+        return
+    runs, found = measured
+    setting = render.multikey_setting(
+        experiment, *load.niah_setting_config(experiment), found.within
+    )
+    lines += within_lines(experiment, runs, found, setting)
     mixups = src.json("experiments", "niah_mixups.json")
     lines += render.multikey_mixups(mixups, experiment, found.needles)
     comparisons = capacity.mc_comparisons(found.scores)
     if comparisons:
+        within = ", ".join(map(str, found.within.lengths))
         measure = f"exact match within the training length, mean over {within} tokens"
         lines += render_capacity.mc_table(comparisons, measure)
     lines += render.multikey_beyond(found)
+
+
+def niah_uuid_section(src: Sources, lines: list[str]) -> None:
+    """S-NIAH-3 style (``niah_uuid``): a UUID copy within the training length for every model,
+    paired with the base on exact match and on answer-token accuracy, the learning curves, and
+    extrapolation only for the models that solve the training length."""
+    experiment = "niah_uuid"
+    measured = split_niah(src, lines, experiment, "A UUID needle: a copy the state must hold")
+    if measured is None:
+        return
+    runs, found = measured
+    prior = f"the UUID format alone gives {render.UUID_PRIOR:.2f}"
+    setting = render.uuid_setting(
+        load.cell_by_name(experiment, "gated_delta"),
+        load.cell_config(experiment, "gated_delta"),
+        load.cell_config(experiment, "Transformer++, short conv"),
+        found.within,
+    )
+    # the loss line compares with the digits' prior: not this task's
+    lines += within_lines(experiment, runs, found, setting, prior, loss=False)
+    within = ", ".join(map(str, found.within.lengths))
+    lines += render.niah_curves(tables.niah_curves(runs, found.within.lengths), within)
+    for scores, measure in (
+        (found.scores, "exact match"),
+        (found.token_scores, "answer-token accuracy"),
+    ):
+        comparisons = capacity.mc_comparisons(scores)
+        if comparisons:
+            lines += render_capacity.mc_table(comparisons, f"{measure}, mean over {within} tokens")
+    lines += render.multikey_beyond(found, prior)
 
 
 def lm_section(src: Sources, lines: list[str]):
@@ -368,6 +424,7 @@ def build(src: Sources) -> str:
     niah_section(niah, lines)
     niah_multikey_section(src, lines, "niah_multikey", "Four needles, one asked")
     niah_multikey_section(src, lines, "niah_multikey_long", "Four needles, longer training")
+    niah_uuid_section(src, lines)
     lm = lm_section(src, lines)
     train = efficiency_section(src, lines)
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]

@@ -16,6 +16,7 @@ from experiments.report.tables import (
     SOLVED,
     BenchTable,
     CostRow,
+    Curve,
     GridTable,
     LMRow,
     MQARRow,
@@ -216,11 +217,13 @@ def niah_setting(cell, config, transformer_train, tables: NIAHTables) -> str:
     )
 
 
-def niah_tables(tables: NIAHTables, loss: bool = True) -> list[str]:
+def niah_tables(tables: NIAHTables, loss: bool = True, prior: str = "chance about 0.21"):
+    """The exact-match and answer-token tables (``prior``: what guessing scores on the
+    latter), and with ``loss`` the last training losses against the 7 digits' prior."""
     lines = []
     for rows, title in (
         (tables.exact, "Exact match of the generated value"),
-        (tables.tokens, "Answer-token accuracy, teacher-forced (chance about 0.21)"),
+        (tables.tokens, f"Answer-token accuracy, teacher-forced ({prior})"),
     ):
         cells = [[label, seeds, *map(stat, per_length)] for label, seeds, per_length in rows]
         lines += [f"{title}:", "", *table(["model", "seeds", *map(str, tables.lengths)], cells)]
@@ -270,6 +273,55 @@ def multikey_setting(experiment: str, cell, config, transformer_train, tables: N
     )
 
 
+# Answer-token accuracy a model reaches from the UUID format alone: 4 dashes and the version
+# digit are fixed, the variant digit is one of 4, the other 30 characters one of 16.
+UUID_PRIOR = (5 + 1 / 4 + 30 / 16) / 36
+
+
+def uuid_setting(cell, config, attention, tables: NIAHTables) -> str:
+    """The niah_uuid setting: ``cell`` and ``config`` the base's, ``attention`` the
+    Transformer++ cell's RunConfig."""
+    model, task, train = config.model, config.task, config.train
+    return (
+        f"Setting: `growmem train {cell.task} --model {cell.model}` with "
+        f"`{' '.join(cell.overrides)}`: {model['num_hidden_layers']} layers, d_model "
+        f"{model['hidden_size']}, {model['num_heads']} heads of {model['head_dim']} (a "
+        f"{model['head_dim']} x {model['head_dim']} memory per head and layer), the task's BPE "
+        f"(every UUID character its own token); S-NIAH-{task.variant} style (RULER's "
+        "niah_single_3): one needle whose value is a UUID, a 36-token copy the state must hold "
+        f"through the haystack after it, trained at {task.seq_len} tokens on "
+        f"{task.num_train_examples:,} fresh examples, loss on the answer's tokens, AdamW "
+        f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++ with the "
+        f"short convolution: {attention.train.steps} steps at {attention.train.lr:g}); segment "
+        f"{model['memory']['caching']['segment_size']} for Memory Caching. The no-training "
+        f"probe at this head size (36 random pairs, segment "
+        f"{model['memory']['caching']['segment_size']}; results/probe/niah_uuid/) recalls 0.35 "
+        "from the memory and 0.70 from an oracle that reads the right segment's cache: 2x "
+        "headroom. Exact match of the UUID generated greedily, and the teacher-forced accuracy "
+        f"of its 36 tokens (the format alone gives {UUID_PRIOR:.2f}), over "
+        f"{task.num_eval_examples} needle depths per length. Command: `python -m "
+        "experiments.sweep niah_uuid && python -m experiments.report`. Training takes "
+        f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "
+        "rates)."
+    )
+
+
+def niah_curves(curves: list[Curve], lengths: str) -> list[str]:
+    """Answer-token accuracy over training, mean ± std over seeds."""
+    steps = sorted(set().union(*(c.steps for c in curves)))
+    rows = []
+    for c in curves:
+        at = dict(zip(c.steps, c.accuracy, strict=True))
+        rows.append([c.model, c.seeds, *(stat(at[s]) if s in at else "-" for s in steps)])
+    return [
+        f"Answer-token accuracy over training (teacher-forced, mean of {lengths} tokens; step 0 "
+        "is the initial model):",
+        "",
+        *table(["model", "seeds", *(f"step {s}" for s in steps)], rows),
+        "",
+    ]
+
+
 def multikey_mixups(mixups: dict | None, experiment: str, needles: int) -> list[str]:
     """Where the answers within the training length come from (experiments.niah_mixups, when
     run for ``experiment``): the queried value, another needle's, or neither."""
@@ -299,8 +351,9 @@ def multikey_mixups(mixups: dict | None, experiment: str, needles: int) -> list[
     return [*lines, ""]
 
 
-def multikey_beyond(found: MultikeyTables) -> list[str]:
-    """Extrapolation, only for the models that solve the training length."""
+def multikey_beyond(found: MultikeyTables, prior: str = "chance about 0.21") -> list[str]:
+    """Extrapolation, only for the models that solve the training length (``prior`` as in
+    `niah_tables`)."""
     if found.beyond is None:
         return [
             f"Beyond the training length: not reported, as no model solves {found.train_length} "
@@ -311,7 +364,7 @@ def multikey_beyond(found: MultikeyTables) -> list[str]:
         f"Beyond the training length (extrapolation), only for the models that solve "
         f"{found.train_length} tokens (exact match at least {SOLVED} there, mean over seeds):",
         "",
-        *niah_tables(found.beyond, loss=False),
+        *niah_tables(found.beyond, loss=False, prior=prior),
     ]
 
 

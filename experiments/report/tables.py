@@ -214,6 +214,7 @@ class MultikeyTables:
     beyond: NIAHTables | None
     solved: tuple[str, ...]
     scores: dict[str, dict[int, float]]  # {model: {seed: mean exact match within}}
+    token_scores: dict[str, dict[int, float]]  # {model: {seed: mean answer-token acc. within}}
 
 
 def multikey_tables(
@@ -241,21 +242,55 @@ def multikey_tables(
             tokens=pick(full.tokens),
         )
 
-    scores = {
-        model: {
-            r["seed"]: statistics.mean(r["eval"]["lengths"][i]["accuracy"] for i in within)
-            for r in results
+    def seed_scores(name: str) -> dict[str, dict[int, float]]:
+        return {
+            model: {
+                r["seed"]: statistics.mean(r["eval"]["lengths"][i][name] for i in within)
+                for r in results
+            }
+            for model, results in runs.items()
         }
-        for model, results in runs.items()
-    }
+
     return MultikeyTables(
         train_length=train_length,
         needles=next(iter(runs.values()))[0]["eval"]["num_needles"],
         within=columns(within),
         beyond=columns(beyond, solved) if solved and beyond else None,
         solved=solved,
-        scores=scores,
+        scores=seed_scores("accuracy"),
+        token_scores=seed_scores("token_accuracy"),
     )
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One model's answer-token accuracy over training (teacher-forced, mean over the lengths
+    within the training length), at the steps every seed evaluated."""
+
+    model: str
+    seeds: int
+    steps: tuple[int, ...]
+    accuracy: tuple[Stat, ...]
+
+
+def niah_curves(runs: dict[str, list[dict]], lengths: tuple[int, ...]) -> list[Curve]:
+    """The learning curve of every model of an S-NIAH experiment (its ``history``), on the
+    evaluation ``lengths`` (those within the training length)."""
+    curves = []
+    for model, results in runs.items():
+        by_seed = [
+            {
+                h["step"]: statistics.mean(
+                    e["token_accuracy"] for e in h["eval"]["lengths"] if e["length"] in lengths
+                )
+                for h in r["history"]
+            }
+            for r in results
+        ]
+        steps = tuple(sorted(set.intersection(*(set(b) for b in by_seed))))
+        accuracy = tuple(Stat.of(b[step] for b in by_seed) for step in steps)
+        curves.append(Curve(model, len(results), steps, accuracy))
+    return curves
 
 
 @dataclass(frozen=True)

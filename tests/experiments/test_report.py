@@ -958,3 +958,60 @@ def test_report_states_no_extrapolation_when_no_model_solves_the_training_length
     assert found.beyond is None and found.solved == ()
     lines = "\n".join(render.multikey_beyond(found))
     assert "not reported, as no model solves 256 tokens" in lines
+
+
+def uuid_result(model: str, seed: int, tokens: tuple[float, float], curve: list[float]) -> dict:
+    """A niah_uuid result: answer-token accuracy at 192 and 256 (exact match 1 only where it
+    is 1) and at 512 (beyond, the mean of the two), and ``curve``: the mean within at steps
+    0, 2000, 4000."""
+
+    def lengths(within: tuple[float, float]):
+        accuracies = (*within, sum(within) / 2)
+        return [
+            {"length": n, "regime": r, "accuracy": float(a == 1.0), "token_accuracy": a}
+            for n, r, a in zip(
+                (192, 256, 512), ("within", "within", "beyond"), accuracies, strict=True
+            )
+        ]
+
+    history = [
+        {"step": s, "eval": {"lengths": lengths((a, a))}}
+        for s, a in zip((0, 2000, 4000), curve, strict=True)
+    ]
+    return {
+        "model": model,
+        "seed": seed,
+        "final_loss": 1.0,
+        "steps": 4000,
+        "tokens_per_s": 4096.0,
+        "eval": {"lengths": lengths(tokens), "train_length": 256, "num_needles": 1},
+        "evals": {},
+        "history": history,
+    }
+
+
+def test_report_renders_the_uuid_niah_paired_on_tokens_with_curves(tmp_path):
+    grm = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
+    per_seed = {  # (answer-token accuracy at 192 and 256, curve) per seed
+        "Transformer++, short conv": [((1.0, 1.0), [0.0, 0.9, 1.0])] * 2,
+        "gated_delta": [((0.2, 0.3), [0.0, 0.2, 0.25]), ((0.3, 0.3), [0.0, 0.2, 0.3])],
+        grm: [((0.5, 0.6), [0.0, 0.3, 0.55]), ((0.4, 0.1), [0.0, 0.2, 0.3])],
+    }
+    for model, seeds in per_seed.items():
+        for seed, (tokens, curve) in enumerate(seeds):
+            write_result(tmp_path, "niah_uuid", uuid_result(model, seed, tokens, curve))
+    section = rendered_section(tmp_path, "### A UUID needle: a copy the state must hold")
+    assert "2 heads of 16 (a 16 x 16 memory per head and layer)" in section
+    assert "(the format alone gives 0.20)" in section
+    assert "| gated_delta | 2 | 0.250 ± 0.071 | 0.300 ± 0.000 |" in section
+    # the curves: mean within per step, over seeds
+    assert "| model | seeds | step 0 | step 2000 | step 4000 |" in section
+    assert f"| {grm} | 2 | 0.000 ± 0.000 | 0.250 ± 0.071 | 0.425 ± 0.177 |" in section
+    # paired on answer-token accuracy: grm 0.55, 0.25 against the base's 0.25, 0.30
+    assert "answer-token accuracy, mean over 192, 256 tokens" in section
+    assert f"| {grm} | gated_delta | 2 | 0.400 | 0.275 | +0.125 ± 0.247 | 1/2 |" in section
+    # only attention solves 256 tokens, so only it is reported beyond
+    beyond = section[section.index("Beyond the training length (extrapolation)") :]
+    assert "| Transformer++, short conv | 2 | 1.000 ± 0.000 |" in beyond
+    assert "| gated_delta |" not in beyond and "(the UUID format alone gives 0.20)" in beyond
+    assert "gated_delta+ssc" in section  # named as missing, with the command that runs it
