@@ -296,11 +296,15 @@ def niah_uuid_section(src: Sources, lines: list[str]) -> None:
         return
     runs, found = measured
     prior = f"the UUID format alone gives {render.UUID_PRIOR:.2f}"
+    config = load.cell_config(experiment, "gated_delta")
+    segment = config.model["memory"]["caching"]["segment_size"]
+    probe = src.capacity_probe(config.model["head_dim"], segment, folder=experiment, filler=0)
     setting = render.uuid_setting(
         load.cell_by_name(experiment, "gated_delta"),
-        load.cell_config(experiment, "gated_delta"),
+        config,
         load.cell_config(experiment, "Transformer++, short conv"),
         found.within,
+        probe and capacity.probe_recall(probe, render.UUID_LENGTH),
     )
     # the loss line compares with the digits' prior: not this task's
     lines += within_lines(experiment, runs, found, setting, prior, loss=False)

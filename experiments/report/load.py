@@ -50,13 +50,16 @@ class Sources:
         path = self.results.joinpath(*parts)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def capacity_probe(self, head_dim: int, segment_size: int) -> dict | None:
-        """The no-training capacity probe of a gated_delta memory in MQAR's layout (a pair
-        takes 2 tokens and one write: ``--filler 1``) at this head dimension and segment
-        (results/probe, ``growmem probe capacity``), or None when not run."""
+    def capacity_probe(
+        self, head_dim: int, segment_size: int, folder: str = "", filler: int = 1
+    ) -> dict | None:
+        """The no-training capacity probe of a gated_delta memory at this head dimension and
+        segment (``growmem probe capacity``, its JSON under results/probe/``folder``), or None
+        when not run with this ``filler``: 1 is MQAR's layout (a pair takes 2 tokens and one
+        write), 0 one write a token (a copied sequence)."""
         name = f"capacity_gated_delta_continuous_d{head_dim}_seg{segment_size}.json"
-        found = self.json("probe", name)
-        return found if found and found["settings"]["filler"] == 1 else None
+        found = self.json("probe", *([folder] if folder else []), name)
+        return found if found and found["settings"]["filler"] == filler else None
 
     def experiment(self, name: str) -> dict[str, list[dict]]:
         """{model: [result per seed]} of a swept experiment, in the order the sweep defines

@@ -273,32 +273,50 @@ def multikey_setting(experiment: str, cell, config, transformer_train, tables: N
     )
 
 
-# Answer-token accuracy a model reaches from the UUID format alone: 4 dashes and the version
-# digit are fixed, the variant digit is one of 4, the other 30 characters one of 16.
-UUID_PRIOR = (5 + 1 / 4 + 30 / 16) / 36
+# A UUID in the task's BPE: a token per character. Answer-token accuracy a model reaches from
+# the format alone: 4 dashes and the version digit are fixed, the variant digit is one of 4,
+# the other 30 characters one of 16.
+UUID_LENGTH = 36
+UUID_PRIOR = (5 + 1 / 4 + 30 / 16) / UUID_LENGTH
 
 
-def uuid_setting(cell, config, attention, tables: NIAHTables) -> str:
+def uuid_setting(
+    cell, config, attention, tables: NIAHTables, probe: tuple[float, float] | None
+) -> str:
     """The niah_uuid setting: ``cell`` and ``config`` the base's, ``attention`` the
-    Transformer++ cell's RunConfig."""
+    Transformer++ cell's RunConfig, ``probe`` the no-training probe's (memory, oracle cache)
+    recall of 36 pairs at this head size and segment (None: not run)."""
     model, task, train = config.model, config.task, config.train
+    head, segment = model["head_dim"], model["memory"]["caching"]["segment_size"]
+    command = (
+        f"`growmem probe capacity --head-dim {head} --segment-size {segment} --pairs "
+        f"{UUID_LENGTH} --filler 0 --draws 50 --out results/probe/niah_uuid`"
+    )
+    if probe is None:
+        headroom = f"The no-training probe at this head size is not run yet: {command}."
+    else:
+        memory, oracle = probe
+        headroom = (
+            f"The no-training probe at this head size ({UUID_LENGTH} random pairs, one write "
+            f"a token, segment {segment}; {command}) recalls {memory:.2f} from the memory and "
+            f"{oracle:.2f} from an oracle that reads the right segment's cache: "
+            f"{oracle / memory:.1f}x headroom."
+        )
     return (
         f"Setting: `growmem train {cell.task} --model {cell.model}` with "
         f"`{' '.join(cell.overrides)}`: {model['num_hidden_layers']} layers, d_model "
-        f"{model['hidden_size']}, {model['num_heads']} heads of {model['head_dim']} (a "
-        f"{model['head_dim']} x {model['head_dim']} memory per head and layer), the task's BPE "
+        f"{model['hidden_size']}, {model['num_heads']} heads of {head} (a {head} x {head} memory "
+        "per head and layer), the task's BPE "
         f"(every UUID character its own token); S-NIAH-{task.variant} style (RULER's "
-        "niah_single_3): one needle whose value is a UUID, a 36-token copy the state must hold "
+        f"niah_single_3): one needle whose value is a UUID, a {UUID_LENGTH}-token copy the state "
+        "must hold "
         f"through the haystack after it, trained at {task.seq_len} tokens on "
         f"{task.num_train_examples:,} fresh examples, loss on the answer's tokens, AdamW "
         f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++ with the "
         f"short convolution: {attention.train.steps} steps at {attention.train.lr:g}); segment "
-        f"{model['memory']['caching']['segment_size']} for Memory Caching. The no-training "
-        f"probe at this head size (36 random pairs, segment "
-        f"{model['memory']['caching']['segment_size']}; results/probe/niah_uuid/) recalls 0.35 "
-        "from the memory and 0.70 from an oracle that reads the right segment's cache: 2x "
-        "headroom. Exact match of the UUID generated greedily, and the teacher-forced accuracy "
-        f"of its 36 tokens (the format alone gives {UUID_PRIOR:.2f}), over "
+        f"{segment} for Memory Caching. {headroom} Exact match of the UUID generated greedily, "
+        f"and the teacher-forced accuracy of its {UUID_LENGTH} tokens (the format alone gives "
+        f"{UUID_PRIOR:.2f}), over "
         f"{task.num_eval_examples} needle depths per length. Command: `python -m "
         "experiments.sweep niah_uuid && python -m experiments.report`. Training takes "
         f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "

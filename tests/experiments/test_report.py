@@ -1000,7 +1000,21 @@ def test_report_renders_the_uuid_niah_paired_on_tokens_with_curves(tmp_path):
     for model, seeds in per_seed.items():
         for seed, (tokens, curve) in enumerate(seeds):
             write_result(tmp_path, "niah_uuid", uuid_result(model, seed, tokens, curve))
-    section = rendered_section(tmp_path, "### A UUID needle: a copy the state must hold")
+    heading = "### A UUID needle: a copy the state must hold"
+    section = rendered_section(tmp_path, heading)
+    assert "The no-training probe at this head size is not run yet: `growmem probe" in section
+    # the probe's JSON as `growmem probe capacity` writes it (MQAR's layout, filler 1, is not it)
+    probe = {
+        "settings": {"filler": 0},
+        "pairs": [16, 36],
+        "series": [{"name": "base", "recall": [0.9, 0.3]}, {"name": "oracle", "recall": [1, 0.75]}],
+    }
+    folder = tmp_path / "results" / "probe" / "niah_uuid"
+    folder.mkdir(parents=True)
+    (folder / "capacity_gated_delta_continuous_d16_seg16.json").write_text(json.dumps(probe))
+    section = rendered_section(tmp_path, heading)
+    assert "recalls 0.30 from the memory and 0.75 from an oracle" in section
+    assert "2.5x headroom" in section
     assert "2 heads of 16 (a 16 x 16 memory per head and layer)" in section
     assert "(the format alone gives 0.20)" in section
     assert "| gated_delta | 2 | 0.250 ± 0.071 | 0.300 ± 0.000 |" in section
