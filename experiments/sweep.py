@@ -302,7 +302,7 @@ def _niah_multikey_long() -> list[Cell]:
     ]
 
 
-# S-NIAH-3 style (the niah_uuid task base: one UUID needle, a 36-token copy, in the task's BPE,
+# S-NIAH-3 style (the niah_uuid task base: one UUID needle, a ~35-token copy in the task's BPE,
 # 2 heads of 16; trained and evaluated within 256 tokens, 512 reported apart). At 2000 steps
 # neither the base nor grm had left the UUID format's prior at heads of 16, hence the base's
 # 4000 steps (docs/notes/2026-12-niah-multikey-calibration.md, "One needle, a UUID").

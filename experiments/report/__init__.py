@@ -295,7 +295,7 @@ def niah_uuid_section(src: Sources, lines: list[str]) -> None:
     if measured is None:
         return
     runs, found = measured
-    prior = f"the UUID format alone gives {render.UUID_PRIOR:.2f}"
+    prior = f"the UUID format alone gives about {render.UUID_PRIOR:.2f}"
     config = load.cell_config(experiment, "gated_delta")
     segment = config.model["memory"]["caching"]["segment_size"]
     probe = src.capacity_probe(config.model["head_dim"], segment, folder=experiment, filler=0)

@@ -273,9 +273,9 @@ def multikey_setting(experiment: str, cell, config, transformer_train, tables: N
     )
 
 
-# A UUID in the task's BPE: a token per character. Answer-token accuracy a model reaches from
-# the format alone: 4 dashes and the version digit are fixed, the variant digit is one of 4,
-# the other 30 characters one of 16.
+# A UUID's characters (31-37 tokens in the task's BPE: a digit a token, letters one or a few).
+# Accuracy a model reaches per character from the format alone: 4 dashes and the version digit
+# are fixed, the variant digit is one of 4, the other 30 characters one of 16.
 UUID_LENGTH = 36
 UUID_PRIOR = (5 + 1 / 4 + 30 / 16) / UUID_LENGTH
 
@@ -285,7 +285,7 @@ def uuid_setting(
 ) -> str:
     """The niah_uuid setting: ``cell`` and ``config`` the base's, ``attention`` the
     Transformer++ cell's RunConfig, ``probe`` the no-training probe's (memory, oracle cache)
-    recall of 36 pairs at this head size and segment (None: not run)."""
+    recall of UUID_LENGTH pairs (one a character) at this head size and segment (None: not run)."""
     model, task, train = config.model, config.task, config.train
     head, segment = model["head_dim"], model["memory"]["caching"]["segment_size"]
     command = (
@@ -297,9 +297,9 @@ def uuid_setting(
     else:
         memory, oracle = probe
         headroom = (
-            f"The no-training probe at this head size ({UUID_LENGTH} random pairs, one write "
-            f"a token, segment {segment}; {command}) recalls {memory:.2f} from the memory and "
-            f"{oracle:.2f} from an oracle that reads the right segment's cache: "
+            f"The no-training probe at this head size ({UUID_LENGTH} random pairs, one a "
+            f"character, one write a token, segment {segment}; {command}) recalls "
+            f"{memory:.2f} from the memory and {oracle:.2f} from an oracle that reads the right segment's cache: "
             f"{oracle / memory:.1f}x headroom."
         )
     return (
@@ -307,16 +307,16 @@ def uuid_setting(
         f"`{' '.join(cell.overrides)}`: {model['num_hidden_layers']} layers, d_model "
         f"{model['hidden_size']}, {model['num_heads']} heads of {head} (a {head} x {head} memory "
         "per head and layer), the task's BPE "
-        f"(every UUID character its own token); S-NIAH-{task.variant} style (RULER's "
-        f"niah_single_3): one needle whose value is a UUID, a {UUID_LENGTH}-token copy the state "
-        "must hold "
+        f"(a digit a token, letters one or a few); S-NIAH-{task.variant} style (RULER's "
+        f"niah_single_3): one needle whose value is a UUID ({UUID_LENGTH} characters), a copy "
+        "the state must hold "
         f"through the haystack after it, trained at {task.seq_len} tokens on "
         f"{task.num_train_examples:,} fresh examples, loss on the answer's tokens, AdamW "
         f"{train.lr:g}, batch {train.batch_size}, {train.steps} steps (Transformer++ with the "
         f"short convolution: {attention.train.steps} steps at {attention.train.lr:g}); segment "
         f"{segment} for Memory Caching. {headroom} Exact match of the UUID generated greedily, "
-        f"and the teacher-forced accuracy of its {UUID_LENGTH} tokens (the format alone gives "
-        f"{UUID_PRIOR:.2f}), over "
+        "and the teacher-forced accuracy of its tokens (the format alone gives about "
+        f"{UUID_PRIOR:.2f} a character), over "
         f"{task.num_eval_examples} needle depths per length. Command: `python -m "
         "experiments.sweep niah_uuid && python -m experiments.report`. Training takes "
         f"{_minutes_span(tables.minutes)} minutes a cell on one thread (from the cells' token "

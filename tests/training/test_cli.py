@@ -47,7 +47,7 @@ def test_configs_lists_task_bases_and_the_model_spec_grammar(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     bases = ["lm", "lm_1.3b", "lm_760m", "lm_tiny", "mqar", "mqar_capacity", "niah"]
-    bases.append("niah_multikey")
+    bases += ["niah_multikey", "niah_uuid"]
     assert lines[:-1] == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == bases
     assert lines[-1].startswith("model specs (growmem train BASE --model SPEC): 'transformer'")
 

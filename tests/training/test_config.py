@@ -245,7 +245,7 @@ def test_task_bases_are_few_and_each_is_used():
     from growmem.demo import TASK
 
     used = {cell.task for cells in EXPERIMENTS.values() for cell in cells()} | {TASK}
-    bases = {"mqar", "mqar_capacity", "niah", "niah_multikey", "lm"}
+    bases = {"mqar", "mqar_capacity", "niah", "niah_multikey", "niah_uuid", "lm"}
     sizes = {"lm_760m", "lm_1.3b", "lm_tiny"}
     assert used == bases
     assert {p.stem for p in PRESETS} == bases | sizes

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from growmem.cli import CONFIGS
 from growmem.evaluate import evaluate_lm, evaluate_mqar, evaluate_niah
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.tasks import (
@@ -33,6 +34,7 @@ from growmem.tasks import (
 )
 from growmem.tasks.niah import NOISE_HAYSTACK
 from growmem.train import evaluate_run
+from growmem.training.config import load_config
 from growmem.training.data import build_task_data
 
 from ..tasks.niah_rules import grown_prompts
@@ -436,3 +438,29 @@ def test_niah_multikey_run_trains_and_evaluates_with_its_needles(tmp_path, token
     for prompt_ids, _ in model.prompts:
         prompt = data.tokenizer.decode(prompt_ids)
         assert len({key for key, _ in NEEDLE.findall(prompt)}) == 3
+
+
+def test_niah_uuid_base_trains_on_a_uuid_copy(tmp_path):
+    """The niah_uuid task base (as the sweep loads it, shrunk): every training example's label
+    is the UUID of the prompt's one needle, one token per character, and the evaluation marks
+    192 and 256 tokens within the training length, 512 beyond."""
+    sizes = ["task.num_train_examples=4", "task.num_eval_examples=1"]
+    config = load_config(CONFIGS / "niah_uuid.yaml", [*sizes, f"train.out_dir={tmp_path}"])
+    assert (config.task.variant, config.task.seq_len, config.model["head_dim"]) == (3, 256, 16)
+    data = build_task_data(config.task, config.train.seed, tmp_path)
+    uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    ids, labels = data.train.tensors["input_ids"], data.train.tensors["labels"]
+    for prompt, row, label in zip(training_prompts(data), ids, labels, strict=True):
+        (needle,) = re.findall(rf"special magic uuids for [a-z-]+ is: ({uuid4})\.", prompt)
+        answer = row[label != IGNORE_INDEX].tolist()
+        assert data.tokenizer.decode(answer) == " " + needle
+        # digits a token each; letters one or a few (the BPE's merges): 31-37 tokens
+        pieces = [data.tokenizer.decode([i]) for i in answer]
+        assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))
+        assert 30 < len(answer) <= 1 + 36
+    results = evaluate_run(PromptRecorder(data.tokenizer.vocab_size), data, config)
+    assert [(r["length"], r["regime"]) for r in results["lengths"]] == [
+        (192, "within"),
+        (256, "within"),
+        (512, "beyond"),
+    ]
