@@ -299,8 +299,8 @@ def uuid_setting(
         headroom = (
             f"The no-training probe at this head size ({UUID_LENGTH} random pairs, one a "
             f"character, one write a token, segment {segment}; {command}) recalls "
-            f"{memory:.2f} from the memory and {oracle:.2f} from an oracle that reads the right segment's cache: "
-            f"{oracle / memory:.1f}x headroom."
+            f"{memory:.2f} from the memory and {oracle:.2f} from an oracle that reads the right "
+            f"segment's cache: {oracle / memory:.1f}x headroom."
         )
     return (
         f"Setting: `growmem train {cell.task} --model {cell.model}` with "
