@@ -1021,6 +1021,9 @@ def test_report_renders_the_uuid_niah_paired_on_tokens_with_curves(tmp_path):
     # the curves: mean within per step, over seeds
     assert "| model | seeds | step 0 | step 2000 | step 4000 |" in section
     assert f"| {grm} | 2 | 0.000 ± 0.000 | 0.250 ± 0.071 | 0.425 ± 0.177 |" in section
+    # exact match is 0 for both recurrent models: no table of zeros, a sentence saying so
+    assert "No recurrent model generates a whole UUID in any seed" in section
+    assert "(exact match, mean over" not in section
     # paired on answer-token accuracy: grm 0.55, 0.25 against the base's 0.25, 0.30
     assert "answer-token accuracy, mean over 192, 256 tokens" in section
     assert f"| {grm} | gated_delta | 2 | 0.400 | 0.275 | +0.125 ± 0.247 | 1/2 |" in section
@@ -1029,3 +1032,12 @@ def test_report_renders_the_uuid_niah_paired_on_tokens_with_curves(tmp_path):
     assert "| Transformer++, short conv | 2 | 1.000 ± 0.000 |" in beyond
     assert "| gated_delta |" not in beyond and "(the UUID format alone gives about 0.20)" in beyond
     assert "gated_delta+ssc" in section  # named as missing, with the command that runs it
+
+
+def test_report_pairs_the_uuid_niah_on_exact_match_once_a_recurrent_model_has_any(tmp_path):
+    grm = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
+    write_result(tmp_path, "niah_uuid", uuid_result("gated_delta", 0, (0.2, 0.3), [0, 0.2, 0.2]))
+    write_result(tmp_path, "niah_uuid", uuid_result(grm, 0, (1.0, 0.9), [0, 0.5, 0.95]))
+    section = rendered_section(tmp_path, "### A UUID needle: a copy the state must hold")
+    assert "No recurrent model generates a whole UUID" not in section
+    assert f"| {grm} | gated_delta | 1 | 0.500 | 0.000 | +0.500 | 1/1 |" in section
