@@ -105,6 +105,8 @@ def cmd_eval(args) -> int:
         evaluate_mqar,
         evaluate_niah,
         mqar_gate_routing,
+        niah_eval_examples,
+        niah_gate_routing,
         plot_results,
     )
     from growmem.models import GrowMemConfig, GrowMemForCausalLM
@@ -185,17 +187,36 @@ def cmd_eval(args) -> int:
         if routing is not None:
             results["gates"] = routing
     elif task_name == "niah":
+        lengths = lengths or niah_eval_lengths(task)
         results = evaluate_niah(
             model,
             tokenizer,
             variant=task.variant,
-            lengths=lengths or niah_eval_lengths(task),
+            lengths=lengths,
             num_examples=task.num_eval_examples,
             seed=data_seed,
             haystack=task.haystack,
             num_needles=niah_eval_needles(task),
             train_length=run.task.seq_len,
         )
+        # the gates' routing on the same examples, within the training length
+        within = [n for n in lengths if n <= run.task.seq_len]
+        examples = [
+            e
+            for n in within
+            for e in niah_eval_examples(
+                tokenizer,
+                task.variant,
+                n,
+                task.num_eval_examples,
+                data_seed,
+                task.haystack,
+                niah_eval_needles(task),
+            )
+        ]
+        routing = niah_gate_routing(model, examples) if examples else None  # None: no gates
+        if routing is not None:
+            results["gates"] = {"lengths": within, **routing}
     else:
         seq_len = max(lengths) if lengths else task.seq_len
         max_blocks = args.max_blocks or task.eval_blocks

@@ -8,7 +8,7 @@ autocast is that device's; the scores are gathered on the CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from growmem.models import GrowMemForCausalLM
 from growmem.tasks import (
     MQARSlice,
+    NIAHExample,
     TokenBlocks,
     Tokenizer,
     fold_seed,
@@ -96,6 +97,54 @@ def _pair_segments(slice_: MQARSlice, segment_size: int) -> tuple[torch.Tensor, 
     return query_pos, (2 * j + 1) // segment_size, example
 
 
+def _routed_segment_size(model: GrowMemForCausalLM) -> int | None:
+    """The constant segment length of a model whose gates weigh segments' caches (grm, ssc,
+    soup); None for a model without gates, with explicit segments or logarithmic buckets."""
+    memory = model.config.memory
+    if memory is None or not memory.caching.spec.gated or memory.caching.segments is not None:
+        return None
+    if memory.caching.spec.select == "log_buckets":
+        return None
+    return memory.caching.segment_size
+
+
+def _gate_routing(
+    model: GrowMemForCausalLM, segment_size: int, calls: Iterable[tuple[torch.Tensor, ...]]
+) -> dict[str, Any]:
+    """Gate statistics (`_gate_stats`) summed over forward calls and averaged per layer.
+
+    Args:
+        calls: (input ids [B, T], then for each query: its example within the batch [M], its
+            position [M] and the segment that wrote what it must recall [M]).
+    """
+    from growmem.ops.caching.gates import record_gates
+
+    model.eval()
+    device = model_device(model)
+    sums: dict[int, dict[str, float]] = {}
+    for ids, example, query_pos, source_seg in calls:
+        with record_gates() as records:
+            model(input_ids=ids.to(device), use_cache=False)
+        for layer, record in enumerate(records):
+            stats = _gate_stats(record, segment_size, example, query_pos, source_seg)
+            total = sums.setdefault(layer, {})
+            for name, value in stats.items():
+                total[name] = total.get(name, 0.0) + value
+    layers = []
+    for layer in sorted(sums):
+        total = sums[layer]
+        layers.append(
+            {
+                "entropy": total["entropy"] / total["tokens"],
+                "online_weight": total["online_weight"] / total["tokens"],
+                "right_weight": total["right_weight"] / max(total["queries"], 1),
+                "right_top": total["right_top"] / max(total["queries"], 1),
+                "chance": total["chance"] / max(total["queries"], 1),
+            }
+        )
+    return {"layers": layers}
+
+
 @torch.no_grad()
 def mqar_gate_routing(
     model: GrowMemForCausalLM, slices: Sequence[MQARSlice], batch_size: int = 64
@@ -117,44 +166,64 @@ def mqar_gate_routing(
         slices: MQAR test slices.
     Returns: {"layers": [per gated layer {...}]}, or None for a model without gates.
     """
-    from growmem.ops.caching.gates import record_gates
+    S = _routed_segment_size(model)
+    if S is None:
+        return None
 
-    memory = model.config.memory
-    if memory is None or not memory.caching.spec.gated or memory.caching.segments is not None:
+    def calls():
+        for s in slices:
+            query_pos, pair_seg, example = _pair_segments(s, S)
+            for start in range(0, s.input_ids.shape[0], batch_size):
+                ids = s.input_ids[start : start + batch_size]
+                rows = (example >= start) & (example < start + ids.shape[0])
+                yield ids, example[rows] - start, query_pos[rows], pair_seg[rows]
+
+    return _gate_routing(model, S, calls())
+
+
+def _copy_sources(example: NIAHExample, segment_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every answer token of an S-NIAH example read teacher-forced (prompt + answer): the
+    position that predicts it and the segment holding the needle's copy of it (the answer's
+    tokens stand verbatim in the needle).
+
+    Returns: query positions [A] and source segments [A].
+
+    Raises:
+        ValueError: the answer's tokens do not occur in the prompt.
+    """
+    ids, answer = example.input_ids, example.answer_ids
+    A = len(answer)
+    start = next((i for i in range(len(ids) - A + 1) if ids[i : i + A] == answer), None)
+    if start is None:
+        raise ValueError("example: the answer's tokens do not occur in the prompt")
+    query_pos = torch.arange(A) + len(ids) - 1  # [A] the token before each answer token
+    return query_pos, (torch.arange(A) + start) // segment_size
+
+
+@torch.no_grad()
+def niah_gate_routing(
+    model: GrowMemForCausalLM, examples: Sequence[NIAHExample]
+) -> dict[str, Any] | None:
+    """How the gates of a gated Memory Caching model route on S-NIAH: `mqar_gate_routing`'s
+    statistics, with the answer's tokens as the queries (teacher-forced) and, as the right
+    cache, the segment holding the needle's copy of the token each query predicts.
+
+    Args:
+        model: a model with constant segments (``caching.segment_size``).
+        examples: S-NIAH examples (one forward call each).
+    Returns: {"layers": [per gated layer {...}]}, or None for a model without gates.
+    """
+    S = _routed_segment_size(model)
+    if S is None:
         return None
-    if memory.caching.spec.select == "log_buckets":
-        return None
-    S = memory.caching.segment_size
-    model.eval()
-    device = model_device(model)
-    sums: dict[int, dict[str, float]] = {}
-    for s in slices:
-        query_pos, pair_seg, example = _pair_segments(s, S)
-        for start in range(0, s.input_ids.shape[0], batch_size):
-            ids = s.input_ids[start : start + batch_size]
-            with record_gates() as records:
-                model(input_ids=ids.to(device), use_cache=False)
-            rows = (example >= start) & (example < start + ids.shape[0])
-            for layer, record in enumerate(records):
-                stats = _gate_stats(
-                    record, S, example[rows] - start, query_pos[rows], pair_seg[rows]
-                )
-                total = sums.setdefault(layer, {})
-                for name, value in stats.items():
-                    total[name] = total.get(name, 0.0) + value
-    layers = []
-    for layer in sorted(sums):
-        total = sums[layer]
-        layers.append(
-            {
-                "entropy": total["entropy"] / total["tokens"],
-                "online_weight": total["online_weight"] / total["tokens"],
-                "right_weight": total["right_weight"] / max(total["queries"], 1),
-                "right_top": total["right_top"] / max(total["queries"], 1),
-                "chance": total["chance"] / max(total["queries"], 1),
-            }
-        )
-    return {"layers": layers}
+
+    def calls():
+        for e in examples:
+            query_pos, source_seg = _copy_sources(e, S)
+            ids = torch.tensor([e.input_ids + e.answer_ids])  # [1, T]
+            yield ids, torch.zeros_like(query_pos), query_pos, source_seg
+
+    return _gate_routing(model, S, calls())
 
 
 def _gate_stats(record, segment_size, example, query_pos, pair_seg) -> dict[str, float]:
@@ -197,6 +266,29 @@ def _gate_stats(record, segment_size, example, query_pos, pair_seg) -> dict[str,
 
 def _mean(rows: Sequence[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
+
+
+def niah_eval_examples(
+    tokenizer: Tokenizer,
+    variant: int,
+    length: int,
+    num_examples: int,
+    seed: int,
+    haystack: str | None = None,
+    num_needles: int = 1,
+) -> list[NIAHExample]:
+    """The S-NIAH evaluation examples of `evaluate_niah` at one length: a seed stream disjoint
+    from training's (``fold_seed(seed, 1, length)``), the queried needle's depths on an even
+    grid."""
+    return niah_dataset(
+        tokenizer,
+        variant=variant,
+        length=length,
+        num_examples=num_examples,
+        seed=fold_seed(seed, 1, length),
+        haystack=haystack,
+        num_needles=num_needles,
+    )
 
 
 @torch.no_grad()
@@ -255,14 +347,8 @@ def evaluate_niah(
     device = model_device(model)
     rows = []
     for length in lengths:
-        examples = niah_dataset(
-            tokenizer,
-            variant=variant,
-            length=length,
-            num_examples=num_examples,
-            seed=fold_seed(seed, 1, length),
-            haystack=haystack,
-            num_needles=num_needles,
+        examples = niah_eval_examples(
+            tokenizer, variant, length, num_examples, seed, haystack, num_needles
         )
         hits, token_hits, confused = [], [], []
         for example in examples:

@@ -310,6 +310,7 @@ def niah_uuid_section(src: Sources, lines: list[str]) -> None:
     lines += within_lines(experiment, runs, found, setting, prior, loss=False)
     within = ", ".join(map(str, found.within.lengths))
     lines += render.niah_curves(tables.niah_curves(runs, found.within.lengths), within)
+    lines += render.niah_routing(src.json("experiments", "niah_mixups.json"), experiment)
     exact = capacity.mc_comparisons(found.scores)
     compared = {name for p in exact for name in (p.model, p.reference)}
     if any(any(found.scores[name].values()) for name in compared):

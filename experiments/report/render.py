@@ -369,6 +369,44 @@ def multikey_mixups(mixups: dict | None, experiment: str, needles: int) -> list[
     return [*lines, ""]
 
 
+def niah_routing(mixups: dict | None, experiment: str) -> list[str]:
+    """The gates' routing at the answer's tokens of every gated cell of ``experiment``
+    (experiments.niah_mixups, when run), per layer, mean over seeds."""
+    measured = (mixups or {}).get("experiments", {}).get(experiment, {})
+    cells = {
+        model: [s["gates"] for s in seeds.values() if "gates" in s]
+        for model, seeds in measured.get("cells", {}).items()
+    }
+    cells = {model: gates for model, gates in cells.items() if gates}
+    if not cells:
+        return []
+    lengths = ", ".join(map(str, next(iter(cells.values()))[0]["lengths"]))
+    rows = []
+    for model, gates in cells.items():
+        for layer in range(len(gates[0]["layers"])):
+            mean = {
+                key: statistics.mean(g["layers"][layer][key] for g in gates)
+                for key in ("right_top", "right_weight", "chance", "online_weight", "entropy")
+            }
+            rows.append(
+                [model, len(gates), layer]
+                + [f"{mean[k]:.3f}" for k in ("right_top", "right_weight", "chance")]
+                + [f"{mean[k]:.3f}" for k in ("online_weight", "entropy")]
+            )
+    header = ["model", "seeds", "layer", "right cache on top", "its weight", "uniform"]
+    return [
+        f"Where the gates look while the answer is read (teacher-forced, {lengths} tokens; "
+        "`python -m experiments.niah_mixups "
+        f"{experiment}`): at each answer token whose needle copy sits in an earlier segment, "
+        "how often the cache of that segment gets the largest weight, its mean weight, and "
+        "that weight under uniform gates; the online memory's mean weight and the gates' "
+        "entropy (1 = uniform) over all tokens that see a cache. Mean over seeds.",
+        "",
+        *table([*header, "online weight", "entropy"], rows),
+        "",
+    ]
+
+
 def multikey_beyond(found: MultikeyTables, prior: str = "chance about 0.21") -> list[str]:
     """Extrapolation, only for the models that solve the training length (``prior`` as in
     `niah_tables`)."""

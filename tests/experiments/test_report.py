@@ -1041,3 +1041,27 @@ def test_report_pairs_the_uuid_niah_on_exact_match_once_a_recurrent_model_has_an
     section = rendered_section(tmp_path, "### A UUID needle: a copy the state must hold")
     assert "No recurrent model generates a whole UUID" not in section
     assert f"| {grm} | gated_delta | 1 | 0.500 | 0.000 | +0.500 | 1/1 |" in section
+
+
+def test_report_shows_where_the_uuid_gates_look_when_measured(tmp_path):
+    grm = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
+    for model in ("gated_delta", grm):
+        write_result(tmp_path, "niah_uuid", uuid_result(model, 0, (0.3, 0.3), [0, 0.2, 0.3]))
+    heading = "### A UUID needle: a copy the state must hold"
+    assert "Where the gates look" not in rendered_section(tmp_path, heading)
+
+    def gates(top: float) -> dict:
+        layer = {"right_top": top, "right_weight": 0.3, "chance": 0.1, "online_weight": 0.5}
+        return {"lengths": [192, 256], "layers": [{**layer, "entropy": 0.6}]}
+
+    seeds = {"0": {"accuracy": 0.0, "gates": gates(0.8)}, "1": {"gates": gates(0.4)}}
+    cells = {"gated_delta": {"0": {"accuracy": 0.0}}, grm: seeds}
+    mixups = {"experiments": {"niah_uuid": {"lengths": [192, 256], "cells": cells}}}
+    (tmp_path / "results" / "experiments" / "niah_mixups.json").write_text(json.dumps(mixups))
+    section = rendered_section(tmp_path, heading)
+    assert (
+        "teacher-forced, 192, 256 tokens; `python -m experiments.niah_mixups niah_uuid`" in section
+    )
+    # the base has no gates: grm alone, mean over its 2 seeds
+    assert f"| {grm} | 2 | 0 | 0.600 | 0.300 | 0.100 | 0.500 | 0.600 |" in section
+    assert "| gated_delta | 1 | 0 |" not in section

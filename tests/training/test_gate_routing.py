@@ -1,19 +1,27 @@
 """Gate diagnostics: ``record_gates`` captures the weights Memory Caching uses (checked against
-the gate equation written out here), and ``mqar_gate_routing`` scores known weights exactly."""
+the gate equation written out here), ``mqar_gate_routing`` scores known weights exactly, and
+``niah_gate_routing`` asks for the needle's copy of each answer token."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from growmem.evaluate import _gate_stats, _pair_segments, mqar_gate_routing
+from growmem.evaluate import (
+    _copy_sources,
+    _gate_stats,
+    _pair_segments,
+    mqar_gate_routing,
+    niah_gate_routing,
+)
 from growmem.models import GrowMemConfig, GrowMemForCausalLM
 from growmem.ops.caching import memory_caching
 from growmem.ops.caching.gates import GateRecord, record_gates
 from growmem.ops.spec import Caching, MatrixMemory
-from growmem.tasks import MQARConfig, mqar_splits
+from growmem.tasks import ByteTokenizer, MQARConfig, mqar_splits, niah_dataset
 
 from ..helpers import make_inputs, make_u
 
@@ -116,14 +124,16 @@ def test_pair_segments_find_the_queried_pair():
         assert s == (2 * j + 1) // 4 and ids[e, q + 1] == ids[e, 2 * j + 1]
 
 
-def tiny(aggregation: str, gate_norm: str | None = None, **layer) -> GrowMemForCausalLM:
+def tiny(
+    aggregation: str, gate_norm: str | None = None, vocab_size: int = 32, **layer
+) -> GrowMemForCausalLM:
     """A fresh 2-layer model (the default gates unless ``gate_norm`` or ``layer`` say)."""
     torch.manual_seed(0)
     caching = {"aggregation": aggregation, "segment_size": 4}
     if gate_norm is not None:
         caching["gate_norm"] = gate_norm
     config = GrowMemConfig(
-        vocab_size=32,
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_heads=2,
@@ -149,3 +159,35 @@ def test_routing_of_a_model():
     routing = mqar_gate_routing(tiny("grm"), slices, batch_size=3)
     for layer in routing["layers"]:
         assert 0 < layer["entropy"] < 0.9 and 0 <= layer["right_top"] <= 1
+
+
+def test_copy_sources_point_at_the_needles_copy_of_each_answer_token():
+    tokenizer = ByteTokenizer()
+    examples = niah_dataset(tokenizer, variant=3, length=480, num_examples=4, seed=0)
+    for example in examples:
+        query, segment = _copy_sources(example, 8)
+        ids = example.input_ids + example.answer_ids
+        A = len(example.answer_ids)
+        # each query is the token before an answer token, read teacher-forced
+        assert query.tolist() == list(range(len(example.input_ids) - 1, len(ids) - 1))
+        assert [ids[q + 1] for q in query.tolist()] == example.answer_ids
+        # the source segments hold the needle's copy of the answer, in order
+        start = next(
+            i for i in range(len(example.input_ids)) if ids[i : i + A] == example.answer_ids
+        )
+        assert segment.tolist() == [(start + j) // 8 for j in range(A)]
+        assert segment[-1] < query[0] // 8  # the needle is cached by the time it is asked for
+    broken = dataclasses.replace(examples[0], answer_ids=[255, 255, 255])
+    with pytest.raises(ValueError, match="do not occur in the prompt"):
+        _copy_sources(broken, 8)
+
+
+def test_niah_routing_of_a_model():
+    examples = niah_dataset(ByteTokenizer(), variant=3, length=480, num_examples=3, seed=0)
+    assert niah_gate_routing(tiny("none", vocab_size=256), examples) is None
+    routing = niah_gate_routing(tiny("grm", vocab_size=256), examples)
+    assert len(routing["layers"]) == 2
+    for layer in routing["layers"]:
+        assert 0 < layer["entropy"] <= 1.0 + 1e-9 and 0 < layer["online_weight"] < 1
+        assert 0 <= layer["right_top"] <= 1 and 0 < layer["chance"] < 1
+        assert 0 < layer["right_weight"] < 1
