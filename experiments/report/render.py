@@ -399,7 +399,9 @@ def niah_routing(mixups: dict | None, experiment: str) -> list[str]:
         "`python -m experiments.niah_mixups "
         f"{experiment}`): at each answer token whose needle copy sits in an earlier segment, "
         "how often the cache of that segment gets the largest weight, its mean weight, and "
-        "that weight under uniform gates; the online memory's mean weight and the gates' "
+        "that weight under uniform gates (1 / the memories weighed; for ssc, which weighs "
+        "only the caches it selected and the online memory, the weight the right cache would "
+        "get if it were always selected); the online memory's mean weight and the gates' "
         "entropy (1 = uniform) over all tokens that see a cache. Mean over seeds.",
         "",
         *table([*header, "online weight", "entropy"], rows),
