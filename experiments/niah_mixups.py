@@ -7,12 +7,13 @@ failed to read a value at all. For gated Memory Caching cells, the gates' routin
 answer's tokens (``growmem.evaluate.niah_gate_routing``): how often the cache of the segment
 holding the needle's copy of the token asked for gets the largest weight.
 
-    python -m experiments.niah_mixups [EXPERIMENT ...] [--runs RUNS] [--out JSON]
+    python -m experiments.niah_mixups [EXPERIMENT ...] [--seeds S ...] [--runs RUNS] [--out JSON]
                                       # -> results/experiments/niah_mixups.json
 
 ``--runs`` is the folder holding the sweep's run folders (default: this checkout's
 runs/experiments); cells without a trained model there are skipped. Only the experiments
-named (default: all three) are measured again; the JSON keeps the others' earlier entries.
+named (default: all three) are measured again, and with ``--seeds`` only those seeds; the JSON
+keeps the earlier entries of the others.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiments", nargs="*", help=f"some of {list(EXPERIMENTS)}")
     parser.add_argument("--runs", type=Path, default=sweep.RUNS, help="the sweep's run folders")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON to write")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="only these seeds (the JSON keeps the others')"
+    )
     args = parser.parse_args(argv)
     if unknown := set(args.experiments) - set(EXPERIMENTS):
         parser.error(f"unknown experiments {sorted(unknown)}; choose from {list(EXPERIMENTS)}")
@@ -67,16 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     experiments = {name: earlier[name] for name in EXPERIMENTS if name in earlier}
     for experiment in args.experiments or EXPERIMENTS:
         lengths = within_lengths(experiment)
+        kept = experiments.get(experiment, {}).get("cells", {}) if args.seeds else {}
         cells = {}
         for cell in sweep.EXPERIMENTS[experiment]():
-            seeds = {}
-            for seed in sweep.SEEDS[experiment]:
+            seeds = {
+                seed: found
+                for seed, found in kept.get(cell.name, {}).items()
+                if int(seed) not in args.seeds
+            }
+            for seed in args.seeds or sweep.SEEDS[experiment]:
                 model = sweep.run_folder(experiment, cell, seed, args.runs) / "model"
                 if (model / "eval.json").is_file():
                     seeds[seed] = evaluate_cell(model, lengths)
                     print(experiment, cell.name, seed, seeds[seed], flush=True)
             if seeds:
-                cells[cell.name] = seeds
+                cells[cell.name] = dict(sorted(seeds.items(), key=lambda item: int(item[0])))
         experiments[experiment] = {"lengths": lengths, "cells": cells}
     write_json(
         args.out,

@@ -68,3 +68,7 @@ def test_a_gated_uuid_cell_gets_its_routing_and_other_experiments_keep_their_ent
     assert seed["gates"]["lengths"] == [192, 256]
     (layer,) = seed["gates"]["layers"]
     assert 0 <= layer["right_top"] <= 1 and 0 < layer["chance"] < 1
+    # another seed measured later (none trained here): seed 0's entry is kept
+    assert niah_mixups.main([*argv, "--seeds", "1"]) == 0
+    again = json.loads(result.read_text())["experiments"]["niah_uuid"]["cells"][cell.name]
+    assert again == {"0": seed}
