@@ -58,7 +58,9 @@ def test_a_packed_document_reads_as_if_alone_and_as_decoded(rule, aggregation, e
             start += len(doc)
     # without resets the second document of row 0 sees the first one
     assert rel_err(packed[0, 3:12], logits[0, 3:12]) > 1e-3
-    assert torch.equal(logits[1], packed[1])  # one document: the plain path
+    # one document: read as without resets, to rounding (its row is computed in a batch of
+    # another shape, whose kernels need not round alike on every CPU)
+    assert rel_err(logits[1], packed[1]) < 1e-12
     # the second document of row 0 decoded token by token from the initial state
     doc, cache, steps = row0[1], None, []
     for t in range(len(doc)):
