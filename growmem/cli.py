@@ -199,9 +199,10 @@ def cmd_eval(args) -> int:
             num_needles=niah_eval_needles(task),
             train_length=run.task.seq_len,
         )
-        # the gates' routing on the same examples, within the training length
+        # the gates' routing on the same examples, within the training length (drawn lazily:
+        # a model without gates reads none)
         within = [n for n in lengths if n <= run.task.seq_len]
-        examples = [
+        examples = (
             e
             for n in within
             for e in niah_eval_examples(
@@ -213,8 +214,8 @@ def cmd_eval(args) -> int:
                 task.haystack,
                 niah_eval_needles(task),
             )
-        ]
-        routing = niah_gate_routing(model, examples) if examples else None  # None: no gates
+        )
+        routing = niah_gate_routing(model, examples) if within else None  # None: no gates
         if routing is not None:
             results["gates"] = {"lengths": within, **routing}
     else:

@@ -202,7 +202,7 @@ def _copy_sources(example: NIAHExample, segment_size: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def niah_gate_routing(
-    model: GrowMemForCausalLM, examples: Sequence[NIAHExample]
+    model: GrowMemForCausalLM, examples: Iterable[NIAHExample]
 ) -> dict[str, Any] | None:
     """How the gates of a gated Memory Caching model route on S-NIAH: `mqar_gate_routing`'s
     statistics, with the answer's tokens as the queries (teacher-forced) and, as the right
@@ -210,7 +210,8 @@ def niah_gate_routing(
 
     Args:
         model: a model with constant segments (``caching.segment_size``).
-        examples: S-NIAH examples (one forward call each).
+        examples: S-NIAH examples (one forward call each; not read for a model without
+            gates).
     Returns: {"layers": [per gated layer {...}]}, or None for a model without gates.
     """
     S = _routed_segment_size(model)
