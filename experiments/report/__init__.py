@@ -286,14 +286,15 @@ def niah_multikey_section(src: Sources, lines: list[str], experiment: str, title
     lines += render.multikey_beyond(found)
 
 
-def niah_uuid_section(src: Sources, lines: list[str]) -> None:
+def niah_uuid_section(src: Sources, lines: list[str]) -> dict[str, dict[int, float]]:
     """S-NIAH-3 style (``niah_uuid``): a UUID copy within the training length for every model,
     paired with the base on exact match and on answer-token accuracy, the learning curves, and
-    extrapolation only for the models that solve the training length."""
+    extrapolation only for the models that solve the training length. Returns the answer-token
+    accuracy within it, {model: {seed: score}} (empty when not run), which claims 1-3 judge."""
     experiment = "niah_uuid"
     measured = split_niah(src, lines, experiment, "A UUID needle: a copy the state must hold")
     if measured is None:
-        return
+        return {}
     runs, found = measured
     prior = f"the UUID format alone gives about {render.UUID_PRIOR:.2f}"
     config = load.cell_config(experiment, "gated_delta")
@@ -326,6 +327,7 @@ def niah_uuid_section(src: Sources, lines: list[str]) -> None:
         measure = f"answer-token accuracy, mean over {within} tokens"
         lines += render_capacity.mc_table(tokens, measure)
     lines += render.multikey_beyond(found, prior)
+    return found.token_scores
 
 
 def lm_section(src: Sources, lines: list[str]):
@@ -436,7 +438,7 @@ def build(src: Sources) -> str:
     niah_section(niah, lines)
     niah_multikey_section(src, lines, "niah_multikey", "Four needles, one asked")
     niah_multikey_section(src, lines, "niah_multikey_long", "Four needles, longer training")
-    niah_uuid_section(src, lines)
+    uuid = niah_uuid_section(src, lines)
     lm = lm_section(src, lines)
     train = efficiency_section(src, lines)
     costs = [tables.cost_row(n, runs) for n in EXPERIMENTS if (runs := src.experiment(n))]
@@ -451,6 +453,9 @@ def build(src: Sources) -> str:
         ],
         verdicts.throughput(train),
         lm,
+        uuid=verdicts.capacity_claims(
+            uuid, learned=verdicts.NIAH_TOKENS_LEARNED, keep_gates=load.gate_settings()[1]
+        ),
     )
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from experiments.report import verdicts as v
 from experiments.report.render import note_link, seeds_text
 
 TITLES = {
-    1: "MC lifts recall and closes part of the gap to attention (MQAR)",
+    1: "MC lifts recall and closes part of the gap to attention",
     2: "GRM beats residual / uniform averaging (content-dependent gates matter)",
     3: "SSC keeps most of GRM's gain",
 }
@@ -167,11 +167,12 @@ def _niah_finding(f: v.NIAHFinding) -> str:
     )
 
 
-def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm) -> list[str]:
+def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm, uuid=None) -> list[str]:
     """The verdicts' lines.
 
     Args:
         capacity: ``verdicts.capacity_claims`` (claims 1-3 on mqar_capacity, judged first).
+        uuid: ``verdicts.capacity_claims`` on niah_uuid's answer tokens (None: not run).
         claims_1_3: ``verdicts.claims_1_to_3`` on the older MQAR settings.
         claim_4, claim_5: findings of claims 4 and 5.
         lm: ``verdicts.lm_claim``.
@@ -183,7 +184,9 @@ def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm) -> list[str]:
         f"reproduced: a mean gain above the margin ({v.LIFT_MARGIN} for claim 1, "
         f"{v.GATE_MARGIN} for claim 2) that holds in at least {float(v.SEED_SHARE):.0%} of "
         "the seeds; partly: a mean gain that holds in fewer; claim 3: ssc's mean gain over the "
-        "base at least half of grm's).",
+        "base at least half of grm's). The same rules judge them on `niah_uuid`, on answer-token "
+        f"accuracy within the training length (a model below {v.NIAH_TOKENS_LEARNED} there has "
+        "not learned the copy).",
         "",
     ]
     for claim, items in claims_1_3.items():
@@ -191,6 +194,8 @@ def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm) -> list[str]:
         text = "mqar_capacity: " + (
             "; ".join(map(capacity_finding, found)) if found else "not measured yet"
         )
+        if uuid and uuid.get(claim):
+            text += ". niah_uuid (answer tokens): " + "; ".join(map(capacity_finding, uuid[claim]))
         if items:
             text += f". {OLDER}: " + "; ".join(map(finding, items))
         lines.append(f"- **{claim}. {TITLES[claim]}**: {text}.")

@@ -1034,6 +1034,49 @@ def test_report_renders_the_uuid_niah_paired_on_tokens_with_curves(tmp_path):
     assert "gated_delta+ssc" in section  # named as missing, with the command that runs it
 
 
+def test_report_judges_claims_1_and_3_on_the_uuid_niah_answer_tokens(tmp_path):
+    grm, ssc = (f"gated_delta+{a}, {sweep.CHOSEN_GATES}" for a in ("grm", "ssc"))
+    per_seed = {  # answer-token accuracy at 192 and 256 per seed
+        "Transformer++, short conv": [(0.9, 1.0)] * 3,
+        "gated_delta": [(0.2, 0.2), (0.2, 0.3), (0.2, 0.2)],
+        grm: [(0.8, 0.8), (0.9, 0.9), (0.1, 0.1)],  # below its base in seed 2
+        ssc: [(0.5, 0.5), (0.5, 0.5), (0.5, 0.5)],
+    }
+    for model, seeds in per_seed.items():
+        for seed, tokens in enumerate(seeds):
+            write_result(tmp_path, "niah_uuid", uuid_result(model, seed, tokens, [0, 0.2, 0.2]))
+    text = rendered_section(tmp_path, "## Verdicts on the paper's claims")
+    claim_1 = next(line for line in text.splitlines() if line.startswith("- **1."))
+    # grm (the larger mean gain) against the base: 0.600 vs 0.217, higher in 2 of 3 seeds;
+    # the gap to attention (0.95) is 0.733, of which 0.383 is closed
+    assert (
+        f"niah_uuid (answer tokens): best of 2 MC cells ({grm}) vs gated_delta: 0.600 vs 0.217 "
+        "(+0.383, higher in 2/3 seeds), Transformer++, short conv 0.950 (closes 52% of the gap): "
+        "partly reproduced" in claim_1
+    )
+    claim_3 = next(line for line in text.splitlines() if line.startswith("- **3."))
+    # both cells with the chosen gates (mqar_capacity's ssc cell has other gates)
+    assert (
+        f"niah_uuid (answer tokens): gain over gated_delta: {ssc} +0.283 (higher in 3/3 seeds), "
+        f"{grm} +0.383 (keeps 74%): reproduced" in claim_3
+    )
+    claim_2 = next(line for line in text.splitlines() if line.startswith("- **2."))
+    assert "niah_uuid" not in claim_2  # no residual cell to set grm against
+
+
+def test_uuid_claim_1_is_not_testable_while_no_model_reads_half_the_answer():
+    scores = {
+        "gated_delta": {s: 0.2 for s in range(3)},
+        f"gated_delta+grm, {sweep.CHOSEN_GATES}": {s: 0.45 for s in range(3)},
+        "Transformer++, short conv": {s: 0.3 for s in range(3)},
+    }
+    (lift,) = verdicts.capacity_claims(scores, learned=verdicts.NIAH_TOKENS_LEARNED)[1]
+    assert lift.verdict is Verdict.NOT_TESTABLE
+    # MQAR's threshold (0.1) would have judged the same numbers
+    (judged,) = verdicts.capacity_claims(scores)[1]
+    assert judged.verdict is Verdict.REPRODUCED
+
+
 def test_report_pairs_the_uuid_niah_on_exact_match_once_a_recurrent_model_has_any(tmp_path):
     grm = f"gated_delta+grm, {sweep.CHOSEN_GATES}"
     write_result(tmp_path, "niah_uuid", uuid_result("gated_delta", 0, (0.2, 0.3), [0, 0.2, 0.2]))
