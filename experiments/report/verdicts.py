@@ -201,7 +201,8 @@ def paired_verdict(found: Paired, margin: float) -> Verdict:
 @dataclass(frozen=True)
 class CapacityLift:
     """Claim 1 on mqar_capacity: the best of a family's ``candidates`` Memory Caching cells
-    against its base, seed by seed, and the share of the gap to Transformer++ it closes
+    (of those with MIN_PAIRED_SEEDS paired seeds, if any has) against its base, seed by seed,
+    and the share of the gap to Transformer++ it closes
     (``closed``, None when it does not lift the base or Transformer++ is not above it). With
     several Transformer++ cells (trained as the other cells, and for the steps it needs), the
     gap is to the one with the best mean: attention at its best in this setting."""
@@ -260,7 +261,10 @@ def capacity_claims(
         ]
         if not found:
             continue
-        lift = max(found, key=lambda p: p.difference)
+        # the best of the cells with enough paired seeds to judge: a cell with fewer (still
+        # running) does not make the claim inconclusive by a lucky seed
+        judged = [p for p in found if len(p.seeds) >= MIN_PAIRED_SEEDS] or found
+        lift = max(judged, key=lambda p: p.difference)
         shared = [s for s in lift.seeds if s in tpp] or list(tpp)
         transformer = statistics.mean(tpp[s] for s in shared) if shared else None
         closed = None

@@ -776,6 +776,20 @@ def test_capacity_claim_1_not_testable_when_no_model_left_chance():
     assert lift.verdict is Verdict.NOT_TESTABLE
 
 
+def test_capacity_claim_1_judges_the_best_cell_among_those_with_3_paired_seeds():
+    scores = {
+        "gated_delta": {s: 0.2 for s in range(5)},
+        CHOSEN_GRM: {s: 0.6 for s in range(5)},
+        CHOSEN_SSC: {0: 0.9},  # a larger gain, on one seed so far
+    }
+    (lift,) = verdicts.capacity_claims(scores)[1]
+    assert (lift.lift.model, lift.candidates, lift.verdict) == (CHOSEN_GRM, 2, Verdict.REPRODUCED)
+    # with no cell at 3 seeds, the best of all (inconclusive)
+    few = {m: {0: v[0]} for m, v in scores.items()}
+    (lift,) = verdicts.capacity_claims(few)[1]
+    assert (lift.lift.model, lift.verdict) == (CHOSEN_SSC, Verdict.INCONCLUSIVE)
+
+
 def test_capacity_claims_on_fewer_than_3_paired_seeds_are_inconclusive():
     claims = claims_for(base=[0.05, 0.05], residual=[0.1, 0.1], grm=[0.6, 0.7], ssc=[0.5, 0.6])
     for claim in (1, 2, 3):
