@@ -172,10 +172,10 @@ def verdict_section(capacity, claims_1_3, claim_4, claim_5, lm, uuid=None) -> li
 
     Args:
         capacity: ``verdicts.capacity_claims`` (claims 1-3 on mqar_capacity, judged first).
-        uuid: ``verdicts.capacity_claims`` on niah_uuid's answer tokens (None: not run).
         claims_1_3: ``verdicts.claims_1_to_3`` on the older MQAR settings.
         claim_4, claim_5: findings of claims 4 and 5.
         lm: ``verdicts.lm_claim``.
+        uuid: ``verdicts.capacity_claims`` on niah_uuid's answer tokens (None: not run).
     """
     lines = [
         "## Verdicts on the paper's claims",

@@ -200,7 +200,7 @@ def paired_verdict(found: Paired, margin: float) -> Verdict:
 
 @dataclass(frozen=True)
 class CapacityLift:
-    """Claim 1 on mqar_capacity: the best of a family's ``candidates`` Memory Caching cells
+    """Claim 1 in a capacity setting: the best of a family's ``candidates`` Memory Caching cells
     (of those with MIN_PAIRED_SEEDS paired seeds, if any has) against its base, seed by seed,
     and the share of the gap to Transformer++ it closes
     (``closed``, None when it does not lift the base or Transformer++ is not above it). With
@@ -217,7 +217,7 @@ class CapacityLift:
 
 @dataclass(frozen=True)
 class CapacityGate:
-    """Claim 2 on mqar_capacity: a grm cell against residual (= uniform averaging under the
+    """Claim 2 in a capacity setting: a grm cell against residual (= uniform averaging under the
     output norm), seed by seed."""
 
     gain: Paired
@@ -226,7 +226,7 @@ class CapacityGate:
 
 @dataclass(frozen=True)
 class CapacityKeep:
-    """Claim 3 on mqar_capacity: ssc's and grm's gains over the base on the seeds all three
+    """Claim 3 in a capacity setting: ssc's and grm's gains over the base on the seeds all three
     share; ``kept`` = ssc's mean gain / grm's (None: grm gains nothing, nothing to keep)."""
 
     ssc: Paired
